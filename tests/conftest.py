@@ -1,0 +1,31 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama folder (2 layers, hidden 64) with a byte-level BPE tokenizer and a ChatML template."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bot(tiny_model_dir):
+    import finechat
+
+    return finechat.load(str(tiny_model_dir))
+
+
+def pytest_collection_modifyitems(config, items):
+    # CI=true runs everything; FINECHAT_FAST_TESTS=1 skips the slow real-model tests locally.
+    if os.environ.get("FINECHAT_FAST_TESTS") == "1":
+        skip = pytest.mark.skip(reason="FINECHAT_FAST_TESTS=1")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)

@@ -1,0 +1,53 @@
+import subprocess
+import sys
+
+import pytest
+
+from finechat.cli import main
+
+
+def test_help_lists_subcommands(capsys):
+    out = subprocess.run([sys.executable, "-m", "finechat", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert "chat" in out.stdout
+
+
+def test_unknown_command_is_a_clear_error(capsys):
+    assert main(["no-such-command"]) == 2
+    assert "unknown command 'no-such-command'" in capsys.readouterr().err
+
+
+def test_unknown_flag_is_an_error():
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--no-such-flag"])
+    assert e.value.code == 2
+
+
+def test_unknown_config_key_lists_valid_keys(capsys):
+    assert main(["chat", "not_a_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'not_a_key'" in err and "max_new_tokens" in err
+
+
+def test_missing_model_path_is_one_line(capsys, tmp_path):
+    assert main(["chat", "--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("finechat chat: error: model path not found")
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_folder_that_is_not_a_model(capsys, tmp_path):
+    (tmp_path / "readme.txt").write_text("hi")
+    assert main(["chat", "--model", str(tmp_path)]) == 2
+    assert "not a Hugging Face model folder" in capsys.readouterr().err
+
+
+def test_piped_chat_answers_each_line(tiny_model_dir):
+    out = subprocess.run(
+        [sys.executable, "-m", "finechat", "chat", "--model", str(tiny_model_dir), "--greedy",
+         "--max-new-tokens", "5"],
+        input="hello\nclear\nwhat?\n", capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    # two queries -> two answer lines ('clear' is a command, not a query)
+    assert len(out.stdout.splitlines()) == 2

@@ -1,0 +1,106 @@
+import pytest
+
+import finechat
+from finechat.errors import ConfigError, ModelLoadError
+from finechat.infer.engine import ChatModel
+
+
+def test_chat_history_grows_one_pair_per_call(tiny_bot):
+    r1, h1 = tiny_bot.chat("hello", history=[], greedy=True, max_new_tokens=6)
+    assert h1 == [("hello", r1)]
+    r2, h2 = tiny_bot.chat("again", history=h1, greedy=True, max_new_tokens=6)
+    assert h2 == [("hello", r1), ("again", r2)]
+
+
+def test_last_streamed_response_equals_chat(tiny_bot):
+    response, _ = tiny_bot.chat("你好", greedy=True, max_new_tokens=12)
+    parts = list(tiny_bot.stream_chat("你好", greedy=True, max_new_tokens=12))
+    assert parts[-1][0] == response
+    assert parts[-1][1] == [("你好", response)]
+    # partial responses grow
+    assert all(len(a[0]) <= len(b[0]) for a, b in zip(parts, parts[1:]))
+
+
+def test_seeded_sampling_repeats(tiny_bot):
+    a, _ = tiny_bot.chat("hi", do_sample=True, temperature=1.0, seed=3, max_new_tokens=8)
+    b, _ = tiny_bot.chat("hi", do_sample=True, temperature=1.0, seed=3, max_new_tokens=8)
+    assert a == b
+
+
+def test_unknown_generation_setting(tiny_bot):
+    with pytest.raises(ConfigError, match="unknown generation setting"):
+        tiny_bot.chat("hi", max_new_tokenz=3)
+
+
+class ScriptedModel:
+    """A model double that emits scripted token ids through ``generate_ids``."""
+
+
+class ScriptedChat(ChatModel):
+    def __init__(self, tokenizer, text):
+        super().__init__(model=None, tokenizer=tokenizer, template="chatml")
+        self.script = tokenizer(text, add_special_tokens=False)["input_ids"]
+        self.emitted = 0
+
+    def generate_ids(self, input_ids, settings):
+        for t in self.script[: settings.max_new_tokens]:
+            self.emitted += 1
+            yield [t]
+
+
+def test_stops_at_end_of_turn_and_stop_strings(tiny_bot):
+    tok = tiny_bot.tokenizer
+    bot = ScriptedChat(tok, "Paris is nice<|im_end|><|im_start|>user\nmore")
+    assert bot.chat("q")[0] == "Paris is nice"
+    bot = ScriptedChat(tok, "one two three four")
+    assert bot.chat("q", stop=["three"])[0] == "one two"
+
+
+def test_closing_the_stream_stops_generation(tiny_bot):
+    bot = ScriptedChat(tiny_bot.tokenizer, "a b c d e f g h i j k l m n o p")
+    stream = bot.stream_chat("q")
+    next(stream)
+    stream.close()
+    assert bot.emitted < len(bot.script)
+
+
+def test_closing_a_real_stream_cancels_generate(tiny_bot):
+    stream = tiny_bot.stream_chat("hello", greedy=True, max_new_tokens=200)
+    next(stream)
+    stream.close()  # must not hang; the worker thread is joined
+    r, _ = tiny_bot.chat("hello", greedy=True, max_new_tokens=3)
+    assert isinstance(r, str)
+
+
+def test_load_errors(tmp_path, tiny_model_dir):
+    with pytest.raises(ModelLoadError, match="not found"):
+        finechat.load(str(tmp_path / "missing"))
+    with pytest.raises(ModelLoadError, match="adapter folder not found"):
+        finechat.load(str(tiny_model_dir), adapter=str(tmp_path / "nope"))
+    (tmp_path / "empty_adapter").mkdir()
+    with pytest.raises(ModelLoadError, match="no adapter_config.json"):
+        finechat.load(str(tiny_model_dir), adapter=str(tmp_path / "empty_adapter"))
+
+
+def test_adapter_for_another_base_is_a_clear_error(tmp_path, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from tiny import save_tiny_model
+
+    other = save_tiny_model(tmp_path / "other", hidden=32)
+    bot = finechat.load(str(other))
+    peft_model = get_peft_model(bot.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ModelLoadError, match="does not fit this base model"):
+        finechat.load(str(tiny_model_dir), adapter=str(tmp_path / "adapter"))
+
+
+def test_adapter_loads_and_changes_nothing_at_init(tmp_path, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    bot = finechat.load(str(tiny_model_dir))
+    base_answer, _ = bot.chat("hello", greedy=True, max_new_tokens=5)
+    peft_model = get_peft_model(bot.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with_adapter = finechat.load(str(tiny_model_dir), adapter=str(tmp_path / "adapter"))
+    assert type(with_adapter.model).__name__ == "PeftModelForCausalLM"
+    assert with_adapter.chat("hello", greedy=True, max_new_tokens=5)[0] == base_answer  # LoRA B starts at 0
