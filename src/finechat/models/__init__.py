@@ -2,7 +2,11 @@
 
 import importlib.util
 
-if importlib.util.find_spec("finechat.models.chatglm.register") is not None:
+try:
+    _chatglm = importlib.util.find_spec("finechat.models.chatglm.register")
+except ModuleNotFoundError:
+    _chatglm = None
+if _chatglm is not None:
     from finechat.models.chatglm.register import register_chatglm
 
     register_chatglm()
