@@ -39,3 +39,12 @@ def test_python_api_history_and_stream():
     assert last == r
     r2, h2 = bot.chat("And what is the capital of Germany?", history=h, greedy=True, max_new_tokens=32)
     assert len(h2) == 2 and "Berlin" in r2
+
+
+def test_gguf_file_loads_directly():
+    import finechat
+    from finechat.models.load import default_gguf_path
+
+    bot = finechat.load(str(default_gguf_path()))
+    r, _ = bot.chat("What is the capital of France?", greedy=True, max_new_tokens=24)
+    assert "Paris" in r
