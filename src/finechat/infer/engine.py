@@ -214,24 +214,36 @@ class ChatModel:
         if error:
             raise error[0]
 
-    def stream_text(self, messages: list[Message], tools: list | None = None, **gen: Any) -> Iterator[str]:
-        """Yield the growing answer text for ``messages``, cut at the first stop string."""
+    def stream_text(self, messages: list[Message], tools: list | None = None, generate: Any = None,
+                    stats: dict | None = None, prompt_ids: list[int] | None = None, **gen: Any) -> Iterator[str]:
+        """Yield the growing answer text for ``messages``, cut at the first stop string.
+
+        ``generate`` replaces :meth:`generate_ids` (the server passes its batching scheduler's); ``stats``, when
+        given, receives ``prompt_tokens``, ``completion_tokens`` (stop token included) and ``finish_reason``
+        ("stop" or "length"). ``prompt_ids`` skips building the prompt from ``messages`` (already encoded).
+        """
         settings = GenerationSettings.from_kwargs(self.generation, **gen)
-        prompt_ids = self.encode_prompt(self.build_prompt(messages, tools))
+        if prompt_ids is None:
+            prompt_ids = self.encode_prompt(self.build_prompt(messages, tools))
         stops = self.stop_strings(settings)
         stop_ids = set(self.stop_token_ids())
         new_ids: list[int] = []
         shown = ""
-        gen_iter = self.generate_ids(prompt_ids, settings)
+        stats = {} if stats is None else stats
+        stats.update(prompt_tokens=len(prompt_ids), completion_tokens=0, finish_reason="length")
+        gen_iter = (generate or self.generate_ids)(prompt_ids, settings)
         try:
             for step in gen_iter:
                 ended = next((i for i, t in enumerate(step) if t in stop_ids), None)
                 new_ids.extend(step if ended is None else step[:ended])
+                stats["completion_tokens"] += len(step) if ended is None else ended + 1
                 if ended is not None:
+                    stats["finish_reason"] = "stop"
                     break
                 text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
                 cut = _first_stop(text, stops)
                 if cut is not None:
+                    stats["finish_reason"] = "stop"
                     text = text[:cut]
                     if text != shown:
                         yield self.postprocess(text)
@@ -245,6 +257,8 @@ class ChatModel:
             final = self.tokenizer.decode(new_ids, skip_special_tokens=True)
             cut = _first_stop(final, stops)
             final = final[:cut] if cut is not None else final
+            if cut is not None or len(new_ids) < settings.max_new_tokens and stats["finish_reason"] == "length":
+                stats["finish_reason"] = "stop"
             if final != shown:
                 yield self.postprocess(final)
         finally:

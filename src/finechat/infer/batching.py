@@ -1,0 +1,427 @@
+"""Continuous batching for the server: concurrent requests share the same forward passes.
+
+One scheduler thread owns the model. Each loop it admits waiting requests (a batch-1 prefill each, whose
+KV cache is then left-padded into the running batch cache), drops requests whose consumer went away, and
+runs one decode step for every active sequence at once: ``[batch, 1]`` new tokens against a padded
+``DynamicCache`` of ``[batch, kv_heads, length, head_dim]`` per layer plus a ``[batch, length]``
+attention mask, with per-sequence position ids. A sequence leaves the batch as soon as it ends (stop
+token, token limit, or its consumer closed the stream) and a new one may join at the next step, so total
+tokens/s grows with the number of clients.
+
+Why our own loop rather than transformers' ``generate``: ``generate`` runs one fixed batch from start to
+end, so a request arriving mid-way would wait for the slowest answer; transformers' own continuous
+batching (``generate_batch``) needs paged attention kernels and does not stream through our stop logic.
+The loop is small and reuses the engine's pieces: :meth:`BatchScheduler.generate_ids` has the same
+contract as :meth:`ChatModel.generate_ids` (an iterator of token-id lists; closing it cancels), so
+``ChatModel.stream_text(..., generate=scheduler.generate_ids)`` applies the same stop tokens, stop strings
+and post-processing as ``chat``. Greedy decoding takes the argmax of the same logits as ``generate`` does.
+
+Slow readers never stall the loop: tokens go into each request's own unbounded queue (a few ints). A
+request whose stream is closed is dropped before the next step. The waiting queue is bounded:
+:class:`QueueFull` tells the server to answer 429 with a Retry-After.
+
+Models that cannot share a padded cache (no ``nn.Module``, prefix-tuning adapters that inject their own
+past key values, cache layers other than plain ``DynamicLayer`` such as sliding windows, or custom
+architectures like native ChatGLM-6B) run one request at a time through ``ChatModel.generate_ids``, still
+behind the bounded queue.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from finechat.errors import FinechatError
+from finechat.infer.engine import GenerationSettings
+
+
+class QueueFull(FinechatError):
+    """Too many requests are waiting; the client should retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 2):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SchedulerClosed(FinechatError):
+    """The scheduler was shut down (the server is stopping)."""
+
+
+_END = object()
+
+
+@dataclasses.dataclass(eq=False)
+class _Sequence:
+    prompt_ids: list[int]
+    settings: GenerationSettings
+    max_new: int
+    out: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    generated: list[int] = dataclasses.field(default_factory=list)
+    generator: Any = None  # torch.Generator when the request has a seed
+    submitted: float = dataclasses.field(default_factory=time.monotonic)
+
+
+class Stream:
+    """Token ids of one request as they are generated; ``close()`` (or leaving a ``for`` loop) cancels it."""
+
+    def __init__(self, seq: _Sequence, on_close: Any = None):
+        self._seq = seq
+        self._on_close = on_close
+        self._done = False
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> list[int]:
+        if self._done:
+            raise StopIteration
+        item = self._seq.out.get()
+        if item is _END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._seq.cancelled.set()
+        self._done = True
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+
+    def __del__(self) -> None:  # a consumer that vanished must not keep generating
+        self._seq.cancelled.set()
+
+
+class BatchScheduler:
+    """Runs concurrent generation requests of one :class:`ChatModel` in shared forward passes."""
+
+    def __init__(self, chat: Any, max_batch_size: int = 16, max_queue: int = 64):
+        if max_batch_size < 1 or max_queue < 0:
+            raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
+        self.chat = chat
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.batched = _can_batch(chat.model)
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._active: list[_Sequence] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._serial_running = 0
+        self._thread: threading.Thread | None = None
+        # Padded batch state, owned by the scheduler thread.
+        self._cache: Any = None
+        self._mask: Any = None  # [batch, length] 1 = real token, 0 = left padding
+        self._positions: Any = None  # [batch] position id of the next token
+        self._last: Any = None  # [batch] last sampled token
+        self.steps = 0  # decode steps run (for tests and stats)
+        self.tokens = 0  # tokens generated in all
+
+    # -- public ----------------------------------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        return len(self._active) + self._serial_running
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def generate_ids(self, input_ids: list[int], settings: GenerationSettings) -> Iterator[list[int]]:
+        """Same contract as ``ChatModel.generate_ids``: yields new token ids; closing the iterator cancels."""
+        stream = self.submit(input_ids, settings)
+        try:
+            yield from stream
+        finally:
+            stream.close()
+
+    def submit(self, input_ids: list[int], settings: GenerationSettings) -> Stream:
+        """Queue a request; raises :class:`QueueFull` at once when the queue is full."""
+        max_new = settings.max_new_tokens
+        if settings.max_length is not None:
+            max_new = max(1, min(max_new, settings.max_length - len(input_ids)))
+        seq = _Sequence(list(input_ids), settings, max_new)
+        if not self.batched:
+            return self._submit_serial(seq)
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosed("the server is shutting down")
+            if len(self._waiting) >= self.max_queue and len(self._active) + len(self._waiting) >= self.max_batch_size:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting; try again shortly",
+                                retry_after=self._retry_after())
+            self._waiting.append(seq)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="finechat-batcher", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return Stream(seq, on_close=self._wake)
+
+    def close(self) -> None:
+        """Stop the scheduler thread; waiting and running requests end with :class:`SchedulerClosed`."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # -- serial fallback -------------------------------------------------------------------------------
+    def _submit_serial(self, seq: _Sequence) -> Stream:
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosed("the server is shutting down")
+            if self._serial_running >= 1 + self.max_queue:
+                raise QueueFull(f"{self._serial_running - 1} requests are already waiting; try again shortly",
+                                retry_after=self._retry_after())
+            self._serial_running += 1
+        released = threading.Event()
+
+        def release() -> None:
+            if not released.is_set():
+                released.set()
+                with self._cond:
+                    self._serial_running -= 1
+
+        def work() -> None:
+            ids = self.chat.generate_ids(seq.prompt_ids, dataclasses.replace(seq.settings, max_new_tokens=seq.max_new))
+            try:
+                for step in ids:
+                    if seq.cancelled.is_set():
+                        break
+                    seq.out.put(step)
+            except BaseException as e:  # noqa: BLE001  handed to the consumer
+                seq.out.put(e)
+            finally:
+                ids.close()
+                seq.out.put(_END)
+                release()
+
+        threading.Thread(target=work, name="finechat-serial", daemon=True).start()
+        return Stream(seq)
+
+    # -- the scheduler loop ----------------------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _retry_after(self) -> int:
+        return max(1, min(30, 1 + len(self._waiting) // max(1, self.max_batch_size)))
+
+    def _loop(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._closed and not self._waiting and not self._active:
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    room = self.max_batch_size - len(self._active)
+                    joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                try:
+                    for seq in joining:
+                        if not seq.cancelled.is_set():
+                            self._admit(seq)
+                        else:
+                            seq.out.put(_END)
+                    self._drop_finished()
+                    if self._active:
+                        self._decode_step()
+                        self._drop_finished()
+                except BaseException as e:  # noqa: BLE001  a failed step fails its requests, not the server
+                    for seq in self._active + [s for s in joining if s not in self._active]:
+                        seq.out.put(e)
+                        seq.out.put(_END)
+                    self._active = []
+                    self._cache = None
+        with self._cond:
+            left = self._active + list(self._waiting)
+            self._active, self._waiting = [], collections.deque()
+        for seq in left:
+            seq.out.put(SchedulerClosed("the server is shutting down"))
+            seq.out.put(_END)
+
+    def _admit(self, seq: _Sequence) -> None:
+        """Prefill one request alone, emit its first token and pad its cache into the running batch."""
+        import torch
+        from transformers import DynamicCache
+
+        model = self.chat.model
+        device = _device(model)
+        ids = torch.tensor([seq.prompt_ids], device=device)  # [1, prompt]
+        cache = DynamicCache()
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
+                    **{self._cache_kwarg(): cache})
+        if seq.settings.seed is not None:
+            seq.generator = torch.Generator(device=device).manual_seed(seq.settings.seed)
+        token = int(self._sample(out.logits[:, -1, :], [seq])[0])
+        if self._emit(seq, token):
+            return  # finished at its first token: never joins the batch
+        n = ids.shape[1]  # the cache was filled in place
+        mask = torch.ones(1, n, dtype=torch.long, device=device)
+        pos = torch.tensor([n], device=device)
+        last = torch.tensor([token], device=device)
+        if self._cache is None or not self._active:
+            self._cache, self._mask, self._positions, self._last = cache, mask, pos, last
+        else:
+            self._cache, self._mask = _merge(self._cache, self._mask, cache, mask)
+            self._positions = torch.cat([self._positions, pos])
+            self._last = torch.cat([self._last, last])
+        self._active.append(seq)
+
+    def _decode_step(self) -> None:
+        import torch
+
+        batch = len(self._active)
+        ones = torch.ones(batch, 1, dtype=self._mask.dtype, device=self._mask.device)
+        self._mask = torch.cat([self._mask, ones], dim=1)  # [batch, length + 1]
+        out = self.chat.model(
+            input_ids=self._last[:, None], attention_mask=self._mask, position_ids=self._positions[:, None],
+            use_cache=True, **{self._cache_kwarg(): self._cache},
+        )  # the cache grows in place by one column
+        tokens = self._sample(out.logits[:, -1, :], self._active)  # [batch]
+        self._last = tokens
+        self._positions = self._positions + 1
+        self.steps += 1
+        for seq, token in zip(self._active, tokens.tolist()):
+            self._emit(seq, int(token))
+
+    def _emit(self, seq: _Sequence, token: int) -> bool:
+        """Hand a token to its consumer; True when the sequence has ended."""
+        seq.generated.append(token)
+        self.tokens += 1
+        seq.out.put([token])
+        ended = token in self._stop_ids() or len(seq.generated) >= seq.max_new
+        if ended:
+            seq.out.put(_END)
+            seq.cancelled.set()  # marks it for removal from the batch
+        return ended
+
+    def _cache_kwarg(self) -> str:
+        """transformers 5.x renamed ``past_key_values`` to ``cache``; use whichever the model takes."""
+        name = getattr(self, "_cache_name", None)
+        if name is None:
+            import inspect
+
+            model = self.chat.model
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            name = self._cache_name = "cache" if "cache" in inspect.signature(base.forward).parameters \
+                else "past_key_values"
+        return name
+
+    def _stop_ids(self) -> set[int]:
+        ids = getattr(self, "_stop_id_set", None)
+        if ids is None:
+            ids = self._stop_id_set = set(self.chat.stop_token_ids())
+        return ids
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, s in enumerate(self._active) if not s.cancelled.is_set()]
+        if len(keep) == len(self._active):
+            return
+        for s in self._active:
+            if s.cancelled.is_set():
+                s.out.put(_END)  # harmless if already ended; wakes a consumer that is still reading
+        self._active = [self._active[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = self._positions = self._last = None
+            return
+        import torch
+
+        index = torch.tensor(keep, device=self._mask.device)
+        self._mask = self._mask.index_select(0, index)
+        self._positions = self._positions.index_select(0, index)
+        self._last = self._last.index_select(0, index)
+        # Columns that are padding in every remaining row can go: the cache shrinks back after a long answer.
+        real = self._mask.any(dim=0).nonzero()
+        start = int(real[0]) if len(real) else 0
+        self._mask = self._mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+    def _sample(self, logits: Any, seqs: list[_Sequence]) -> Any:
+        """Next token per row of ``logits`` [batch, vocab], with each sequence's own settings.
+
+        The order of the processors follows transformers' ``generate``: repetition penalty, temperature,
+        top-k, top-p.
+        """
+        import torch
+
+        logits = logits.float()
+        for row, seq in enumerate(seqs):
+            penalty = seq.settings.repetition_penalty
+            if penalty != 1.0:
+                seen = torch.tensor(seq.prompt_ids + seq.generated, device=logits.device).unique()
+                picked = logits[row, seen]
+                logits[row, seen] = torch.where(picked < 0, picked * penalty, picked / penalty)
+        tokens = logits.argmax(dim=-1)  # [batch]
+        for row, seq in enumerate(seqs):
+            s = seq.settings
+            if not s.do_sample:
+                continue
+            scores = logits[row] / max(s.temperature, 1e-5)
+            if s.top_k:
+                kth = torch.topk(scores, min(s.top_k, scores.shape[-1])).values[-1]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            if s.top_p < 1.0:
+                sorted_scores, order = torch.sort(scores, descending=False)
+                cumulative = sorted_scores.softmax(-1).cumsum(-1)
+                remove = cumulative <= (1 - s.top_p)
+                remove[-1] = False  # keep at least the most likely token
+                scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+            probs = scores.softmax(-1)
+            tokens[row] = torch.multinomial(probs, 1, generator=seq.generator)[0]
+        return tokens
+
+
+def _merge(cache: Any, mask: Any, new_cache: Any, new_mask: Any) -> tuple[Any, Any]:
+    """Stack a one-row cache under the batch cache, left-padding the shorter one to the same length."""
+    import torch
+    import torch.nn.functional as F
+
+    length, new_length = mask.shape[1], new_mask.shape[1]
+    width = max(length, new_length)
+    mask = torch.cat([F.pad(mask, (width - length, 0)), F.pad(new_mask, (width - new_length, 0))])
+    for layer, new_layer in zip(cache.layers, new_cache.layers):
+        # keys / values: [batch, kv_heads, length, head_dim]; pad the length dimension on the left.
+        layer.keys = torch.cat([F.pad(layer.keys, (0, 0, width - length, 0)),
+                                F.pad(new_layer.keys, (0, 0, width - new_length, 0))])
+        layer.values = torch.cat([F.pad(layer.values, (0, 0, width - length, 0)),
+                                  F.pad(new_layer.values, (0, 0, width - new_length, 0))])
+    return cache, mask
+
+
+def _device(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+def _can_batch(model: Any) -> bool:
+    """Whether ``model`` can decode several sequences in one padded ``DynamicCache``."""
+    try:
+        import torch
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - the engine needs both anyway
+        return False
+    if not isinstance(model, torch.nn.Module):
+        return False
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return False  # P-Tuning v2 / prefix tuning bring their own past key values
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, PreTrainedModel) or getattr(base.config, "model_type", None) == "chatglm":
+        return False
+    text = base.config.get_text_config(decoder=True) if hasattr(base.config, "get_text_config") else base.config
+    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        return False
+    layer_types = getattr(text, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        return False
+    return getattr(base, "_supports_cache_class", True) is not False
