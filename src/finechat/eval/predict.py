@@ -1,0 +1,263 @@
+"""Generate an answer for every example of a data set and score it: ``generated_predictions.jsonl`` + ``metrics.json``.
+
+The prompts and the stop rules are those of :class:`finechat.infer.engine.ChatModel` (``build_prompt``,
+``encode_prompt``, ``stop_token_ids``, ``stop_strings``, ``postprocess``), so an evaluated answer is the
+answer ``finechat chat`` gives. Generation is batched: prompts are sorted by length (less padding), padded
+on the left, and run through transformers' ``generate``; greedy by default, so scores repeat. The eval loss
+is the teacher-forced cross-entropy of the label tokens (answer + end-of-turn marker, as trained), averaged
+over tokens; perplexity is its exponential.
+
+Files written (the same names ChatGLM-6B's ptuning and LLaMA-Factory use, so their tools read ours):
+``generated_predictions.jsonl`` — one ``{"prompt", "predict", "label"}`` per line, in data order — and
+``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from finechat.data.templates import Message
+from finechat.errors import DataError
+from finechat.eval.metrics import compute_metrics, perplexity
+from finechat.infer.engine import ChatModel, GenerationSettings
+
+PREDICTIONS_FILE = "generated_predictions.jsonl"
+METRICS_FILE = "metrics.json"
+
+
+@dataclasses.dataclass
+class EvalExample:
+    """A prompt (messages ending with a user turn) and the reference answer."""
+
+    messages: list[Message]
+    label: str
+    source: str = ""  # file:line, for messages about this example
+
+    @property
+    def query(self) -> str:
+        return self.messages[-1]["content"] if self.messages else ""
+
+
+# -- reading data ----------------------------------------------------------------------------------------
+def examples_from_conversations(conversations: list[Any]) -> list[EvalExample]:
+    """Each conversation's last assistant turn is the label; everything before it is the prompt."""
+    examples = []
+    for conv in conversations:
+        messages = conv.to_messages() if hasattr(conv, "to_messages") else conv.get("messages")
+        source = _source_of(conv)
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise DataError(f"{source}: the conversation has no assistant answer to compare with")
+        examples.append(EvalExample([dict(m) for m in messages[:last]], messages[last]["content"], source))
+    return examples
+
+
+def _source_of(conv: Any) -> str:
+    source = getattr(conv, "source", None) or (conv.get("source") if isinstance(conv, dict) else None)
+    if isinstance(source, dict):
+        return f"{source.get('file', '?')}:{source.get('line', '?')}"
+    if source is None:
+        f, line = getattr(conv, "source_file", None), getattr(conv, "source_line", None)
+        return f"{f}:{line}" if f else "?"
+    return str(source)
+
+
+def load_examples(path: str | Path, data_format: str | None = None, max_samples: int | None = None,
+                  **reader_options: Any) -> list[EvalExample]:
+    """Read any data file finechat reads (alpaca, ADGEN's content/summary, sharegpt, ...) as examples."""
+    from finechat.data.formats import read_conversations
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    kwargs = dict(reader_options)
+    if data_format:
+        kwargs["format"] = data_format
+    conversations = read_conversations(path, **kwargs)
+    conversations = list(getattr(conversations, "conversations", conversations))
+    if max_samples:
+        conversations = conversations[:max_samples]
+    if not conversations:
+        raise DataError(f"{path}: no examples to evaluate")
+    return examples_from_conversations(conversations)
+
+
+# -- generation ------------------------------------------------------------------------------------------
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, dynamic_ncols=True)
+
+
+def generate_answers(bot: ChatModel, prompts: list[list[Message]], settings: GenerationSettings | None = None,
+                     batch_size: int = 8, progress: bool = True) -> list[str]:
+    """Greedy (or sampled) answers for many prompts at once, cut at the template's stops like ``bot.chat``."""
+    import torch
+
+    settings = settings or GenerationSettings(greedy=True)
+    tokenizer, model = bot.tokenizer, bot.model
+    encoded = [bot.encode_prompt(bot.build_prompt(m)) for m in prompts]
+    stop_ids = bot.stop_token_ids()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
+    stops = bot.stop_strings(settings)
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    answers: list[str] = [""] * len(encoded)
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    bar = _progress(len(encoded), "Generating", progress)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in rows)
+        # Left padding: every prompt ends at the same column, so new tokens line up. [batch, width]
+        input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in rows], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in rows],
+                                      device=device)
+        max_new = settings.max_new_tokens
+        if settings.max_length is not None:
+            max_new = max(1, min(max_new, settings.max_length - width))
+        kwargs: dict[str, Any] = dict(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new,
+            do_sample=settings.do_sample, eos_token_id=stop_ids or None, pad_token_id=pad_id,
+            repetition_penalty=settings.repetition_penalty,
+        )
+        if settings.do_sample:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            output = model.generate(**kwargs)  # [batch, width + new]
+        for row, i in enumerate(rows):
+            new_ids = output[row, width:].tolist()
+            ended = next((k for k, t in enumerate(new_ids) if t in stop_ids), None)
+            text = tokenizer.decode(new_ids if ended is None else new_ids[:ended], skip_special_tokens=True)
+            cut = min((text.find(s) for s in stops if s and s in text), default=None)
+            answers[i] = bot.postprocess(text if cut is None else text[:cut])
+        bar.update(len(rows))
+    bar.close()
+    return answers
+
+
+def label_token_ids(bot: ChatModel, messages: list[Message], label: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of prompt + answer, with -100 on the prompt: the answer as training sees it."""
+    prompt = bot.build_prompt(messages)
+    full = bot.template.render(messages + [{"role": "assistant", "content": label}], bot.eos_token,
+                               add_generation_prompt=False)
+    prompt_ids = bot.encode_prompt(prompt)
+    if full.startswith(prompt):
+        answer_text = full[len(prompt):]
+    else:  # a template whose prompt is not a prefix of the full text: answer + EOS
+        answer_text = label + bot.eos_token
+    answer_ids = bot.tokenizer(answer_text.rstrip("\n"), add_special_tokens=False)["input_ids"]
+    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+
+
+def eval_loss(bot: ChatModel, examples: list[EvalExample], batch_size: int = 8, progress: bool = True) -> float | None:
+    """Mean cross-entropy per label token (teacher forcing), over all examples."""
+    import torch
+
+    model = bot.model
+    device = next(model.parameters()).device
+    pairs = [label_token_ids(bot, e.messages, e.label) for e in examples]
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
+    total, count = 0.0, 0
+    pad_id = bot.tokenizer.pad_token_id if bot.tokenizer.pad_token_id is not None else 0
+    bar = _progress(len(pairs), "Eval loss", progress)
+    for start in range(0, len(order), batch_size):
+        rows = [pairs[i] for i in order[start:start + batch_size]]
+        width = max(len(ids) for ids, _ in rows)
+        # Right padding here: no generation follows. [batch, width]
+        input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in rows], device=device)
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows], device=device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows], device=device)
+        with torch.inference_mode():
+            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()  # [batch, width, vocab]
+        targets = labels[:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total += float(losses)
+        count += int((targets != -100).sum())
+        bar.update(len(rows))
+    bar.close()
+    return total / count if count else None
+
+
+# -- the whole evaluation --------------------------------------------------------------------------------
+def predict(bot: ChatModel, examples: list[EvalExample], output_dir: str | Path | None = None,
+            settings: GenerationSettings | None = None, batch_size: int = 8, with_loss: bool = True,
+            progress: bool = True, info: dict | None = None) -> tuple[dict, list[dict]]:
+    """Generate, score and (with ``output_dir``) write both files; returns (metrics, prediction records)."""
+    settings = settings or GenerationSettings(greedy=True)
+    t0 = time.time()
+    answers = generate_answers(bot, [e.messages for e in examples], settings, batch_size, progress)
+    seconds = time.time() - t0
+    metrics: dict[str, Any] = compute_metrics(answers, [e.label for e in examples])
+    if with_loss:
+        loss = eval_loss(bot, examples, batch_size, progress)
+        metrics["eval_loss"] = loss
+        metrics["perplexity"] = perplexity(loss)
+    metrics["generation_seconds"] = round(seconds, 2)
+    metrics["samples_per_second"] = round(len(examples) / seconds, 3) if seconds > 0 else None
+    metrics["generation"] = {k: v for k, v in dataclasses.asdict(settings).items() if v not in (None, [])}
+    metrics.update(info or {})
+    records = [
+        {"prompt": e.query, "predict": a, "label": e.label, **({"history": e.messages[:-1]} if len(e.messages) > 1 else {})}
+        for e, a in zip(examples, answers)
+    ]
+    if output_dir is not None:
+        write_outputs(output_dir, records, metrics)
+    return metrics, records
+
+
+def write_outputs(output_dir: str | Path, records: list[dict], metrics: dict) -> None:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / PREDICTIONS_FILE, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# -- re-scoring a predictions file -------------------------------------------------------------------------
+def read_predictions(path: str | Path) -> list[dict]:
+    """Read ours ({prompt, predict, label}), ChatGLM-6B ptuning's ({labels, predict}) or LLaMA-Factory's file.
+
+    Returns records with ``predict`` and ``label`` (and ``prompt`` when present). Errors name file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"predictions file not found: {path}")
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON: {e.msg}") from e
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{n}: expected an object with 'predict' and 'label' (or 'labels')")
+            label = obj.get("label", obj.get("labels"))
+            if "predict" not in obj:
+                raise DataError(f"{path}:{n}: missing field 'predict'")
+            if label is None:
+                raise DataError(f"{path}:{n}: missing field 'label' (or 'labels')")
+            for name, value in (("predict", obj["predict"]), ("label", label)):
+                if not isinstance(value, str):
+                    raise DataError(f"{path}:{n}: field '{name}' must be text, got {type(value).__name__}")
+            records.append({"prompt": obj.get("prompt", ""), "predict": obj["predict"], "label": label})
+    if not records:
+        raise DataError(f"{path}: no predictions")
+    return records
+
+
+def rescore(path: str | Path) -> dict:
+    """Metrics of an existing predictions file, without loading a model."""
+    records = read_predictions(path)
+    return compute_metrics([r["predict"] for r in records], [r["label"] for r in records])
