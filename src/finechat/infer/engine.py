@@ -215,12 +215,14 @@ class ChatModel:
             raise error[0]
 
     def stream_text(self, messages: list[Message], tools: list | None = None, generate: Any = None,
-                    stats: dict | None = None, prompt_ids: list[int] | None = None, **gen: Any) -> Iterator[str]:
+                    stats: dict | None = None, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True,
+                    **gen: Any) -> Iterator[str]:
         """Yield the growing answer text for ``messages``, cut at the first stop string.
 
         ``generate`` replaces :meth:`generate_ids` (the server passes its batching scheduler's); ``stats``, when
         given, receives ``prompt_tokens``, ``completion_tokens`` (stop token included) and ``finish_reason``
         ("stop" or "length"). ``prompt_ids`` skips building the prompt from ``messages`` (already encoded).
+        ``skip_special_tokens=False`` keeps markers such as MOSS's ``<eoc>`` in the text (the tool runtime).
         """
         settings = GenerationSettings.from_kwargs(self.generation, **gen)
         if prompt_ids is None:
@@ -240,7 +242,7 @@ class ChatModel:
                 if ended is not None:
                     stats["finish_reason"] = "stop"
                     break
-                text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+                text = self.tokenizer.decode(new_ids, skip_special_tokens=skip_special_tokens)
                 cut = _first_stop(text, stops)
                 if cut is not None:
                     stats["finish_reason"] = "stop"
@@ -254,7 +256,7 @@ class ChatModel:
                 if visible != shown:
                     shown = visible
                     yield self.postprocess(visible)
-            final = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+            final = self.tokenizer.decode(new_ids, skip_special_tokens=skip_special_tokens)
             cut = _first_stop(final, stops)
             final = final[:cut] if cut is not None else final
             if cut is not None or len(new_ids) < settings.max_new_tokens and stats["finish_reason"] == "length":
