@@ -1,0 +1,627 @@
+"""Fine-tuning data formats: one Conversation schema, readers for every format users bring, three writers.
+
+Readers auto-detect the format from the first record's keys or take ``format=NAME``:
+
+========================  ===================================================================================
+``alpaca``                JSON array or JSONL of ``{instruction, input, output}`` (+ optional ``system``,
+                          ``history`` [[q, a], ...]); an empty ``input`` adds nothing to the prompt.
+``chatglm-tuning``        ChatGLM-Tuning's old ``{"text": "### Instruction:\\n...\\n\\n### Response:\\n...\\nEND\\n"}``
+                          and new ``{"context": ..., "target": ...}``.
+``prompt-response``       ChatGLM-6B ptuning's columns (``prompt_column``, ``response_column``,
+                          ``history_column``); ADGEN is ``content`` / ``summary``.
+``dolly``                 databricks-dolly-15k ``{instruction, context, response, category}``.
+``sharegpt``              ``{conversations: [{from, value}]}`` with human/gpt/system/function_call/observation.
+``openai``                ``{messages: [{role, content}]}`` (+ optional ``tools``).
+``moss``                  MOSS-003 ``{meta_instruction, chat: {turn_1: {Human, Inner Thoughts, Commands,
+                          Tool Responses, MOSS}}}`` with its ``<|Human|>``/``<eoh>`` ... markers.
+``chatdoctor``/``huatuo``  ``{instruction, input, output}`` (ChatDoctor's instruction is its system text).
+========================  ===================================================================================
+
+We parse JSON ourselves (``json.JSONDecoder.raw_decode`` over the file) rather than with ``datasets`` because
+every record must keep its file and line so that a bad record is reported as ``file:line: field: reason``,
+and ``on_bad_record="skip"`` must list, not silently drop, what it skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from finechat.errors import DataError
+
+ROLES = ("user", "assistant", "tool")
+FORMATS = ["alpaca", "chatglm-tuning", "prompt-response", "dolly", "sharegpt", "openai", "moss", "chatdoctor",
+           "huatuo"]
+WRITERS = ["alpaca", "sharegpt", "openai"]
+DOLLY_CATEGORIES = ("open_qa", "general_qa", "classification", "closed_qa", "brainstorming",
+                    "information_extraction", "summarization", "creative_writing")
+# Column pairs tried, in order, when prompt-response columns are not given (ADGEN first).
+PROMPT_RESPONSE_COLUMNS = (("content", "summary"), ("prompt", "response"), ("query", "response"),
+                           ("question", "answer"), ("input", "target"))
+
+
+@dataclasses.dataclass
+class Turn:
+    """One turn: ``user`` text, an ``assistant`` answer (or tool call), or a ``tool`` result."""
+
+    role: str
+    content: str
+    name: str | None = None  # tool name for tool turns, when the data names it
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise DataError(f"turn role {self.role!r} is not one of {', '.join(ROLES)}")
+
+
+@dataclasses.dataclass
+class Conversation:
+    """A training example: optional system text, turns, optional tool definitions and where it came from."""
+
+    turns: list[Turn]
+    system: str | None = None
+    tools: list | None = None
+    source: str | None = None  # file the record was read from
+    line: int | None = None  # 1-based line where the record starts
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    def messages(self) -> list[dict[str, str]]:
+        """Template messages: ``[{"role", "content"}]`` with the system message first when there is one."""
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        out += [{"role": t.role, "content": t.content} for t in self.turns]
+        return out
+
+    @property
+    def where(self) -> str:
+        return f"{self.source or '<data>'}:{self.line or '?'}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Conversation:
+        return cls(turns=[Turn(**t) for t in d["turns"]], system=d.get("system"), tools=d.get("tools"),
+                   source=d.get("source"), line=d.get("line"), meta=dict(d.get("meta") or {}))
+
+
+@dataclasses.dataclass
+class ReadResult:
+    """What a reader returns: the conversations and every record it skipped as (file, line, field, reason)."""
+
+    conversations: list[Conversation]
+    skipped: list[tuple[str, int, str, str]] = dataclasses.field(default_factory=list)
+    format: str = ""
+
+    def skipped_table(self) -> str:
+        rows = [f"  {f}:{ln}  {field}: {reason}" for f, ln, field, reason in self.skipped]
+        return "\n".join([f"skipped {len(self.skipped)} bad record(s):"] + rows) if rows else ""
+
+
+class RecordError(Exception):
+    """A bad field inside one record; the reader adds file and line."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading JSON / JSONL with line numbers
+# --------------------------------------------------------------------------------------------------------
+
+def _decode_text(data: bytes, path: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: (file): not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                        "re-save the file as UTF-8 (e.g. iconv -f GBK -t UTF-8)") from None
+
+
+def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield ``(line, record, error)`` for a JSON array, a single JSON object or JSONL file.
+
+    ``error`` is set (and ``record`` None) for a JSONL line that is not valid JSON or not UTF-8, so that the
+    caller can skip it; an unreadable JSON array raises DataError since nothing after the error can be found.
+    """
+    path = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    head = data.lstrip()[:1]
+    if head == b"[":
+        text = _decode_text(data, path)
+        yield from _iter_json_array(text, path)
+        return
+    lines = data.split(b"\n")
+    first = next((i for i, ln in enumerate(lines) if ln.strip()), None)
+    if first is None:
+        return
+    try:
+        json.loads(lines[first].decode("utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        # Not JSONL: maybe one pretty-printed object (MOSS ships one conversation per file).
+        text = _decode_text(data, path)
+        try:
+            yield first + 1, json.loads(text), None
+            return
+        except json.JSONDecodeError:
+            pass  # report the first line's problem below, as JSONL
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            yield i + 1, json.loads(raw.decode("utf-8-sig" if i == 0 else "utf-8")), None
+        except UnicodeDecodeError as e:
+            yield i + 1, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8"
+        except json.JSONDecodeError as e:
+            yield i + 1, None, f"malformed JSON: {e.msg} (column {e.colno})"
+
+
+def _iter_json_array(text: str, path: str) -> Iterator[tuple[int, Any, str | None]]:
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"\s*")
+    pos = ws.match(text, 1).end()
+    line = 1 + text.count("\n", 0, pos)
+    last = 0
+
+    def line_at(p: int) -> int:
+        nonlocal line, last
+        line += text.count("\n", last, p)
+        last = p
+        return line
+
+    if text[pos:pos + 1] == "]":
+        return
+    while True:
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: (json): malformed JSON: {e.msg} (column {e.colno})") from None
+        yield line_at(pos), obj, None
+        pos = ws.match(text, end).end()
+        ch = text[pos:pos + 1]
+        if ch == ",":
+            pos = ws.match(text, pos + 1).end()
+        elif ch == "]":
+            return
+        else:
+            ln = line_at(pos)
+            raise DataError(f"{path}:{ln}: (json): malformed JSON: expected ',' or ']' between records")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Field helpers
+# --------------------------------------------------------------------------------------------------------
+
+def _text(rec: dict, key: str, required: bool = True, allow_empty: bool = True) -> str:
+    if key not in rec or rec[key] is None:
+        if required:
+            raise RecordError(key, "missing field")
+        return ""
+    value = rec[key]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise RecordError(key, f"expected text, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise RecordError(key, "empty text")
+    return value
+
+
+def _join(first: str, second: str) -> str:
+    return f"{first}\n\n{second}" if second.strip() else first
+
+
+def _history(rec: dict, key: str) -> list[Turn]:
+    value = rec.get(key)
+    if value in (None, ""):
+        return []
+    if not isinstance(value, list):
+        raise RecordError(key, f"expected a list of [query, response] pairs, got {type(value).__name__}")
+    turns = []
+    for i, pair in enumerate(value):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+            raise RecordError(f"{key}[{i}]", "expected a [query, response] pair of texts")
+        turns += [Turn("user", pair[0]), Turn("assistant", pair[1])]
+    return turns
+
+
+def _need_object(rec: Any) -> dict:
+    if not isinstance(rec, dict):
+        raise RecordError("(record)", f"expected a JSON object, got {type(rec).__name__}")
+    return rec
+
+
+# --------------------------------------------------------------------------------------------------------
+# Readers: record dict -> Conversation (raise RecordError on a bad field)
+# --------------------------------------------------------------------------------------------------------
+
+def parse_alpaca(rec: dict, **_: Any) -> Conversation:
+    instruction = _text(rec, "instruction")
+    inp = _text(rec, "input", required=False)
+    output = _text(rec, "output")
+    turns = _history(rec, "history") + [Turn("user", _join(instruction, inp)), Turn("assistant", output)]
+    system = _text(rec, "system", required=False) or None
+    meta = {"instruction": instruction, "input": inp} if inp.strip() else {}
+    return Conversation(turns, system=system, meta=meta)
+
+
+_OLD_TUNING = re.compile(r"^\s*### Instruction:\n(?P<q>.*?)\n\n### Response:\n(?P<a>.*?)(?:\nEND\n?)?\s*$", re.S)
+
+
+def parse_chatglm_tuning(rec: dict, **_: Any) -> Conversation:
+    if "text" in rec:
+        text = _text(rec, "text")
+        m = _OLD_TUNING.match(text)
+        if not m:
+            raise RecordError("text", "expected '### Instruction:\\n...\\n\\n### Response:\\n...\\nEND'")
+        return Conversation([Turn("user", m["q"]), Turn("assistant", m["a"])])
+    context = _text(rec, "context")
+    target = _text(rec, "target")
+    return Conversation([Turn("user", context), Turn("assistant", target)])
+
+
+def parse_prompt_response(rec: dict, prompt_column: str | None = None, response_column: str | None = None,
+                          history_column: str | None = None, **_: Any) -> Conversation:
+    if prompt_column is None or response_column is None:
+        for p, r in PROMPT_RESPONSE_COLUMNS:
+            if p in rec and r in rec:
+                prompt_column, response_column = prompt_column or p, response_column or r
+                break
+        else:
+            raise RecordError("(columns)", "no prompt/response columns found; pass prompt_column= and "
+                                           f"response_column= (record keys: {', '.join(map(str, rec))})")
+    turns = _history(rec, history_column) if history_column else []
+    turns += [Turn("user", _text(rec, prompt_column)), Turn("assistant", _text(rec, response_column))]
+    return Conversation(turns)
+
+
+def parse_dolly(rec: dict, **_: Any) -> Conversation:
+    instruction = _text(rec, "instruction")
+    context = _text(rec, "context", required=False)
+    response = _text(rec, "response")
+    category = _text(rec, "category", required=False)
+    if category and category not in DOLLY_CATEGORIES:
+        raise RecordError("category", f"{category!r} is not one of {', '.join(DOLLY_CATEGORIES)}")
+    meta = {"category": category} if category else {}
+    if context.strip():
+        meta.update(instruction=instruction, input=context)
+    return Conversation([Turn("user", _join(instruction, context)), Turn("assistant", response)], meta=meta)
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool",
+                  "system": "system"}
+
+
+def _turns_from_list(items: Any, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> tuple[
+        str | None, list[Turn]]:
+    if not isinstance(items, list):
+        raise RecordError(key, f"expected a list, got {type(items).__name__}")
+    system, turns = None, []
+    for i, item in enumerate(items):
+        field = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise RecordError(field, "expected an object")
+        if role_key not in item:
+            raise RecordError(f"{field}.{role_key}", "missing field")
+        raw_role = item[role_key]
+        role = roles.get(str(raw_role).lower()) if isinstance(raw_role, str) else None
+        if role is None:
+            raise RecordError(f"{field}.{role_key}", f"unknown role {raw_role!r} (one of {', '.join(roles)})")
+        content = item.get(content_key)
+        if content is None and item.get("tool_calls"):
+            content = json.dumps(item["tool_calls"], ensure_ascii=False)
+        if isinstance(content, list):  # OpenAI content parts: keep the text parts
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise RecordError(f"{field}.{content_key}", "only text content parts are supported")
+            content = "".join(p.get("text", "") for p in content)
+        if content is None:
+            raise RecordError(f"{field}.{content_key}", "missing field")
+        if not isinstance(content, str):
+            raise RecordError(f"{field}.{content_key}", f"expected text, got {type(content).__name__}")
+        if role == "system":
+            if turns or system is not None:
+                raise RecordError(f"{field}.{role_key}", "a system message may only come first")
+            system = content
+            continue
+        turns.append(Turn(role, content, name=item.get("name") if role == "tool" else None))
+    return system, turns
+
+
+def parse_sharegpt(rec: dict, **_: Any) -> Conversation:
+    system, turns = _turns_from_list(rec.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES)
+    system = _text(rec, "system", required=False) or system
+    tools = rec.get("tools")
+    if isinstance(tools, str) and tools.strip():
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise RecordError("tools", "not valid JSON") from None
+    return Conversation(turns, system=system, tools=tools or None)
+
+
+def parse_openai(rec: dict, **_: Any) -> Conversation:
+    roles = {"user": "user", "assistant": "assistant", "tool": "tool", "function": "tool", "system": "system",
+             "developer": "system"}
+    system, turns = _turns_from_list(rec.get("messages"), "messages", "role", "content", roles)
+    tools = rec.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise RecordError("tools", "expected a list of tool definitions")
+    return Conversation(turns, system=system, tools=tools or None)
+
+
+MOSS_SLOTS = {  # key in a MOSS turn -> (start marker, end marker)
+    "Human": ("<|Human|>:", "<eoh>"),
+    "Inner Thoughts": ("<|Inner Thoughts|>:", "<eot>"),
+    "Commands": ("<|Commands|>:", "<eoc>"),
+    "Tool Responses": ("<|Results|>:", "<eor>"),
+    "MOSS": ("<|MOSS|>:", "<eom>"),
+}
+
+
+def _moss_slot(turn: dict, key: str, field: str) -> str | None:
+    """The text inside a MOSS slot's markers, or None for an absent or "None" slot."""
+    if key not in turn or turn[key] is None:
+        return None
+    value = turn[key]
+    if not isinstance(value, str):
+        raise RecordError(f"{field}.{key}", f"expected text, got {type(value).__name__}")
+    start, end = MOSS_SLOTS[key]
+    text = value.strip()
+    if text.startswith(start):
+        text = text[len(start):]
+    if text.endswith(end):
+        text = text[: -len(end)]
+    text = text.strip()
+    return None if text in ("", "None") else text
+
+
+def moss_action(thoughts: str | None, commands: str | None) -> str:
+    """The trained text of a MOSS plugin step: inner thoughts and commands with their markers."""
+    parts = []
+    if thoughts is not None:
+        parts.append(f"<|Inner Thoughts|>: {thoughts}<eot>")
+    if commands is not None:
+        parts.append(f"<|Commands|>: {commands}<eoc>")
+    return "\n".join(parts)
+
+
+def parse_moss(rec: dict, **_: Any) -> Conversation:
+    """MOSS-003: each turn becomes user [, assistant(thoughts+commands), tool(results)], assistant(answer).
+
+    The plugin step is its own assistant turn so that commands are trained and tool results (a tool turn)
+    are not, the way MOSS's own training masked them.
+    """
+    chat = rec.get("chat")
+    if not isinstance(chat, dict) or not chat:
+        raise RecordError("chat", "missing field" if chat is None else "expected an object of turn_1, turn_2 ...")
+
+    def turn_no(k: str) -> int:
+        m = re.fullmatch(r"turn_(\d+)", k)
+        if not m:
+            raise RecordError(f"chat.{k}", "expected keys turn_1, turn_2 ...")
+        return int(m[1])
+
+    turns: list[Turn] = []
+    for key in sorted(chat, key=turn_no):
+        field = f"chat.{key}"
+        t = chat[key]
+        if not isinstance(t, dict):
+            raise RecordError(field, "expected an object")
+        human = _moss_slot(t, "Human", field)
+        if human is None:
+            raise RecordError(f"{field}.Human", "missing field")
+        answer = _moss_slot(t, "MOSS", field)
+        if answer is None:
+            raise RecordError(f"{field}.MOSS", "missing field")
+        thoughts = _moss_slot(t, "Inner Thoughts", field)
+        commands = _moss_slot(t, "Commands", field)
+        results = _moss_slot(t, "Tool Responses", field)
+        turns.append(Turn("user", human))
+        if thoughts is not None or commands is not None:
+            turns.append(Turn("assistant", moss_action(thoughts, commands)))
+        if results is not None:
+            if commands is None and thoughts is None:
+                raise RecordError(f"{field}.Tool Responses", "tool results without a command")
+            turns.append(Turn("tool", results))
+        turns.append(Turn("assistant", answer))
+    system = _text(rec, "meta_instruction", required=False) or None
+    meta = {k: rec[k] for k in ("conversation_id", "category") if k in rec}
+    return Conversation(turns, system=system, meta=meta)
+
+
+CHATDOCTOR_DEFAULT = "If you are a doctor, please answer the medical questions based on the patient's description."
+
+
+def parse_chatdoctor(rec: dict, **_: Any) -> Conversation:
+    """ChatDoctor: the instruction is the doctor's role (system text), the input the patient's words."""
+    instruction = _text(rec, "instruction")
+    inp = _text(rec, "input", required=False)
+    output = _text(rec, "output")
+    if inp.strip():
+        return Conversation([Turn("user", inp), Turn("assistant", output)], system=instruction or None)
+    return Conversation([Turn("user", instruction), Turn("assistant", output)])
+
+
+def parse_huatuo(rec: dict, **_: Any) -> Conversation:
+    """Huatuo (本草): instruction is the question; input, when present, is more context."""
+    conv = parse_alpaca(rec)
+    return conv
+
+
+PARSERS: dict[str, Callable[..., Conversation]] = {
+    "alpaca": parse_alpaca, "chatglm-tuning": parse_chatglm_tuning, "prompt-response": parse_prompt_response,
+    "dolly": parse_dolly, "sharegpt": parse_sharegpt, "openai": parse_openai, "moss": parse_moss,
+    "chatdoctor": parse_chatdoctor, "huatuo": parse_huatuo,
+}
+
+
+def detect_format(rec: Any, prompt_column: str | None = None) -> str | None:
+    """Guess a format from one record's keys (None when nothing fits)."""
+    if not isinstance(rec, dict):
+        return None
+    keys = set(rec)
+    if "messages" in keys:
+        return "openai"
+    if "conversations" in keys:
+        return "sharegpt"
+    if "chat" in keys and isinstance(rec.get("chat"), dict):
+        return "moss"
+    if prompt_column:
+        return "prompt-response"
+    if "text" in keys and isinstance(rec.get("text"), str) and "### Response:" in rec["text"]:
+        return "chatglm-tuning"
+    if {"context", "target"} <= keys:
+        return "chatglm-tuning"
+    if {"instruction", "response"} <= keys:
+        return "dolly"
+    if {"instruction", "output"} <= keys:
+        if rec.get("instruction") == CHATDOCTOR_DEFAULT:
+            return "chatdoctor"
+        return "alpaca"
+    if any(p in keys and r in keys for p, r in PROMPT_RESPONSE_COLUMNS):
+        return "prompt-response"
+    return None
+
+
+def _check_conversation(conv: Conversation) -> None:
+    if not conv.turns:
+        raise RecordError("(turns)", "no turns")
+    if conv.turns[0].role != "user":
+        raise RecordError("(turns)", f"a conversation must start with a user turn, not {conv.turns[0].role}")
+    if conv.turns[-1].role != "assistant":
+        raise RecordError("(turns)", f"the conversation ends on a {conv.turns[-1].role} turn; "
+                                     "it must end with an assistant answer")
+    for i, t in enumerate(conv.turns):
+        if t.role == "assistant" and not t.content.strip():
+            raise RecordError(f"turns[{i}]", "empty answer")
+        if t.role == "user" and not t.content.strip():
+            raise RecordError(f"turns[{i}]", "empty user text")
+        if i and t.role == conv.turns[i - 1].role == "user":
+            raise RecordError(f"turns[{i}]", "two user turns in a row")
+
+
+def read_conversations(path: str | Path | Iterable[str | Path], format: str = "auto", on_bad_record: str = "error",
+                       prompt_column: str | None = None, response_column: str | None = None,
+                       history_column: str | None = None) -> ReadResult:
+    """Read one file (or several) into Conversations.
+
+    ``on_bad_record="error"`` raises DataError naming ``file:line: field: reason`` at the first bad record;
+    ``"skip"`` skips it and lists it in ``ReadResult.skipped``.
+    """
+    if on_bad_record not in ("error", "skip"):
+        raise DataError(f"on_bad_record must be 'error' or 'skip', not {on_bad_record!r}")
+    if format != "auto" and format not in PARSERS:
+        raise DataError(f"unknown data format {format!r}; choose from: auto, {', '.join(FORMATS)}")
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    result = ReadResult([])
+    for p in paths:
+        _read_one(str(p), format, on_bad_record, result, prompt_column=prompt_column,
+                  response_column=response_column, history_column=history_column)
+    return result
+
+
+def _read_one(path: str, format: str, on_bad_record: str, result: ReadResult, **columns: Any) -> None:
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such data file")
+    fmt = None if format == "auto" else format
+    for line, rec, error in iter_json_records(path):
+        try:
+            if error:
+                raise RecordError("(json)", error)
+            rec = _need_object(rec)
+            if fmt is None:
+                fmt = detect_format(rec, columns.get("prompt_column"))
+                if fmt is None:
+                    raise DataError(f"{path}:{line}: cannot tell the data format from the keys "
+                                    f"{', '.join(map(str, rec))}; pass format: one of {', '.join(FORMATS)}")
+            conv = PARSERS[fmt](rec, **columns)
+            _check_conversation(conv)
+        except RecordError as e:
+            if on_bad_record == "error":
+                raise DataError(f"{path}:{line}: {e.field}: {e.reason}") from None
+            result.skipped.append((path, line, e.field, e.reason))
+            continue
+        conv.source, conv.line = path, line
+        conv.meta.setdefault("format", fmt)
+        result.conversations.append(conv)
+    result.format = result.format or (fmt or "")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writers
+# --------------------------------------------------------------------------------------------------------
+
+def to_alpaca(conv: Conversation) -> dict:
+    if any(t.role == "tool" for t in conv.turns):
+        raise DataError(f"{conv.where}: (turns): the alpaca format cannot hold tool turns; "
+                        "convert to sharegpt or openai instead")
+    pairs = [(conv.turns[i].content, conv.turns[i + 1].content) for i in range(0, len(conv.turns) - 1, 2)]
+    if any(conv.turns[i].role != "user" or conv.turns[i + 1].role != "assistant"
+           for i in range(0, len(conv.turns) - 1, 2)) or len(conv.turns) % 2:
+        raise DataError(f"{conv.where}: (turns): alpaca needs alternating user/assistant turns")
+    *history, (query, answer) = pairs
+    instruction, inp = query, ""
+    meta = conv.meta or {}
+    if meta.get("input") and _join(meta.get("instruction", ""), meta["input"]) == query:
+        instruction, inp = meta["instruction"], meta["input"]
+    out: dict[str, Any] = {"instruction": instruction, "input": inp, "output": answer}
+    if conv.system:
+        out["system"] = conv.system
+    if history:
+        out["history"] = [list(p) for p in history]
+    return out
+
+
+def to_sharegpt(conv: Conversation) -> dict:
+    items = [{"from": "system", "value": conv.system}] if conv.system else []
+    for i, t in enumerate(conv.turns):
+        if t.role == "user":
+            items.append({"from": "human", "value": t.content})
+        elif t.role == "tool":
+            items.append({"from": "observation", "value": t.content})
+        else:
+            calls = i + 1 < len(conv.turns) and conv.turns[i + 1].role == "tool"
+            items.append({"from": "function_call" if calls else "gpt", "value": t.content})
+    out: dict[str, Any] = {"conversations": items}
+    if conv.tools:
+        out["tools"] = conv.tools
+    return out
+
+
+def to_openai(conv: Conversation) -> dict:
+    messages = conv.messages()
+    for m, t in zip(messages[-len(conv.turns):], conv.turns):
+        if t.name:
+            m["name"] = t.name
+    out: dict[str, Any] = {"messages": messages}
+    if conv.tools:
+        out["tools"] = conv.tools
+    return out
+
+
+WRITER_FUNCS: dict[str, Callable[[Conversation], dict]] = {
+    "alpaca": to_alpaca, "sharegpt": to_sharegpt, "openai": to_openai}
+
+
+def write_conversations(convs: Iterable[Conversation], path: str | Path, format: str) -> int:
+    """Write conversations as JSONL (``.jsonl``) or a JSON array (``.json``); returns the number written."""
+    if format not in WRITER_FUNCS:
+        raise DataError(f"cannot write format {format!r}; choose from: {', '.join(WRITERS)}")
+    records = [WRITER_FUNCS[format](c) for c in convs]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    else:
+        with path.open("w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return len(records)
