@@ -179,7 +179,27 @@ def register_template(template: Template) -> Template:
     return template
 
 
-register_template(Template(
+_CJK = "\u4e00-\u9fff"
+_FULL_WIDTH = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatGLMTemplate(Template):
+    """ChatGLM-6B's format plus its response clean-up (the reference's ``process_response``)."""
+
+    def postprocess(self, text: str) -> str:
+        """Strip, and make ASCII , ! : ; ? full-width where they touch a CJK character."""
+        import re
+
+        text = text.strip()
+        for ascii_mark, full in _FULL_WIDTH.items():
+            mark = re.escape(ascii_mark)
+            text = re.sub(rf"([{_CJK}]){mark}", rf"\g<1>{full}", text)
+            text = re.sub(rf"{mark}([{_CJK}])", rf"{full}\g<1>", text)
+        return text
+
+
+register_template(ChatGLMTemplate(
     name="chatglm",
     description="ChatGLM-6B: [Round i]\\n问：...\\n答：...",
     system_format="{content}\n",
