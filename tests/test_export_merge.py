@@ -6,31 +6,9 @@ import sys
 
 import pytest
 import torch
+from eval_helpers import make_adapter
 
 from finechat.cli import main as cli
-
-
-def make_adapter(base_dir, out_dir, kind="lora"):
-    """A peft adapter with non-zero random weights (a fresh LoRA has B = 0 and would change nothing)."""
-    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    if kind == "lora":
-        config = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "up_proj"],
-                            init_lora_weights=False, task_type="CAUSAL_LM")
-    else:
-        config = PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
-    if kind == "lora":
-        with torch.no_grad():  # a strong delta, so that greedy tokens really change
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.5)
-    peft_model.save_pretrained(out_dir)
-    return out_dir
-
 
 PROMPT = "类型#上衣*颜色#白色"
 

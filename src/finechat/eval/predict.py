@@ -47,40 +47,27 @@ def examples_from_conversations(conversations: list[Any]) -> list[EvalExample]:
     """Each conversation's last assistant turn is the label; everything before it is the prompt."""
     examples = []
     for conv in conversations:
-        messages = conv.to_messages() if hasattr(conv, "to_messages") else conv.get("messages")
-        source = _source_of(conv)
+        messages = conv.messages()
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is None:
-            raise DataError(f"{source}: the conversation has no assistant answer to compare with")
-        examples.append(EvalExample([dict(m) for m in messages[:last]], messages[last]["content"], source))
+        if last is None or not any(m["role"] == "user" for m in messages[:last]):
+            raise DataError(f"{conv.where}: the conversation has no user prompt and assistant answer to compare")
+        examples.append(EvalExample([dict(m) for m in messages[:last]], messages[last]["content"], conv.where))
     return examples
 
 
-def _source_of(conv: Any) -> str:
-    source = getattr(conv, "source", None) or (conv.get("source") if isinstance(conv, dict) else None)
-    if isinstance(source, dict):
-        return f"{source.get('file', '?')}:{source.get('line', '?')}"
-    if source is None:
-        f, line = getattr(conv, "source_file", None), getattr(conv, "source_line", None)
-        return f"{f}:{line}" if f else "?"
-    return str(source)
+def load_examples(path: str | Path, data_format: str = "auto", max_samples: int | None = None,
+                  on_bad_record: str = "error", **columns: Any) -> list[EvalExample]:
+    """Read any data file finechat reads (alpaca, ADGEN's content/summary, sharegpt, ...) as examples.
 
-
-def load_examples(path: str | Path, data_format: str | None = None, max_samples: int | None = None,
-                  **reader_options: Any) -> list[EvalExample]:
-    """Read any data file finechat reads (alpaca, ADGEN's content/summary, sharegpt, ...) as examples."""
+    Bad records are an error naming file and line, or (``on_bad_record="skip"``) skipped and listed.
+    """
     from finechat.data.formats import read_conversations
+    from finechat.models.load import log
 
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    kwargs = dict(reader_options)
-    if data_format:
-        kwargs["format"] = data_format
-    conversations = read_conversations(path, **kwargs)
-    conversations = list(getattr(conversations, "conversations", conversations))
-    if max_samples:
-        conversations = conversations[:max_samples]
+    result = read_conversations(path, format=data_format or "auto", on_bad_record=on_bad_record, **columns)
+    if result.skipped:
+        log(result.skipped_table())
+    conversations = result.conversations[:max_samples] if max_samples else result.conversations
     if not conversations:
         raise DataError(f"{path}: no examples to evaluate")
     return examples_from_conversations(conversations)
