@@ -256,7 +256,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
             kw["type"] = tp
         elif get_origin(tp) in (list, tuple):
             kw["metavar"] = "A,B"
-        parser.add_argument(flag, **kw)
+        # also accept the underscore spelling users type from transformers / ChatGLM scripts (--learning_rate)
+        spellings = [flag] + (["--" + f.name] if "_" in f.name else [])
+        parser.add_argument(*spellings, **kw)
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="override any config key, e.g. max_new_tokens=64"
     )

@@ -1,0 +1,55 @@
+"""Fine-tune a model: LoRA, P-Tuning v2, full, freeze or QLoRA (finechat train CONFIG.yaml [key=value ...]).
+
+Examples:
+  finechat train recipes/adgen-lora.yaml
+  finechat train recipes/alpaca-lora.yaml max_steps=20 output_dir=output/try
+  finechat train recipes/adgen-ptuning.yaml --estimate
+  torchrun --nproc_per_node 2 -m finechat train recipes/adgen-lora.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from finechat.config import add_config_arguments, config_from_args
+from finechat.train.config import TrainConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("\n", 2)[2]
+    parser.add_argument("--estimate", action="store_true",
+                        help="print parameters, trainable parameters and the peak-memory estimate, then stop")
+    add_config_arguments(parser, TrainConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    from finechat.errors import ConfigError
+
+    # `finechat train CONFIG.yaml key=value`: the first positional without '=' is the config file.
+    overrides = list(args.overrides or [])
+    if overrides and "=" not in overrides[0]:
+        if args.config:
+            raise ConfigError(f"two config files: {args.config} and {overrides[0]}")
+        args.config = overrides.pop(0)
+    args.overrides = overrides
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"expected key=value after the config file, got {bad[0]!r}")
+    cfg = config_from_args(TrainConfig, args)
+
+    if args.estimate:
+        from finechat.train.estimate import estimate_without_weights
+
+        est = estimate_without_weights(cfg)
+        print(f"{cfg.method} on {cfg.model}, batch {cfg.per_device_train_batch_size} x {cfg.cutoff_len} tokens, "
+              f"{'bf16' if cfg.bf16 else 'fp16' if cfg.fp16 else 'fp32'}"
+              f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}")
+        print(est.table())
+        return 0
+
+    from finechat.train.recipe import run_training
+
+    result = run_training(cfg)
+    print(result.final_checkpoint or result.output_dir)
+    return 0

@@ -1,0 +1,214 @@
+"""Checkpoints users can trust: atomic saves, self-describing folders, auto-resume and safe rotation.
+
+transformers' Trainer writes ``checkpoint-N`` in place, so a run killed mid-save leaves a folder that looks
+like a checkpoint but misses files, and ``resume_from_checkpoint`` then crashes on it. Here the Trainer
+saves into ``output_dir/.saving/checkpoint-N``; finechat adds its own files (``finechat_run.json`` with
+the run config, base model identity, template and data licences) and only then renames the folder into
+place with one ``os.replace``: a ``checkpoint-N`` folder exists only when it is complete. The subclass only
+redirects where the Trainer's own ``_save_checkpoint`` writes; it does not copy the Trainer.
+
+Rotation (``save_total_limit``) is ours too, because it must never remove the newest checkpoint nor the
+one with the lowest eval loss. A checkpoint's step and eval losses are read from its ``trainer_state.json``,
+never from its folder name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from finechat.errors import ModelLoadError
+
+RUN_FILE = "finechat_run.json"
+STATE_FILE = "trainer_state.json"
+STAGING = ".saving"
+PREFIX = "checkpoint-"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file, fsync it and rename it over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, ensure_ascii=False, default=str)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def base_model_identity(model: Any, cfg: Any, model_path: str) -> dict:
+    """What an adapter needs from its base: checked by ``finechat.models.load`` before loading it."""
+    config = model.config
+    ident = {
+        "path": model_path,
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "pre_seq_len": cfg.pre_seq_len if cfg.adapter_method == "ptuning" else None,
+    }
+    return ident
+
+
+def is_complete(folder: Path) -> bool:
+    """A published checkpoint has the run file and the Trainer state (written last in staging)."""
+    return (folder / RUN_FILE).is_file() and (folder / STATE_FILE).is_file()
+
+
+def checkpoint_step(folder: Path) -> int:
+    try:
+        return int(json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{folder}: unreadable {STATE_FILE}: {e}") from e
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders in ``output_dir``, oldest first (by the step in their trainer state)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and is_complete(p)]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (what ``resume_from_checkpoint: auto`` continues from)."""
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def eval_losses(log_history: list[dict]) -> dict[int, float]:
+    """step -> eval_loss from a Trainer log history."""
+    return {int(e["step"]): float(e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e}
+
+
+def best_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint with the lowest eval loss recorded at its own step (None without eval)."""
+    found = list_checkpoints(output_dir)
+    if not found:
+        return None
+    history = json.loads((found[-1] / STATE_FILE).read_text(encoding="utf-8")).get("log_history", [])
+    losses = eval_losses(history)
+    scored = [(losses[checkpoint_step(p)], checkpoint_step(p), p) for p in found if checkpoint_step(p) in losses]
+    return min(scored)[2] if scored else None
+
+
+def rotate_checkpoints(output_dir: str | Path, limit: int | None) -> list[Path]:
+    """Delete the oldest checkpoints beyond ``limit``, always keeping the newest and the best one."""
+    found = list_checkpoints(output_dir)
+    if not limit or len(found) <= limit:
+        return []
+    keep = {found[-1]}
+    best = best_checkpoint(output_dir)
+    if best is not None:
+        keep.add(best)
+    for p in reversed(found):
+        if len(keep) >= limit:
+            break
+        keep.add(p)
+    removed = [p for p in found if p not in keep]
+    for p in removed:
+        # rename first so that a kill during rmtree never leaves a half-deleted "complete" checkpoint
+        doomed = p.with_name(f".deleting-{p.name}")
+        os.replace(p, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return removed
+
+
+def clean_incomplete(output_dir: str | Path) -> list[Path]:
+    """Remove what a killed run left half-written (staging folders, half-deleted checkpoints)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    leftovers = [p for p in out.iterdir() if p.name == STAGING or p.name.startswith(".deleting-")]
+    leftovers += [p for p in out.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not is_complete(p)]
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return leftovers
+
+
+def publish(staged: Path, final: Path, run_info: dict) -> None:
+    """Write the run file into a staged checkpoint, flush it to disk and rename it into place."""
+    write_json_atomic(staged / RUN_FILE, run_info)
+    _fsync_tree(staged)
+    if final.exists():  # the same step saved again (e.g. after resuming exactly there)
+        shutil.rmtree(final)
+    os.replace(staged, final)
+
+
+def make_trainer_class():
+    """The Trainer subclass that saves atomically (built lazily: importing transformers is slow)."""
+    from transformers import Trainer
+
+    class AtomicCheckpointTrainer(Trainer):
+        """transformers' Trainer whose checkpoints appear only when complete (see the module docstring)."""
+
+        def __init__(self, *args: Any, run_info: dict | None = None, keep_checkpoints: int | None = None,
+                     **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.run_info = run_info or {}
+            self.keep_checkpoints = keep_checkpoints
+            self._staging = False
+
+        def _get_output_dir(self, trial: Any) -> str:
+            out = super()._get_output_dir(trial)
+            return os.path.join(out, STAGING) if self._staging else out
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            run_dir = Path(super()._get_output_dir(trial))
+            name = f"{PREFIX}{self.state.global_step}"
+            self._staging = True
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging = False
+            # every rank has written its RNG state into the staging folder before rank 0 publishes it
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                info = {**self.run_info, "global_step": self.state.global_step}
+                publish(run_dir / STAGING / name, run_dir / name, info)
+                shutil.rmtree(run_dir / STAGING, ignore_errors=True)
+                rotate_checkpoints(run_dir, self.keep_checkpoints)
+            self.accelerator.wait_for_everyone()
+
+    return AtomicCheckpointTrainer
+
+
+def load_full_checkpoint(model: Any, folder: str | Path) -> Any:
+    """Load a full / freeze checkpoint's weights into ``model`` (the ``--adapter`` path for those methods)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{folder}: no safetensors weights (not a finechat checkpoint)")
+    state: dict = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise ModelLoadError(f"{folder} does not fit this base model: {wrong[0]} has shape "
+                             f"{tuple(state[wrong[0]].shape)} there, {tuple(own[wrong[0]].shape)} here")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if unexpected or set(missing) - tied:
+        raise ModelLoadError(f"{folder} does not fit this base model: missing {sorted(set(missing) - tied)[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    return model

@@ -1,0 +1,153 @@
+"""The settings of one training run (``finechat train CONFIG.yaml key=value ...``), checked when built.
+
+Field names are the flags users of ChatGLM-Tuning, ChatGLM-6B's ptuning scripts and transformers' Trainer
+already type (``per_device_train_batch_size``, ``lora_rank``, ``pre_seq_len``, ``quantization_bit``, ...),
+with the same meanings, so their commands and YAML files carry over unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from finechat.config import field
+
+METHODS = ("lora", "ptuning", "full", "freeze", "qlora")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One fine-tuning or continued-pretraining run."""
+
+    # -- what to train ---------------------------------------------------------------------------------
+    model: str = field("default", help="'default' (SmolLM2-135M-Instruct), a Hugging Face folder or a .gguf file")
+    method: Literal["lora", "ptuning", "full", "freeze", "qlora"] = field(
+        "lora", help="lora, ptuning (P-Tuning v2), full, freeze (last layers only) or qlora (LoRA on a 4/8-bit base)"
+    )
+    stage: Literal["sft", "pretrain"] = field(
+        "sft", help="sft: conversations with labels on answers; pretrain: plain text, every token is a target"
+    )
+    objective: str = field(
+        "causal_lm", help="pretraining objective for stage pretrain: causal_lm (or blank_infilling for GLM)"
+    )
+    template: str | None = field(None, help="prompt template; default: the tokenizer's chat template")
+    trust_remote_code: bool = field(False, help="allow a model folder's own Python code to run")
+    adapter: str | None = field(None, help="start from this adapter (e.g. a previous stage's checkpoint)")
+
+    # -- data --------------------------------------------------------------------------------------------
+    data: list[str] = field([], help="training files (json, jsonl, csv, txt); several are concatenated")
+    format: str = field("auto", help="data format of the files (auto detects it)")
+    val_file: str | None = field(None, help="a validation file; else val_size of the training data")
+    val_size: float = field(0.0, help="fraction (< 1) or number (>= 1) of training examples held out for eval loss")
+    max_samples: int | None = field(None, help="use only the first N training examples (quick tries)")
+    cutoff_len: int = field(512, help="maximum tokens of one example (prompt + answer)")
+    max_source_length: int | None = field(None, help="maximum prompt tokens (ChatGLM ptuning's flag)")
+    max_target_length: int | None = field(None, help="maximum answer tokens (ChatGLM ptuning's flag)")
+    train_on_prompt: bool = field(False, help="also compute the loss on prompts")
+    last_turn_only: bool = field(False, help="labels only on the last assistant turn")
+    skip_overlength: bool = field(False, help="drop (and count) examples longer than cutoff_len instead of cutting")
+    packing: bool = field(False, help="pack several examples into one cutoff_len sequence (no padding)")
+    group_by_length: bool = field(False, help="batch examples of similar length together (less padding)")
+    prompt_column: str | None = field(None, help="prompt column of prompt-response data (ADGEN: content)")
+    response_column: str | None = field(None, help="response column of prompt-response data (ADGEN: summary)")
+    history_column: str | None = field(None, help="history column of prompt-response data")
+    on_bad_record: Literal["error", "skip"] = field("error", help="stop at a bad record, or skip and list it")
+    document_per: Literal["line", "file"] = field("line", help="stage pretrain: one .txt document per line or per file")
+    datasets: list[str] = field(
+        [], help="registry names of the data (e.g. alpaca, adgen, finechat-samples): their licences are recorded"
+    )
+    commercial: bool = field(False, help="refuse data or a base model whose licence forbids commercial use")
+
+    # -- method settings ---------------------------------------------------------------------------------
+    lora_rank: int = field(8, help="LoRA rank r")
+    lora_alpha: float = field(32.0, help="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)")
+    lora_dropout: float = field(0.1, help="dropout on the LoRA input")
+    lora_target: list[str] = field([], help="module names to adapt; default: picked for the architecture")
+    use_rslora: bool = field(False, help="rank-stabilised LoRA scaling")
+    use_dora: bool = field(False, help="weight-decomposed LoRA (DoRA)")
+    pre_seq_len: int = field(128, help="P-Tuning v2 prefix length (virtual tokens)")
+    prefix_projection: bool = field(False, help="P-Tuning v2: reparameterise the prefix with a 2-layer MLP")
+    num_layer_trainable: int = field(2, help="freeze: train only the last N decoder layers")
+    freeze_trainable_modules: list[str] = field(
+        [], help="freeze: train only parameters whose names contain one of these (instead of the last layers)"
+    )
+    quantization_bit: int | None = field(None, help="load the base in 8 or 4 bits (bitsandbytes) for qlora / ptuning")
+
+    # -- Trainer flags (same names and meanings as transformers' TrainingArguments) -----------------------
+    output_dir: str = field("output", help="where checkpoints, logs and the loss curve go")
+    per_device_train_batch_size: int = field(4, help="examples per device and step")
+    per_device_eval_batch_size: int = field(4, help="examples per device in evaluation")
+    gradient_accumulation_steps: int = field(1, help="micro-batches summed before each optimizer step")
+    max_steps: int = field(-1, help="total optimizer steps (overrides num_train_epochs when > 0)")
+    num_train_epochs: float = field(3.0, help="epochs over the training data")
+    learning_rate: float = field(1e-4, help="peak learning rate")
+    lr_scheduler_type: str = field("linear", help="linear, cosine, constant, constant_with_warmup, ...")
+    warmup_ratio: float = field(0.0, help="fraction of steps spent warming up the learning rate")
+    warmup_steps: int = field(0, help="warm-up steps (overrides warmup_ratio when > 0)")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
+    max_grad_norm: float = field(1.0, help="gradient clipping")
+    optim: str = field("adamw_torch", help="optimizer name as in transformers (adamw_torch, adafactor, ...)")
+    save_steps: int = field(500, help="save a checkpoint every N steps")
+    save_total_limit: int | None = field(None, help="keep at most N checkpoints (never removes the newest or best)")
+    logging_steps: int = field(10, help="log loss and learning rate every N steps")
+    eval_steps: int | None = field(None, help="evaluate every N steps (default: save_steps) when there is eval data")
+    fp16: bool = field(False, help="float16 mixed precision (GPU)")
+    bf16: bool = field(False, help="bfloat16 mixed precision")
+    gradient_checkpointing: bool = field(False, help="recompute activations in the backward pass (less memory)")
+    seed: int = field(42, help="random seed (model init of adapters, data order, dropout)")
+    resume_from_checkpoint: str | None = field(
+        None, help="a checkpoint folder, or 'auto' for the newest complete checkpoint in output_dir"
+    )
+    overwrite_output_dir: bool = field(False, help="allow training into an output_dir that already has checkpoints")
+    dataloader_num_workers: int = field(0, help="data loading worker processes")
+    report_to: list[str] = field(["tensorboard"], help="loggers: tensorboard (when installed), none, ...")
+    ddp_backend: str | None = field(None, help="torch.distributed backend (nccl, gloo); default: picked by torch")
+    ddp_find_unused_parameters: bool | None = field(None, help="DDP find_unused_parameters")
+    fsdp: str = field("", help="FSDP options passed to the Trainer, e.g. 'full_shard auto_wrap'")
+    fsdp_config: str | None = field(None, help="FSDP config file (JSON) passed to the Trainer")
+    deepspeed: str | None = field(None, help="DeepSpeed config file (JSON) passed to the Trainer")
+    do_eval: bool = field(True, help="evaluate on the validation data when there is any")
+    do_predict: bool = field(False, help="generate answers for the validation data after training (eval hook)")
+    predict_file: str | None = field(None, help="file to generate answers for with do_predict (default: val data)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if self.method == "qlora" and self.quantization_bit is None:
+            self.quantization_bit = 4
+        if self.quantization_bit not in (None, 4, 8):
+            raise ValueError(f"quantization_bit must be 4 or 8, got {self.quantization_bit}")
+        if self.quantization_bit and self.method in ("full", "freeze"):
+            raise ValueError(
+                f"quantization_bit {self.quantization_bit} cannot be used with method {self.method}: quantized "
+                "weights are frozen; use method qlora (LoRA) or ptuning on a quantized base"
+            )
+        if self.fp16 and self.bf16:
+            raise ValueError("choose one of fp16 and bf16")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "save_steps", "logging_steps", "cutoff_len", "lora_rank", "pre_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise ValueError(f"eval_steps must be >= 1, got {self.eval_steps}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be >= 1, got {self.save_total_limit}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("set max_steps > 0 or num_train_epochs > 0")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+        if self.num_layer_trainable < 1 and not self.freeze_trainable_modules:
+            raise ValueError("num_layer_trainable must be >= 1")
+        if self.packing and self.group_by_length:
+            raise ValueError("packing and group_by_length both remove padding; choose one")
+
+    @property
+    def adapter_method(self) -> str:
+        """The peft method actually put on the base: qlora is LoRA on a quantized base."""
+        return "lora" if self.method == "qlora" else self.method

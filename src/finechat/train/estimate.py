@@ -1,0 +1,156 @@
+"""Estimate a training run's peak memory before it starts, so a run that will not fit fails in seconds.
+
+The estimate adds, in bytes:
+- weights: frozen base weights in their storage dtype (4/8-bit linear layers with ``quantization_bit``),
+  trainable weights in float32;
+- gradients (float32) and optimizer state of the trainable parameters (AdamW: two float32 moments);
+- activations kept for the backward pass, from Korthikanti et al. 2022 ("Reducing Activation Recomputation
+  in Large Transformer Models", eq. 2): per layer ``s*b*h*(34 + 5*a*s/h)`` bytes at 16-bit, doubled in
+  float32; with gradient checkpointing only each layer's input (``2*s*b*h`` at 16-bit) plus one layer;
+- logits: ``b*s*vocab`` float32 values about three times (logits, log-softmax, their gradient).
+P-Tuning v2 lengthens every layer's keys and values by ``pre_seq_len``. Allocator slack and the runtime
+itself are not counted; treat the result as a lower bound with ~10-20% margin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from finechat.train.config import TrainConfig
+
+GiB = 1024**3
+OPTIMIZER_BYTES = {"adamw": 8, "adam": 8, "adafactor": 4, "sgd": 0, "lion": 4}
+
+
+@dataclasses.dataclass
+class MemoryEstimate:
+    """Parameter counts and an estimate of peak training memory, in bytes."""
+
+    parameters: int
+    trainable: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    available: float | None = None
+    device: str = "cpu"
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.available is None else self.total <= self.available
+
+    def table(self) -> str:
+        rows = [
+            ("parameters", f"{self.parameters / 1e6:,.1f} M"),
+            ("trainable parameters", f"{self.trainable / 1e6:,.3f} M ({100 * self.trainable / max(self.parameters, 1):.2f}%)"),
+            ("weights", _gib(self.weights)),
+            ("gradients", _gib(self.gradients)),
+            ("optimizer state", _gib(self.optimizer)),
+            ("activations", _gib(self.activations)),
+            ("logits", _gib(self.logits)),
+            ("estimated peak", _gib(self.total)),
+        ]
+        if self.available is not None:
+            verdict = "fits" if self.fits else "WILL NOT FIT"
+            rows.append((f"available ({self.device})", f"{_gib(self.available)}  -> {verdict}"))
+        width = max(len(k) for k, _ in rows)
+        lines = [f"| {'memory estimate'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
+        lines += [f"| {k.ljust(width)} | {v} |" for k, v in rows]
+        return "\n".join(lines)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= 0.01 * GiB else f"{n / 1024**2:.1f} MiB"
+
+
+def available_memory(device: str) -> float | None:
+    """Free accelerator memory, or total RAM on CPU."""
+    try:
+        if device == "cuda":
+            import torch
+
+            return float(torch.cuda.mem_get_info()[0])
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+
+
+def _linear_parameters(model: Any) -> int:
+    """Parameters in the linear layers bitsandbytes would quantize (all but the output head)."""
+    import torch
+
+    n = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lm_head" not in name and "lora_" not in name:
+            n += module.weight.numel()
+    return n
+
+
+def estimate_memory(model: Any, cfg: TrainConfig, seq_len: int | None = None, device: str = "cpu",
+                    linear_params: int | None = None) -> MemoryEstimate:
+    """Estimate peak memory for training ``model`` (already prepared for ``cfg.method``)."""
+    from finechat.train.methods import count_parameters
+
+    total, trainable = count_parameters(model)
+    config = model.config
+    h = getattr(config, "hidden_size", 0) or 0
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    vocab = getattr(config, "vocab_size", 0) or 0
+    b = cfg.per_device_train_batch_size
+    s = seq_len or cfg.cutoff_len
+    half = cfg.fp16 or cfg.bf16
+    frozen = total - trainable
+    if cfg.quantization_bit:
+        linear = linear_params if linear_params is not None else _linear_parameters(model)
+        weights = linear * cfg.quantization_bit / 8 + (frozen - linear) * 4 + trainable * 4
+    else:
+        base_bytes = 2 if (half and device == "cuda" and cfg.adapter_method in ("lora", "ptuning")) else 4
+        weights = frozen * base_bytes + trainable * 4
+    opt = next((v for k, v in OPTIMIZER_BYTES.items() if cfg.optim.startswith(k)), 8)
+    kv_len = s + (cfg.pre_seq_len if cfg.adapter_method == "ptuning" else 0)
+    scale = 1 if half else 2  # the formula counts 16-bit activations
+    per_layer = s * b * h * (34 + 5 * heads * kv_len / max(h, 1)) * scale
+    if cfg.gradient_checkpointing:
+        activations = layers * 2 * s * b * h * scale + per_layer
+    else:
+        activations = layers * per_layer
+    logits = 3 * b * s * vocab * 4
+    return MemoryEstimate(
+        parameters=total, trainable=trainable, weights=weights, gradients=trainable * 4.0,
+        optimizer=trainable * float(opt), activations=float(activations), logits=float(logits),
+        available=available_memory(device), device=device,
+    )
+
+
+def estimate_without_weights(cfg: TrainConfig) -> MemoryEstimate:
+    """``finechat train --estimate``: build the model on the meta device (no weights read) and estimate."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import finechat.models  # noqa: F401  (registers native architectures)
+    from finechat.models.load import pick_device, resolve_model_path
+    from finechat.train.methods import prepare_model
+
+    folder, gguf_file = resolve_model_path(cfg.model)
+    kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    config = AutoConfig.from_pretrained(folder, **kw)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code,
+                                                 dtype=torch.float32)
+    linear = _linear_parameters(model)
+    # quantized layers cannot be built on the meta device: prepare the unquantized model, count bytes by bits
+    plain = dataclasses.replace(cfg, quantization_bit=None, method=cfg.adapter_method, adapter=None)
+    with init_empty_weights(include_buffers=False):
+        model = prepare_model(model, plain)
+    return estimate_memory(model, cfg, device=pick_device("auto"), linear_params=linear)

@@ -1,0 +1,395 @@
+"""The training recipe: one plain function that assembles model, method, data and transformers' Trainer.
+
+``run_training(cfg)`` reads top to bottom: resolve resume, check licences, load the base, apply the method
+(LoRA / P-Tuning v2 / full / freeze / QLoRA), tokenize and split the data, print the memory estimate, train
+with the Trainer (DDP / FSDP / DeepSpeed come from torchrun or accelerate through the Trainer), evaluate,
+and write the summary. Multi-stage recipes (pretrain -> SFT -> ...) call it once per stage with the
+previous stage's checkpoint as ``adapter`` or ``model``.
+
+Only rank 0 writes files of its own (loss curve, log, summary); the Trainer already restricts its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from finechat.config import to_dict
+from finechat.errors import ConfigError
+from finechat.models.load import log
+from finechat.train import checkpoints
+from finechat.train.config import TrainConfig
+from finechat.train.plots import LOSS_PNG, plot_loss
+
+SUMMARY_FILE = "train_results.json"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: str
+    final_checkpoint: str | None
+    best_checkpoint: str | None
+    metrics: dict
+    global_step: int
+    loss_curve: str | None
+    resumed_from: str | None = None
+    log_history: list = dataclasses.field(default_factory=list)
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from torchrun / accelerate's environment."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# resume and licences
+# ------------------------------------------------------------------------------------------------------------
+
+def resolve_resume(cfg: TrainConfig, output_dir: Path, is_main: bool) -> str | None:
+    """The checkpoint to resume from: ``auto`` = newest complete one; refuses to silently train over one."""
+    if is_main:
+        removed = checkpoints.clean_incomplete(output_dir)
+        if removed:
+            log(f"removed {len(removed)} incomplete save(s) left by an interrupted run: "
+                f"{', '.join(p.name for p in removed)}")
+    if cfg.resume_from_checkpoint == "auto":
+        found = checkpoints.latest_checkpoint(output_dir)
+        if found is None:
+            log(f"resume_from_checkpoint: auto: no checkpoint in {output_dir}; starting from scratch")
+            return None
+        log(f"resuming from {found} (step {checkpoints.checkpoint_step(found)})")
+        return str(found)
+    if cfg.resume_from_checkpoint:
+        path = Path(cfg.resume_from_checkpoint)
+        if not path.is_dir() or not checkpoints.is_complete(path):
+            raise ConfigError(f"resume_from_checkpoint: {path} is not a complete finechat checkpoint")
+        return str(path)
+    existing = checkpoints.list_checkpoints(output_dir)
+    if existing and not cfg.overwrite_output_dir:
+        raise ConfigError(
+            f"output_dir {output_dir} already has checkpoints ({existing[-1].name}); set "
+            "resume_from_checkpoint=auto to continue, overwrite_output_dir=true to start over, or another output_dir"
+        )
+    return None
+
+
+def licences(cfg: TrainConfig) -> dict:
+    """Check ``commercial`` against the registry and return the licence summary recorded with the run."""
+    from finechat.data.registry import check_commercial, licence_summary
+
+    check_commercial(cfg.model, cfg.datasets, cfg.commercial)
+    if cfg.commercial and not cfg.datasets:
+        raise ConfigError("commercial: true needs the registry names of the data in datasets: [...] "
+                          "(data known only by its path has an unknown licence)")
+    return licence_summary(cfg.model, cfg.datasets)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# model and data
+# ------------------------------------------------------------------------------------------------------------
+
+def load_base(cfg: TrainConfig) -> tuple[Any, Any, Path, str]:
+    """Load the base model (quantized with bitsandbytes for qlora) and tokenizer; returns (.., device)."""
+    import torch
+
+    from finechat.models.load import load_model_and_tokenizer, pick_device
+    from finechat.train.methods import base_dtype, quantization_config
+
+    device = pick_device("auto")
+    _, local_rank, _ = world()
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    dtype = base_dtype(cfg, device.split(":")[0])
+    extra: dict[str, Any] = {}
+    quant = quantization_config(cfg, torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32)
+    if quant is not None:
+        extra = {"quantization_config": quant, "device_map": {"": device}}
+    model, tokenizer, folder = load_model_and_tokenizer(
+        cfg.model, dtype=str(dtype).split(".")[-1], device=device, trust_remote_code=cfg.trust_remote_code,
+        **extra,
+    )
+    model.train()
+    return model, tokenizer, folder, device
+
+
+def split_holdout(items: list, size: float, seed: int) -> tuple[list, list]:
+    """Shuffle a copy with ``seed`` and hold out ``size`` items (a fraction when < 1)."""
+    if size <= 0 or not items:
+        return items, []
+    n = int(size) if size >= 1 else max(1, round(len(items) * size))
+    if n >= len(items):
+        raise ConfigError(f"val_size {size} leaves no training data ({len(items)} examples)")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def load_data(cfg: TrainConfig, tokenizer: Any, template: Any, cache_dir: str | None = None
+              ) -> tuple[list[dict], list[dict], dict]:
+    """(train examples, eval examples, stats) for ``cfg.stage``."""
+    if not cfg.data:
+        raise ConfigError("no training data: set data: [FILE, ...] (see data/samples/)")
+    if cfg.stage == "pretrain":
+        from finechat.train.pretrain import get_objective, read_documents
+
+        build = get_objective(cfg.objective)
+        docs = read_documents(cfg.data, cfg.document_per)[: cfg.max_samples or None]
+        val_docs = read_documents([cfg.val_file], cfg.document_per) if cfg.val_file else []
+        if not val_docs:
+            docs, val_docs = split_holdout(docs, cfg.val_size, cfg.seed)
+        train, stats = build(docs, tokenizer, cfg)
+        evals = build(val_docs, tokenizer, cfg)[0] if val_docs else []
+        return train, evals, {"stage": "pretrain", "objective": cfg.objective, **stats}
+
+    from finechat.data.tokenize import TokenizeSettings, build_dataset, pack_examples
+
+    settings = TokenizeSettings(
+        cutoff_len=cfg.cutoff_len, max_source_length=cfg.max_source_length, max_target_length=cfg.max_target_length,
+        train_on_prompt=cfg.train_on_prompt, last_turn_only=cfg.last_turn_only,
+        skip_overlength=cfg.skip_overlength, packing=False,  # packed after the validation split
+    )
+    columns = {k: getattr(cfg, k) for k in ("prompt_column", "response_column", "history_column") if getattr(cfg, k)}
+    read = {"format": cfg.format, "on_bad_record": cfg.on_bad_record, **columns}
+    train, stats = build_dataset(cfg.data, tokenizer, template, settings, cache_dir=cache_dir, **read)
+    train = train[: cfg.max_samples or None]
+    if cfg.val_file:
+        evals, _ = build_dataset([cfg.val_file], tokenizer, template, settings, cache_dir=cache_dir, **read)
+    else:
+        train, evals = split_holdout(train, cfg.val_size, cfg.seed)
+    if not train:
+        raise ConfigError(f"no training examples left from {', '.join(cfg.data)}: {stats.summary()}")
+    if cfg.packing:
+        train = pack_examples(train, cfg.cutoff_len)
+    info = {"stage": "sft", **dataclasses.asdict(stats), "summary": stats.summary(), "train_rows": len(train),
+            "eval_rows": len(evals)}
+    return train, evals, info
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Trainer
+# ------------------------------------------------------------------------------------------------------------
+
+def training_arguments(cfg: TrainConfig, has_eval: bool, device: str) -> Any:
+    """transformers' TrainingArguments from the flags of the same names."""
+    from transformers import TrainingArguments
+
+    eval_steps = cfg.eval_steps or cfg.save_steps
+    report_to = [r for r in cfg.report_to if r != "none"]
+    if "tensorboard" in report_to:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            log("tensorboard is not installed: no TensorBoard events (pip install 'finechat[train]')")
+            report_to.remove("tensorboard")
+    return TrainingArguments(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps if cfg.warmup_steps > 0 else cfg.warmup_ratio,  # < 1 is a ratio in v5
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optim,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=None,  # rotation is ours: it keeps the newest and the best checkpoint
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None,
+        fp16=cfg.fp16,
+        bf16=cfg.bf16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        seed=cfg.seed,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        report_to=report_to or "none",
+        ddp_backend=cfg.ddp_backend,
+        ddp_find_unused_parameters=cfg.ddp_find_unused_parameters,
+        fsdp=cfg.fsdp or None,
+        fsdp_config=cfg.fsdp_config,
+        deepspeed=cfg.deepspeed,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        remove_unused_columns=False,  # our rows are plain dicts; packed rows carry position_ids
+        label_names=["labels"],
+        use_cpu=device == "cpu",
+        disable_tqdm=False,
+    )
+
+
+def make_callback(cfg: TrainConfig, has_eval: bool):
+    """Loss-curve PNG at each save and at the end, a JSONL log, and a save + eval at the last step."""
+    from transformers import TrainerCallback
+
+    out = Path(cfg.output_dir)
+    title = f"{cfg.method} on {Path(cfg.model).name}"
+
+    class RunCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_save = True  # the last step always leaves a checkpoint
+                control.should_evaluate = has_eval
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                with open(out / LOG_FILE, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                plot_loss(state.log_history, out / LOSS_PNG, title)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                plot_loss(state.log_history, out / LOSS_PNG, title)
+
+    return RunCallback()
+
+
+def run_info(cfg: TrainConfig, model: Any, template: Any, licence: dict, data_info: dict) -> dict:
+    """What ``finechat_run.json`` in every checkpoint says about the run."""
+    from finechat import __version__
+
+    peft_config = getattr(model, "peft_config", {}).get("default") if hasattr(model, "peft_config") else None
+    return {
+        "finechat_version": __version__,
+        "method": cfg.method,
+        "adapter_type": str(getattr(peft_config, "peft_type", "") or "") or None,
+        "stage": cfg.stage,
+        "objective": cfg.objective if cfg.stage == "pretrain" else None,
+        "template": getattr(template, "name", None),
+        "base_model": checkpoints.base_model_identity(getattr(model, "base_model", model), cfg, cfg.model),
+        "quantization_bit": cfg.quantization_bit,
+        "licenses": licence,
+        "data": {"files": cfg.data, "val_file": cfg.val_file, **{k: v for k, v in data_info.items()
+                                                                  if isinstance(v, (int, float, str))}},
+        "config": to_dict(cfg),
+        "world_size": world()[2],
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def run_predict(cfg: TrainConfig, model: Any, tokenizer: Any, template: Any) -> dict:
+    """``do_predict``: generate answers for ``predict_file`` (or val_file) with the trained model.
+
+    The generation and metrics belong to ``finechat.eval``; this hook calls its
+    ``predict_after_training(model, tokenizer, template, path, output_dir, cfg) -> metrics`` when present.
+    """
+    try:
+        from finechat.eval.predict import predict_after_training
+    except ImportError as e:
+        raise ConfigError(f"do_predict needs finechat.eval.predict.predict_after_training: {e}") from e
+    path = cfg.predict_file or cfg.val_file
+    if not path:
+        raise ConfigError("do_predict: set predict_file (or val_file) to the data to generate answers for")
+    return predict_after_training(model, tokenizer, template, path, cfg.output_dir, cfg)
+
+
+def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
+    """Train as ``cfg`` says, resumably; returns the final / best checkpoints and the metrics."""
+    import transformers
+
+    from finechat.data.templates import get_template
+    from finechat.data.tokenize import data_collator
+    from finechat.train.estimate import estimate_memory
+    from finechat.train.methods import prepare_model
+
+    rank, _, world_size = world()
+    is_main = rank == 0
+    out = Path(cfg.output_dir)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    resume = resolve_resume(cfg, out, is_main)
+    licence = licences(cfg)
+    transformers.set_seed(cfg.seed)
+
+    model, tokenizer, folder, device = load_base(cfg)
+    template = get_template(cfg.template, tokenizer, getattr(model.config, "model_type", None))
+    args = training_arguments(cfg, has_eval=cfg.do_eval and (cfg.val_size > 0 or bool(cfg.val_file)), device=device)
+    with args.main_process_first(desc="tokenizing"):
+        train_rows, eval_rows, data_info = load_data(cfg, tokenizer, template, cache_dir)
+    has_eval = cfg.do_eval and bool(eval_rows)
+    if has_eval != (args.eval_strategy != "no"):
+        args = training_arguments(cfg, has_eval, device)
+    if is_main:
+        log(f"data: {data_info.get('summary') or data_info}; {len(train_rows)} training rows, "
+            f"{len(eval_rows)} eval rows")
+
+    transformers.set_seed(cfg.seed)  # adapter initialisation does not depend on how much data was read
+    model = prepare_model(model, cfg)
+    longest = max(len(r["input_ids"]) for r in train_rows)
+    estimate = estimate_memory(model, cfg, seq_len=longest, device=device.split(":")[0])
+    if is_main:
+        log(f"{cfg.method} on {cfg.model} ({world_size} process{'es' if world_size > 1 else ''}):\n"
+            + estimate.table())
+        if estimate.fits is False:
+            log("warning: the estimate exceeds the available memory; lower per_device_train_batch_size or "
+                "cutoff_len, or use gradient_checkpointing / qlora")
+
+    info = run_info(cfg, model, template, licence, data_info)
+    if is_main:
+        checkpoints.write_json_atomic(out / checkpoints.RUN_FILE, info)
+    trainer = checkpoints.make_trainer_class()(
+        model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
+        data_collator=data_collator(tokenizer), processing_class=tokenizer,
+        callbacks=[make_callback(cfg, has_eval)], run_info=info, keep_checkpoints=cfg.save_total_limit,
+    )
+    t0 = time.time()
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(train_output.metrics)
+    metrics["train_seconds_this_run"] = round(time.time() - t0, 2)
+    final_eval = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+    if final_eval:
+        metrics["eval_loss"] = final_eval[-1]
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    if losses:
+        metrics["first_loss"], metrics["final_loss"] = losses[0], losses[-1]
+    if cfg.do_predict:
+        metrics.update(run_predict(cfg, trainer.model, tokenizer, template))
+
+    final = checkpoints.latest_checkpoint(out)
+    best = checkpoints.best_checkpoint(out)
+    png = out / LOSS_PNG
+    result = TrainResult(
+        output_dir=str(out), final_checkpoint=str(final) if final else None,
+        best_checkpoint=str(best) if best else None, metrics=metrics, global_step=trainer.state.global_step,
+        loss_curve=str(png) if png.is_file() else None, resumed_from=resume,
+        log_history=list(trainer.state.log_history),
+    )
+    if trainer.is_world_process_zero():
+        summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "log_history"}
+        checkpoints.write_json_atomic(out / SUMMARY_FILE, {**summary, "licenses": licence, "data": info["data"]})
+        log(summary_table(result, licence))
+    return result
+
+
+def summary_table(result: TrainResult, licence: dict) -> str:
+    """The end-of-run report as a table."""
+    from finechat.data.registry import licence_lines
+
+    m = result.metrics
+    rows = [("steps", str(result.global_step))]
+    for key in ("first_loss", "final_loss", "eval_loss", "train_runtime", "train_samples_per_second"):
+        if key in m:
+            rows.append((key, f"{m[key]:.4f}" if isinstance(m[key], float) else str(m[key])))
+    rows += [("final checkpoint", str(result.final_checkpoint)), ("best checkpoint", str(result.best_checkpoint)),
+             ("loss curve", str(result.loss_curve))]
+    rows += [("licence", line) for line in licence_lines(licence)]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([f"| {'run'.ljust(width)} | result |", f"|{'-' * (width + 2)}|--------|"]
+                     + [f"| {k.ljust(width)} | {v} |" for k, v in rows])
