@@ -421,6 +421,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         for p in self.parameters():
             p.requires_grad = False
         self.transformer.prefix_encoder.to(self.lm_head.weight.device)
+        self.transformer.prefix_encoder.train(self.training)  # new modules start in training mode
+        self.transformer.dropout.train(self.training)
         for p in self.transformer.prefix_encoder.parameters():
             p.requires_grad = True
 
