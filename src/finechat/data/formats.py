@@ -117,7 +117,7 @@ def _decode_text(data: bytes, path: str) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: (file): not UTF-8 text (byte 0x{data[e.start]:02x}); "
+        raise DataError(f"{path}:{line}: (encoding): not UTF-8 text (byte 0x{data[e.start]:02x}); "
                         "re-save the file as UTF-8 (e.g. iconv -f GBK -t UTF-8)") from None
 
 
@@ -166,8 +166,7 @@ def _iter_json_array(text: str, path: str) -> Iterator[tuple[int, Any, str | Non
     decoder = json.JSONDecoder()
     ws = re.compile(r"\s*")
     pos = ws.match(text, 1).end()
-    line = 1 + text.count("\n", 0, pos)
-    last = 0
+    line, last = 1, 0
 
     def line_at(p: int) -> int:
         nonlocal line, last
@@ -276,6 +275,8 @@ def parse_prompt_response(rec: dict, prompt_column: str | None = None, response_
         else:
             raise RecordError("(columns)", "no prompt/response columns found; pass prompt_column= and "
                                            f"response_column= (record keys: {', '.join(map(str, rec))})")
+    if history_column is None and "history" in rec:
+        history_column = "history"  # never drop a history the data carries
     turns = _history(rec, history_column) if history_column else []
     turns += [Turn("user", _text(rec, prompt_column)), Turn("assistant", _text(rec, response_column))]
     return Conversation(turns)
@@ -535,7 +536,7 @@ def _read_one(path: str, format: str, on_bad_record: str, result: ReadResult, **
     for line, rec, error in iter_json_records(path):
         try:
             if error:
-                raise RecordError("(json)", error)
+                raise RecordError("(encoding)" if error.startswith("not UTF-8") else "(json)", error)
             rec = _need_object(rec)
             if fmt is None:
                 fmt = detect_format(rec, columns.get("prompt_column"))
@@ -611,11 +612,23 @@ WRITER_FUNCS: dict[str, Callable[[Conversation], dict]] = {
     "alpaca": to_alpaca, "sharegpt": to_sharegpt, "openai": to_openai}
 
 
-def write_conversations(convs: Iterable[Conversation], path: str | Path, format: str) -> int:
-    """Write conversations as JSONL (``.jsonl``) or a JSON array (``.json``); returns the number written."""
+def write_conversations(convs: Iterable[Conversation], path: str | Path, format: str,
+                        skipped: list | None = None) -> int:
+    """Write conversations as JSONL (``.jsonl``) or a JSON array (``.json``); returns the number written.
+
+    A conversation the format cannot hold (tool turns in alpaca) raises DataError, or, when a ``skipped``
+    list is given, is appended to it as (file, line, field, reason) and left out.
+    """
     if format not in WRITER_FUNCS:
         raise DataError(f"cannot write format {format!r}; choose from: {', '.join(WRITERS)}")
-    records = [WRITER_FUNCS[format](c) for c in convs]
+    records = []
+    for c in convs:
+        try:
+            records.append(WRITER_FUNCS[format](c))
+        except DataError as e:
+            if skipped is None:
+                raise
+            skipped.append((c.source or "<data>", c.line or 0, "(turns)", str(e).split(": ", 2)[-1]))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".json":

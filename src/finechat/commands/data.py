@@ -1,0 +1,350 @@
+"""Work with fine-tuning data: convert formats, show statistics, preview trained spans, licences, samples.
+
+Actions:
+  finechat data convert IN --to sharegpt|openai|alpaca OUT
+  finechat data stats FILE [--model M] [--png FILE]
+  finechat data preview FILE [-n 3] [--model M] [--template T]
+  finechat data licenses [--kind dataset|model]
+  finechat data generate adgen --n N --seed S --out FILE
+  finechat data from-kg GRAPH.json --out FILE --seed N
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from finechat.errors import ConfigError, DataError
+
+DEFAULT_LENGTHS = "128,256,512,1024,2048"
+
+
+def _read_options(p: argparse.ArgumentParser) -> None:
+    from finechat.data.formats import FORMATS
+
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="input format (default: detect)")
+    p.add_argument("--on-bad-record", default="error", choices=["error", "skip"],
+                   help="stop at a bad record (default) or skip it and list it")
+    p.add_argument("--prompt-column", help="prompt-response: the prompt column (ADGEN: content)")
+    p.add_argument("--response-column", help="prompt-response: the response column (ADGEN: summary)")
+    p.add_argument("--history-column", help="prompt-response: a column of [[query, response], ...]")
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="model whose tokenizer is used (name or folder)")
+    p.add_argument("--template", default="auto", help="prompt template (auto, tokenizer, chatglm, alpaca, ...)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own code")
+
+
+def _tokenize_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cutoff-len", type=int, default=1024, help="longest row in tokens")
+    p.add_argument("--max-source-length", type=int, help="longest prompt in tokens (ChatGLM ptuning)")
+    p.add_argument("--max-target-length", type=int, help="longest answer in tokens (ChatGLM ptuning)")
+    p.add_argument("--train-on-prompt", action="store_true", help="train on the prompt too")
+    p.add_argument("--last-turn-only", action="store_true", help="train only the last answer")
+    p.add_argument("--skip-overlength", action="store_true", help="skip (and count) rows over a limit")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = __doc__
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+
+    p = sub.add_parser("convert", help="convert a data file to sharegpt, openai or alpaca")
+    p.add_argument("input", help="data file (any supported format)")
+    p.add_argument("--to", required=True, choices=["sharegpt", "openai", "alpaca"], help="output format")
+    p.add_argument("output", help="output file (.jsonl: one record a line; .json: one JSON array)")
+    _read_options(p)
+
+    p = sub.add_parser("stats", help="examples, turns, token-length percentiles and a histogram PNG")
+    p.add_argument("input", nargs="+", help="data file(s)")
+    p.add_argument("--lengths", default=DEFAULT_LENGTHS, help="count rows longer than each of these lengths")
+    p.add_argument("--png", help="histogram file (default: <input stem>_lengths.png; 'none' for no plot)")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of a table")
+    _read_options(p)
+    _model_options(p)
+
+    p = sub.add_parser("preview", help="print rendered examples with the trained spans marked")
+    p.add_argument("input", help="data file")
+    p.add_argument("-n", "--num", type=int, default=3, help="how many examples")
+    p.add_argument("--start", type=int, default=0, help="index of the first example")
+    p.add_argument("--objective", default="sft", choices=["sft", "blank_infilling"],
+                   help="sft (default) or GLM blank infilling")
+    p.add_argument("--color", default="auto", choices=["auto", "always", "never"],
+                   help="mark trained spans with colour (auto: on a terminal) or with ⟦ ⟧ brackets")
+    _read_options(p)
+    _model_options(p)
+    _tokenize_options(p)
+
+    p = sub.add_parser("licenses", aliases=["licences"], help="known data sets and models with their licences")
+    p.add_argument("--kind", choices=["dataset", "model"], help="only data sets or only models")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("generate", help="write synthetic sample data (deterministic by seed)")
+    p.add_argument("kind", choices=["adgen"], help="adgen: attribute strings -> Chinese advertising copy")
+    p.add_argument("--n", type=int, default=1000, help="number of records")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", required=True, help="output JSONL file")
+
+    p = sub.add_parser("from-kg", help="build instruction QA data from a medical knowledge graph")
+    p.add_argument("graph", help="knowledge-graph JSON file")
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.set_defaults(_parser=parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    actions = {"convert": convert, "stats": stats, "preview": preview, "licenses": licenses,
+               "licences": licenses, "generate": generate, "from-kg": from_kg}
+    if not getattr(args, "action", None):
+        args._parser.print_help()
+        return 2
+    return actions[args.action](args)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def _read(args: argparse.Namespace, paths: Any) -> Any:
+    from finechat.data.formats import read_conversations
+
+    result = read_conversations(paths, format=args.format, on_bad_record=args.on_bad_record,
+                                prompt_column=args.prompt_column, response_column=args.response_column,
+                                history_column=args.history_column)
+    if result.skipped:
+        print(result.skipped_table(), file=sys.stderr)
+    return result
+
+
+def convert(args: argparse.Namespace) -> int:
+    from finechat.data.formats import write_conversations
+
+    result = _read(args, args.input)
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise DataError(f"{args.output}: the output would overwrite the input")
+    unwritable: list | None = [] if args.on_bad_record == "skip" else None
+    n = write_conversations(result.conversations, args.output, args.to, skipped=unwritable)
+    if unwritable:
+        rows = [f"  {f}:{ln}  {field}: {reason}" for f, ln, field, reason in unwritable]
+        print("\n".join([f"left out {len(unwritable)} conversation(s) {args.to} cannot hold:"] + rows),
+              file=sys.stderr)
+    turns = sum(len(c.turns) for c in result.conversations)
+    print(f"wrote {n} of {len(result.conversations)} conversations ({turns} turns read) as {args.to} to "
+          f"{args.output}; read as {result.format}, skipped {len(result.skipped)} bad record(s)"
+          + (f", left out {len(unwritable)}" if unwritable else ""))
+    return 0
+
+
+def _tokenizer_and_template(args: argparse.Namespace) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer
+
+    from finechat.data.templates import get_template
+    from finechat.models.load import default_model_dir, log
+
+    model = args.model
+    folder = default_model_dir() if model in (None, "", "default") else Path(model).expanduser()
+    if not Path(folder).is_dir():
+        raise ConfigError(f"--model {model}: no such model folder (finechat never downloads models)")
+    import finechat.models  # noqa: F401  (registers model families such as ChatGLM when present)
+
+    log(f"Loading the tokenizer of {folder} ...")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--model {model}: cannot load its tokenizer: {e}") from None
+    model_type = None
+    cfg = Path(folder) / "config.json"
+    if cfg.is_file():
+        model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+    return tokenizer, get_template(args.template, tokenizer, model_type)
+
+
+def _percentile(sorted_values: list[int], q: float) -> int:
+    if not sorted_values:
+        return 0
+    k = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+def length_stats(convs: list, tokenizer: Any, template: Any, lengths: list[int]) -> dict[str, Any]:
+    """Numbers for ``data stats``: examples, turns and token lengths of the full rows (no truncation)."""
+    from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, tokenize_many
+
+    examples, st = tokenize_many(convs, tokenizer, template, TokenizeSettings(cutoff_len=10 ** 9))
+    sizes = sorted(len(e["input_ids"]) for e in examples)
+    trained = sorted(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in examples)
+    turns = [len(c.turns) for c in convs]
+    return {
+        "conversations": len(convs), "examples": len(examples), "turns": sum(turns),
+        "turns_max": max(turns, default=0), "multi_turn": sum(1 for c in convs if sum(
+            t.role == "assistant" for t in c.turns) > 1),
+        "tool_turns": sum(t.role == "tool" for c in convs for t in c.turns),
+        "tokens": {f"p{q}": _percentile(sizes, q) for q in (50, 90, 95, 99)} | {"max": sizes[-1] if sizes else 0,
+                                                                                 "mean": round(sum(sizes) / max(len(sizes), 1), 1)},
+        "trained_tokens": {f"p{q}": _percentile(trained, q) for q in (50, 90, 99)} | {"max": trained[-1] if trained else 0},
+        "over": {n: sum(1 for s in sizes if s > n) for n in lengths},
+        "skipped_no_label": st.skipped_no_label,
+        "_sizes": sizes,
+    }
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def stats(args: argparse.Namespace) -> int:
+    try:
+        lengths = sorted({int(x) for x in str(args.lengths).split(",") if x.strip()})
+    except ValueError:
+        raise ConfigError(f"--lengths: expected numbers like {DEFAULT_LENGTHS}, got {args.lengths!r}") from None
+    result = _read(args, args.input)
+    tokenizer, template = _tokenizer_and_template(args)
+    s = length_stats(result.conversations, tokenizer, template, lengths)
+    sizes = s.pop("_sizes")
+    s["skipped_records"] = len(result.skipped)
+    s["format"] = result.format
+    png = args.png or f"{Path(args.input[0]).stem}_lengths.png"
+    if png.lower() != "none" and sizes:
+        _histogram(sizes, lengths, png, title=", ".join(Path(p).name for p in args.input))
+        s["histogram"] = png
+    if args.json:
+        print(json.dumps(s, ensure_ascii=False, indent=2))
+        return 0
+    n = max(s["examples"], 1)
+    rows = [("file", ", ".join(args.input)), ("format", s["format"]), ("conversations", s["conversations"]),
+            ("examples", s["examples"]), ("turns", f"{s['turns']} (max {s['turns_max']} in one conversation)"),
+            ("multi-turn conversations", s["multi_turn"]), ("tool turns", s["tool_turns"]),
+            ("bad records skipped", s["skipped_records"])]
+    rows += [(f"tokens {k}", v) for k, v in s["tokens"].items()]
+    rows += [(f"trained tokens {k}", v) for k, v in s["trained_tokens"].items()]
+    rows += [(f"rows over {k} tokens", f"{v} ({100 * v / n:.1f}%)") for k, v in s["over"].items()]
+    if "histogram" in s:
+        rows.append(("histogram", s["histogram"]))
+    print(_table(rows))
+    return 0
+
+
+def _histogram(sizes: list[int], lengths: list[int], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(sizes, bins=min(50, max(5, len(set(sizes)))), color="#4C72B0")
+    for n in lengths:
+        if n <= max(sizes) * 1.2:
+            ax.axvline(n, color="#C44E52", linestyle="--", linewidth=1)
+            ax.text(n, ax.get_ylim()[1] * 0.95, f" {n}", color="#C44E52", fontsize=8, va="top")
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel("examples")
+    ax.set_title(f"token lengths: {title}")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def render_marked(tokenizer: Any, input_ids: list[int], labels: list[int], color: bool) -> str:
+    """Decode a row with its trained spans marked (green, or between ⟦ and ⟧)."""
+    from finechat.data.tokenize import IGNORE_INDEX
+
+    out, run, run_trained = [], [], None
+
+    def flush() -> None:
+        if not run:
+            return
+        text = tokenizer.decode(run, skip_special_tokens=False)
+        if run_trained:
+            text = f"\x1b[32m{text}\x1b[0m" if color else f"⟦{text}⟧"
+        out.append(text)
+
+    for tid, lab in zip(input_ids, labels):
+        trained = lab != IGNORE_INDEX
+        if trained != run_trained:
+            flush()
+            run, run_trained = [], trained
+        run.append(tid)
+    flush()
+    return "".join(out)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from finechat.data.tokenize import TokenizeSettings
+
+    return TokenizeSettings(cutoff_len=args.cutoff_len, max_source_length=args.max_source_length,
+                            max_target_length=args.max_target_length, train_on_prompt=args.train_on_prompt,
+                            last_turn_only=args.last_turn_only, skip_overlength=args.skip_overlength)
+
+
+def preview(args: argparse.Namespace) -> int:
+    from finechat.data.tokenize import IGNORE_INDEX, encode_conversation
+
+    result = _read(args, args.input)
+    tokenizer, template = _tokenizer_and_template(args)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    convs = result.conversations[args.start:args.start + args.num]
+    if args.objective == "blank_infilling":
+        if importlib.util.find_spec("finechat.data.blank_infilling") is None:
+            raise ConfigError("--objective blank_infilling needs finechat.data.blank_infilling, "
+                              "which this installation does not have")
+        from finechat.data import blank_infilling
+
+        for conv in convs:
+            text = "\n".join(t.content for t in conv.turns)
+            print(f"=== {conv.where}")
+            out = blank_infilling.preview_example(text, tokenizer)
+            if out is not None:
+                print(out)
+        return 0
+    settings = _settings(args)
+    name = getattr(template, "name", "?")
+    print(f"# template: {name}; trained spans {'in green' if color else 'between ⟦ and ⟧'}; "
+          f"{len(result.conversations)} conversations in {args.input} ({result.format})")
+    for conv in convs:
+        for example, status in encode_conversation(conv, tokenizer, template, settings):
+            print(f"\n=== {conv.where} ({len(conv.turns)} turns) ===")
+            if example is None:
+                print(f"[skipped: {status}]")
+                continue
+            trained = sum(1 for x in example["labels"] if x != IGNORE_INDEX)
+            print(render_marked(tokenizer, example["input_ids"], example["labels"], color))
+            note = " (truncated)" if status == "truncated" else ""
+            print(f"--- {len(example['input_ids'])} tokens, {trained} trained{note}")
+    return 0
+
+
+def licenses(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from finechat.data.registry import DISCLAIMER, all_entries, registry_table
+
+    if args.json:
+        print(json.dumps([dataclasses.asdict(e) for e in all_entries() if args.kind in (None, e.kind)],
+                         ensure_ascii=False, indent=2))
+        return 0
+    print(registry_table(args.kind))
+    print(f"\n{DISCLAIMER}")
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    from finechat.data.synthetic import write_adgen
+
+    if args.n < 1:
+        raise ConfigError(f"--n must be at least 1, got {args.n}")
+    n = write_adgen(args.out, args.n, args.seed)
+    print(f"wrote {n} ADGEN-like records (seed {args.seed}) to {args.out}")
+    return 0
+
+
+def from_kg(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("finechat.data.kg") is None:
+        raise ConfigError("from-kg needs finechat.data.kg, which this installation does not have")
+    from finechat.data import kg
+
+    return int(kg.from_kg_main(args) or 0)
