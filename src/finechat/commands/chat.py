@@ -15,6 +15,10 @@ class ChatConfig(GenerationSettings, ModelOptions):
     """Settings of ``finechat chat``."""
 
     system: str | None = field(None, help="system prompt")
+    tools: str | None = field(None, help="tools the model may call: calculator,solver,search,text2image (or all)")
+    docs: str | None = field(None, help="folder of .txt/.md/.jsonl documents for the search tool")
+    show_thoughts: bool = field(False, help="show MOSS's inner thoughts when tools are on")
+    max_tool_rounds: int = field(4, help="most rounds of tool calls per answer")
 
     def __post_init__(self) -> None:
         GenerationSettings.__post_init__(self)
@@ -30,6 +34,11 @@ def main(args: argparse.Namespace) -> int:
     from finechat.serve.terminal import run_terminal_chat
 
     cfg = config_from_args(ChatConfig, args)
+    registry = None
+    if cfg.tools or cfg.docs:  # before loading the model: a wrong tool name or folder fails at once
+        from finechat.infer.tools import build_registry
+
+        registry = build_registry(cfg.tools or "", docs=cfg.docs)
     bot = finechat.load(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device, template=cfg.template,
                         quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code)
     names = {f.name for f in dataclasses.fields(GenerationSettings)}
@@ -40,4 +49,14 @@ def main(args: argparse.Namespace) -> int:
         typed |= set(load_yaml(args.config))
     # Only the settings the user chose override the template's own defaults (e.g. ChatGLM's top_p 0.7).
     generation = {k: getattr(cfg, k) for k in names if k in typed}
-    return run_terminal_chat(bot, generation, system=cfg.system)
+    agent = None
+    if registry is not None:
+        from finechat.infer.agent import Agent
+        from finechat.models.load import log
+
+        agent = Agent(bot, registry, max_rounds=cfg.max_tool_rounds, show_thoughts=cfg.show_thoughts)
+        log(f"tools: {', '.join(registry.names)} ({agent.protocol} protocol)")
+        search = registry.get("Search")
+        if search is not None and hasattr(getattr(search.fn, "backend", None), "summary"):
+            log(f"search: {search.fn.backend.summary}")
+    return run_terminal_chat(bot, generation, system=cfg.system, agent=agent)

@@ -8,6 +8,7 @@ Scripted (stdin is a pipe or file): one query per line, one answer per line on s
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 CLEAR_WORDS = {"clear"}
@@ -16,8 +17,8 @@ EXIT_WORDS = {"stop", "exit", "quit"}
 
 def run_terminal_chat(bot: Any, generation: dict, system: str | None = None, stdin: TextIO | None = None,
                       stdout: TextIO | None = None, interactive: bool | None = None,
-                      notice: str | None = None) -> int:
-    """Run the chat loop over ``bot.stream_chat``; returns an exit code."""
+                      notice: str | None = None, agent: Any = None) -> int:
+    """Run the chat loop over ``bot.stream_chat`` (or a tool ``agent``'s events); returns an exit code."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     if interactive is None:
@@ -56,7 +57,8 @@ def run_terminal_chat(bot: Any, generation: dict, system: str | None = None, std
             stdout.flush()
         shown = ""
         response = ""
-        stream = bot.stream_chat(query, history, system=system, **generation)
+        stream = bot.stream_chat(query, history, system=system, **generation) if agent is None else \
+            _with_tools(agent, query, history, system, generation, stdout)
         try:
             for response, new_history in stream:
                 if response.startswith(shown):
@@ -74,3 +76,27 @@ def run_terminal_chat(bot: Any, generation: dict, system: str | None = None, std
             stdout.write(f"\n{notice}")
         stdout.write("\n")
         stdout.flush()
+
+
+def _with_tools(agent: Any, query: str, history: list, system: str | None, generation: dict,
+                stdout: TextIO) -> Iterator[tuple[str, list]]:
+    """``stream_chat``'s (response, history) pairs from a tool agent, printing each call and result as it runs."""
+    response = ""
+    thinking = False
+    for event in agent.stream_events(query, history, system=system, **generation):
+        if event.kind == "thought":
+            stdout.write(("" if thinking else "\n[thinking] ") + event.text)
+            thinking = True
+        elif event.kind == "tool_call":
+            stdout.write(f"\n[tool] {event.text}\n")
+        elif event.kind == "tool_result":
+            stdout.write("=> " + event.text.replace("\n", "\n   ") + "\n")
+        elif event.kind == "text":
+            if thinking:
+                stdout.write("\n")
+                thinking = False
+            response += event.text
+        else:
+            continue
+        stdout.flush()
+        yield response, history + [(query, response)]

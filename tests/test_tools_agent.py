@@ -1,0 +1,220 @@
+"""The tool runtime with a scripted model double: MOSS commands really run and their results reach the answer."""
+
+import json
+import re
+import threading
+
+import pytest
+from tiny import make_tokenizer
+
+from finechat.infer.agent import Agent, parse_commands
+from finechat.infer.engine import ChatModel
+from finechat.infer.tools import build_registry
+from finechat.serve.terminal import run_terminal_chat
+
+
+class ScriptedModel(ChatModel):
+    """A ChatModel whose "generation" is a script: a function of the prompt text returning the continuation.
+
+    Everything else (prompt building, stop strings, decoding, the tool runtime) is the real code.
+    """
+
+    def __init__(self, tokenizer, script, template="moss"):
+        super().__init__(model=None, tokenizer=tokenizer, template=template)
+        self.script = script
+        self.prompts = []
+
+    def generate_ids(self, input_ids, settings):
+        prompt = self.tokenizer.decode(input_ids)
+        self.prompts.append(prompt)
+        ids = self.tokenizer(self.script(prompt), add_special_tokens=False)["input_ids"]
+        ids = ids[: settings.max_new_tokens]
+        step = 1 if len(ids) < 200 else 32  # long scripts in bigger steps: decoding each step is O(length)
+        for i in range(0, len(ids), step):
+            yield ids[i:i + step]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def last_results(prompt):
+    """The text of the last <|Results|> block in a MOSS prompt (what the runtime injected)."""
+    block = prompt.rsplit("<|Results|>:\n", 1)[1].split("\n<eor>", 1)[0]
+    return block.split(" =>\n", 1)[1]
+
+
+def moss_script(command):
+    def script(prompt):
+        if prompt.endswith("<|MOSS|>:"):
+            return f" The tool says: {last_results(prompt)}<eom>"
+        return f"<|Inner Thoughts|>: I need a tool for this.<eot>\n<|Commands|>: {command}<eoc>"
+    return script
+
+
+def run(agent, query, **gen):
+    events = list(agent.stream_events(query, **gen))
+    assert events[-1].kind == "done"
+    return events
+
+
+def test_moss_runtime_runs_calculate(tokenizer):
+    bot = ScriptedModel(tokenizer, moss_script('Calculate("(2+3)*7/5 + 0.1 + 0.2")'))
+    events = run(Agent(bot, build_registry("calculator,solver")), "What is (2+3)*7/5 + 0.1 + 0.2?")
+    kinds = [e.kind for e in events]
+    call = next(e for e in events if e.kind == "tool_call")
+    result = next(e for e in events if e.kind == "tool_result")
+    assert call.name == "Calculate" and call.arguments == ["(2+3)*7/5 + 0.1 + 0.2"]
+    assert result.ok and result.text == "7.3"
+    assert kinds.index("tool_call") < kinds.index("tool_result") < kinds.index("text")
+    assert "thought" not in kinds  # hidden unless show_thoughts
+    answer = events[-1].text
+    assert answer == "The tool says: 7.3"
+    assert "".join(e.text for e in events if e.kind == "text") == answer
+    # The prompt the model saw: MOSS meta instruction with capability lines, then the exact Results block.
+    first, second = bot.prompts
+    assert "- Calculator: enabled. API: Calculate(expression)\n" in first
+    assert "- Equation solver: enabled. API: Solve(equation)\n" in first
+    assert first.endswith("<|Human|>: What is (2+3)*7/5 + 0.1 + 0.2?<eoh>\n")
+    assert second.endswith('<|Commands|>: Calculate("(2+3)*7/5 + 0.1 + 0.2")<eoc>\n'
+                           '<|Results|>:\nCalculate("(2+3)*7/5 + 0.1 + 0.2") =>\n7.3\n<eor>\n<|MOSS|>:')
+
+
+def test_moss_runtime_runs_solve_and_shows_thoughts(tokenizer):
+    bot = ScriptedModel(tokenizer, moss_script('Solve("x^2 - 5x + 6 = 0")'))
+    events = run(Agent(bot, build_registry("solver"), show_thoughts=True), "Solve x^2-5x+6=0")
+    assert "".join(e.text for e in events if e.kind == "thought") == "I need a tool for this."
+    assert events[-1].text == "The tool says: x = 2; x = 3"
+
+
+def test_moss_runtime_runs_search(tokenizer, tmp_path):
+    (tmp_path / "notes.md").write_text("The finechat project mascot is a red panda named Momo.\n\n"
+                                       "Unrelated text about weather.\n", encoding="utf-8")
+    bot = ScriptedModel(tokenizer, moss_script('Search("finechat mascot")'))
+    events = run(Agent(bot, build_registry("search", docs=str(tmp_path))), "What is finechat's mascot?")
+    assert "- Web search: enabled. API: Search(query)" in bot.prompts[0]
+    assert events[-1].text.startswith("The tool says: <|1|>: The finechat project mascot is a red panda named Momo.")
+    assert "(source: notes.md:1)" in events[-1].text
+
+
+def test_several_commands_and_none(tokenizer):
+    bot = ScriptedModel(tokenizer, moss_script('Calculate("2**10"), Solve("2*x = 6")'))
+    events = run(Agent(bot, build_registry("calculator,solver")), "two things")
+    assert [e.text for e in events if e.kind == "tool_result"] == ["1024", "x = 3"]
+    assert 'Calculate("2**10") =>\n1024\nSolve("2*x = 6") =>\nx = 3\n<eor>' in bot.prompts[-1]
+
+    def no_tool(prompt):
+        return " Hello!<eom>" if prompt.endswith("<|MOSS|>:") else \
+            "<|Inner Thoughts|>: None<eot>\n<|Commands|>: None<eoc>"
+    bot = ScriptedModel(tokenizer, no_tool)
+    events = run(Agent(bot, build_registry("calculator")), "hi")
+    assert not [e for e in events if e.kind.startswith("tool")]
+    assert events[-1].text == "Hello!"
+    assert bot.prompts[-1].endswith("<|Commands|>: None<eoc>\n<|Results|>: None<eor>\n<|MOSS|>:")
+
+
+def test_tool_errors_go_back_to_the_model(tokenizer):
+    bot = ScriptedModel(tokenizer, moss_script('Calculate("__import__(\'os\').system(\'echo hi\')")'))
+    events = run(Agent(bot, build_registry("calculator")), "hack")
+    result = next(e for e in events if e.kind == "tool_result")
+    assert not result.ok and result.text.startswith("error: function \"__import__('os').system\" is not allowed")
+    assert events[-1].text.startswith("The tool says: error: function")
+
+    bot = ScriptedModel(tokenizer, moss_script('Draw("a cat")'))
+    events = run(Agent(bot, build_registry("calculator")), "draw")
+    assert "error: unknown tool 'Draw'; available: Calculate" in events[-1].text
+
+
+def test_over_long_and_slow_calls(tokenizer):
+    bot = ScriptedModel(tokenizer, moss_script('Calculate("' + "1+" * 3000 + '1")'))
+    events = run(Agent(bot, build_registry("calculator")), "long", max_new_tokens=100_000)
+    result = next(e for e in events if e.kind == "tool_result")
+    assert not result.ok and "too long" in result.text
+
+    registry = build_registry("calculator")
+    gate = threading.Event()
+    registry.register(lambda seconds: gate.wait(float(seconds)) and "woke", name="Wait", timeout=0.2,
+                      parameters={"type": "object", "properties": {"seconds": {"type": "string"}}})
+    bot = ScriptedModel(tokenizer, moss_script('Wait("30")'))
+    events = run(Agent(bot, registry), "wait")
+    gate.set()
+    assert "error: Wait did not finish within 0.2 s" in events[-1].text
+
+
+def test_rounds_are_bounded(tokenizer):
+    def loop(prompt):  # a model that never stops calling tools
+        return '<|Commands|>: Calculate("1+1")<eoc>' if not prompt.endswith("<|MOSS|>:") else \
+            ' <|Commands|>: Calculate("1+1")<eoc>'
+    bot = ScriptedModel(tokenizer, loop)
+    events = run(Agent(bot, build_registry("calculator"), max_rounds=2), "loop")
+    results = [e for e in events if e.kind == "tool_result"]
+    assert [r.ok for r in results] == [True, True, False]
+    assert "at most 2 rounds" in results[-1].text
+    assert len(bot.prompts) == 4 and events[-1].rounds == 3
+
+
+def test_model_that_ignores_the_protocol(tokenizer):
+    bot = ScriptedModel(tokenizer, lambda prompt: "Just an answer.<eom>")
+    events = run(Agent(bot, build_registry("calculator")), "hi")
+    assert events[-1].text == "Just an answer." and len(bot.prompts) == 1
+
+
+def test_parse_commands_never_evaluates():
+    calls = parse_commands('Search("a \\"quoted\\" (query)"), Calculate(1+2*(3)), Solve(equation="x=1")')
+    assert [(c.name, c.arguments) for c in calls] == [
+        ("Search", ['a "quoted" (query)']), ("Calculate", "1+2*(3)"), ("Solve", {"equation": "x=1"})]
+    assert parse_commands("None") == []
+    assert parse_commands('Calculate(__import__("os"))')[0].arguments == '__import__("os")'
+    deep = parse_commands("Calculate(" + "(" * 10_000 + ")" * 10_000 + ")")
+    assert deep[0].name == "Calculate"
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}<tool_call>{{ c['function'] | tojson }}</tool_call>"
+    "{% endfor %}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_template_native_tool_calls(tokenizer):
+    tok = make_tokenizer()
+    tok.chat_template = TOOLS_TEMPLATE
+
+    def script(prompt):
+        if "<|im_start|>tool\n" in prompt:
+            result = prompt.rsplit("<|im_start|>tool\n", 1)[1].split("<|im_end|>")[0]
+            return f"It is {result}.<|im_end|>"
+        return '<tool_call>{"name": "Calculate", "arguments": {"expression": "12*12"}}</tool_call><|im_end|>'
+
+    bot = ScriptedModel(tok, script, template="tokenizer")
+    agent = Agent(bot, build_registry("calculator"))
+    assert agent.protocol == "native"
+    events = run(agent, "12 squared?")
+    assert events[-1].text == "It is 144."
+    assert '"name": "Calculate"' in bot.prompts[0] and "Tools: [" in bot.prompts[0]
+    tool_turn = [m for m in events[-1].messages if m["role"] == "tool"]
+    assert tool_turn[0]["content"] == "144" and tool_turn[0]["name"] == "Calculate"
+    assert "<tool_call>" not in "".join(e.text for e in events if e.kind == "text")
+
+
+def test_terminal_shows_calls_and_results(tokenizer):
+    import io
+
+    bot = ScriptedModel(tokenizer, moss_script('Calculate("6*7")'))
+    out = io.StringIO()
+    agent = Agent(bot, build_registry("calculator"))
+    assert run_terminal_chat(bot, {}, stdin=io.StringIO("what is 6*7?\n"), stdout=out, interactive=False,
+                             agent=agent) == 0
+    text = out.getvalue()
+    assert re.search(r'Calculate\("6\*7"\)', text) and "=> 42" in text
+    assert text.rstrip().endswith("The tool says: 42")
+
+
+def test_done_event_messages_for_the_api(tokenizer):
+    bot = ScriptedModel(tokenizer, moss_script('Calculate("1+1")'))
+    done = run(Agent(bot, build_registry("calculator")), "1+1")[-1]
+    assert done.messages[-1] == {"role": "assistant", "content": "The tool says: 2"}
+    json.dumps(done.messages)
