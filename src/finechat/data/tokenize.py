@@ -152,32 +152,36 @@ def encode_conversation(conv: Conversation | list[dict], tokenizer: Any, templat
     """Tokenize one conversation into ``[(example or None, status)]``.
 
     Status is ``ok``, ``truncated``, ``overlength`` (skipped) or ``no_label`` (skipped). Usually one item;
-    several when the tokenizer marks where generation starts (ChatGLM-6B) and more than one turn is trained.
+    one per assistant turn when the tokenizer marks where generation starts (ChatGLM-6B's ``[gMASK]<sop>``):
+    each of those examples is the conversation up to that answer, rendered as at inference.
     """
     messages, tools = _messages(conv)
-    eos = getattr(tokenizer, "eos_token", None) or ""
-    segments = _segments(template, messages, eos, tools)
     prefix, mark = layout if layout is not None else special_token_layout(tokenizer, template)
+    if mark and not settings.last_turn_only and not settings.train_on_prompt:
+        ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if len(ends) > 1:
+            return [_encode_messages(messages[: i + 1], tools, tokenizer, template, settings, prefix, mark)
+                    for i in ends]
+    return [_encode_messages(messages, tools, tokenizer, template, settings, prefix, mark)]
+
+
+def _encode_messages(messages: list[dict], tools: list | None, tokenizer: Any, template: Any,
+                     settings: TokenizeSettings, prefix: list[int], mark: list[int]) -> tuple[dict | None, str]:
+    eos = getattr(tokenizer, "eos_token", None) or ""
     # Merge neighbours with the same flag: one encode call per prompt or answer span.
     merged: list[list] = []
-    for text, trained in segments:
+    for text, trained in _segments(template, messages, eos, tools):
         if merged and merged[-1][1] == trained:
             merged[-1][0] += text
         else:
             merged.append([text, trained])
     answers = [i for i, (_, trained) in enumerate(merged) if trained]
     if not answers:
-        return [(None, "no_label")]
-    if mark and not settings.last_turn_only and not settings.train_on_prompt and len(answers) > 1:
-        ends = answers  # one example per answer, each ending with it
-    else:
-        ends = answers[-1:]
+        return None, "no_label"
+    last = answers[-1]
     encoded = [_encode(tokenizer, text) for text, _ in merged]
-    out = []
-    for last in ends:
-        out.append(_build_example(encoded[: last + 1], [t for _, t in merged[: last + 1]], prefix, mark,
-                                  settings, trailing=encoded[last + 1:] if last == answers[-1] else []))
-    return out
+    return _build_example(encoded[: last + 1], [t for _, t in merged[: last + 1]], prefix, mark, settings,
+                          trailing=encoded[last + 1:])
 
 
 def _build_example(pieces: list[list[int]], trained: list[bool], prefix: list[int], mark: list[int],
@@ -458,8 +462,9 @@ def pack_examples(examples: Iterable[dict], max_length: int) -> list[dict]:
 class DataCollator:
     """Pads a batch of examples to its longest row: input_ids with the pad id, labels with -100.
 
-    Packed rows (with ``position_ids``) get no attention mask so that the model builds per-example masks
-    from the restarting positions; padding there continues with position 0 runs that only see themselves.
+    Packed rows (with ``position_ids``) get no attention mask and ``use_cache=False`` so that the model builds
+    per-example masks from the restarting positions; padding there is runs of position 0 that only see
+    themselves.
     """
 
     pad_token_id: int
@@ -485,6 +490,8 @@ class DataCollator:
         }
         if packed:
             out["position_ids"] = torch.tensor([pad(b["position_ids"], 0) for b in batch])  # [batch, seq]
+            # transformers only splits packed rows when no KV cache is built (training, use_cache=False).
+            out["use_cache"] = False
         else:
             out["attention_mask"] = torch.tensor([pad([1] * len(b["input_ids"]), 0) for b in batch])
         return out
