@@ -153,8 +153,9 @@ class BatchScheduler:
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down")
-            if len(self._waiting) >= self.max_queue and len(self._active) + len(self._waiting) >= self.max_batch_size:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting; try again shortly",
+            if len(self._active) + len(self._waiting) >= self.max_batch_size + self.max_queue:
+                raise QueueFull(f"{self.max_batch_size} requests are running and {len(self._waiting)} waiting; "
+                                "try again shortly",
                                 retry_after=self._retry_after())
             self._waiting.append(seq)
             if self._thread is None:

@@ -1,0 +1,92 @@
+"""Continuous batching: concurrent requests share forward passes and answer exactly as ``chat`` does."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from serve_helpers import LiveServer, wait_until
+
+from finechat.infer.batching import BatchScheduler, QueueFull
+from finechat.infer.engine import GenerationSettings
+from finechat.serve.api import ServeSettings, create_app
+
+QUESTIONS = ["hello", "What is the capital of France?", "你好", "Write a short poem about the sea", "a", "中国的首都"]
+
+
+def test_concurrent_greedy_answers_equal_chat_in_fewer_steps(tiny_bot):
+    scheduler = BatchScheduler(tiny_bot, max_batch_size=8)
+    try:
+        assert scheduler.batched
+        expected = [tiny_bot.chat(q, greedy=True, max_new_tokens=24)[0] for q in QUESTIONS]
+        answers = [None] * len(QUESTIONS)
+
+        def ask(i):
+            messages = [{"role": "user", "content": QUESTIONS[i]}]
+            for answers[i] in tiny_bot.stream_text(messages, generate=scheduler.generate_ids, greedy=True,
+                                                   max_new_tokens=24):
+                pass
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(QUESTIONS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert answers == expected
+        # six answers of up to 24 tokens took far fewer than 6 x 24 forward passes
+        assert scheduler.tokens > 2 * 24 and scheduler.steps < scheduler.tokens / 2
+        assert wait_until(lambda: scheduler.active == 0)
+    finally:
+        scheduler.close()
+
+
+def test_seeded_sampling_repeats_through_the_scheduler(tiny_bot):
+    scheduler = BatchScheduler(tiny_bot)
+    try:
+        settings = GenerationSettings(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=7,
+                                      repetition_penalty=1.2)
+        a = [t for step in scheduler.generate_ids([1, 2, 3], settings) for t in step]
+        b = [t for step in scheduler.generate_ids([1, 2, 3], settings) for t in step]
+        assert a == b and 1 <= len(a) <= 10
+    finally:
+        scheduler.close()
+
+
+def test_closing_a_stream_drops_it_from_the_batch(tiny_bot):
+    scheduler = BatchScheduler(tiny_bot, max_batch_size=2, max_queue=1)
+    try:
+        settings = GenerationSettings(max_new_tokens=400, greedy=True)
+        streams = [scheduler.submit([5, 6, 7], settings) for _ in range(3)]
+        with pytest.raises(QueueFull):
+            scheduler.submit([5, 6, 7], settings)
+        for s in streams:
+            next(s)
+            s.close()
+        assert wait_until(lambda: scheduler.active == 0 and scheduler.waiting == 0)
+        assert scheduler.tokens < 3 * 400
+    finally:
+        scheduler.close()
+
+
+def test_a_reader_that_stops_reading_does_not_stall_others(tiny_bot):
+    srv = LiveServer(create_app(tiny_bot, ServeSettings(max_batch_size=4)))
+    try:
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 300,
+                           "temperature": 0, "stream": True}).encode()
+        stalled = socket.create_connection(("127.0.0.1", srv.port))
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        # never read from `stalled`; other clients still get whole answers promptly
+        start = time.time()
+        for _ in range(3):
+            r = httpx.post(srv.url + "/v1/chat/completions", timeout=30,
+                           json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 20})
+            assert r.status_code == 200
+        assert time.time() - start < 20
+        stalled.close()
+        assert wait_until(lambda: srv.app.state.scheduler.active == 0, timeout=10)
+    finally:
+        srv.stop()
