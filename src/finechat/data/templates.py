@@ -46,6 +46,11 @@ class Template:
     # Generation defaults a model family documents (e.g. ChatGLM-6B's top_p 0.7, temperature 0.95).
     generation_defaults: tuple[tuple[str, Any], ...] = ()
     supports_system: bool = True
+    # Tool-calling turns (an assistant turn followed by a tool turn). MOSS writes <|Inner Thoughts|> and
+    # <|Commands|> straight after <eoh> (not after <|MOSS|>:) and its <eoc> already closes the turn, so the
+    # user turn before a call uses tool_call_user_format and the call ends with tool_call_end (None: as usual).
+    tool_call_user_format: str | None = None
+    tool_call_end: str | None = None
 
     # -- rendering -----------------------------------------------------------------------------------
     def segments(self, messages: list[Message], eos_token: str = "", add_generation_prompt: bool = False) -> list[
@@ -70,15 +75,22 @@ class Template:
         end = self.assistant_end.replace(EOS, eos_token)
         history_end = end if self.history_end is None else self.history_end.replace(EOS, eos_token)
         last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+        def calls_tool(j: int) -> bool:
+            return j + 1 < len(messages) and messages[j]["role"] == "assistant" and messages[j + 1]["role"] == "tool"
+
         for i, m in enumerate(messages):
             role, content = m["role"], m["content"]
             if role == "user":
-                out.append((self.user_format.format(content=content, round=rnd), False))
+                fmt = self.tool_call_user_format if self.tool_call_user_format is not None and calls_tool(i + 1) \
+                    else self.user_format
+                out.append((fmt.format(content=content, round=rnd), False))
                 rnd += 1
             elif role == "tool":
                 out.append((self.tool_format.format(content=content, round=rnd), False))
             elif role == "assistant":
                 closing = end if (i == last_assistant and not add_generation_prompt) else history_end
+                if self.tool_call_end is not None and calls_tool(i):
+                    closing = self.tool_call_end
                 out.append((content + closing, True))
                 if i + 1 < len(messages) and self.turn_separator:
                     out.append((self.turn_separator, False))
@@ -244,6 +256,8 @@ register_template(Template(
     assistant_end="<eom>",
     turn_separator="\n",
     tool_format="<|Results|>:\n{content}\n<eor>\n<|MOSS|>:",
+    tool_call_user_format="<|Human|>: {content}<eoh>\n",
+    tool_call_end="",
     stop_strings=("<eom>", "<|Human|>"),
 ))
 register_template(Template(
