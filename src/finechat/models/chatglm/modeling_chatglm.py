@@ -410,8 +410,18 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         self.config.quantization_bit = bits
         return self
 
+    # True once enable_prefix_tuning() ran: checkpoints then hold the prefix only, as ChatGLM-6B ptuning's do.
+    prefix_only_checkpoints = False
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        if self.prefix_only_checkpoints and self.transformer.prefix_encoder is not None:
+            self.save_prefix(save_directory)
+            return
+        super().save_pretrained(save_directory, *args, **kwargs)
+
     def enable_prefix_tuning(self, pre_seq_len: int, prefix_projection: bool = False) -> None:
         """Add P-Tuning v2's prefix encoder to a loaded model and freeze everything else."""
+        self.prefix_only_checkpoints = True
         if self.transformer.prefix_encoder is not None:
             if self.config.pre_seq_len != pre_seq_len or self.config.prefix_projection != prefix_projection:
                 raise ValueError(f"the model already has a prefix of length {self.config.pre_seq_len}")

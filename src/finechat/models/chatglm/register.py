@@ -34,4 +34,21 @@ def register_chatglm() -> None:
     for auto in (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM):
         auto.register(ChatGLMConfig, ChatGLMForConditionalGeneration, exist_ok=True)
     AutoTokenizer.register(ChatGLMConfig, slow_tokenizer_class=ChatGLMTokenizer, exist_ok=True)
+    _register_ptuning()
     _done = True
+
+
+def _native_ptuning(model, cfg):
+    """``method: ptuning`` on a ChatGLM model: its own prefix encoder (ChatGLM-6B ptuning's checkpoints)."""
+    model.enable_prefix_tuning(cfg.pre_seq_len, bool(getattr(cfg, "prefix_projection", False)))
+    return model
+
+
+def _register_ptuning() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("finechat.train.methods") is None:
+        return
+    from finechat.train.methods import register_ptuning
+
+    register_ptuning("chatglm", _native_ptuning)
