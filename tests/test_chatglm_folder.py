@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from chatglm_tiny import write_fake_chatglm
 
 

@@ -344,9 +344,14 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
     info = run_info(cfg, model, template, licence, data_info)
     if is_main:
         checkpoints.write_json_atomic(out / checkpoints.RUN_FILE, info)
+    collator = data_collator(tokenizer)
+    if cfg.stage == "pretrain" and cfg.objective == "blank_infilling":  # rows carry 2D GLM positions
+        from finechat.data.blank_infilling import BlankInfillingCollator
+
+        collator = BlankInfillingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     trainer = checkpoints.make_trainer_class()(
         model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
-        data_collator=data_collator(tokenizer), processing_class=tokenizer,
+        data_collator=collator, processing_class=tokenizer,
         callbacks=[make_callback(cfg, has_eval)], run_info=info, keep_checkpoints=cfg.save_total_limit,
     )
     t0 = time.time()
