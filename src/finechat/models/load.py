@@ -262,6 +262,13 @@ def load_adapter(model: Any, adapter: str, is_trainable: bool = False) -> Any:
     path = Path(adapter).expanduser()
     if not path.is_dir():
         raise ModelLoadError(f"adapter folder not found: {adapter}")
+    if not (path / "adapter_config.json").is_file() and hasattr(model, "load_prefix"):
+        from finechat.models.chatglm.modeling_chatglm import is_ptuning_checkpoint
+
+        if is_ptuning_checkpoint(path):  # ChatGLM-6B's P-Tuning v2 checkpoint (prefix encoder weights)
+            log(f"Loading P-Tuning v2 prefix {adapter} ...")
+            model.load_prefix(path)
+            return model
     if not (path / "adapter_config.json").is_file():
         raise ModelLoadError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
     adapter_config = read_json(path / "adapter_config.json")
