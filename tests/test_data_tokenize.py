@@ -83,8 +83,8 @@ def test_moss_tool_turns_masked(tok):
     ex = tokenize_conversation(conv, tok, get_template("moss"), TokenizeSettings(cutoff_len=4096))
     action = '<|Inner Thoughts|>: 这是一道乘法题，我需要使用计算器。<eot>\n<|Commands|>: Calculate("12*34")<eoc>'
     assert ex == expect(tok, [
-        (conv.system + "<|Human|>: 12 乘以 34 等于多少？<eoh>\n<|MOSS|>:", False),
-        (action + "<eom>", True),
+        (conv.system + "<|Human|>: 12 乘以 34 等于多少？<eoh>\n", False),
+        (action, True),  # MOSS writes the command step right after <eoh>, with no <eom>
         ('\n<|Results|>:\nCalculate("12*34") => 408\n<eor>\n<|MOSS|>:', False),
         ("12 乘以 34 等于 408。<eom>", True),
     ])

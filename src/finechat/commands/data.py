@@ -91,9 +91,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output JSONL file")
 
     p = sub.add_parser("from-kg", help="build instruction QA data from a medical knowledge graph")
-    p.add_argument("graph", help="knowledge-graph JSON file")
-    p.add_argument("--out", required=True, help="output file")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    if importlib.util.find_spec("finechat.data.kg") is not None:
+        from finechat.data.kg import add_kg_arguments
+
+        add_kg_arguments(p)
+    else:
+        p.add_argument("graph", help="knowledge-graph JSON file")
+        p.add_argument("--out", required=True, help="output file")
+        p.add_argument("--seed", type=int, default=42, help="random seed")
     parser.set_defaults(_parser=parser)
 
 

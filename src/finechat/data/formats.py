@@ -1,5 +1,6 @@
 """Fine-tuning data formats: one Conversation schema, readers for every format users bring, three writers.
 
+Files are JSON arrays, JSONL (also named ``.json``, as ADGEN's), one JSON object, or CSV/TSV with a header.
 Readers auto-detect the format from the first record's keys or take ``format=NAME``:
 
 ========================  ===================================================================================
@@ -122,12 +123,15 @@ def _decode_text(data: bytes, path: str) -> str:
 
 
 def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
-    """Yield ``(line, record, error)`` for a JSON array, a single JSON object or JSONL file.
+    """Yield ``(line, record, error)`` for a JSON array, a single JSON object, JSONL or CSV/TSV file.
 
     ``error`` is set (and ``record`` None) for a JSONL line that is not valid JSON or not UTF-8, so that the
     caller can skip it; an unreadable JSON array raises DataError since nothing after the error can be found.
     """
     path = str(path)
+    if Path(path).suffix.lower() in (".csv", ".tsv"):
+        yield from _iter_csv(path)
+        return
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -160,6 +164,33 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any, str | None]]
             yield i + 1, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8"
         except json.JSONDecodeError as e:
             yield i + 1, None, f"malformed JSON: {e.msg} (column {e.colno})"
+
+
+def _iter_csv(path: str) -> Iterator[tuple[int, Any, str | None]]:
+    """CSV/TSV with a header row: each row is a record of text columns (a JSON list column is decoded)."""
+    import csv
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    text = _decode_text(data, path)
+    reader = csv.DictReader(text.splitlines(keepends=True), delimiter="\t" if path.lower().endswith(".tsv") else ",")
+    start = 2
+    for row in reader:
+        line, start = start, reader.line_num + 1
+        if None in row:
+            yield line, None, f"{len(row[None])} more value(s) than header columns"
+            continue
+        rec = {}
+        for k, v in row.items():
+            if isinstance(v, str) and v.lstrip().startswith("[") and v.rstrip().endswith("]"):
+                try:
+                    v = json.loads(v)
+                except json.JSONDecodeError:
+                    pass
+            rec[k] = v
+        yield line, rec, None
 
 
 def _iter_json_array(text: str, path: str) -> Iterator[tuple[int, Any, str | None]]:
