@@ -22,6 +22,8 @@ class ServeConfig(ServeSettings, ModelOptions):
 
     host: str = field("127.0.0.1", help="address to bind; anything but loopback exposes the server to the network")
     port: int = field(8000, help="TCP port (0 = any free port)")
+    tools: str | None = field(None, help="tools run inside the server: calculator,solver,search,text2image (or all)")
+    docs: str | None = field(None, help="folder of .txt/.md/.jsonl documents for the search tool")
 
     def __post_init__(self) -> None:
         ServeSettings.__post_init__(self)
@@ -61,11 +63,17 @@ def main(args: argparse.Namespace, announce_page: bool = False) -> int:
     if not is_loopback(cfg.host) and not api_key:
         log(f"WARNING: listening on {cfg.host} with no API key: anyone who can reach this machine can use the "
             f"model. Set --api-key or {API_KEY_ENV}.")
+    registry = None
+    if cfg.tools or cfg.docs:  # before loading the model: a wrong tool name or folder fails at once
+        from finechat.infer.tools import build_registry
+
+        registry = build_registry(cfg.tools or "", docs=cfg.docs)
+        log(f"server-side tools: {', '.join(registry.names)}")
     bot = finechat.load(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device, template=cfg.template,
                         quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code)
     settings = ServeSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ServeSettings)})
     settings.api_key = api_key
-    app = create_app(bot, settings)
+    app = create_app(bot, settings, tools=registry)
     port = cfg.port or free_port(cfg.host)
     shown = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     base = f"http://{shown}:{port}"

@@ -190,11 +190,18 @@ class Agent:
         return "moss" if getattr(bot.template, "name", None) == "moss" else "native"
 
     # -- public API ------------------------------------------------------------------------------------
-    def run(self, messages: list[Message], generate: Any = None, **gen: Any) -> Iterator[AgentEvent]:
-        """Answer ``messages`` (the last one from the user or a tool), yielding events; ``done`` comes last."""
+    def run(self, messages: list[Message], generate: Any = None, stats: dict | None = None,
+            **gen: Any) -> Iterator[AgentEvent]:
+        """Answer ``messages`` (the last one from the user or a tool), yielding events; ``done`` comes last.
+
+        ``generate`` replaces ``ChatModel.generate_ids`` (the server's batching scheduler); ``stats`` receives
+        ``prompt_tokens`` / ``completion_tokens`` summed over all rounds and the last ``finish_reason``.
+        """
         messages = validate_messages(messages)
+        if stats is not None:
+            stats.update(prompt_tokens=0, completion_tokens=0, finish_reason="stop")
         runner = self._run_moss if self.protocol == "moss" else self._run_messages
-        yield from runner(messages, generate, **gen)
+        yield from runner(messages, generate, stats, **gen)
 
     def stream_events(self, query: str, history: list | None = None, system: str | None = None,
                       **gen: Any) -> Iterator[AgentEvent]:
@@ -237,7 +244,7 @@ class Agent:
                 text += f"{RESULTS}\n{m['content']}\n{END_RESULTS}\n"
         return text
 
-    def _run_moss(self, messages: list[Message], generate: Any, **gen: Any) -> Iterator[AgentEvent]:
+    def _run_moss(self, messages: list[Message], generate: Any, stats: dict | None, **gen: Any) -> Iterator[AgentEvent]:
         bot = self.bot
         prompt = self.moss_prompt(messages)
         stops = list(gen.pop("stop", None) or []) + [END_COMMANDS, RESULTS, HUMAN]
@@ -248,8 +255,9 @@ class Agent:
         for _ in range(self.max_rounds + 2):
             prompt_ids = bot.encode_prompt(prompt + transcript)
             segment = ""
+            round_stats: dict = {}
             for segment in bot.stream_text([], generate=generate, prompt_ids=prompt_ids, skip_special_tokens=False,
-                                           stop=stops, **gen):
+                                           stop=stops, stats=round_stats, **gen):
                 # Stream the answer (and thoughts) as they grow, holding back a half-written marker.
                 safe = segment[: len(segment) - _held_back(segment, list(_MARKERS))]
                 pieces = _sections(safe, section)
@@ -263,6 +271,7 @@ class Agent:
                             answer = full
                         else:
                             thoughts = full
+            _add_stats(stats, round_stats)
             pieces = _sections(segment, section)
             transcript += segment
             last = pieces[-1][0] if pieces else section
@@ -296,7 +305,8 @@ class Agent:
         yield AgentEvent("done", answer, messages=done, rounds=rounds)
 
     # -- template-native tool calls (OpenAI-style messages) ---------------------------------------------
-    def _run_messages(self, messages: list[Message], generate: Any, **gen: Any) -> Iterator[AgentEvent]:
+    def _run_messages(self, messages: list[Message], generate: Any, stats: dict | None,
+                      **gen: Any) -> Iterator[AgentEvent]:
         from finechat.infer import toolcalls
 
         schemas = self.tools.openai_schemas()
@@ -306,11 +316,14 @@ class Agent:
         for _ in range(self.max_rounds + 2):
             prompt_messages, template_tools = toolcalls.prepare(self.bot, convo, schemas)
             text = shown = ""
-            for text in self.bot.stream_text(prompt_messages, tools=template_tools, generate=generate, **gen):
+            round_stats: dict = {}
+            for text in self.bot.stream_text(prompt_messages, tools=template_tools, generate=generate,
+                                             stats=round_stats, **gen):
                 visible = toolcalls.visible_prefix(text).rstrip()
                 if visible.startswith(shown) and len(visible) > len(shown):
                     yield AgentEvent("text", visible[len(shown):])
                     shown = visible
+            _add_stats(stats, round_stats)
             content, calls = toolcalls.parse(text)
             content = content or ""
             if not calls:
@@ -333,3 +346,10 @@ class Agent:
                                   "name": call.name})
         convo.append({"role": "assistant", "content": answer})
         yield AgentEvent("done", answer, messages=convo, rounds=rounds)
+
+
+def _add_stats(total: dict | None, part: dict) -> None:
+    if total is not None:
+        total["prompt_tokens"] += part.get("prompt_tokens", 0)
+        total["completion_tokens"] += part.get("completion_tokens", 0)
+        total["finish_reason"] = part.get("finish_reason", "stop")

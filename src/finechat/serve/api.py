@@ -145,8 +145,12 @@ def _schemas():
 
 
 # -- the app ----------------------------------------------------------------------------------------------
-def create_app(engine: Any, settings: ServeSettings | None = None, scheduler: Any = None):
-    """A FastAPI app serving ``engine`` (a :class:`finechat.infer.engine.ChatModel`)."""
+def create_app(engine: Any, settings: ServeSettings | None = None, scheduler: Any = None, tools: Any = None):
+    """A FastAPI app serving ``engine`` (a :class:`finechat.infer.engine.ChatModel`).
+
+    ``tools`` (a :class:`finechat.infer.tools.ToolRegistry`) runs those tools inside the server for chat
+    requests that bring no ``tools`` of their own (see :mod:`finechat.serve.tools_api`).
+    """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse
@@ -164,6 +168,11 @@ def create_app(engine: Any, settings: ServeSettings | None = None, scheduler: An
     if scheduler is None:
         scheduler = BatchScheduler(engine, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)
     engine.batcher = scheduler
+    agent = None
+    if tools is not None and len(tools):
+        from finechat.infer.agent import Agent
+
+        agent = Agent(engine, tools)
     context = _context_length(engine)
     max_prompt = min(x for x in (settings.max_prompt_tokens, context) if x) if (settings.max_prompt_tokens or context) \
         else None
@@ -299,6 +308,8 @@ def create_app(engine: Any, settings: ServeSettings | None = None, scheduler: An
         check_model(req.model)
         messages = [_message_dict(m, i) for i, m in enumerate(req.messages)]
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        if agent is not None and not tools:
+            return await server_tools(request, req, messages)
         messages, template_tools = toolcalls.prepare(engine, messages, tools, req.tool_choice)
         max_tokens = req.max_completion_tokens or req.max_tokens
         gen = generation(req, max_tokens)
@@ -325,6 +336,33 @@ def create_app(engine: Any, settings: ServeSettings | None = None, scheduler: An
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
                 "usage": run.usage()}
+
+    async def server_tools(request: Request, req: Any, messages: list[dict]):
+        """The answer from the tool runtime: the model's tool calls run here (``finechat serve --tools``)."""
+        from finechat.data.templates import validate_messages
+        from finechat.serve import tools_api
+
+        try:
+            validate_messages(messages)  # now: a bad conversation is a 422, not an error mid-answer
+        except FinechatError as e:
+            raise ApiError(422, str(e), param="messages", code="invalid_value") from None
+        run = tools_api.AgentRun(agent, messages, generation(req, req.max_completion_tokens or req.max_tokens),
+                                 scheduler.submit)
+        rid = "chatcmpl-" + uuid.uuid4().hex
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(request, run, tools_api.chunks(run, rid, settings.model_name, include_usage))
+        watcher = asyncio.ensure_future(_wait_disconnect(request, run))
+        try:
+            return await tools_api.complete(run, rid, settings.model_name)
+        except QueueFull as e:
+            raise ApiError(429, str(e), code="queue_full", type="rate_limit_error",
+                           headers={"Retry-After": str(e.retry_after)}) from None
+        except Exception as e:  # noqa: BLE001  the model or scheduler failed mid-answer
+            raise ApiError(503, f"generation failed: {type(e).__name__}: {e}", type="server_error",
+                           code="generation_failed") from None
+        finally:
+            watcher.cancel()
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -115,6 +115,35 @@ function setText(box, text) {
   list.scrollTop = list.scrollHeight;
 }
 
+// A tool the server ran (finechat serve --tools), folded: the call in the summary, its result inside.
+function showTool(box, tool) {
+  let list = box.querySelector(".tools");
+  if (!list) {
+    list = document.createElement("div");
+    list.className = "tools";
+    box.insertBefore(list, box.querySelector(".body"));
+  }
+  let item = Array.from(list.children).find((el) => el.dataset.id === String(tool.id));
+  if (!item) {
+    item = document.createElement("details");
+    item.className = "tool";
+    item.dataset.id = String(tool.id);
+    const args = Array.isArray(tool.arguments) ? tool.arguments.map((a) => JSON.stringify(a)).join(", ")
+      : JSON.stringify(tool.arguments);
+    const summary = document.createElement("summary");
+    summary.textContent = "Tool: " + tool.name + "(" + args + ")";
+    const result = document.createElement("pre");
+    result.className = "result";
+    result.textContent = "running…";
+    item.append(summary, result);
+    list.appendChild(item);
+  }
+  if (tool.type === "result") {
+    item.querySelector(".result").textContent = tool.content;
+    item.classList.add(tool.ok ? "ok" : "failed");
+  }
+}
+
 function settings() {
   const number = (id) => { const v = parseFloat($(id).value); return Number.isFinite(v) ? v : undefined; };
   return { temperature: number("temperature"), top_p: number("top_p"), max_tokens: Math.round(number("max_tokens") || 256) };
@@ -180,6 +209,7 @@ async function send(text) {
           const choice = chunk.choices && chunk.choices[0];
           if (!choice) continue;
           if (choice.delta && choice.delta.content) answer += choice.delta.content;
+          if (choice.delta && choice.delta.finechat_tool) showTool(box, choice.delta.finechat_tool);
           if (choice.finish_reason) finish = choice.finish_reason;
           if (!pending) { pending = true; requestAnimationFrame(paint); }
         }
