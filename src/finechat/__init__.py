@@ -37,6 +37,13 @@ def load(
         model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, quantization_bit=quantization_bit
     )
     if adapter:
+        if template is None:  # the template the adapter was trained with (finechat checkpoints record it)
+            from pathlib import Path
+
+            from finechat.models.load import read_json
+
+            run_file = Path(adapter).expanduser() / "finechat_run.json"
+            template = read_json(run_file).get("template") if run_file.is_file() else None
         hf_model = load_adapter(hf_model, adapter)
         hf_model.eval()
     bot = ChatModel(hf_model, tokenizer, template, source=str(folder))

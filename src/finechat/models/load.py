@@ -270,6 +270,13 @@ def load_adapter(model: Any, adapter: str, is_trainable: bool = False) -> Any:
             model.load_prefix(path)
             return model
     if not (path / "adapter_config.json").is_file():
+        if (path / "finechat_run.json").is_file() and (path / "config.json").is_file():
+            # a finechat full / freeze checkpoint: its weights replace the base's
+            from finechat.train.checkpoints import load_full_checkpoint
+
+            _check_adapter_base(model, path, {})
+            log(f"Loading fine-tuned weights from {adapter} ...")
+            return load_full_checkpoint(model, path)
         raise ModelLoadError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
     adapter_config = read_json(path / "adapter_config.json")
     _check_adapter_base(model, path, adapter_config)
@@ -277,7 +284,9 @@ def load_adapter(model: Any, adapter: str, is_trainable: bool = False) -> Any:
 
     log(f"Loading adapter {adapter} ({adapter_config.get('peft_type', '?')}) ...")
     try:
-        return PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
+        from finechat.models.peft_compat import fix_prefix_generation
+
+        return fix_prefix_generation(PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable))
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()
         detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")

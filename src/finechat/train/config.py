@@ -30,6 +30,7 @@ class TrainConfig:
     objective: str = field(
         "causal_lm", help="pretraining objective for stage pretrain: causal_lm (or blank_infilling for GLM)"
     )
+    blank_infilling: dict = field({}, help="objective blank_infilling: its settings (see finechat.data.blank_infilling)")
     template: str | None = field(None, help="prompt template; default: the tokenizer's chat template")
     trust_remote_code: bool = field(False, help="allow a model folder's own Python code to run")
     adapter: str | None = field(None, help="start from this adapter (e.g. a previous stage's checkpoint)")

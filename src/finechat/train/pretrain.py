@@ -14,6 +14,7 @@ Other objectives register a builder in :data:`OBJECTIVES` (GLM's blank infilling
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from collections.abc import Callable
@@ -23,24 +24,52 @@ from typing import Any
 from finechat.errors import ConfigError, DataError
 from finechat.train.config import TrainConfig
 
-OBJECTIVES: dict[str, Callable[[list[str], Any, TrainConfig], tuple[list[dict], dict]]] = {}
-# objectives that live in other modules, imported on first use so that they can register themselves
-OBJECTIVE_MODULES = {"blank_infilling": "finechat.data.blank_infilling"}
+Builder = Callable[[list[str], Any, TrainConfig], tuple[list[dict], dict]]
 
 
-def register_objective(name: str, builder: Callable[[list[str], Any, TrainConfig], tuple[list[dict], dict]]) -> None:
-    """Make ``objective: name`` build its examples with ``builder(documents, tokenizer, cfg)``."""
-    OBJECTIVES[name] = builder
+@dataclasses.dataclass
+class Objective:
+    """How ``objective: NAME`` builds rows from documents, and the collator its rows need (None: padding)."""
+
+    build: Builder
+    collator: Callable[[Any], Any] | None = None  # tokenizer -> collator
 
 
-def get_objective(name: str) -> Callable:
-    if name not in OBJECTIVES and name in OBJECTIVE_MODULES:
+OBJECTIVES: dict[str, Objective] = {}
+# objectives living in other modules: "module:builder[:CollatorClass]" (the class takes the pad token id)
+LAZY_OBJECTIVES = {"blank_infilling": "finechat.data.blank_infilling:blank_infilling_examples:BlankInfillingCollator"}
+
+
+def register_objective(name: str, build: Builder, collator: Callable[[Any], Any] | None = None) -> None:
+    """Make ``objective: name`` build its rows with ``build(documents, tokenizer, cfg)``."""
+    OBJECTIVES[name] = Objective(build, collator)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    return 0
+
+
+def get_objective(name: str) -> Objective:
+    if name in LAZY_OBJECTIVES and (name not in OBJECTIVES or OBJECTIVES[name].collator is None):
+        module_name, build_name, *collator_name = LAZY_OBJECTIVES[name].split(":")
         try:
-            importlib.import_module(OBJECTIVE_MODULES[name])
+            module = importlib.import_module(module_name)
         except ImportError as e:
-            raise ConfigError(f"objective {name!r} needs {OBJECTIVE_MODULES[name]}, which is not available: {e}") from e
+            raise ConfigError(f"objective {name!r} needs {module_name}, which is not available: {e}") from e
+        collator = None
+        if collator_name:
+            cls = getattr(module, collator_name[0])
+
+            def collator(tokenizer: Any, cls: Any = cls) -> Any:
+                return cls(_pad_id(tokenizer))
+        # the module may have registered its builder on import (without a collator)
+        build = OBJECTIVES[name].build if name in OBJECTIVES else getattr(module, build_name)
+        register_objective(name, build, collator)
     if name not in OBJECTIVES:
-        known = sorted(set(OBJECTIVES) | set(OBJECTIVE_MODULES))
+        known = sorted(set(OBJECTIVES) | set(LAZY_OBJECTIVES))
         raise ConfigError(f"unknown objective {name!r}; choose from: {', '.join(known)}")
     return OBJECTIVES[name]
 

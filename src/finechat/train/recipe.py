@@ -142,7 +142,7 @@ def load_data(cfg: TrainConfig, tokenizer: Any, template: Any, cache_dir: str | 
     if cfg.stage == "pretrain":
         from finechat.train.pretrain import get_objective, read_documents
 
-        build = get_objective(cfg.objective)
+        build = get_objective(cfg.objective).build
         docs = read_documents(cfg.data, cfg.document_per)[: cfg.max_samples or None]
         val_docs = read_documents([cfg.val_file], cfg.document_per) if cfg.val_file else []
         if not val_docs:
@@ -345,10 +345,10 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
     if is_main:
         checkpoints.write_json_atomic(out / checkpoints.RUN_FILE, info)
     collator = data_collator(tokenizer)
-    if cfg.stage == "pretrain" and cfg.objective == "blank_infilling":  # rows carry 2D GLM positions
-        from finechat.data.blank_infilling import BlankInfillingCollator
+    if cfg.stage == "pretrain":  # an objective may need its own collator (GLM's rows carry 2D positions)
+        from finechat.train.pretrain import get_objective
 
-        collator = BlankInfillingCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        collator = (get_objective(cfg.objective).collator or (lambda _: collator))(tokenizer)
     trainer = checkpoints.make_trainer_class()(
         model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
         data_collator=collator, processing_class=tokenizer,
