@@ -56,6 +56,10 @@ def test_model_folder_licence_from_finechat_files(tmp_path):
     assert json.loads((run / LICENCE_FILE).read_text())["model"]["name"] == "chatglm-6b"
     assert summary["commercial_use"] is False and summary["blocked_by"] == ["chatglm-6b", "adgen", "alpaca"]
     assert model_entry(str(run)).license == "ChatGLM-6B Model License"
+    ckpt = tmp_path / "checkpoint-10"
+    ckpt.mkdir()
+    (ckpt / "finechat_run.json").write_text(json.dumps({"licenses": licence_summary("llama", [])}))
+    assert model_entry(str(ckpt)).commercial is False and "llama" in model_entry(str(ckpt)).note
 
 
 def test_summary_verdicts():

@@ -18,6 +18,7 @@ from typing import Any
 from finechat.errors import ConfigError
 
 LICENCE_FILE = "finechat_licenses.json"
+RUN_FILE = "finechat_run.json"  # written by training runs (finechat.train), with a "licenses" summary
 DISCLAIMER = "Licence facts as stated by each project; check the original terms before any use (not legal advice)."
 
 
@@ -140,7 +141,8 @@ def model_entry(model_name_or_path: str) -> Entry:
     """The registry entry of a model name or folder; "unknown" licence when the folder does not say.
 
     A folder says what it is through finechat's own files: ``finechat_source.json`` (written when the default
-    model is converted) or ``finechat_licenses.json`` (written by training runs, naming the base model).
+    model is converted), ``finechat_licenses.json`` or a training run's ``finechat_run.json`` (both name the
+    base model and its licence).
     """
     key = str(model_name_or_path)
     low = key.lower()
@@ -150,14 +152,17 @@ def model_entry(model_name_or_path: str) -> Entry:
         return MODELS[low]
     folder = Path(key).expanduser()
     if folder.is_dir():
-        lic = folder / LICENCE_FILE
-        if lic.is_file():
+        # A run's own licence file, or the "licenses" summary inside a training run's finechat_run.json.
+        for name in (LICENCE_FILE, RUN_FILE):
+            if not (folder / name).is_file():
+                continue
             try:
-                base = json.loads(lic.read_text(encoding="utf-8"))["model"]
+                data = json.loads((folder / name).read_text(encoding="utf-8"))
+                base = (data if "commercial_use" in data else data["licenses"])["model"]
                 return Entry(key, "model", base["license"], base["commercial"], base.get("where", ""),
                              note=f"fine-tuned from {base['name']}")
             except (ValueError, KeyError, TypeError):
-                pass
+                continue
         src = folder / "finechat_source.json"
         if src.is_file():
             try:

@@ -36,6 +36,9 @@ IGNORE_INDEX = -100
 CACHE_VERSION = 1
 # Below this many conversations one process is faster than starting workers (measured: ~1 s start-up).
 PARALLEL_MIN_CONVERSATIONS = 2000
+# Batched encoding already runs on every core inside the Rust tokenizer; extra processes only pay off for
+# the Python template rendering when there are cores to spare (on 2 cores they were slower: benchmarks/).
+PARALLEL_MIN_CORES = 4
 
 
 @dataclasses.dataclass
@@ -142,8 +145,57 @@ def _segments(template: Any, messages: list[dict], eos: str, tools: list | None)
     return template.segments(messages, eos)
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    # One batched call: the Rust tokenizer is several times faster on a batch than text by text.
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+Plan = tuple  # (texts, trained flags, index of the last trained text) or None: what one example will hold
+
+
+def _plans(conv: Conversation | list[dict], tokenizer: Any, template: Any, settings: TokenizeSettings,
+           mark: list[int]) -> list[Plan | None]:
+    """The rendered pieces of each example a conversation gives (before tokenization)."""
+    messages, tools = _messages(conv)
+    if mark and not settings.last_turn_only and not settings.train_on_prompt:
+        ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if len(ends) > 1:
+            return [_plan(messages[: i + 1], tools, tokenizer, template) for i in ends]
+    return [_plan(messages, tools, tokenizer, template)]
+
+
+def _plan(messages: list[dict], tools: list | None, tokenizer: Any, template: Any) -> Plan | None:
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    # Merge neighbours with the same flag: one piece per prompt or answer span.
+    texts: list[str] = []
+    flags: list[bool] = []
+    for text, trained in _segments(template, messages, eos, tools):
+        if flags and flags[-1] == trained:
+            texts[-1] += text
+        else:
+            texts.append(text)
+            flags.append(trained)
+    if not any(flags):
+        return None
+    return texts, flags, max(i for i, f in enumerate(flags) if f)
+
+
+def _examples_from_plans(plans: list[Plan | None], tokenizer: Any, settings: TokenizeSettings,
+                         layout: tuple[list[int], list[int]]) -> list[tuple[dict | None, str]]:
+    prefix, mark = layout
+    encoded = iter(_encode_batch(tokenizer, [t for p in plans if p is not None for t in p[0]]))
+    out: list[tuple[dict | None, str]] = []
+    for plan in plans:
+        if plan is None:
+            out.append((None, "no_label"))
+            continue
+        texts, flags, last = plan
+        pieces = [next(encoded) for _ in texts]
+        out.append(_build_example(pieces[: last + 1], flags[: last + 1], prefix, mark, settings,
+                                  trailing=pieces[last + 1:]))
+    return out
 
 
 def encode_conversation(conv: Conversation | list[dict], tokenizer: Any, template: Any,
@@ -155,33 +207,8 @@ def encode_conversation(conv: Conversation | list[dict], tokenizer: Any, templat
     one per assistant turn when the tokenizer marks where generation starts (ChatGLM-6B's ``[gMASK]<sop>``):
     each of those examples is the conversation up to that answer, rendered as at inference.
     """
-    messages, tools = _messages(conv)
-    prefix, mark = layout if layout is not None else special_token_layout(tokenizer, template)
-    if mark and not settings.last_turn_only and not settings.train_on_prompt:
-        ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        if len(ends) > 1:
-            return [_encode_messages(messages[: i + 1], tools, tokenizer, template, settings, prefix, mark)
-                    for i in ends]
-    return [_encode_messages(messages, tools, tokenizer, template, settings, prefix, mark)]
-
-
-def _encode_messages(messages: list[dict], tools: list | None, tokenizer: Any, template: Any,
-                     settings: TokenizeSettings, prefix: list[int], mark: list[int]) -> tuple[dict | None, str]:
-    eos = getattr(tokenizer, "eos_token", None) or ""
-    # Merge neighbours with the same flag: one encode call per prompt or answer span.
-    merged: list[list] = []
-    for text, trained in _segments(template, messages, eos, tools):
-        if merged and merged[-1][1] == trained:
-            merged[-1][0] += text
-        else:
-            merged.append([text, trained])
-    answers = [i for i, (_, trained) in enumerate(merged) if trained]
-    if not answers:
-        return None, "no_label"
-    last = answers[-1]
-    encoded = [_encode(tokenizer, text) for text, _ in merged]
-    return _build_example(encoded[: last + 1], [t for _, t in merged[: last + 1]], prefix, mark, settings,
-                          trailing=encoded[last + 1:])
+    layout = layout if layout is not None else special_token_layout(tokenizer, template)
+    return _examples_from_plans(_plans(conv, tokenizer, template, settings, layout[1]), tokenizer, settings, layout)
 
 
 def _build_example(pieces: list[list[int]], trained: list[bool], prefix: list[int], mark: list[int],
@@ -248,26 +275,34 @@ def tokenize_conversation(conv: Conversation | list[dict], tokenizer: Any, templ
 # Many conversations: workers, cache
 # ------------------------------------------------------------------------------------------------------------
 
-def _tokenize_chunk(args: tuple) -> tuple[list[dict], TokenizeStats, list[int]]:
+def _tokenize_chunk(args: tuple) -> tuple[list[dict], TokenizeStats]:
     convs, tokenizer, template, settings, layout = args
-    stats = TokenizeStats()
+    stats = TokenizeStats(conversations=len(convs))
     examples: list[dict] = []
-    for conv in convs:
-        stats.conversations += 1
-        for example, status in encode_conversation(conv, tokenizer, template, settings, layout):
-            if status == "overlength":
-                stats.skipped_overlength += 1
-                continue
-            if status == "no_label":
-                stats.skipped_no_label += 1
-                continue
-            if status == "truncated":
-                stats.truncated += 1
+    plans = [p for conv in convs for p in _plans(conv, tokenizer, template, settings, layout[1])]
+    for example, status in _examples_from_plans(plans, tokenizer, settings, layout):
+        if status == "overlength":
+            stats.skipped_overlength += 1
+        elif status == "no_label":
+            stats.skipped_no_label += 1
+        else:
+            stats.truncated += status == "truncated"
             examples.append(example)
             stats.examples += 1
             stats.tokens += len(example["input_ids"])
             stats.trained_tokens += sum(1 for x in example["labels"] if x != IGNORE_INDEX)
-    return examples, stats, []
+    return examples, stats
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer: Any, template: Any, settings: TokenizeSettings, layout: tuple) -> None:
+    _WORKER["args"] = (tokenizer, template, settings, layout)
+
+
+def _tokenize_in_worker(convs: list) -> tuple[list[dict], TokenizeStats]:
+    return _tokenize_chunk((convs, *_WORKER["args"]))
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -396,12 +431,17 @@ def build_dataset(paths_or_convs: Any, tokenizer: Any, template: Any, settings: 
 
 def tokenize_many(convs: Sequence[Any], tokenizer: Any, template: Any, settings: TokenizeSettings,
                   num_proc: int | None = None, progress: bool = True) -> tuple[list[dict], TokenizeStats]:
-    """Tokenize in order, on several processes for large inputs, with a progress bar."""
+    """Tokenize in order with a progress bar; large inputs on several processes where cores allow.
+
+    ``num_proc=None`` picks: one process for small inputs or machines with few cores, else up to 8.
+    """
     from tqdm.auto import tqdm
 
     layout = special_token_layout(tokenizer, template)
     if num_proc is None:
-        num_proc = (os.cpu_count() or 1) if len(convs) >= PARALLEL_MIN_CONVERSATIONS else 1
+        cores = os.cpu_count() or 1
+        big = len(convs) >= PARALLEL_MIN_CONVERSATIONS and cores >= PARALLEL_MIN_CORES
+        num_proc = min(cores, 8) if big else 1
     chunk = max(1, min(1000, -(-len(convs) // max(num_proc * 4, 1))))
     chunks = [convs[i:i + chunk] for i in range(0, len(convs), chunk)]
     examples: list[dict] = []
@@ -411,18 +451,28 @@ def tokenize_many(convs: Sequence[Any], tokenizer: Any, template: Any, settings:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        # "spawn"-free fork is much faster to start; fall back to the platform default elsewhere.
+        # Workers get the tokenizer and template once (inherited on fork, else pickled once per worker),
+        # not with every chunk: pickling a tokenizer costs more than tokenizing a chunk.
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        with ProcessPoolExecutor(max_workers=num_proc, mp_context=ctx) as pool:
-            jobs = ((c, tokenizer, template, settings, layout) for c in chunks)
-            for (ex, st, _), c in zip(pool.map(_tokenize_chunk, jobs), chunks):
-                examples += ex
-                stats.add(st)
-                bar.update(len(c))
+        # Workers encode on one thread each (and the Rust tokenizer does not warn about the fork); the
+        # setting is restored afterwards so that this process keeps its multi-threaded encoding.
+        saved = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            with ProcessPoolExecutor(max_workers=num_proc, mp_context=ctx, initializer=_init_worker,
+                                     initargs=(tokenizer, template, settings, layout)) as pool:
+                for (ex, st), c in zip(pool.map(_tokenize_in_worker, chunks), chunks):
+                    examples += ex
+                    stats.add(st)
+                    bar.update(len(c))
+        finally:
+            if saved is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = saved
     else:
         for c in chunks:
-            ex, st, _ = _tokenize_chunk((c, tokenizer, template, settings, layout))
+            ex, st = _tokenize_chunk((c, tokenizer, template, settings, layout))
             examples += ex
             stats.add(st)
             bar.update(len(c))
