@@ -54,7 +54,8 @@ class DiseaseEntry:
 
     def describe(self) -> str:
         parts = [f"{COLUMNS.get(k, k)}: {v}" for k, v in self.fields.items() if v and k != "disease"]
-        return f"{self.name}（{'；'.join(parts)}）" if parts else self.name
+        facts = f"（{'；'.join(parts)}）" if parts else ""
+        return f"{self.name}{facts} [source: {self.source}]"
 
 
 class DiseaseTable:
