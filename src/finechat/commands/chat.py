@@ -19,6 +19,9 @@ class ChatConfig(GenerationSettings, ModelOptions):
     docs: str | None = field(None, help="folder of .txt/.md/.jsonl documents for the search tool")
     show_thoughts: bool = field(False, help="show MOSS's inner thoughts when tools are on")
     max_tool_rounds: int = field(4, help="most rounds of tool calls per answer")
+    medical: bool = field(False, help="medical demo: every answer ends with a not-medical-advice notice")
+    knowledge: str | None = field(None, help="disease table (CSV) or knowledge graph (JSON) to retrieve from "
+                                            "before answering, with sources shown (implies --medical)")
 
     def __post_init__(self) -> None:
         GenerationSettings.__post_init__(self)
@@ -39,6 +42,11 @@ def main(args: argparse.Namespace) -> int:
         from finechat.infer.tools import build_registry
 
         registry = build_registry(cfg.tools or "", docs=cfg.docs)
+    table = None
+    if cfg.knowledge:  # before loading the model: a bad table fails at once
+        from finechat.infer.medical import DiseaseTable
+
+        table = DiseaseTable.load(cfg.knowledge)
     bot = finechat.load(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device, template=cfg.template,
                         quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code)
     names = {f.name for f in dataclasses.fields(GenerationSettings)}
@@ -59,4 +67,8 @@ def main(args: argparse.Namespace) -> int:
         search = registry.get("Search")
         if search is not None and hasattr(getattr(search.fn, "backend", None), "summary"):
             log(f"search: {search.fn.backend.summary}")
+    if cfg.medical or cfg.knowledge:  # ChatDoctor's autonomous mode + the notice (finechat.infer.medical)
+        from finechat.infer.medical import MedicalAssistant
+
+        bot = MedicalAssistant(bot, table)
     return run_terminal_chat(bot, generation, system=cfg.system, agent=agent)
