@@ -39,12 +39,12 @@ def test_convert_refuses_to_overwrite_its_input(tmp_path, capsys):
 
 def test_stats_table_and_histogram(tiny_model_dir, tmp_path, capsys):
     png = tmp_path / "h.png"
-    code = cli_main(["data", "stats", str(SAMPLES / "sharegpt.json"), "--model", str(tiny_model_dir),
+    code = cli_main(["data", "stats", str(SAMPLES / "sharegpt_tools.json"), "--model", str(tiny_model_dir),
                      "--png", str(png), "--lengths", "16,64"])
     out = capsys.readouterr().out
     assert code == 0 and png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     rows = dict(line.split("  ", 1) for line in out.splitlines())
-    assert rows["conversations"].strip() == "2" and rows["tool turns"].strip() == "1"
+    assert rows["conversations"].strip() == "2" and rows["tool turns"].strip() == "2"
     assert rows["rows over 16 tokens"].strip().startswith("2 (100.0%)")
     assert cli_main(["data", "stats", str(SAMPLES / "alpaca.json"), "--model", str(tiny_model_dir),
                      "--png", "none", "--json"]) == 0

@@ -24,9 +24,11 @@ EXPECTED = {
     "adgen.json": ("prompt-response", "auto", [2, 2, 2]),
     "prompt_response_history.jsonl": ("prompt-response", "auto", [4, 2]),
     "dolly.jsonl": ("dolly", "auto", [2, 2, 2]),
-    "sharegpt.json": ("sharegpt", "auto", [4, 4]),
+    "sharegpt.json": ("sharegpt", "auto", [4, 2]),
+    "sharegpt_tools.json": ("sharegpt", "auto", [4, 4]),
     "openai.jsonl": ("openai", "auto", [2, 4]),
     "moss.jsonl": ("moss", "auto", [4, 4]),
+    "moss_plugin.jsonl": ("moss", "auto", [4, 6]),
     "chatdoctor.json": ("chatdoctor", "auto", [2, 2]),
     "huatuo.json": ("huatuo", "huatuo", [2, 2]),
 }
@@ -70,6 +72,8 @@ def test_round_trip_keeps_every_turn(name, writer, tmp_path):
         assert write_conversations(convs, out, writer, skipped=skipped) == len(convs) - len(with_tools)
         assert [s[1] for s in skipped] == [c.line for c in with_tools]
         convs = [c for c in convs if c not in with_tools]
+        if not convs:
+            return
     else:
         assert write_conversations(convs, out, writer) == len(convs)
     back = read_conversations(out).conversations
@@ -120,7 +124,7 @@ def test_dolly_context_and_category(tmp_path):
 
 
 def test_moss_plugin_turns_split_into_action_tool_answer():
-    conv = read_conversations(SAMPLES / "moss.jsonl").conversations[1]
+    conv = read_conversations(SAMPLES / "moss_plugin.jsonl").conversations[0]
     assert conv.system.startswith("You are an AI assistant whose name is MOSS.")
     assert turns_of(conv)[1] == [
         ("user", "12 乘以 34 等于多少？"),
@@ -134,7 +138,7 @@ def test_moss_plugin_turns_split_into_action_tool_answer():
 
 
 def test_moss_single_pretty_printed_object(tmp_path):
-    rec = json.loads((SAMPLES / "moss.jsonl").read_text(encoding="utf-8").splitlines()[1])
+    rec = json.loads((SAMPLES / "moss_plugin.jsonl").read_text(encoding="utf-8").splitlines()[0])
     f = tmp_path / "conversation_2.json"
     f.write_text(json.dumps(rec, ensure_ascii=False, indent=4), encoding="utf-8")
     convs = read_conversations(f).conversations

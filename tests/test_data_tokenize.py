@@ -79,7 +79,7 @@ def test_tokenizer_chat_template_matches_builtin_chatml(tok):
 
 
 def test_moss_tool_turns_masked(tok):
-    conv = read_conversations(SAMPLES / "moss.jsonl").conversations[1]
+    conv = read_conversations(SAMPLES / "moss_plugin.jsonl").conversations[0]
     ex = tokenize_conversation(conv, tok, get_template("moss"), TokenizeSettings(cutoff_len=4096))
     action = '<|Inner Thoughts|>: 这是一道乘法题，我需要使用计算器。<eot>\n<|Commands|>: Calculate("12*34")<eoc>'
     assert ex == expect(tok, [
@@ -92,7 +92,7 @@ def test_moss_tool_turns_masked(tok):
 
 
 def test_sharegpt_function_call_trained_observation_not(tok):
-    conv = read_conversations(SAMPLES / "sharegpt.json").conversations[1]
+    conv = read_conversations(SAMPLES / "sharegpt_tools.json").conversations[0]
     ex = tokenize_conversation(conv, tok, get_template("chatml"), TokenizeSettings())
     assert trained_text(tok, ex) == (
         '{"name": "get_time", "arguments": {"city": "Beijing"}}<|im_end|>北京现在是下午 2 点 05 分。<|im_end|>')
