@@ -122,3 +122,26 @@ def test_sharegpt_function_call_and_observation(tmp_path, tokenizer):
         else:
             merged.append((text, trained))
     assert example == expected_example(tokenizer, merged)
+
+
+def test_the_moss_plugin_sample_file(tokenizer):
+    """data/samples/moss_plugin.jsonl: every command is trained, no tool result is."""
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "data" / "samples" / "moss_plugin.jsonl"
+    result = read_conversations(path)
+    conversations = getattr(result, "conversations", result)
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(conversations) == len(records) == 3
+    for conversation, record in zip(conversations, records):
+        example = tokenize_conversation(conversation, tokenizer, get_template("moss"), TokenizeSettings())
+        trained = tokenizer.decode([t for t, lab in zip(example["input_ids"], example["labels"]) if lab != IGNORE_INDEX])
+        masked = tokenizer.decode([t for t, lab in zip(example["input_ids"], example["labels"]) if lab == IGNORE_INDEX])
+        for turn in record["chat"].values():
+            command = turn["Commands"].removeprefix("<|Commands|>: ").removesuffix("<eoc>\n")
+            answer = turn["MOSS"].removeprefix("<|MOSS|>: ").removesuffix("<eom>\n")
+            results = turn["Tool Responses"]
+            if command != "None":
+                assert f"<|Commands|>: {command}<eoc>" in trained
+                assert results.removesuffix("<eor>\n") in masked and "=>" not in trained
+            assert f"{answer}<eom>" in trained
