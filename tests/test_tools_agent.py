@@ -183,3 +183,12 @@ def test_done_event_messages_for_the_api(tokenizer):
     done = run(Agent(bot, build_registry("calculator")), "1+1")[-1]
     assert done.messages[-1] == {"role": "assistant", "content": "The tool says: 2"}
     json.dumps(done.messages)
+
+
+def test_multi_turn_moss_prompt_uses_the_template_layout(tokenizer):
+    bot = ScriptedModel(tokenizer, moss_script('Calculate("2+2")'))
+    agent = Agent(bot, build_registry("calculator"))
+    answer, history = agent.chat("2+2?")
+    assert answer == "The tool says: 4" and history == [("2+2?", "The tool says: 4")]
+    agent.chat("and again?", history)
+    assert "<|Human|>: 2+2?<eoh>\n<|MOSS|>:The tool says: 4<eom>\n<|Human|>: and again?<eoh>\n<|Inner" in bot.prompts[-1]

@@ -31,7 +31,13 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from finechat.data.templates import MOSS_META_INSTRUCTION, Message, history_to_messages, validate_messages
+from finechat.data.templates import (
+    MOSS_META_INSTRUCTION,
+    Message,
+    get_template,
+    history_to_messages,
+    validate_messages,
+)
 from finechat.errors import ConfigError
 from finechat.infer.engine import _held_back
 from finechat.infer.tools import MAX_ARGUMENT_CHARS, ToolRegistry, ToolResult
@@ -232,16 +238,17 @@ class Agent:
 
     # -- MOSS ------------------------------------------------------------------------------------------
     def moss_prompt(self, messages: list[Message]) -> str:
-        """The whole MOSS prompt text, ending where the model starts its turn."""
+        """The whole MOSS prompt text, ending where the model starts its turn (after ``<eoh>\n``).
+
+        Rendered by the ``moss`` template, so that it is the layout finechat trains MOSS data in.
+        """
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
-        text = moss_system_prompt(self.tools, system, self.inner_thoughts)
-        for m in messages[1:] if system is not None else messages:
-            if m["role"] == "user":
-                text += f"{HUMAN} {m['content']}{END_HUMAN}\n"
-            elif m["role"] == "assistant":
-                text += f"{ANSWER} {m['content']}{END_ANSWER}\n"
-            elif m["role"] == "tool":
-                text += f"{RESULTS}\n{m['content']}\n{END_RESULTS}\n"
+        rest = messages[1:] if system is not None else messages
+        convo = [{"role": "system", "content": moss_system_prompt(self.tools, system, self.inner_thoughts)}] + rest
+        template = self.bot.template if getattr(self.bot.template, "name", None) == "moss" else get_template("moss")
+        text = template.render(convo, self.bot.eos_token, add_generation_prompt=True)
+        if rest and rest[-1]["role"] == "user" and text.endswith(ANSWER):
+            text = text[: -len(ANSWER)]  # the model writes <|Inner Thoughts|> / <|Commands|> / <|MOSS|> itself
         return text
 
     def _run_moss(self, messages: list[Message], generate: Any, stats: dict | None, **gen: Any) -> Iterator[AgentEvent]:
@@ -249,7 +256,7 @@ class Agent:
         prompt = self.moss_prompt(messages)
         stops = list(gen.pop("stop", None) or []) + [END_COMMANDS, RESULTS, HUMAN]
         transcript = ""  # what the model wrote this turn plus the injected results
-        section = "between"  # where the next generated text starts
+        section = "answer" if prompt.endswith(ANSWER) else "between"  # where the next generated text starts
         answer = thoughts = ""
         rounds = 0
         for _ in range(self.max_rounds + 2):
