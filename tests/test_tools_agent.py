@@ -192,3 +192,30 @@ def test_multi_turn_moss_prompt_uses_the_template_layout(tokenizer):
     assert answer == "The tool says: 4" and history == [("2+2?", "The tool says: 4")]
     agent.chat("and again?", history)
     assert "<|Human|>: 2+2?<eoh>\n<|MOSS|>:The tool says: 4<eom>\n<|Human|>: and again?<eoh>\n<|Inner" in bot.prompts[-1]
+
+
+@pytest.mark.parametrize("call", [
+    '{"name": "Calculate", "parameters": {"expression": "12*12"}}',  # Llama 3.1
+    '<|python_tag|>{"name": "Calculate", "parameters": {"expression": "12*12"}}',
+    '[TOOL_CALLS] [{"name": "Calculate", "arguments": {"expression": "12*12"}}]',  # Mistral
+])
+def test_other_native_call_formats(call):
+    tok = make_tokenizer()
+    tok.chat_template = TOOLS_TEMPLATE
+
+    def script(prompt):
+        if "<|im_start|>tool\n" in prompt:
+            return "It is " + prompt.rsplit("<|im_start|>tool\n", 1)[1].split("<|im_end|>")[0] + ".<|im_end|>"
+        return call + "<|im_end|>"
+
+    events = run(Agent(ScriptedModel(tok, script, template="tokenizer"), build_registry("calculator")), "12*12?")
+    assert [e.text for e in events if e.kind == "tool_result"] == ["144"]
+    assert "".join(e.text for e in events if e.kind == "text") == events[-1].text == "It is 144."
+
+
+def test_json_that_is_not_a_call_is_the_answer():
+    tok = make_tokenizer()
+    tok.chat_template = TOOLS_TEMPLATE
+    bot = ScriptedModel(tok, lambda prompt: '{"name": "Bob", "age": 3}<|im_end|>', template="tokenizer")
+    events = run(Agent(bot, build_registry("calculator")), "json please")
+    assert "".join(e.text for e in events if e.kind == "text") == events[-1].text == '{"name": "Bob", "age": 3}'

@@ -77,12 +77,39 @@ def parse(text: str) -> tuple[str | None, list[dict]]:
         last = match.end()
         calls.append(call)
     kept.append(text[last:])
+    if not calls:
+        return _parse_bare(text)
     content = "".join(kept).strip()
     return (content or None) if calls else text, calls
 
 
+# Other models' native formats, recognised only when the whole answer is the call: Llama 3.1 writes a bare
+# {"name": ..., "parameters": {...}} (optionally after <|python_tag|>), Mistral "[TOOL_CALLS] [{...}, ...]".
+_BARE_PREFIXES = ("<|python_tag|>", "[TOOL_CALLS]")
+
+
+def _parse_bare(text: str) -> tuple[str | None, list[dict]]:
+    body = text.strip()
+    for prefix in _BARE_PREFIXES:
+        body = body.removeprefix(prefix).strip()
+    if not body.startswith(("{", "[")):
+        return text, []
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return text, []
+    items = data if isinstance(data, list) else [data]
+    if not items or not all(isinstance(i, dict) and ("arguments" in i or "parameters" in i) for i in items):
+        return text, []  # plain JSON the user asked for, not a call
+    calls = [_parse_call(json.dumps(i)) for i in items]
+    return (None, calls) if all(calls) else (text, [])
+
+
 def visible_prefix(text: str) -> str:
     """The part of a growing answer that is surely not inside a tool-call block (safe to stream as text)."""
+    head = text.lstrip()
+    if head.startswith(("{", "[")) or any(p.startswith(head[:len(p)]) for p in _BARE_PREFIXES if head):
+        return ""  # may be a bare call (Llama 3.1 / Mistral): hold it until the answer is complete
     start = text.find(OPEN)
     if start >= 0:
         return text[:start]
