@@ -28,7 +28,7 @@ EXPECTED = {
     "sharegpt_tools.json": ("sharegpt", "auto", [4, 4]),
     "openai.jsonl": ("openai", "auto", [2, 4]),
     "moss.jsonl": ("moss", "auto", [4, 4]),
-    "moss_plugin.jsonl": ("moss", "auto", [4, 6]),
+    "moss_plugin.jsonl": ("moss", "auto", None),  # the tools engineer's sample: only its format is fixed here
     "chatdoctor.json": ("chatdoctor", "auto", [2, 2]),
     "huatuo.json": ("huatuo", "huatuo", [2, 2]),
 }
@@ -47,7 +47,8 @@ def test_sample_reads_with_expected_format(name):
     fmt, given, turns = EXPECTED[name]
     result = read_conversations(SAMPLES / name, format=given)
     assert result.format == fmt
-    assert [len(c.turns) for c in result.conversations] == turns
+    if turns is not None:
+        assert [len(c.turns) for c in result.conversations] == turns
     assert not result.skipped
     for conv in result.conversations:
         assert conv.source == str(SAMPLES / name) and conv.line >= 1
@@ -123,24 +124,41 @@ def test_dolly_context_and_category(tmp_path):
         read_conversations(bad)
 
 
-def test_moss_plugin_turns_split_into_action_tool_answer():
-    conv = read_conversations(SAMPLES / "moss_plugin.jsonl").conversations[0]
-    assert conv.system.startswith("You are an AI assistant whose name is MOSS.")
+MOSS_PLUGIN_RECORD = {
+    "conversation_id": 7, "meta_instruction": "You are MOSS.\n- Calculator: enabled. API: Calculate(expression)\n",
+    "num_turns": 1, "category": "tool",
+    "chat": {"turn_1": {
+        "Human": "<|Human|>: 12 乘以 34 等于多少？<eoh>\n",
+        "Inner Thoughts": "<|Inner Thoughts|>: 这是一道乘法题，我需要使用计算器。<eot>\n",
+        "Commands": '<|Commands|>: Calculate("12*34")<eoc>\n',
+        "Tool Responses": '<|Results|>: Calculate("12*34") => 408<eor>\n',
+        "MOSS": "<|MOSS|>: 12 乘以 34 等于 408。<eom>\n"}},
+}
+
+
+def test_moss_plugin_turns_split_into_action_tool_answer(tmp_path):
+    f = tmp_path / "plugin.jsonl"
+    f.write_text(json.dumps(MOSS_PLUGIN_RECORD, ensure_ascii=False) + "\n", encoding="utf-8")
+    conv = read_conversations(f).conversations[0]
+    assert conv.system == "You are MOSS.\n- Calculator: enabled. API: Calculate(expression)\n"
     assert turns_of(conv)[1] == [
         ("user", "12 乘以 34 等于多少？"),
         ("assistant", '<|Inner Thoughts|>: 这是一道乘法题，我需要使用计算器。<eot>\n<|Commands|>: Calculate("12*34")<eoc>'),
         ("tool", 'Calculate("12*34") => 408'),
         ("assistant", "12 乘以 34 等于 408。"),
     ]
+    assert conv.meta["conversation_id"] == 7
     # "None" slots add no turns.
     plain = read_conversations(SAMPLES / "moss.jsonl").conversations[0]
     assert [t.role for t in plain.turns] == ["user", "assistant", "user", "assistant"]
+    # Every sample plugin conversation has its tool results in tool turns.
+    plugin = read_conversations(SAMPLES / "moss_plugin.jsonl").conversations
+    assert plugin and all(any(t.role == "tool" for t in c.turns) for c in plugin)
 
 
 def test_moss_single_pretty_printed_object(tmp_path):
-    rec = json.loads((SAMPLES / "moss_plugin.jsonl").read_text(encoding="utf-8").splitlines()[0])
-    f = tmp_path / "conversation_2.json"
-    f.write_text(json.dumps(rec, ensure_ascii=False, indent=4), encoding="utf-8")
+    f = tmp_path / "conversation_7.json"
+    f.write_text(json.dumps(MOSS_PLUGIN_RECORD, ensure_ascii=False, indent=4), encoding="utf-8")
     convs = read_conversations(f).conversations
     assert len(convs) == 1 and len(convs[0].turns) == 4
 

@@ -1,5 +1,6 @@
 """Label masks, length limits, special tokens, cache, packing and padding of finechat.data.tokenize."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -78,8 +79,12 @@ def test_tokenizer_chat_template_matches_builtin_chatml(tok):
     assert jinja["labels"] == builtin["labels"] + [IGNORE_INDEX] * len(nl)
 
 
-def test_moss_tool_turns_masked(tok):
-    conv = read_conversations(SAMPLES / "moss_plugin.jsonl").conversations[0]
+def test_moss_tool_turns_masked(tok, tmp_path):
+    from test_data_formats import MOSS_PLUGIN_RECORD
+
+    f = tmp_path / "plugin.jsonl"
+    f.write_text(json.dumps(MOSS_PLUGIN_RECORD, ensure_ascii=False) + "\n", encoding="utf-8")
+    conv = read_conversations(f).conversations[0]
     ex = tokenize_conversation(conv, tok, get_template("moss"), TokenizeSettings(cutoff_len=4096))
     action = '<|Inner Thoughts|>: 这是一道乘法题，我需要使用计算器。<eot>\n<|Commands|>: Calculate("12*34")<eoc>'
     assert ex == expect(tok, [
@@ -140,6 +145,9 @@ def test_generation_mark_goes_before_the_answer_one_example_per_turn():
     assert second == {"input_ids": p2 + mark + a2, "labels": [IGNORE_INDEX] * (len(p2) + 2) + a2}
     only = encode_conversation(conv, tok, get_template("chatglm"), TokenizeSettings(last_turn_only=True))
     assert [r[0] for r in only] == [second]
+    # The prompt, history included, is tokenized in one piece: the same ids as ChatModel.encode_prompt.
+    prompt = get_template("chatglm").render(conv.messages()[:3], tok.eos_token)
+    assert tok(prompt)["input_ids"] == p2 + mark
 
 
 def test_bos_prepended_for_builtin_templates_only():

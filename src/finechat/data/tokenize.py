@@ -159,19 +159,25 @@ def _plans(conv: Conversation | list[dict], tokenizer: Any, template: Any, setti
            mark: list[int]) -> list[Plan | None]:
     """The rendered pieces of each example a conversation gives (before tokenization)."""
     messages, tools = _messages(conv)
+    only_last = (settings.last_turn_only or bool(mark)) and not settings.train_on_prompt
     if mark and not settings.last_turn_only and not settings.train_on_prompt:
         ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if len(ends) > 1:
-            return [_plan(messages[: i + 1], tools, tokenizer, template) for i in ends]
-    return [_plan(messages, tools, tokenizer, template)]
+            return [_plan(messages[: i + 1], tools, tokenizer, template, only_last) for i in ends]
+    return [_plan(messages, tools, tokenizer, template, only_last)]
 
 
-def _plan(messages: list[dict], tools: list | None, tokenizer: Any, template: Any) -> Plan | None:
+def _plan(messages: list[dict], tools: list | None, tokenizer: Any, template: Any, only_last: bool) -> Plan | None:
     eos = getattr(tokenizer, "eos_token", None) or ""
+    segments = _segments(template, messages, eos, tools)
+    if only_last:
+        # Earlier answers are plain prompt text then: encoded with it in one piece, exactly as at inference.
+        last = max((i for i, (_, trained) in enumerate(segments) if trained), default=-1)
+        segments = [(text, trained and i == last) for i, (text, trained) in enumerate(segments)]
     # Merge neighbours with the same flag: one piece per prompt or answer span.
     texts: list[str] = []
     flags: list[bool] = []
-    for text, trained in _segments(template, messages, eos, tools):
+    for text, trained in segments:
         if flags and flags[-1] == trained:
             texts[-1] += text
         else:
