@@ -146,3 +146,37 @@ def test_blank_infilling_pretrain_runs(glm_dir, tmp_path):
     out = tmp_path / "pretrain"
     _train(glm_dir, out, "full", corpus, ["stage=pretrain", "objective=blank_infilling"])
     assert (out / "checkpoint-3").is_dir()
+
+
+def test_serves_chatglm_over_http(glm_bot):
+    import httpx
+    from serve_helpers import LiveServer
+
+    from finechat.serve.api import ServeSettings, create_app
+
+    server = LiveServer(create_app(glm_bot, ServeSettings(model_name="chatglm-6b")))
+    try:
+        expected, _ = glm_bot.chat("你好", [], greedy=True, max_new_tokens=5)
+        r = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+            "model": "chatglm-6b", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 5,
+            "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == expected
+    finally:
+        server.stop()
+
+
+def test_quantization_bit_at_load_and_int4_folder_round_trip(glm_dir, tmp_path):
+    import finechat
+    from finechat.models.chatglm.quantization import QuantizedLinear
+
+    bot = finechat.load(str(glm_dir), quantization_bit=4)
+    qkv = bot.model.transformer.layers[0].attention.query_key_value
+    assert isinstance(qkv, QuantizedLinear) and qkv.weight.dtype == torch.int8
+    answer, _ = bot.chat("你好", [], greedy=True, max_new_tokens=5)
+    bot.model.save_pretrained(tmp_path / "chatglm-6b-int4")
+    bot.tokenizer.save_pretrained(tmp_path / "chatglm-6b-int4")
+    assert json.loads((tmp_path / "chatglm-6b-int4" / "config.json").read_text())["quantization_bit"] == 4
+    again = finechat.load(str(tmp_path / "chatglm-6b-int4"))
+    assert isinstance(again.model.transformer.layers[1].mlp.dense_4h_to_h, QuantizedLinear)
+    assert again.chat("你好", [], greedy=True, max_new_tokens=5)[0] == answer

@@ -244,7 +244,9 @@ def load_model_and_tokenizer(
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"{folder}: cannot load the model weights: {str(e).splitlines()[0]}") from e
     hf_model.to(device)
-    if quantization_bit:
+    if quantization_bit and getattr(hf_model.config, "model_type", None) == "chatglm":
+        hf_model = hf_model.quantize(quantization_bit)  # ChatGLM-6B's own INT8 / INT4 format, as model.quantize(4)
+    elif quantization_bit:
         from finechat.models.quantize import quantize_model
 
         hf_model = quantize_model(hf_model, bits=quantization_bit)
