@@ -123,24 +123,22 @@ def generate_answers(bot: ChatModel, prompts: list[list[Message]], settings: Gen
             ended = next((k for k, t in enumerate(new_ids) if t in stop_ids), None)
             text = tokenizer.decode(new_ids if ended is None else new_ids[:ended], skip_special_tokens=True)
             cut = min((text.find(s) for s in stops if s and s in text), default=None)
-            answers[i] = bot.postprocess(text if cut is None else text[:cut])
+            text = text if cut is None else text[:cut]
+            answers[i] = bot.postprocess(text.rstrip("\ufffd"))  # a character cut in half by max_new_tokens
         bar.update(len(rows))
     bar.close()
     return answers
 
 
 def label_token_ids(bot: ChatModel, messages: list[Message], label: str) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of prompt + answer, with -100 on the prompt: the answer as training sees it."""
-    prompt = bot.build_prompt(messages)
-    full = bot.template.render(messages + [{"role": "assistant", "content": label}], bot.eos_token,
-                               add_generation_prompt=False)
-    prompt_ids = bot.encode_prompt(prompt)
-    if full.startswith(prompt):
-        answer_text = full[len(prompt):]
-    else:  # a template whose prompt is not a prefix of the full text: answer + EOS
-        answer_text = label + bot.eos_token
-    answer_ids = bot.tokenizer(answer_text.rstrip("\n"), add_special_tokens=False)["input_ids"]
-    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+    """(input_ids, labels) of prompt + answer, -100 on the prompt: the training tokenization of the last turn."""
+    from finechat.data.tokenize import TokenizeSettings, tokenize_conversation
+
+    row = tokenize_conversation(messages + [{"role": "assistant", "content": label}], bot.tokenizer, bot.template,
+                                TokenizeSettings(cutoff_len=1 << 30, last_turn_only=True))
+    if row is None:  # nothing to score (an empty answer under a template with no end marker)
+        return [], []
+    return row["input_ids"], row["labels"]
 
 
 def eval_loss(bot: ChatModel, examples: list[EvalExample], batch_size: int = 8, progress: bool = True) -> float | None:
@@ -149,7 +147,7 @@ def eval_loss(bot: ChatModel, examples: list[EvalExample], batch_size: int = 8, 
 
     model = bot.model
     device = next(model.parameters()).device
-    pairs = [label_token_ids(bot, e.messages, e.label) for e in examples]
+    pairs = [p for p in (label_token_ids(bot, e.messages, e.label) for e in examples) if p[0]]
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
     total, count = 0.0, 0
     pad_id = bot.tokenizer.pad_token_id if bot.tokenizer.pad_token_id is not None else 0
@@ -248,3 +246,29 @@ def rescore(path: str | Path) -> dict:
     """Metrics of an existing predictions file, without loading a model."""
     records = read_predictions(path)
     return compute_metrics([r["predict"] for r in records], [r["label"] for r in records])
+
+
+def predict_after_training(model: Any, tokenizer: Any, template: Any, path: str, output_dir: str, cfg: Any) -> dict:
+    """``do_predict`` at the end of ``finechat train``: answers for ``path`` with the trained model.
+
+    Writes ``generated_predictions.jsonl`` and ``metrics.json`` into ``output_dir`` and returns the metrics
+    with a ``predict_`` prefix (as ChatGLM-6B's ptuning names them). Only rank 0 generates.
+    """
+    import os
+
+    if int(os.environ.get("RANK", 0)) != 0:
+        return {}
+    columns = {k: getattr(cfg, k, None) for k in ("prompt_column", "response_column", "history_column")}
+    examples = load_examples(path, getattr(cfg, "format", "auto"), None, getattr(cfg, "on_bad_record", "error"),
+                             **{k: v for k, v in columns.items() if v})
+    was_training = model.training
+    model.eval()
+    bot = ChatModel(model, tokenizer, template)
+    max_new = getattr(cfg, "max_target_length", None) or 128
+    settings = GenerationSettings(greedy=True, max_new_tokens=max_new)
+    metrics, _ = predict(bot, examples, output_dir, settings, getattr(cfg, "per_device_eval_batch_size", 8),
+                         with_loss=False, info={"data": str(path)})
+    if was_training:
+        model.train()
+    return {f"predict_{k}": v for k, v in metrics.items()
+            if k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "n", "empty_predictions", "generation_seconds")}
