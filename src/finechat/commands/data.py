@@ -289,23 +289,16 @@ def _settings(args: argparse.Namespace) -> Any:
 def preview(args: argparse.Namespace) -> int:
     from finechat.data.tokenize import IGNORE_INDEX, encode_conversation
 
+    if args.objective == "blank_infilling":  # plain-text pretraining data, read as `stage: pretrain` reads it
+        from finechat.data.blank_infilling import preview_documents
+
+        tokenizer, _ = _tokenizer_and_template(args)
+        print(preview_documents(args.input, tokenizer, args.start, args.num))
+        return 0
     result = _read(args, args.input)
     tokenizer, template = _tokenizer_and_template(args)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     convs = result.conversations[args.start:args.start + args.num]
-    if args.objective == "blank_infilling":
-        if importlib.util.find_spec("finechat.data.blank_infilling") is None:
-            raise ConfigError("--objective blank_infilling needs finechat.data.blank_infilling, "
-                              "which this installation does not have")
-        from finechat.data import blank_infilling
-
-        for conv in convs:
-            text = "\n".join(t.content for t in conv.turns)
-            print(f"=== {conv.where}")
-            out = blank_infilling.preview_example(text, tokenizer)
-            if out is not None:
-                print(out)
-        return 0
     settings = _settings(args)
     name = getattr(template, "name", "?")
     print(f"# template: {name}; trained spans {'in green' if color else 'between ⟦ and ⟧'}; "

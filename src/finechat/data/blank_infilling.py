@@ -342,3 +342,21 @@ def register() -> None:
 
 
 register()
+
+
+def preview_documents(path: str, tokenizer: Any, start: int = 0, num: int = 3, document_per: str = "line") -> str:
+    """``finechat data preview --objective blank_infilling FILE``: the layout of documents start..start+num.
+
+    FILE is read the way ``stage: pretrain`` reads it (.txt: a document per line; .json/.jsonl: ``text``).
+    """
+    from finechat.train.pretrain import read_documents
+
+    docs = read_documents([path], document_per)
+    chosen = docs[start:start + num]
+    if not chosen:
+        raise DataError(f"{path}: has {len(docs)} documents; nothing at --start {start}")
+    parts = [f"# GLM blank infilling; {len(docs)} documents in {path}"]
+    for i, doc in enumerate(chosen, start):
+        parts.append(f"\n=== document {i + 1}")
+        parts.append(preview_example(doc, tokenizer, seed=i))
+    return "\n".join(parts)
