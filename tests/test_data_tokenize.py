@@ -240,3 +240,24 @@ def test_collator_pads_labels_with_ignore_index(tok):
     assert batch["input_ids"][1].tolist() == [9] + [tok.pad_token_id] * 7
     assert batch["labels"][1].tolist() == [9] + [IGNORE_INDEX] * 7
     assert batch["attention_mask"].tolist()[0] == [1, 1, 1, 0, 0, 0, 0, 0]
+
+
+def test_real_chatglm_tokenizer_gets_mark_before_the_answer(tmp_path):
+    pytest.importorskip("finechat.models.chatglm.tokenization_chatglm")
+    from chatglm_tiny import make_ice_text
+
+    from finechat.models.chatglm.tokenization_chatglm import ChatGLMTokenizer
+
+    tok = ChatGLMTokenizer(str(make_ice_text(tmp_path)))
+    t = get_template("chatglm")
+    conv = Conversation(CHAT.turns)
+    examples = [e for e, _ in encode_conversation(conv, tok, t, TokenizeSettings())]
+    assert len(examples) == 2
+    for ex, n in zip(examples, (2, 4)):
+        # The ids before the answer are exactly what ChatModel.encode_prompt gives for that prompt.
+        prompt_ids = tok(t.render(conv.messages()[: n - 1], tok.eos_token))["input_ids"]
+        assert tok.convert_ids_to_tokens(prompt_ids[-2:]) == ["[gMASK]", "<sop>"]
+        assert ex["input_ids"][: len(prompt_ids)] == prompt_ids
+        assert all(x == IGNORE_INDEX for x in ex["labels"][: len(prompt_ids)])
+        assert ex["labels"][len(prompt_ids):] == ex["input_ids"][len(prompt_ids):]
+        assert tok.convert_ids_to_tokens(ex["input_ids"][-1]) == "<eop>"

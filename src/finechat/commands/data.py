@@ -147,23 +147,30 @@ def _tokenizer_and_template(args: argparse.Namespace) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
     from finechat.data.templates import get_template
-    from finechat.models.load import default_model_dir, log
 
     model = args.model
-    folder = default_model_dir() if model in (None, "", "default") else Path(model).expanduser()
+    if model in (None, "", "default"):
+        from finechat.models.load import default_model_dir  # (imports finechat.models: heavier)
+
+        folder = default_model_dir()
+    else:
+        folder = Path(model).expanduser()
     if not Path(folder).is_dir():
         raise ConfigError(f"--model {model}: no such model folder (finechat never downloads models)")
-    import finechat.models  # noqa: F401  (registers model families such as ChatGLM when present)
-
-    log(f"Loading the tokenizer of {folder} ...")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--model {model}: cannot load its tokenizer: {e}") from None
     model_type = None
     cfg = Path(folder) / "config.json"
     if cfg.is_file():
         model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+    from transformers import CONFIG_MAPPING
+
+    if model_type and model_type not in CONFIG_MAPPING:
+        import finechat.models  # noqa: F401  (registers finechat's own families, e.g. ChatGLM-6B; heavy)
+
+    print(f"Loading the tokenizer of {folder} ...", file=sys.stderr, flush=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--model {model}: cannot load its tokenizer: {e}") from None
     return tokenizer, get_template(args.template, tokenizer, model_type)
 
 
@@ -220,7 +227,8 @@ def stats(args: argparse.Namespace) -> int:
         print(json.dumps(s, ensure_ascii=False, indent=2))
         return 0
     n = max(s["examples"], 1)
-    rows = [("file", ", ".join(args.input)), ("format", s["format"]), ("conversations", s["conversations"]),
+    rows = [("file", ", ".join(args.input)), ("format", s["format"]),
+            ("template", getattr(template, "name", "?")), ("conversations", s["conversations"]),
             ("examples", s["examples"]), ("turns", f"{s['turns']} (max {s['turns_max']} in one conversation)"),
             ("multi-turn conversations", s["multi_turn"]), ("tool turns", s["tool_turns"]),
             ("bad records skipped", s["skipped_records"])]
