@@ -163,6 +163,16 @@ def test_moss_single_pretty_printed_object(tmp_path):
     assert len(convs) == 1 and len(convs[0].turns) == 4
 
 
+def test_folder_of_conversation_files(tmp_path):
+    for i in (2, 1):
+        rec = {**MOSS_PLUGIN_RECORD, "conversation_id": i}
+        (tmp_path / f"conversation_{i}.json").write_text(json.dumps(rec, ensure_ascii=False, indent=2))
+    convs = read_conversations(tmp_path).conversations
+    assert [c.meta["conversation_id"] for c in convs] == [1, 2]
+    with pytest.raises(DataError, match="no data files"):
+        read_conversations(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
+
+
 def test_chatdoctor_instruction_is_system_text():
     conv = read_conversations(SAMPLES / "chatdoctor.json").conversations[0]
     assert conv.system.startswith("If you are a doctor")

@@ -204,6 +204,19 @@ def test_cache_serves_second_run_and_keys_on_content(tok, tmp_path):
     assert not st5.from_cache and len(more) == 4
 
 
+def test_missing_file_and_folder_input(tok, tmp_path):
+    from finechat.errors import DataError
+
+    with pytest.raises(DataError, match="missing.jsonl: no such data file"):
+        build_dataset(str(tmp_path / "missing.jsonl"), tok, get_template("chatml"), use_cache=False, progress=False)
+    (tmp_path / "d").mkdir()
+    for name in ("openai.jsonl", "dolly.jsonl"):
+        (tmp_path / "d" / name).write_bytes((SAMPLES / name).read_bytes())
+    examples, stats = build_dataset(str(tmp_path / "d"), tok, get_template("chatml"), cache_dir=tmp_path / "c",
+                                    progress=False)
+    assert stats.conversations == 5 and len(examples) == 5
+
+
 def test_several_processes_give_the_same_rows(tok):
     convs = read_conversations(SAMPLES / "adgen.json").conversations * 4
     t = get_template("chatml")

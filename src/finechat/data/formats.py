@@ -38,6 +38,7 @@ ROLES = ("user", "assistant", "tool")
 FORMATS = ["alpaca", "chatglm-tuning", "prompt-response", "dolly", "sharegpt", "openai", "moss", "chatdoctor",
            "huatuo"]
 WRITERS = ["alpaca", "sharegpt", "openai"]
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
 DOLLY_CATEGORIES = ("open_qa", "general_qa", "classification", "closed_qa", "brainstorming",
                     "information_extraction", "summarization", "creative_writing")
 # Column pairs tried, in order, when prompt-response columns are not given (ADGEN first).
@@ -540,10 +541,25 @@ def _check_conversation(conv: Conversation) -> None:
             raise RecordError(f"turns[{i}]", "two user turns in a row")
 
 
+def expand_paths(paths: Iterable[str | Path]) -> list[str]:
+    """Files as given, folders replaced by their data files in name order (MOSS ships one file per
+    conversation)."""
+    out: list[str] = []
+    for p in paths:
+        if Path(p).is_dir():
+            found = sorted(f for f in Path(p).rglob("*") if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
+            if not found:
+                raise DataError(f"{p}: no data files ({', '.join(DATA_SUFFIXES)}) in this folder")
+            out += [str(f) for f in found]
+        else:
+            out.append(str(p))
+    return out
+
+
 def read_conversations(path: str | Path | Iterable[str | Path], format: str = "auto", on_bad_record: str = "error",
                        prompt_column: str | None = None, response_column: str | None = None,
                        history_column: str | None = None) -> ReadResult:
-    """Read one file (or several) into Conversations.
+    """Read one file, several, or a folder of them (read in name order) into Conversations.
 
     ``on_bad_record="error"`` raises DataError naming ``file:line: field: reason`` at the first bad record;
     ``"skip"`` skips it and lists it in ``ReadResult.skipped``.
@@ -552,7 +568,7 @@ def read_conversations(path: str | Path | Iterable[str | Path], format: str = "a
         raise DataError(f"on_bad_record must be 'error' or 'skip', not {on_bad_record!r}")
     if format != "auto" and format not in PARSERS:
         raise DataError(f"unknown data format {format!r}; choose from: auto, {', '.join(FORMATS)}")
-    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    paths = expand_paths([path] if isinstance(path, (str, Path)) else list(path))
     result = ReadResult([])
     for p in paths:
         _read_one(str(p), format, on_bad_record, result, prompt_column=prompt_column,

@@ -29,8 +29,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from finechat.data.formats import Conversation, read_conversations
-from finechat.errors import ConfigError
+from finechat.data.formats import Conversation, expand_paths, read_conversations
+from finechat.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
 CACHE_VERSION = 1
@@ -405,6 +405,12 @@ def build_dataset(paths_or_convs: Any, tokenizer: Any, template: Any, settings: 
     if isinstance(paths_or_convs, (str, Path, Conversation)):
         paths_or_convs = [paths_or_convs]
     sources = list(paths_or_convs)
+    if any(isinstance(s, (str, Path)) for s in sources):
+        files = iter(expand_paths([s for s in sources if isinstance(s, (str, Path))]))
+        sources = [s for s in sources if not isinstance(s, (str, Path))] + list(files)
+        for s in sources:
+            if isinstance(s, str) and not Path(s).is_file():
+                raise DataError(f"{s}: no such data file")
     read_opts = {"format": format, "on_bad_record": on_bad_record, **read_options}
     cache_path = None
     if use_cache:
