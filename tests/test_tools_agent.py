@@ -9,6 +9,7 @@ from tiny import make_tokenizer
 from tools_helpers import ScriptedModel, moss_script
 
 from finechat.infer.agent import Agent, parse_commands
+from finechat.infer.engine import ChatModel
 from finechat.infer.tools import build_registry
 from finechat.serve.terminal import run_terminal_chat
 
@@ -219,3 +220,18 @@ def test_json_that_is_not_a_call_is_the_answer():
     bot = ScriptedModel(tok, lambda prompt: '{"name": "Bob", "age": 3}<|im_end|>', template="tokenizer")
     events = run(Agent(bot, build_registry("calculator")), "json please")
     assert "".join(e.text for e in events if e.kind == "text") == events[-1].text == '{"name": "Bob", "age": 3}'
+
+
+def test_a_double_that_overrides_stream_text(tokenizer):
+    """A model double at the text level (no tokens, no stop handling) works too: it sees the tool turn."""
+
+    class TextDouble(ChatModel):
+        def stream_text(self, messages, tools=None, **kwargs):
+            if messages[-1]["role"] == "tool":
+                yield f"The result is {messages[-1]['content'].split('=>')[-1].strip()}.<eom>"
+            else:
+                yield '<|Inner Thoughts|>: calculator<eot>\n<|Commands|>: Calculate("2**16")<eoc>\n<|Results|>: made up'
+
+    events = run(Agent(TextDouble(None, tokenizer, "moss"), build_registry("calculator")), "2**16?")
+    assert [e.text for e in events if e.kind == "tool_result"] == ["65536"]
+    assert events[-1].text == "The result is 65536."

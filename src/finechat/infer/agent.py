@@ -259,11 +259,14 @@ class Agent:
         section = "answer" if prompt.endswith(ANSWER) else "between"  # where the next generated text starts
         answer = thoughts = ""
         rounds = 0
+        # The same turn as messages (user, assistant = thoughts + commands, tool = results), the way finechat's
+        # MOSS reader trains it; the prompt itself is the exact text below (prompt_ids).
+        view = list(messages)
         for _ in range(self.max_rounds + 2):
             prompt_ids = bot.encode_prompt(prompt + transcript)
             segment = ""
             round_stats: dict = {}
-            for segment in bot.stream_text([], generate=generate, prompt_ids=prompt_ids, skip_special_tokens=False,
+            for segment in bot.stream_text(view, generate=generate, prompt_ids=prompt_ids, skip_special_tokens=False,
                                            stop=stops, stats=round_stats, **gen):
                 # Stream the answer (and thoughts) as they grow, holding back a half-written marker.
                 safe = segment[: len(segment) - _held_back(segment, list(_MARKERS))]
@@ -279,23 +282,27 @@ class Agent:
                         else:
                             thoughts = full
             _add_stats(stats, round_stats)
+            if END_COMMANDS in segment:  # a model double may hand back text past the stop string
+                segment = segment[: segment.index(END_COMMANDS)]
             pieces = _sections(segment, section)
             transcript += segment
-            last = pieces[-1][0] if pieces else section
-            if "answer" in {s for s, _ in pieces} or last == "between" and not any(s == "commands" for s, _ in pieces):
+            kinds = {s for s, _ in pieces}
+            if "answer" in kinds or not kinds - {"between"}:
                 final = _join(pieces, "answer").strip()
-                if not final and not any(s == "answer" for s, _ in pieces):
+                if "answer" not in kinds:
                     # No MOSS markers at all: a model that ignores the protocol simply answered.
                     final = _join(pieces, "between").strip()
                     if final and final != answer:
                         yield AgentEvent("text", final[len(answer):] if final.startswith(answer) else final)
                 answer = final or answer
                 break
-            if last != "commands":  # cut off (length) inside the thoughts or results: nothing to run
+            if "commands" not in kinds:  # cut off (length) inside the thoughts: nothing to run
                 break
             calls = parse_commands(_join(pieces, "commands"))
+            action = segment.strip() + END_COMMANDS
             if not calls:
                 transcript += f"{END_COMMANDS}\n{RESULTS} None{END_RESULTS}\n{ANSWER}"
+                view += [{"role": "assistant", "content": action}, {"role": "tool", "content": "None"}]
                 section = "answer"
                 continue
             if rounds > self.max_rounds:  # it was told the limit and still calls: stop here
@@ -307,6 +314,7 @@ class Agent:
                 if result is not None:
                     blocks.append(f"{call.raw} =>\n{result.content}")
             transcript += f"{END_COMMANDS}\n{RESULTS}\n" + "\n".join(blocks) + f"\n{END_RESULTS}\n{ANSWER}"
+            view += [{"role": "assistant", "content": action}, {"role": "tool", "content": "\n".join(blocks)}]
             section = "answer"
         done = messages + [{"role": "assistant", "content": answer}]
         yield AgentEvent("done", answer, messages=done, rounds=rounds)
