@@ -246,6 +246,13 @@ def test_packing_keeps_attention_per_example(tok):
     torch.testing.assert_close(packed[n0:], alone, atol=1e-4, rtol=1e-4)
 
 
+def test_packing_refuses_to_cut_an_example():
+    from finechat.errors import DataError
+
+    with pytest.raises(DataError, match="does not fit a packed row of 3"):
+        pack_examples([{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4]}], max_length=3)
+
+
 def test_collator_pads_labels_with_ignore_index(tok):
     collate = data_collator(tok, pad_to_multiple_of=8)
     batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [9], "labels": [9]}])

@@ -508,8 +508,9 @@ def pack_examples(examples: Iterable[dict], max_length: int) -> list[dict]:
     cur: dict | None = None
     for ex in examples:
         ids, labels = ex["input_ids"], ex["labels"]
-        if len(ids) > max_length:
-            ids, labels = ids[:max_length], labels[:max_length]
+        if len(ids) > max_length:  # build_dataset keeps rows within cutoff_len; never cut silently here
+            raise DataError(f"an example of {len(ids)} tokens does not fit a packed row of {max_length}; "
+                            "tokenize with cutoff_len <= the packing length")
         if cur is None or len(cur["input_ids"]) + len(ids) > max_length:
             cur = {"input_ids": [], "labels": [], "position_ids": [], "seq_lengths": []}
             rows.append(cur)
