@@ -74,7 +74,8 @@ def test_several_commands_and_none(tokenizer):
         return " Hello!<eom>" if prompt.endswith("<|MOSS|>:") else \
             "<|Inner Thoughts|>: None<eot>\n<|Commands|>: None<eoc>"
     bot = ScriptedModel(tokenizer, no_tool)
-    events = run(Agent(bot, build_registry("calculator")), "hi")
+    events = run(Agent(bot, build_registry("calculator"), show_thoughts=True), "hi")
+    assert not [e for e in events if e.kind == "thought"]  # "None" thoughts are not shown
     assert not [e for e in events if e.kind.startswith("tool")]
     assert events[-1].text == "Hello!"
     assert bot.prompts[-1].endswith("<|Commands|>: None<eoc>\n<|Results|>: None<eor>\n<|MOSS|>:")

@@ -273,6 +273,8 @@ class Agent:
                 pieces = _sections(safe, section)
                 for kind, shown in (("text", "answer"), ("thought", "thought")):
                     full = _join(pieces, shown).lstrip()
+                    if kind == "thought" and "None".startswith(full.rstrip()):
+                        continue  # MOSS writes "None" when it has no thoughts: nothing to show
                     before = answer if kind == "text" else thoughts
                     if full.startswith(before) and len(full) > len(before):
                         if kind == "text" or self.show_thoughts:
