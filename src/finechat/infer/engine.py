@@ -161,16 +161,35 @@ class ChatModel:
 
     # -- token generation ----------------------------------------------------------------------------
     def generate_ids(self, input_ids: list[int], settings: GenerationSettings) -> Iterator[list[int]]:
-        """Yield new token ids as they are generated; closing the iterator cancels generation."""
+        """Yield new token ids as they are generated; closing the iterator cancels generation.
+
+        Llama/Qwen2-family models use ``finechat.infer.fast`` (same greedy tokens, less overhead per token);
+        others, and models with a prefix adapter, use transformers' ``generate`` in a worker thread.
+        """
         import torch
 
+        from finechat.infer.fast import fast_decoder_for, make_generator
+
+        max_new = settings.max_new_tokens
+        if settings.max_length is not None:
+            max_new = max(1, min(max_new, settings.max_length - len(input_ids)))
+        fast = fast_decoder_for(self)
+        if fast is not None:
+            with self._lock:  # one generation at a time on a shared model (and its KV cache)
+                tokens = fast.generate(
+                    input_ids, max_new, do_sample=settings.do_sample, temperature=settings.temperature,
+                    top_p=settings.top_p, top_k=settings.top_k, repetition_penalty=settings.repetition_penalty,
+                    stop_token_ids=self.stop_token_ids(), generator=make_generator(fast.device, settings.seed))
+                try:
+                    for token in tokens:
+                        yield [token]
+                finally:
+                    tokens.close()
+            return
         cancel = threading.Event()
         streamer = _IdStreamer(cancel)
         device = next(self.model.parameters()).device
         ids = torch.tensor([input_ids], device=device)
-        max_new = settings.max_new_tokens
-        if settings.max_length is not None:
-            max_new = max(1, min(max_new, settings.max_length - len(input_ids)))
         kwargs: dict[str, Any] = {
             "input_ids": ids,
             "attention_mask": torch.ones_like(ids),

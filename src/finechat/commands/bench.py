@@ -1,0 +1,49 @@
+"""Benchmark a model per precision (fp32, bf16, int8, int4): memory, prefill/decode speed vs generate, perplexity."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from finechat.infer.benchmark import PRECISIONS
+    from finechat.models.quantize import DEFAULT_GROUP_SIZE
+
+    parser.add_argument("--model", default="default", help="'default', a Hugging Face folder or a .gguf file")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help=f"comma-separated rows to measure, from {', '.join(PRECISIONS)} (and fp16)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    parser.add_argument("--new-tokens", type=int, default=48, help="tokens to decode per timing")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for prefill and decoding")
+    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="INT4 group size")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the fast path's one-token step")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from finechat.errors import FinechatError
+    from finechat.infer.benchmark import PRECISIONS, bench_model, format_table
+    from finechat.models.load import load_model_and_tokenizer, log
+
+    precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
+    unknown = [p for p in precisions if p not in PRECISIONS + ("fp16",)]
+    if unknown or not precisions:
+        raise FinechatError(f"unknown precision(s) {', '.join(unknown) or '(none)'}; valid: {', '.join(PRECISIONS)}, fp16")
+    if args.new_tokens < 4 or args.prompt_tokens < 1:
+        raise FinechatError("--new-tokens must be >= 4 and --prompt-tokens >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def load_fp32():
+        model, tokenizer, _ = load_model_and_tokenizer(args.model, dtype="float32", device=args.device)
+        if getattr(model.config, "finechat_quantization", None):
+            raise FinechatError(f"{args.model} is already quantized; bench the full-precision model instead")
+        return model, tokenizer
+
+    rows = bench_model(load_fp32, precisions, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
+                       group_size=args.group_size, compile=args.compile, log=log)
+    print(format_table(rows, title=f"finechat bench --model {args.model} (batch 1, {args.new_tokens} new tokens, "
+                                   f"{args.prompt_tokens}-token prompt, torch threads {torch.get_num_threads()})"))
+    return 0
