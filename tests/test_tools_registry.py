@@ -128,3 +128,26 @@ def test_moss_capability_lines():
     assert lines[:4] == ["- Inner thoughts: enabled.", "- Calculator: enabled. API: Calculate(expression)",
                          "- Equation solver: enabled. API: Solve(equation)", "- Weather: enabled. API: Weather(city)"]
     assert "- Web search: disabled." in lines and "- Text-to-image: disabled." in lines
+
+
+def test_isolated_tool_is_killed_at_its_time_limit():
+    import multiprocessing
+
+    registry = ToolRegistry()
+
+    @registry.register(timeout=0.5, isolate=True)
+    def spin(n: int) -> str:
+        """Busy forever."""
+        while True:
+            n += 1
+
+    registry.register(lambda x: 1 / x, name="Invert", isolate=True,
+                      parameters={"type": "object", "properties": {"x": {"type": "number"}}})
+    started = time.perf_counter()
+    result = registry.call("spin", {"n": 1})
+    assert not result.ok and "did not finish within 0.5 s" in result.content
+    assert time.perf_counter() - started < 3
+    assert not [p for p in multiprocessing.active_children() if p.name == "tool-spin"]  # killed, not left running
+    assert registry.call("Invert", {"x": 4}).content == "0.25"
+    assert registry.call("Invert", {"x": 0}).content == "error: ZeroDivisionError: division by zero"
+    assert build_registry("solver").call("Solve", ["x^2 = 9"]).content == "x = -3; x = 3"  # Solve is isolated

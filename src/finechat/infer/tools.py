@@ -11,9 +11,9 @@ Built-ins (``build_registry("calculator,solver,search,text2image", docs=DIR)``):
 (:mod:`finechat.infer.solver`), ``Search(query)`` (:mod:`finechat.infer.search`) and
 ``Text2Image(description)``, which answers "not configured" unless an image backend is plugged in.
 
-A call that runs past its time limit is abandoned, not killed: Python threads cannot be stopped, so the
-worker thread finishes in the background (the calculator and solver bound their own work, so this only
-matters for user tools).
+A call runs in a thread; one that runs past its time limit is abandoned (Python threads cannot be stopped).
+A tool marked ``isolate`` (``Solve``: sympy can run for a very long time on a hard equation) runs in a
+forked process instead, which is killed at the limit.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import multiprocessing
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -50,6 +51,7 @@ class Tool:
     fn: Callable[..., Any]
     capability: str | None = None
     timeout: float = DEFAULT_TIMEOUT
+    isolate: bool = False  # run each call in a forked process that is killed at the time limit
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").isalnum() or not self.name[0].isalpha():
@@ -156,7 +158,8 @@ class ToolRegistry:
         return tool
 
     def register(self, fn: Callable | None = None, *, name: str | None = None, description: str | None = None,
-                 parameters: dict | None = None, timeout: float = DEFAULT_TIMEOUT, capability: str | None = None):
+                 parameters: dict | None = None, timeout: float = DEFAULT_TIMEOUT, capability: str | None = None,
+                 isolate: bool = False):
         """Register a Python function as a tool (also usable as a decorator).
 
         Without ``parameters`` the JSON schema comes from the signature; without ``description`` from
@@ -166,7 +169,8 @@ class ToolRegistry:
         def wrap(f: Callable) -> Callable:
             doc = (inspect.getdoc(f) or "").split("\n")[0]
             self.add(Tool(name or f.__name__, description or doc or (name or f.__name__),
-                          parameters or _schema_from_signature(f), f, capability=capability, timeout=timeout))
+                          parameters or _schema_from_signature(f), f, capability=capability, timeout=timeout,
+                          isolate=isolate))
             return f
 
         return wrap(fn) if fn is not None else wrap
@@ -219,31 +223,62 @@ class ToolRegistry:
             args = _check_arguments(tool, arguments if arguments is not None else {})
         except ValueError as e:
             return failed(str(e))
-        box: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                box["value"] = tool.fn(**args)
-            except BaseException as e:  # noqa: BLE001  any failure becomes the result text
-                box["error"] = e
-
-        worker = threading.Thread(target=work, name=f"tool-{tool.name}", daemon=True)
-        worker.start()
         limit = tool.timeout if timeout is None else timeout
-        worker.join(limit)
-        if worker.is_alive():
+        run = _in_process if tool.isolate and "fork" in multiprocessing.get_all_start_methods() else _in_thread
+        kind, content = run(tool, args, limit)
+        if kind == "timeout":
             return failed(f"{tool.name} did not finish within {limit:g} s", args)
-        if "error" in box:
-            e = box["error"]
-            message = str(e) or e.__class__.__name__
-            if not isinstance(e, ValueError):  # our tools' refusals are ValueErrors; name anything else
-                message = f"{e.__class__.__name__}: {message}"
-            return failed(message, args)
-        value = box.get("value")
-        content = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+        if kind == "error":
+            return failed(content, args)
         if len(content) > MAX_RESULT_CHARS:
             content = content[:MAX_RESULT_CHARS] + f"... [cut: {len(content)} characters in all]"
         return ToolResult(tool.name, args, content, True, time.perf_counter() - started)
+
+
+def _outcome(tool: Tool, args: dict) -> tuple[str, str]:
+    """("value", text) or ("error", message) of one call."""
+    try:
+        value = tool.fn(**args)
+    except BaseException as e:  # noqa: BLE001  any failure becomes the result text
+        message = str(e) or e.__class__.__name__
+        if not isinstance(e, ValueError):  # our tools' refusals are ValueErrors; name anything else
+            message = f"{e.__class__.__name__}: {message}"
+        return "error", message
+    return "value", value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _in_thread(tool: Tool, args: dict, limit: float) -> tuple[str, str]:
+    """Run in a thread; past the limit the call is abandoned (a Python thread cannot be stopped)."""
+    box: list = []
+    worker = threading.Thread(target=lambda: box.append(_outcome(tool, args)), name=f"tool-{tool.name}", daemon=True)
+    worker.start()
+    worker.join(limit)
+    return box[0] if box else ("timeout", "")
+
+
+def _in_process(tool: Tool, args: dict, limit: float) -> tuple[str, str]:
+    """Run in a forked child that is killed at the limit, so a runaway call (sympy on a hard equation)
+    does not keep a core busy. Fork, not spawn: the child starts at once with everything imported."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+
+    def child() -> None:
+        send.send(_outcome(tool, args))
+
+    process = context.Process(target=child, name=f"tool-{tool.name}", daemon=True)
+    process.start()
+    send.close()
+    try:
+        if receive.poll(limit):
+            return receive.recv()
+        return "timeout", ""
+    except EOFError:  # the child died without answering
+        return "error", f"{tool.name} stopped unexpectedly (exit code {process.exitcode})"
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join()
+        receive.close()
 
 
 # -- built-in tools ------------------------------------------------------------------------------------
@@ -267,14 +302,14 @@ def calculator_tool() -> Tool:
 
 
 def solver_tool() -> Tool:
-    def solve(equation: str) -> str:
-        from finechat.infer.solver import solve as sympy_solve
+    # Imported here, not in the call: calls run in a forked child, which should not have to import sympy.
+    import sympy  # noqa: F401
 
-        return sympy_solve(equation)
+    from finechat.infer.solver import solve
 
     return Tool("Solve", "Solve an equation or a small system, e.g. 'x^2-4=0' or 'x+y=3, x-y=1'",
                 {"type": "object", "properties": {"equation": {"type": "string"}}, "required": ["equation"]},
-                solve, capability="Equation solver", timeout=20.0)
+                solve, capability="Equation solver", timeout=20.0, isolate=True)
 
 
 def search_tool(docs: str | None = None, backend: Any = None, k: int = 3) -> Tool:
