@@ -217,6 +217,31 @@ def test_missing_file_and_folder_input(tok, tmp_path):
     assert stats.conversations == 5 and len(examples) == 5
 
 
+def test_skipped_bad_records_are_listed_in_the_stats_also_from_cache(tok, tmp_path):
+    bad = SAMPLES / "bad" / "missing_field.jsonl"
+    for _ in range(2):
+        examples, stats = build_dataset(str(bad), tok, get_template("chatml"), on_bad_record="skip",
+                                        cache_dir=tmp_path, progress=False)
+        assert len(examples) == 1 and stats.skipped_records == 1
+        assert stats.bad_records == [[str(bad), 2, "output", "missing field"]]
+        assert "1 bad records skipped" in stats.summary()
+    assert stats.from_cache
+
+
+def test_exact_special_token_ids(tok):
+    # The tiny tokenizer's special tokens have fixed ids: <|endoftext|> 0, <|im_start|> 1, <|im_end|> 2 ...
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<eom>"]) == [0, 1, 2, 5]
+    conv = Conversation([Turn("user", "hi"), Turn("assistant", "ok")])
+    ex = tokenize_conversation(conv, tok, get_template("chatml"))
+    assert ex["input_ids"][0] == 1 and ex["input_ids"][-1] == 2
+    assert ex["labels"][-1] == 2 and ex["labels"][:-1].count(2) == 0  # the prompt's <|im_end|> is not trained
+    assert ex["input_ids"].count(1) == 2  # <|im_start|>user, <|im_start|>assistant
+    moss = tokenize_conversation(conv, tok, get_template("moss"))
+    assert moss["labels"][-1] == 5 and moss["labels"].count(4) == 0 and 4 in moss["input_ids"]  # <eom> / <eoh>
+    alpaca = tokenize_conversation(conv, tok, get_template("alpaca"))
+    assert alpaca["labels"][-1] == 0  # alpaca ends answers with EOS
+
+
 def test_several_processes_give_the_same_rows(tok):
     convs = read_conversations(SAMPLES / "adgen.json").conversations * 4
     t = get_template("chatml")

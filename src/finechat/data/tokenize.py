@@ -74,6 +74,7 @@ class TokenizeStats:
     tokens: int = 0
     trained_tokens: int = 0
     skipped_records: int = 0  # bad records skipped by the reader (on_bad_record: skip)
+    bad_records: list = dataclasses.field(default_factory=list)  # each as [file, line, field, reason]
     from_cache: bool = False
     cache_file: str | None = None
 
@@ -422,19 +423,19 @@ def build_dataset(paths_or_convs: Any, tokenizer: Any, template: Any, settings: 
                 examples, stats = loaded
                 return (pack_examples(examples, settings.cutoff_len) if settings.packing else examples), stats
     convs: list = []
-    skipped = 0
+    skipped: list = []
     paths = [s for s in sources if isinstance(s, (str, Path))]
     if paths:
         result = read_conversations(paths, format=format, on_bad_record=on_bad_record, **read_options)
         convs += result.conversations
-        skipped = len(result.skipped)
+        skipped = [list(x) for x in result.skipped]
         if result.skipped and progress:
             import sys
 
             print(result.skipped_table(), file=sys.stderr)
     convs += [s for s in sources if not isinstance(s, (str, Path))]
     examples, stats = tokenize_many(convs, tokenizer, template, settings, num_proc=num_proc, progress=progress)
-    stats.skipped_records = skipped
+    stats.skipped_records, stats.bad_records = len(skipped), skipped
     if cache_path is not None:
         _save_cache(cache_path, examples, stats)
         stats.cache_file = str(cache_path)
