@@ -213,8 +213,9 @@ def training_arguments(cfg: TrainConfig, has_eval: bool, device: str) -> Any:
         eval_steps=eval_steps if has_eval else None,
         fp16=cfg.fp16,
         bf16=cfg.bf16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        # use_reentrant=False: a frozen base still passes gradients through checkpointed blocks
+        **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+           if cfg.gradient_checkpointing else {}),
         seed=cfg.seed,
         dataloader_num_workers=cfg.dataloader_num_workers,
         report_to=report_to or "none",
@@ -309,6 +310,8 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
     from finechat.train.estimate import estimate_memory
     from finechat.train.methods import prepare_model
 
+    if not cfg.data:
+        raise ConfigError("no training data: set data: [FILE, ...] (see data/samples/)")
     rank, _, world_size = world()
     is_main = rank == 0
     out = Path(cfg.output_dir)
