@@ -87,9 +87,15 @@ def test_round_trip_keeps_every_turn(name, writer, tmp_path):
 
 
 def test_alpaca_empty_input_adds_no_input_block():
+    from finechat.data.templates import get_template
+
     convs = read_conversations(SAMPLES / "alpaca.json").conversations
+    # Rendered with the alpaca template, a record with an input reads as Stanford Alpaca's prompt.
+    assert get_template("alpaca").render(convs[1].messages()[:1]).endswith(
+        "### Instruction:\nTranslate the sentence into Chinese.\n\n### Input:\nThe weather is nice today."
+        "\n\n### Response:\n")
     assert convs[0].turns[0].content == "Give three tips for staying healthy."
-    assert convs[1].turns[0].content == "Translate the sentence into Chinese.\n\nThe weather is nice today."
+    assert convs[1].turns[0].content == "Translate the sentence into Chinese.\n\n### Input:\nThe weather is nice today."
     assert convs[1].turns[1].content == "今天天气很好。"
 
 
@@ -116,7 +122,7 @@ def test_prompt_response_columns_and_history(tmp_path):
 
 def test_dolly_context_and_category(tmp_path):
     convs = read_conversations(SAMPLES / "dolly.jsonl").conversations
-    assert convs[1].turns[0].content.startswith("Summarise the paragraph in one sentence.\n\nTea is grown")
+    assert convs[1].turns[0].content.startswith("Summarise the paragraph in one sentence.\n\nInput:\nTea is grown")
     assert convs[1].meta["category"] == "summarization"
     bad = tmp_path / "d.jsonl"
     bad.write_text(json.dumps({"instruction": "a", "context": "", "response": "b", "category": "poetry"}) + "\n")

@@ -5,12 +5,13 @@ Readers auto-detect the format from the first record's keys or take ``format=NAM
 
 ========================  ===================================================================================
 ``alpaca``                JSON array or JSONL of ``{instruction, input, output}`` (+ optional ``system``,
-                          ``history`` [[q, a], ...]); an empty ``input`` adds nothing to the prompt.
+                          ``history`` [[q, a], ...]); a non-empty ``input`` adds a ``### Input:`` block.
 ``chatglm-tuning``        ChatGLM-Tuning's old ``{"text": "### Instruction:\\n...\\n\\n### Response:\\n...\\nEND\\n"}``
                           and new ``{"context": ..., "target": ...}``.
 ``prompt-response``       ChatGLM-6B ptuning's columns (``prompt_column``, ``response_column``,
                           ``history_column``); ADGEN is ``content`` / ``summary``.
-``dolly``                 databricks-dolly-15k ``{instruction, context, response, category}``.
+``dolly``                 databricks-dolly-15k ``{instruction, context, response, category}`` (a context
+                          adds an ``Input:`` block, as Dolly's own training prompt does).
 ``sharegpt``              ``{conversations: [{from, value}]}`` with human/gpt/system/function_call/observation.
 ``openai``                ``{messages: [{role, content}]}`` (+ optional ``tools``).
 ``moss``                  MOSS-003 ``{meta_instruction, chat: {turn_1: {Human, Inner Thoughts, Commands,
@@ -244,8 +245,14 @@ def _text(rec: dict, key: str, required: bool = True, allow_empty: bool = True) 
     return value
 
 
-def _join(first: str, second: str) -> str:
-    return f"{first}\n\n{second}" if second.strip() else first
+# The block an extra input adds to the prompt, as each project's own prompt writes it (Stanford Alpaca:
+# "### Input:", Dolly: "Input:"); an empty input adds nothing.
+ALPACA_INPUT = "\n\n### Input:\n"
+DOLLY_INPUT = "\n\nInput:\n"
+
+
+def _join(first: str, second: str, block: str = ALPACA_INPUT) -> str:
+    return f"{first}{block}{second}" if second.strip() else first
 
 
 def _history(rec: dict, key: str) -> list[Turn]:
@@ -322,9 +329,8 @@ def parse_dolly(rec: dict, **_: Any) -> Conversation:
     if category and category not in DOLLY_CATEGORIES:
         raise RecordError("category", f"{category!r} is not one of {', '.join(DOLLY_CATEGORIES)}")
     meta = {"category": category} if category else {}
-    if context.strip():
-        meta.update(instruction=instruction, input=context)
-    return Conversation([Turn("user", _join(instruction, context)), Turn("assistant", response)], meta=meta)
+    return Conversation([Turn("user", _join(instruction, context, DOLLY_INPUT)), Turn("assistant", response)],
+                        meta=meta)
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
