@@ -151,3 +151,16 @@ def test_isolated_tool_is_killed_at_its_time_limit():
     assert registry.call("Invert", {"x": 4}).content == "0.25"
     assert registry.call("Invert", {"x": 0}).content == "error: ZeroDivisionError: division by zero"
     assert build_registry("solver").call("Solve", ["x^2 = 9"]).content == "x = -3; x = 3"  # Solve is isolated
+
+
+def test_user_functions_by_name(tmp_path):
+    (tmp_path / "my_tools.py").write_text(
+        'def weather(city: str) -> str:\n    """Weather in a city."""\n    return f"sunny in {city}"\n', encoding="utf-8")
+    registry = build_registry(f"calculator,{tmp_path / 'my_tools.py'}:weather")
+    assert registry.names == ["Calculate", "weather"]
+    assert registry.get("weather").description == "Weather in a city."
+    assert registry.call("weather", ["Paris"]).content == "sunny in Paris"
+    with pytest.raises(ConfigError, match="no function 'rain'"):
+        build_registry(f"{tmp_path / 'my_tools.py'}:rain")
+    with pytest.raises(ConfigError, match="no file"):
+        build_registry(f"{tmp_path / 'missing.py'}:weather")

@@ -15,7 +15,7 @@ class ChatConfig(GenerationSettings, ModelOptions):
     """Settings of ``finechat chat``."""
 
     system: str | None = field(None, help="system prompt")
-    tools: str | None = field(None, help="tools the model may call: calculator,solver,search,text2image (or all)")
+    tools: str | None = field(None, help="tools the model may call: calculator,solver,search,text2image, all, or my_tools.py:function")
     docs: str | None = field(None, help="folder of .txt/.md/.jsonl documents for the search tool")
     show_thoughts: bool = field(False, help="show MOSS's inner thoughts when tools are on")
     max_tool_rounds: int = field(4, help="most rounds of tool calls per answer")

@@ -22,7 +22,7 @@ class ServeConfig(ServeSettings, ModelOptions):
 
     host: str = field("127.0.0.1", help="address to bind; anything but loopback exposes the server to the network")
     port: int = field(8000, help="TCP port (0 = any free port)")
-    tools: str | None = field(None, help="tools run inside the server: calculator,solver,search,text2image (or all)")
+    tools: str | None = field(None, help="tools run inside the server: calculator,solver,search,text2image, all, or my_tools.py:function")
     docs: str | None = field(None, help="folder of .txt/.md/.jsonl documents for the search tool")
 
     def __post_init__(self) -> None:

@@ -342,10 +342,14 @@ BUILTIN_TOOLS = {"calculator": calculator_tool, "solver": solver_tool, "search":
 
 def build_registry(names: str | Iterable[str] | None, docs: str | None = None, search_backend: Any = None,
                    image_backend: ImageBackend | None = None) -> ToolRegistry:
-    """A registry of built-in tools from names (``"calculator,solver,search"``; ``all`` for every one)."""
+    """A registry of tools from names: built-ins (``"calculator,solver,search"``; ``all`` for every one) and
+    the user's own functions as ``my_tools.py:weather`` or ``package.module:weather`` (JSON schema from the
+    signature, description from the docstring)."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     names = list(names or [])
+    user = [n for n in names if ":" in n]  # my_tools.py:weather or package.module:weather
+    names = [n for n in names if ":" not in n]
     if names == ["all"]:
         names = list(BUILTIN_TOOLS) if (docs or search_backend) else [n for n in BUILTIN_TOOLS if n != "search"]
     unknown = [n for n in names if n.lower() not in BUILTIN_TOOLS]
@@ -359,6 +363,35 @@ def build_registry(names: str | Iterable[str] | None, docs: str | None = None, s
             registry.add(text2image_tool(image_backend))
         else:
             registry.add(BUILTIN_TOOLS[name]())
+    for spec in user:
+        registry.register(_user_function(spec))
     if docs and "search" not in names:
         raise ConfigError("--docs is only used by the search tool: add search to --tools")
     return registry
+
+
+def _user_function(spec: str) -> Callable:
+    """The function named by ``file.py:name`` or ``module:name`` (the user's own code, imported)."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    target, _, name = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise ConfigError(f"tool {spec}: no file {target}")
+            module_spec = importlib.util.spec_from_file_location(f"finechat_user_tools_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001  the user's file: say what failed
+        raise ConfigError(f"tool {spec}: cannot import {target}: {type(e).__name__}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"tool {spec}: {target} has no function {name!r}")
+    return fn
