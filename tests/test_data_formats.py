@@ -237,6 +237,7 @@ def test_unknown_format_and_undetectable_records(tmp_path):
     f.write_text('{"foo": 1}\n')
     with pytest.raises(DataError, match=r"x\.jsonl:1: cannot tell the data format"):
         read_conversations(f)
+    assert read_conversations(SAMPLES / "chatglm_tuning.jsonl", format="chatglm_tuning").format == "chatglm-tuning"
     with pytest.raises(DataError, match="unknown data format 'csv'"):
         read_conversations(f, format="csv")
     with pytest.raises(DataError, match="no such data file"):

@@ -572,6 +572,7 @@ def read_conversations(path: str | Path | Iterable[str | Path], format: str = "a
     """
     if on_bad_record not in ("error", "skip"):
         raise DataError(f"on_bad_record must be 'error' or 'skip', not {on_bad_record!r}")
+    format = (format or "auto").strip().lower().replace("_", "-")  # chatglm_tuning == chatglm-tuning
     if format != "auto" and format not in PARSERS:
         raise DataError(f"unknown data format {format!r}; choose from: auto, {', '.join(FORMATS)}")
     paths = expand_paths([path] if isinstance(path, (str, Path)) else list(path))
