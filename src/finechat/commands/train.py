@@ -36,6 +36,11 @@ def main(args: argparse.Namespace) -> int:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"expected key=value after the config file, got {bad[0]!r}")
+    if args.config and not args.estimate:
+        from finechat.train.stages import is_stages_file, main_stages
+
+        if is_stages_file(args.config):  # a multi-stage recipe (stages: [...]), see finechat.train.stages
+            return main_stages(args.config, overrides)
     cfg = config_from_args(TrainConfig, args)
 
     if args.estimate:

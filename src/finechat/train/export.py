@@ -105,6 +105,9 @@ def export_model(model: str, adapter: str | None, out: str | Path, quantization_
         tokenizer.save_pretrained(tmp)
         record["dtype"] = str(save_dtype).replace("torch.", "")
         record["seconds"] = round(time.time() - t0, 1)
+        if (record.get("run") or {}).get("licenses"):  # the folder says whose licences it carries (registry reads it)
+            (tmp / "finechat_licenses.json").write_text(json.dumps(record["run"]["licenses"], indent=2,
+                                                                   ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
