@@ -37,6 +37,7 @@ def test_tokenizer_layout_and_whitespace(glm_bot):
     ids = tok(text)["input_ids"]
     assert ids[-2:] == [tok.gmask_token_id, tok.bos_token_id]
     assert tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.decode(ids).endswith("[gMASK]<sop>")
     assert tok.build_inputs_with_special_tokens([7, 8], [9]) == [7, 8, tok.gmask_token_id, tok.bos_token_id, 9,
                                                                  tok.eos_token_id]
     batch = tok(["你好", "你好世界 ok"], padding=True)
@@ -180,3 +181,14 @@ def test_quantization_bit_at_load_and_int4_folder_round_trip(glm_dir, tmp_path):
     again = finechat.load(str(tmp_path / "chatglm-6b-int4"))
     assert isinstance(again.model.transformer.layers[1].mlp.dense_4h_to_h, QuantizedLinear)
     assert again.chat("你好", [], greedy=True, max_new_tokens=5)[0] == answer
+
+
+def test_data_preview_blank_infilling(glm_dir, tmp_path, capsys):
+    from finechat.cli import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("今天天气很好。我们去公园散步。公园里有很多花。\nThe quick brown fox jumps over the lazy dog.\n")
+    assert main(["data", "preview", "--objective", "blank_infilling", "--model", str(glm_dir), "-n", "2",
+                 str(corpus)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("=== document") == 2 and "Part A" in out and "<sop>" in out and "position" in out

@@ -134,7 +134,20 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         return self.sp.encode(encode_whitespace(text, self.max_blank_length), out_type=str)
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        return decode_whitespace(self.sp.decode_pieces(tokens), self.max_blank_length)
+        # sentencepiece drops control pieces such as <sop>; keep special tokens as their text
+        special = set(self.all_special_tokens)
+        out, run = [], []
+        for token in tokens:
+            if token in special:
+                if run:
+                    out.append(self.sp.decode_pieces(run))
+                    run = []
+                out.append(token)
+            else:
+                run.append(token)
+        if run:
+            out.append(self.sp.decode_pieces(run))
+        return decode_whitespace("".join(out), self.max_blank_length)
 
     def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
         """``a + [gMASK, <sop>]``, and ``+ b + [<eop>]`` for a pair (prompt, answer)."""
