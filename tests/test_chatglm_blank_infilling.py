@@ -39,6 +39,18 @@ def test_token_mode_layout_by_hand():
     assert ex["part_a_length"] == 9
 
 
+def test_sentence_and_document_layouts_by_hand():
+    tokens = [10, 11, 12, 20, 21, 30, 31, 32]  # sentences [0, 3), [3, 5), [5, 8)
+    sentence = build_example(tokens, [(3, 5)], SM, IDS, KeepOrder(0))
+    assert sentence["input_ids"] == [10, 11, 12, SM, 30, 31, 32, S, 20, 21, E]
+    assert sentence["position_ids"] == [[0, 1, 2, 3, 4, 5, 6, 3, 3, 3, 3], [0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4]]
+    assert sentence["labels"] == [-100] * 8 + [20, 21, E]
+    document = build_example(tokens, [(3, 8)], G, IDS, KeepOrder(0))
+    assert document["input_ids"] == [10, 11, 12, G, S, 20, 21, 30, 31, 32, E]
+    assert document["position_ids"] == [[0, 1, 2, 3, 3, 3, 3, 3, 3, 3, 3], [0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7]]
+    assert document["labels"] == [-100] * 5 + [20, 21, 30, 31, 32, E]
+
+
 def test_model_mask_part_a_bidirectional_part_b_causal():
     ex = build_example(list(range(10, 20)), [(2, 4), (6, 7)], M, IDS, KeepOrder(0))
     cfg = ChatGLMConfig(vocab_size=32, hidden_size=16, num_layers=1, num_attention_heads=2, bos_token_id=S,
