@@ -90,3 +90,21 @@ def test_a_reader_that_stops_reading_does_not_stall_others(tiny_bot):
         assert wait_until(lambda: srv.app.state.scheduler.active == 0, timeout=10)
     finally:
         srv.stop()
+
+
+def test_a_lone_request_moves_into_the_batch_when_another_arrives(tiny_bot):
+    scheduler = BatchScheduler(tiny_bot)
+    try:
+        settings = GenerationSettings(max_new_tokens=30, greedy=True)
+        prompt = tiny_bot.encode_prompt(tiny_bot.build_prompt([{"role": "user", "content": "hello"}]))
+        expected = [t for step in tiny_bot.generate_ids(prompt, settings) for t in step]
+        first = scheduler.submit(prompt, settings)
+        head = [next(first)[0] for _ in range(5)]  # running alone on the fast decoder
+        assert scheduler._solo is not None
+        second = scheduler.submit(prompt, settings)
+        rest = [t for step in first for t in step]
+        other = [t for step in second for t in step]
+        assert head + rest == expected and other == expected
+        assert wait_until(lambda: scheduler.active == 0)
+    finally:
+        scheduler.close()

@@ -16,6 +16,10 @@ contract as :meth:`ChatModel.generate_ids` (an iterator of token-id lists; closi
 ``ChatModel.stream_text(..., generate=scheduler.generate_ids)`` applies the same stop tokens, stop strings
 and post-processing as ``chat``. Greedy decoding takes the argmax of the same logits as ``generate`` does.
 
+A request that is alone runs on the engine's fast batch-1 decoder (``finechat.infer.fast``, the one
+in-process ``chat`` uses), so one client gets in-process speed; when a second request arrives, the first
+moves into the batch where it left off (its prompt and answer so far are prefilled into a batch cache).
+
 Slow readers never stall the loop: tokens go into each request's own unbounded queue (a few ints). A
 request whose stream is closed is dropped before the next step. The waiting queue is bounded:
 :class:`QueueFull` tells the server to answer 429 with a Retry-After.
@@ -117,6 +121,8 @@ class BatchScheduler:
         self._closed = False
         self._serial_running = 0
         self._thread: threading.Thread | None = None
+        # (sequence, token iterator) while one request runs alone on the engine's fast batch-1 decoder
+        self._solo: tuple[_Sequence, Any] | None = None
         # Padded batch state, owned by the scheduler thread.
         self._cache: Any = None
         self._mask: Any = None  # [batch, length] 1 = real token, 0 = left padding
@@ -128,7 +134,7 @@ class BatchScheduler:
     # -- public ----------------------------------------------------------------------------------------
     @property
     def active(self) -> int:
-        return len(self._active) + self._serial_running
+        return len(self._active) + self._serial_running + (self._solo is not None)
 
     @property
     def waiting(self) -> int:
@@ -153,7 +159,8 @@ class BatchScheduler:
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down")
-            if len(self._active) + len(self._waiting) >= self.max_batch_size + self.max_queue:
+            running = len(self._active) + (self._solo is not None)
+            if running + len(self._waiting) >= self.max_batch_size + self.max_queue:
                 raise QueueFull(f"{self.max_batch_size} requests are running and {len(self._waiting)} waiting; "
                                 "try again shortly",
                                 retry_after=self._retry_after())
@@ -220,24 +227,35 @@ class BatchScheduler:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._closed and not self._waiting and not self._active:
+                    while not self._closed and not self._waiting and not self._active and self._solo is None:
                         self._cond.wait()
                     if self._closed:
                         break
-                    room = self.max_batch_size - len(self._active)
+                    room = self.max_batch_size - len(self._active) - (self._solo is not None)
                     joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                    alone = len(joining) == 1 and not self._waiting and not self._active and self._solo is None
                 try:
+                    if self._solo is not None and (joining or self._solo[0].cancelled.is_set()):
+                        self._end_solo(resume=bool(joining))  # company arrived: continue in the batch
+                    if alone and not joining[0].cancelled.is_set() and self._start_solo(joining[0]):
+                        joining = []
                     for seq in joining:
                         if not seq.cancelled.is_set():
                             self._admit(seq)
                         else:
                             seq.out.put(_END)
                     self._drop_finished()
-                    if self._active:
+                    if self._solo is not None:
+                        self._solo_step()
+                    elif self._active:
                         self._decode_step()
                         self._drop_finished()
                 except BaseException as e:  # noqa: BLE001  a failed step fails its requests, not the server
-                    for seq in self._active + [s for s in joining if s not in self._active]:
+                    failed = self._active + [s for s in joining if s not in self._active]
+                    if self._solo is not None:
+                        failed.append(self._solo[0])
+                        self._end_solo(resume=False)
+                    for seq in failed:
                         seq.out.put(e)
                         seq.out.put(_END)
                     self._active = []
@@ -249,22 +267,74 @@ class BatchScheduler:
             seq.out.put(SchedulerClosed("the server is shutting down"))
             seq.out.put(_END)
 
-    def _admit(self, seq: _Sequence) -> None:
-        """Prefill one request alone, emit its first token and pad its cache into the running batch."""
+    # -- a request alone runs on the engine's fast decoder ----------------------------------------------
+    def _start_solo(self, seq: _Sequence) -> bool:
+        """Run ``seq`` on ``ChatModel``'s fast batch-1 decoder (as in-process chat does), if there is one.
+
+        Alone, a request gets exactly the speed of in-process ``chat``; when a second request arrives, the
+        first moves into the batch (:meth:`_end_solo`).
+        """
+        from finechat.infer.fast import fast_decoder_for, make_generator
+
+        fast = fast_decoder_for(self.chat)
+        lock = getattr(self.chat, "_lock", None)
+        if fast is None or lock is None or not lock.acquire(blocking=False):
+            return False
+        try:
+            s = seq.settings
+            tokens = fast.generate(seq.prompt_ids, seq.max_new, do_sample=s.do_sample, temperature=s.temperature,
+                                   top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty,
+                                   stop_token_ids=self._stop_ids(), generator=make_generator(fast.device, s.seed))
+        except BaseException:
+            lock.release()
+            raise
+        self._solo = (seq, tokens)
+        return True
+
+    def _solo_step(self) -> None:
+        seq, tokens = self._solo
+        token = next(tokens, None)
+        self.steps += 1
+        if token is None or self._emit(seq, token):
+            self._end_solo(resume=False)
+
+    def _end_solo(self, resume: bool) -> None:
+        """Stop the fast decoder; with ``resume``, the sequence goes on in the batch where it left off."""
+        seq, tokens = self._solo
+        self._solo = None
+        try:
+            tokens.close()
+        finally:
+            self.chat._lock.release()
+        if resume and seq.generated and not seq.cancelled.is_set():
+            self._admit(seq, resume=True)
+        else:
+            seq.out.put(_END)
+
+    def _admit(self, seq: _Sequence, resume: bool = False) -> None:
+        """Prefill one request alone, emit its first token and pad its cache into the running batch.
+
+        With ``resume`` the sequence already has tokens (it ran alone on the fast decoder): the prompt and
+        all but its last token are prefilled, and the last token is the next input.
+        """
         import torch
         from transformers import DynamicCache
 
         model = self.chat.model
         device = _device(model)
-        ids = torch.tensor([seq.prompt_ids], device=device)  # [1, prompt]
+        history = seq.prompt_ids + seq.generated[:-1] if resume else seq.prompt_ids
+        ids = torch.tensor([history], device=device)  # [1, prompt]
         cache = DynamicCache()
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
                     **{self._cache_kwarg(): cache})
-        if seq.settings.seed is not None:
+        if seq.settings.seed is not None and seq.generator is None:
             seq.generator = torch.Generator(device=device).manual_seed(seq.settings.seed)
-        token = int(self._sample(out.logits[:, -1, :], [seq])[0])
-        if self._emit(seq, token):
-            return  # finished at its first token: never joins the batch
+        if resume:
+            token = seq.generated[-1]
+        else:
+            token = int(self._sample(out.logits[:, -1, :], [seq])[0])
+            if self._emit(seq, token):
+                return  # finished at its first token: never joins the batch
         n = ids.shape[1]  # the cache was filled in place
         mask = torch.ones(1, n, dtype=torch.long, device=device)
         pos = torch.tensor([n], device=device)
