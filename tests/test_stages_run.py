@@ -22,13 +22,13 @@ def write_config(tmp_path, model_dir, domain_steps=3, continue_from="merged", me
     dialog = write_alpaca(tmp_path / "dialog.jsonl", PAIRS[2:])
     cfg = {
         "model": str(model_dir), "output_dir": str(tmp_path / "run"), "continue_from": continue_from,
-        "defaults": {"method": method, "max_steps": 2, "save_steps": 1, "per_device_train_batch_size": 2,
+        "defaults": {"method": method, "max_steps": 2, "save_steps": 2, "per_device_train_batch_size": 2,
                      "cutoff_len": 64, "learning_rate": 1e-2, "logging_steps": 1, "report_to": ["none"],
                      "datasets": ["finechat-samples"], "do_eval": False},
         "eval_general": {"data": str(general), "max_new_tokens": 6},
         "stages": [
             {"name": "general", "data": [str(general)]},
-            {"name": "domain", "data": [str(domain)], "max_steps": domain_steps,
+            {"name": "domain", "data": [str(domain)], "max_steps": domain_steps, "save_steps": 1,
              "mix": {"data": [str(general)], "ratio": 0.5}},
             {"name": "dialog", "data": [str(dialog)]},
         ],
