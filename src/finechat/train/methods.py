@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any
 
 from finechat.errors import ConfigError
-from finechat.models.load import log
 from finechat.train.config import TrainConfig
 
 # model_type -> function(model, cfg) -> model with only the prefix trainable. The ChatGLM module registers
@@ -107,6 +106,8 @@ def apply_freeze(model: Any, cfg: TrainConfig) -> Any:
         matched += param.requires_grad
     if not matched:
         raise ConfigError(f"freeze: no parameter name contains any of {keys}")
+    from finechat.models.load import log  # not at import time: finechat.models imports this module
+
     log(f"freeze: training {which}")
     return model
 
