@@ -132,3 +132,101 @@ def medical_table(rows: dict[str, dict]) -> str:
                "kg-rouge-l", "kg-bleu-4", "general-rouge-l", "general-bleu-4"]
     columns = [c for c in columns if any(r.get(c) is not None for r in flat.values())]
     return format_table(flat, columns, first="stage")
+
+
+# -- the medical recipe: multi-stage training, then every stage scored on the KG questions ------------------
+MEDICAL_STATE = "medical_eval.json"
+
+
+def kg_eval(model: str, adapter: str | None, questions: list[dict], template: str | None, out_dir: Path,
+            batch_size: int = 8, max_new_tokens: int = 32) -> dict:
+    """Load one model (+ adapter), answer the KG questions, write its predictions; return the scores."""
+    import finechat
+
+    bot = finechat.load(model, adapter=adapter, template=template)
+    metrics, records = evaluate_kg(bot, questions, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    write_records(out_dir, records, metrics)
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def write_records(out_dir: Path, records: list[dict], metrics: dict) -> None:
+    """kg_predictions.jsonl (one answer per question, with ``correct``) and kg_metrics.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "kg_predictions.jsonl", "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    (out_dir / "kg_metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n",
+                                             encoding="utf-8")
+
+
+def stages_output(config_file: str, overrides: list[str]) -> tuple[Any, list[str]]:
+    """The StagesConfig a ``finechat train STAGES.yaml key=value ...`` run uses (same override rules)."""
+    import yaml
+
+    from finechat.config import load_yaml, resolve_config
+    from finechat.train.stages import StagesConfig
+
+    base = load_yaml(config_file)
+    defaults = dict(base.get("defaults") or {})
+    plain = []
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        if key.startswith("defaults."):
+            defaults[key[len("defaults."):]] = yaml.safe_load(raw) if raw else ""
+        else:
+            plain.append(item)
+    base["defaults"] = defaults
+    return resolve_config(StagesConfig, base=base, overrides=plain), plain
+
+
+def run_medical_recipe(config_file: str, overrides: list[str], questions_file: str, max_questions: int | None = None,
+                       max_new_tokens: int = 32, batch_size: int = 8) -> str:
+    """Train every stage of a ``stages:`` recipe, then score the base and each stage on the KG questions.
+
+    The KG scores are kept in ``OUTPUT_DIR/medical_eval.json`` per (stage, checkpoint), so a rerun after a
+    crash or with more stages only scores what is new. Returns the table (also written to
+    ``OUTPUT_DIR/medical_summary.md``).
+    """
+    import time
+
+    from finechat.models.load import log
+    from finechat.train.stages import STATE_FILE, main_stages
+
+    questions = load_kg_questions(questions_file, max_questions)
+    cfg, _ = stages_output(config_file, overrides)  # validate before the (long) training starts
+    t0 = time.time()
+    main_stages(config_file, overrides)
+    train_seconds = time.time() - t0
+    out = Path(cfg.output_dir)
+    state = json.loads((out / STATE_FILE).read_text(encoding="utf-8"))
+    template = (cfg.defaults or {}).get("template")
+    cache_path = out / MEDICAL_STATE
+    cache = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else {}
+    points = [("base", cfg.model, None, out / "medical_before")]
+    for i, raw in enumerate(cfg.stages):
+        name = str(raw.get("name", f"stage{i + 1}"))
+        record = state["stages"][name]
+        points.append((f"{i + 1}. {name}", record["next_model"], record["next_adapter"],
+                       out / f"{i + 1:02d}-{name}" / "medical_eval"))
+    rows: dict[str, dict] = {}
+    for label, model, adapter, folder in points:
+        key = f"{label}|{model}|{adapter}|{questions_file}|{len(questions)}|{max_new_tokens}"
+        if key not in cache:
+            log(f"medical eval: {label}: {len(questions)} knowledge-graph questions ...")
+            cache[key] = kg_eval(model, adapter, questions, template, folder, batch_size, max_new_tokens)
+            cache_path.write_text(json.dumps(cache, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        rows[label] = {"kg": cache[key]}
+    if state.get("general_before"):
+        rows["base"]["general"] = state["general_before"]
+    for i, raw in enumerate(cfg.stages):
+        name = str(raw.get("name", f"stage{i + 1}"))
+        if state["stages"][name].get("general"):
+            rows[f"{i + 1}. {name}"]["general"] = state["stages"][name]["general"]
+    table = medical_table(rows)
+    wall = time.time() - t0
+    text = (f"{table}\n\nkg-*: {len(questions)} held-out knowledge-graph questions from {questions_file} "
+            f"(accuracy = the answer names the right entity, %); general-*: the eval_general set.\n"
+            f"wall time: {wall / 60:.1f} min ({train_seconds / 60:.1f} min training and general eval, "
+            f"{(wall - train_seconds) / 60:.1f} min KG eval)")
+    (out / "medical_summary.md").write_text(text + "\n", encoding="utf-8")
+    return text
