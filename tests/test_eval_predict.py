@@ -96,3 +96,18 @@ def test_compare_before_and_after(tiny_model_dir, taught, tmp_path, capsys):
 def test_eval_needs_data(capsys):
     assert cli(["eval"]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_do_predict_at_the_end_of_training(tiny_model_dir, tmp_path):
+    from finechat.train.config import TrainConfig
+    from finechat.train.recipe import run_training
+
+    data = write_alpaca(tmp_path / "train.jsonl")
+    cfg = TrainConfig(model=str(tiny_model_dir), method="lora", data=[str(data)], output_dir=str(tmp_path / "run"),
+                      max_steps=2, save_steps=2, per_device_train_batch_size=2, cutoff_len=64, report_to=["none"],
+                      do_predict=True, predict_file=str(data), max_target_length=8)
+    result = run_training(cfg)
+    assert result.metrics["predict_n"] == len(PAIRS)
+    assert "predict_bleu-4" in result.metrics and "predict_rouge-l" in result.metrics
+    lines = (tmp_path / "run" / "generated_predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["label"] for line in lines] == [a for _, a in PAIRS]
