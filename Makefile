@@ -18,9 +18,12 @@ $(BIN)/finechat-installed: pyproject.toml Makefile
 
 install: $(BIN)/finechat-installed
 
-# The main job on the default model.
+# The main job: LoRA-tune the default model on ADGEN-like data on the CPU (~5 min), score it before and after
+# (BLEU-4, Rouge), show answers side by side and print the command to chat with the result.
 demo: install
-	printf 'What is the capital of France?\n' | $(BIN)/finechat chat --greedy
+	$(BIN)/finechat quickstart
+
+quickstart: demo
 
 chat: install
 	$(BIN)/finechat chat
