@@ -28,7 +28,7 @@ class EvalConfig(GenerationSettings, ModelOptions):
     max_samples: int | None = field(None, help="evaluate only the first N examples")
     batch_size: int = field(8, help="examples generated together")
     output_dir: str | None = field(None, help="where to write generated_predictions.jsonl and metrics.json "
-                                              "(default: ADAPTER/eval, else eval_output)")
+                                              "(default: ADAPTER/eval, else output/eval)")
     loss: bool = field(True, help="also compute eval loss and perplexity on the labels")
     show_examples: int = field(2, help="example answers to print")
     # Evaluation defaults: greedy (scores repeat) and ChatGLM-6B ptuning's answer length for ADGEN.
@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
         from finechat.eval.compare import compare, resolve_entries
 
         entries = resolve_entries(args.compare, cfg.model)
-        report = compare(entries, examples, cfg.output_dir or "eval_output/compare", load_options, settings,
+        report = compare(entries, examples, cfg.output_dir or "output/eval-compare", load_options, settings,
                          cfg.batch_size, cfg.loss, cfg.show_examples)
         print(report["table"])
         if report["examples"]:
@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
     from finechat.eval.compare import side_by_side
     from finechat.eval.predict import predict
 
-    output_dir = cfg.output_dir or (str(Path(cfg.adapter) / "eval") if cfg.adapter else "eval_output")
+    output_dir = cfg.output_dir or (str(Path(cfg.adapter) / "eval") if cfg.adapter else "output/eval")
     bot = finechat.load(cfg.model, adapter=cfg.adapter, **load_options)
     metrics, records = predict(bot, examples, output_dir, settings, cfg.batch_size, cfg.loss,
                                info={"model": cfg.model, "adapter": cfg.adapter, "data": cfg.data})
