@@ -101,3 +101,24 @@ def test_chat_command_medical_with_knowledge(tiny_model_dir):
     bad = subprocess.run(cmd[:-1] + [str(SAMPLES / "nope.csv")], input="x\n", capture_output=True, text=True,
                          timeout=180)
     assert bad.returncode != 0 and "nope.csv" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_server_answers_carry_sources_and_notice(tiny_bot, table):
+    import httpx
+    from serve_helpers import LiveServer
+
+    from finechat.serve.api import ServeSettings, create_app
+
+    # one record: the tiny model's context is short
+    srv = LiveServer(create_app(MedicalAssistant(tiny_bot, table, k=1), ServeSettings(model_name="tiny")))
+    try:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "我尿频、尿急、尿痛"}], "max_tokens": 4,
+                "temperature": 0}
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        text = r.json()["choices"][0]["message"]["content"]
+        assert "[1] 尿路感染 (diseases.csv row" in text and text.endswith(NOTICE)
+        r = httpx.post(srv.url + "/", json={"prompt": "hello", "history": [], "temperature": 0}, timeout=120)
+        assert r.status_code == 200 and r.json()["response"].endswith(NOTICE)
+    finally:
+        srv.stop()

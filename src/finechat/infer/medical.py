@@ -157,8 +157,30 @@ class MedicalAssistant:
         self.notice = notice
         self.last_hits: list[tuple[float, DiseaseEntry]] = []
 
+    _OWN = frozenset({"bot", "table", "k", "notice", "last_hits"})
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.bot, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A front end that configures the engine (e.g. the server's batcher) configures the wrapped model.
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.bot, name, value)
+
+    def build_prompt(self, messages: list[dict], tools: list | None = None) -> str:
+        """The wrapped model's prompt, with the records for the last user message put into it."""
+        messages, _ = self._augment_messages(messages)
+        return self.bot.build_prompt(messages, tools) if tools else self.bot.build_prompt(messages)
+
+    def _augment_messages(self, messages: list[dict]) -> tuple[list[dict], list]:
+        messages = [dict(m) for m in messages]
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+        hits: list = []
+        if last_user is not None:
+            messages[last_user]["content"], hits = self._augment(str(messages[last_user].get("content") or ""))
+        return messages, hits
 
     def _augment(self, query: str) -> tuple[str, list[tuple[float, DiseaseEntry]]]:
         hits = self.table.search(query, self.k) if self.table is not None else []
@@ -194,11 +216,7 @@ class MedicalAssistant:
 
     def stream_text(self, messages: list[dict], tools: list | None = None, **gen: Any) -> Iterator[str]:
         """OpenAI-style messages: retrieval on the last user message; the last text has sources + notice."""
-        messages = [dict(m) for m in messages]
-        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
-        hits: list = []
-        if last_user is not None:
-            messages[last_user]["content"], hits = self._augment(str(messages[last_user].get("content") or ""))
+        messages, hits = self._augment_messages(messages)
         text = ""
         stream = self.bot.stream_text(messages, tools=tools, **gen)
         try:
