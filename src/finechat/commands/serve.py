@@ -24,6 +24,9 @@ class ServeConfig(ServeSettings, ModelOptions):
     port: int = field(8000, help="TCP port (0 = any free port)")
     tools: str | None = field(None, help="tools run inside the server: calculator,solver,search,text2image, all, or my_tools.py:function")
     docs: str | None = field(None, help="folder of .txt/.md/.jsonl documents for the search tool")
+    medical: bool = field(False, help="medical demo: every answer ends with a not-medical-advice notice")
+    knowledge: str | None = field(None, help="disease table (CSV) or knowledge graph (JSON) to retrieve from "
+                                            "before answering, with sources shown (implies --medical)")
 
     def __post_init__(self) -> None:
         ServeSettings.__post_init__(self)
@@ -71,6 +74,10 @@ def main(args: argparse.Namespace, announce_page: bool = False) -> int:
         log(f"server-side tools: {', '.join(registry.names)}")
     bot = finechat.load(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device, template=cfg.template,
                         quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code)
+    if cfg.medical or cfg.knowledge:  # ChatDoctor's autonomous mode + the notice (finechat.infer.medical)
+        from finechat.infer.medical import DiseaseTable, MedicalAssistant
+
+        bot = MedicalAssistant(bot, DiseaseTable.load(cfg.knowledge) if cfg.knowledge else None)
     settings = ServeSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ServeSettings)})
     settings.api_key = api_key
     app = create_app(bot, settings, tools=registry)
