@@ -106,3 +106,24 @@ def test_bad_inputs(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("x")
     assert cli(["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "full")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["chatglm", "alpaca", "moss", "chatml"])
+def test_builtin_template_is_written_as_chat_template(tiny_model_dir, tmp_path, name):
+    from transformers import AutoTokenizer
+
+    from finechat.data.templates import TEMPLATES
+
+    out = tmp_path / name
+    assert cli(["export", "--model", str(tiny_model_dir), "--out", str(out), "--template", name]) == 0
+    tok = AutoTokenizer.from_pretrained(out)  # plain transformers
+    conversations = [
+        [{"role": "user", "content": "你好"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}],
+    ]
+    for messages in conversations:
+        assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+            TEMPLATES[name].render(messages, tok.eos_token, add_generation_prompt=True)
+    done = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    assert tok.apply_chat_template(done, tokenize=False) == TEMPLATES[name].render(done, tok.eos_token, False)

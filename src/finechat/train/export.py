@@ -102,6 +102,10 @@ def export_model(model: str, adapter: str | None, out: str | Path, quantization_
             _save_quantized(hf_model, tokenizer, tmp, quantization_bit, save_dtype)
         else:
             hf_model.save_pretrained(tmp, safe_serialization=True)
+        jinja = builtin_template_jinja(record.get("template"), tokenizer)
+        if jinja:  # the prompt format the adapter was trained with, for tools that only read chat_template
+            tokenizer.chat_template = jinja
+            record["chat_template"] = f"written from finechat's built-in template {record['template']!r}"
         tokenizer.save_pretrained(tmp)
         record["dtype"] = str(save_dtype).replace("torch.", "")
         record["seconds"] = round(time.time() - t0, 1)
@@ -153,3 +157,62 @@ def _save_quantized(model: Any, tokenizer: Any, out: Path, bits: int, dtype: Any
         quantized.save_pretrained(out, safe_serialization=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def builtin_template_jinja(name: str | None, tokenizer: Any) -> str | None:
+    """A Jinja ``chat_template`` that renders exactly like finechat's built-in template ``name`` (else None).
+
+    transformers' ``apply_chat_template`` and vLLM read only the tokenizer's Jinja template, so an export of a
+    model trained with e.g. the ``chatglm`` or ``alpaca`` format carries that format in this form.
+    """
+    import string
+
+    from finechat.data.templates import EOS, TEMPLATES
+
+    if not name or name not in TEMPLATES:
+        return None
+    t = TEMPLATES[name]
+    eos = tokenizer.eos_token or ""
+
+    def expr(fmt: str) -> str:
+        parts = []
+        for literal, field_name, _, _ in string.Formatter().parse(fmt.replace(EOS, "{eos}")):
+            if literal:
+                parts.append(json.dumps(literal, ensure_ascii=False))
+            if field_name == "content":
+                parts.append("content")
+            elif field_name == "round":
+                parts.append("(ns.round | string)")
+            elif field_name == "eos":
+                parts.append(json.dumps(eos, ensure_ascii=False))
+        return " ~ ".join(parts) or '""'
+
+    end, history_end = t.assistant_end, t.assistant_end if t.history_end is None else t.history_end
+    sep = json.dumps(t.turn_separator, ensure_ascii=False)
+    system_slot = (
+        "{%- if system %}{% set content = system %}{{ " + expr(t.system_format) + " }}{% endif -%}"
+        if t.supports_system else ""
+    )
+    return (
+        "{%- set ns = namespace(round=0, prepend='') -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system = messages[0]['content'] -%}{%- set msgs = messages[1:] -%}"
+        "{%- else -%}{%- set system = " + json.dumps(t.default_system, ensure_ascii=False) + " -%}"
+        "{%- set msgs = messages -%}{%- endif -%}"
+        + system_slot +
+        ("" if t.supports_system else "{%- if system %}{% set ns.prepend = system ~ '\\n\\n' %}{% endif -%}")
+        + "{%- set last = namespace(i=-1) -%}"
+        "{%- for m in msgs %}{% if m['role'] == 'assistant' %}{% set last.i = loop.index0 %}{% endif %}{% endfor -%}"
+        "{%- for m in msgs -%}"
+        "{%- if m['role'] == 'user' -%}"
+        "{%- set content = ns.prepend ~ m['content'] -%}{%- set ns.prepend = '' -%}"
+        "{{ " + expr(t.user_format) + " }}{%- set ns.round = ns.round + 1 -%}"
+        "{%- elif m['role'] == 'tool' -%}{%- set content = m['content'] -%}{{ " + expr(t.tool_format) + " }}"
+        "{%- elif m['role'] == 'assistant' -%}"
+        "{%- set content = '' -%}"
+        "{%- if loop.index0 == last.i and not add_generation_prompt -%}{{ m['content'] ~ " + expr(end) + " }}"
+        "{%- else -%}{{ m['content'] ~ " + expr(history_end) + " }}{%- endif -%}"
+        "{%- if not loop.last or add_generation_prompt %}{{ " + sep + " }}{% endif -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
