@@ -26,7 +26,7 @@ import random
 import re
 from typing import Any
 
-from finechat.errors import DataError
+from finechat.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
 MODES = ("token", "sentence", "document")
@@ -251,9 +251,9 @@ def blank_infilling_examples(documents: list[str], tokenizer: Any, cfg: Any = No
             overrides.setdefault("seed", getattr(cfg, "seed", 42))
         try:
             settings = BlankInfillingSettings(**overrides)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             names = ", ".join(f.name for f in dataclasses.fields(BlankInfillingSettings))
-            raise DataError(f"blank_infilling: {e}; valid keys: {names}") from None
+            raise ConfigError(f"blank_infilling: {e}; valid keys: {names}") from None
     builder = BlankInfillingBuilder(tokenizer, settings)
     examples: list[dict] = []
     counts = {m: 0 for m in MODES}
