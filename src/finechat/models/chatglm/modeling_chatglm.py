@@ -418,7 +418,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
         if self.prefix_only_checkpoints and self.transformer.prefix_encoder is not None:
-            self.save_prefix(save_directory)
+            if kwargs.get("is_main_process", True):
+                self.save_prefix(save_directory)
             return
         super().save_pretrained(save_directory, *args, **kwargs)
 
