@@ -59,7 +59,7 @@ def test_method_trains_saves_and_reloads(method, tiny_model_dir, adgen, tmp_path
     files = {p.name for p in ckpt.iterdir()}
     weights = {"adapter_config.json", "adapter_model.safetensors"} if method in ("lora", "ptuning", "qlora") \
         else {"config.json", "model.safetensors"}
-    assert weights | {"finechat_run.json", "tokenizer.json", "trainer_state.json"} <= files
+    assert weights | {"finechat_run.json", "finechat_licenses.json", "tokenizer.json", "trainer_state.json"} <= files
     assert not any(name.endswith((".bin", ".pt")) and "model" in name for name in files)
     run = json.loads((ckpt / "finechat_run.json").read_text())
     assert run["method"] == method and run["template"] == "tokenizer"

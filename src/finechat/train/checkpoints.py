@@ -143,8 +143,10 @@ def clean_incomplete(output_dir: str | Path) -> list[Path]:
     return leftovers
 
 
-def publish(staged: Path, final: Path, run_info: dict) -> None:
-    """Write the run file into a staged checkpoint, flush it to disk and rename it into place."""
+def publish(staged: Path, final: Path, run_info: dict, extra_files: dict | None = None) -> None:
+    """Write the run file (and extra JSON files) into a staged checkpoint, flush it and rename it into place."""
+    for name, data in (extra_files or {}).items():
+        write_json_atomic(staged / name, data)
     write_json_atomic(staged / RUN_FILE, run_info)
     _fsync_tree(staged)
     if final.exists():  # the same step saved again (e.g. after resuming exactly there)
@@ -160,9 +162,10 @@ def make_trainer_class():
         """transformers' Trainer whose checkpoints appear only when complete (see the module docstring)."""
 
         def __init__(self, *args: Any, run_info: dict | None = None, keep_checkpoints: int | None = None,
-                     **kwargs: Any):
+                     extra_files: dict | None = None, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.run_info = run_info or {}
+            self.extra_files = extra_files or {}
             self.keep_checkpoints = keep_checkpoints
             self._staging = False
 
@@ -182,7 +185,7 @@ def make_trainer_class():
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 info = {**self.run_info, "global_step": self.state.global_step}
-                publish(run_dir / STAGING / name, run_dir / name, info)
+                publish(run_dir / STAGING / name, run_dir / name, info, self.extra_files)
                 shutil.rmtree(run_dir / STAGING, ignore_errors=True)
                 rotate_checkpoints(run_dir, self.keep_checkpoints)
             self.accelerator.wait_for_everyone()

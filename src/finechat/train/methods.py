@@ -136,7 +136,9 @@ def apply_ptuning(model: Any, cfg: TrainConfig) -> Any:
         task_type="CAUSAL_LM", num_virtual_tokens=cfg.pre_seq_len, prefix_projection=cfg.prefix_projection,
         encoder_hidden_size=model.config.hidden_size,
     )
-    return get_peft_model(model, prefix)
+    from finechat.models.peft_compat import fix_prefix_generation
+
+    return fix_prefix_generation(get_peft_model(model, prefix))  # do_predict generates with this model
 
 
 def prepare_model(model: Any, cfg: TrainConfig) -> Any:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from finechat.config import to_dict
+from finechat.data.registry import LICENCE_FILE
 from finechat.errors import ConfigError
 from finechat.models.load import log
 from finechat.train import checkpoints
@@ -111,14 +112,25 @@ def load_base(cfg: TrainConfig) -> tuple[Any, Any, Path, str]:
     dtype = base_dtype(cfg, device.split(":")[0])
     extra: dict[str, Any] = {}
     quant = quantization_config(cfg, torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32)
-    if quant is not None:
+    # ChatGLM-6B's ptuning quantizes its frozen base with its own INT4/INT8 (model.quantize), not bitsandbytes
+    native_bits = cfg.quantization_bit if cfg.method == "ptuning" and _model_type(cfg.model) == "chatglm" else None
+    if quant is not None and not native_bits:
         extra = {"quantization_config": quant, "device_map": {"": device}}
     model, tokenizer, folder = load_model_and_tokenizer(
         cfg.model, dtype=str(dtype).split(".")[-1], device=device, trust_remote_code=cfg.trust_remote_code,
-        **extra,
+        quantization_bit=native_bits, **extra,
     )
     model.train()
     return model, tokenizer, folder, device
+
+
+def _model_type(model: str) -> str | None:
+    """model_type from a model folder's config.json (None for 'default', a .gguf file or no config)."""
+    config = Path(model).expanduser() / "config.json"
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def split_holdout(items: list, size: float, seed: int) -> tuple[list, list]:
@@ -347,6 +359,7 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
     info = run_info(cfg, model, template, licence, data_info)
     if is_main:
         checkpoints.write_json_atomic(out / checkpoints.RUN_FILE, info)
+        checkpoints.write_json_atomic(out / LICENCE_FILE, licence)
     collator = data_collator(tokenizer)
     if cfg.stage == "pretrain":  # an objective may need its own collator (GLM's rows carry 2D positions)
         from finechat.train.pretrain import get_objective
@@ -356,6 +369,7 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
         model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
         data_collator=collator, processing_class=tokenizer,
         callbacks=[make_callback(cfg, has_eval)], run_info=info, keep_checkpoints=cfg.save_total_limit,
+        extra_files={LICENCE_FILE: licence},  # a checkpoint used as a base model still knows its licences
     )
     t0 = time.time()
     train_output = trainer.train(resume_from_checkpoint=resume)
