@@ -202,7 +202,7 @@ def make_precision(model: Any, precision: str, group_size: int) -> Any:
 
 def bench_model(load_fp32: Any, precisions: tuple[str, ...] = PRECISIONS, new_tokens: int = 48,
                 prompt_tokens: int = 128, group_size: int | None = None, compile: bool = False,
-                log: Any = print) -> list[BenchRow]:
+                ppl_tokens: int | None = None, log: Any = print) -> list[BenchRow]:
     """Benchmark every precision; ``load_fp32()`` returns a fresh (model, tokenizer) in fp32."""
     from finechat.infer.fast import FastDecoder, is_supported
     from finechat.models.quantize import DEFAULT_GROUP_SIZE, weight_bytes
@@ -217,7 +217,7 @@ def bench_model(load_fp32: Any, precisions: tuple[str, ...] = PRECISIONS, new_to
         base, tokenizer = load_fp32()
         device = next(base.parameters()).device
         if text_ids is None:
-            text_ids = torch.tensor(tokenizer(heldout_text())["input_ids"])
+            text_ids = torch.tensor(tokenizer(heldout_text())["input_ids"])[:ppl_tokens]
             if device.type == "cuda":
                 bandwidth = copy_bandwidth_gbs(device)
                 log(f"device copy bandwidth: {bandwidth:.0f} GB/s")
