@@ -56,3 +56,17 @@ def test_evaluate_on_a_tiny_model(tiny_bot, tmp_path):
     assert metrics["n"] == 4 and 0 <= metrics["accuracy"] <= 100 and "acc-dept" in metrics
     assert len(records) == 4 and all(r["source"].startswith("graph.json#") for r in records)
     assert all(isinstance(r["correct"], bool) for r in records)
+
+
+def test_medical_eval_command(tiny_model_dir, tmp_path, capsys):
+    from finechat.cli import main
+
+    _, held = generate_pairs(load_graph(GRAPH), KGSettings(seed=2, holdout=0.1, relations="department"))
+    write_jsonl(held[:2], tmp_path / "held.jsonl")
+    code = main(["medical", "eval", "--model", str(tiny_model_dir), "--questions", str(tmp_path / "held.jsonl"),
+                 "--max-new-tokens", "3", "--out", str(tmp_path / "eval")])
+    assert code == 0
+    assert "kg-acc" in capsys.readouterr().out
+    assert len((tmp_path / "eval" / "kg_predictions.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+    assert main(["medical", "eval", "--model", str(tiny_model_dir), "--questions", str(tmp_path / "nope.jsonl")]) != 0
+    assert "nope.jsonl: no such file" in capsys.readouterr().err
