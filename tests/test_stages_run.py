@@ -38,36 +38,15 @@ def write_config(tmp_path, model_dir, domain_steps=3, continue_from="merged", me
     return path
 
 
-def test_three_stages_chain_and_report(tiny_model_dir, tmp_path, capsys):
-    path = write_config(tmp_path, tiny_model_dir)
-    assert cli(["train", str(path)]) == 0
-    shown = capsys.readouterr().out
-    for name in ("1. general", "2. domain", "3. dialog", "base (before)", "general bleu-4", "finechat-samples"):
-        assert name in shown
-    summary = json.loads((tmp_path / "run" / "stages_summary.json").read_text())
-    stages = summary["stages"]
-    assert [s["index"] for s in stages] == [1, 2, 3]
-    # Each stage starts from the previous stage's merged model.
-    assert stages[0]["started_from"]["model"] == str(tiny_model_dir)
-    assert stages[1]["started_from"]["model"] == stages[0]["next_model"].rstrip("/")
-    assert stages[1]["started_from"]["model"].endswith("01-general/merged")
-    assert (tmp_path / "run" / "01-general" / "merged" / "model.safetensors").is_file()
-    assert all(s["steps"] >= 2 and "final_loss" in s["metrics"] and "general" in s for s in stages)
-    assert stages[1]["mix"]["domain_examples"] == 2 and stages[1]["mix"]["general_examples"] == 2
-    assert summary["general_before"]["n"] == 2
-    assert summary["licenses"]["datasets"][0]["name"] == "finechat-samples"
-    # Finished: a second run skips every stage.
-    assert cli(["train", str(path)]) == 0
-    assert "already done" in capsys.readouterr().err
-
-
 def test_adapter_continued_through_stages(tiny_model_dir, tmp_path):
     path = write_config(tmp_path, tiny_model_dir, continue_from="adapter")
     cfg = yaml.safe_load(path.read_text())
     cfg.pop("eval_general")
+    cfg["stages"] = cfg["stages"][::2]  # two stages are enough here
     path.write_text(yaml.safe_dump(cfg))
     assert cli(["train", str(path)]) == 0
     stages = json.loads((tmp_path / "run" / "stages_summary.json").read_text())["stages"]
+    assert len(stages) == 2
     assert stages[1]["started_from"] == {"model": str(tiny_model_dir), "adapter": stages[0]["checkpoint"]}
     assert not (tmp_path / "run" / "01-general" / "merged").exists()
 
@@ -88,16 +67,13 @@ def test_bad_stage_configs_are_refused_before_training(tiny_model_dir, tmp_path,
     assert "cannot be merged" in capsys.readouterr().err
 
 
-def test_killed_mid_stage_resumes(tiny_model_dir, tmp_path):
+def test_three_stages_killed_mid_stage_resume_and_report(tiny_model_dir, tmp_path, capsys):
     path = write_config(tmp_path, tiny_model_dir, domain_steps=30)
-    cfg = yaml.safe_load(path.read_text())
-    cfg.pop("eval_general")
-    path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "finechat", "train", str(path)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     stage2 = tmp_path / "run" / "02-domain" / "train"
-    deadline = time.time() + 240
+    deadline = time.time() + 300
     while time.time() < deadline and not list(stage2.glob("checkpoint-[2-9]*")):
         if proc.poll() is not None:
             break
@@ -107,10 +83,28 @@ def test_killed_mid_stage_resumes(tiny_model_dir, tmp_path):
     state = json.loads((tmp_path / "run" / "stages_state.json").read_text())
     assert list(state["stages"]) == ["general"], "stage 2 should have been interrupted"
     first = json.loads((tmp_path / "run" / "01-general" / "train" / "train_results.json").read_text())
+
     assert cli(["train", str(path)]) == 0
+    shown = capsys.readouterr().out
+    for name in ("1. general", "2. domain", "3. dialog", "base (before)", "general bleu-4", "finechat-samples"):
+        assert name in shown
     summary = json.loads((tmp_path / "run" / "stages_summary.json").read_text())
-    domain = summary["stages"][1]
+    stages = summary["stages"]
+    assert [s["index"] for s in stages] == [1, 2, 3]
+    domain = stages[1]
     assert domain["resumed_from"] and "checkpoint-" in domain["resumed_from"]
-    assert domain["steps"] == 30 and len(summary["stages"]) == 3
+    assert domain["steps"] == 30
     # Stage 1 was not trained again.
     assert json.loads((tmp_path / "run" / "01-general" / "train" / "train_results.json").read_text()) == first
+    # Each stage starts from the previous stage's merged model.
+    assert stages[0]["started_from"]["model"] == str(tiny_model_dir)
+    assert stages[1]["started_from"]["model"].endswith("01-general/merged")
+    assert stages[2]["started_from"]["model"].endswith("02-domain/merged")
+    assert (tmp_path / "run" / "01-general" / "merged" / "model.safetensors").is_file()
+    assert all("final_loss" in s["metrics"] and "general" in s for s in stages)
+    assert domain["mix"]["domain_examples"] == 2 and domain["mix"]["general_examples"] == 2
+    assert summary["general_before"]["n"] == 2
+    assert summary["licenses"]["datasets"][0]["name"] == "finechat-samples"
+    # Finished: a second run skips every stage.
+    assert cli(["train", str(path)]) == 0
+    assert "already done" in capsys.readouterr().err
