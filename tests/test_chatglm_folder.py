@@ -192,3 +192,14 @@ def test_data_preview_blank_infilling(glm_dir, tmp_path, capsys):
                  str(corpus)]) == 0
     out = capsys.readouterr().out
     assert out.count("=== document") == 2 and "Part A" in out and "<sop>" in out and "position" in out
+
+
+def test_ptuning_on_an_int4_base_uses_chatglm_quantization(glm_dir, adgen, tmp_path):
+    """ChatGLM-6B's ptuning/train.sh runs with --quantization_bit 4: model.quantize(4), not bitsandbytes."""
+    out = tmp_path / "pt4"
+    _train(glm_dir, out, "ptuning", adgen, ["pre_seq_len=4", "quantization_bit=4", "prompt_column=content",
+                                            "response_column=summary"])
+    ckpt = out / "checkpoint-3"
+    state = torch.load(ckpt / "pytorch_model.bin", weights_only=True)
+    assert list(state) == ["transformer.prefix_encoder.embedding.weight"]
+    assert json.loads((ckpt / "config.json").read_text())["quantization_bit"] == 4
