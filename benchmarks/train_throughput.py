@@ -126,6 +126,7 @@ def main() -> int:
             results.append((name, batch, None))
             continue
         results.append((name, batch, json.loads(proc.stdout.strip().splitlines()[-1])))
+        print(f"    {json.dumps(results[-1][2])}", file=sys.stderr, flush=True)
 
     base = next((r for n, _, r in results if r and n.startswith("LoRA, padded")), None)
     print(f"\nmodel {args.model}, ADGEN-like data ({DATA.name}), max_seq_length {args.max_seq_length}, "

@@ -148,6 +148,10 @@ def estimate_without_weights(cfg: TrainConfig) -> MemoryEstimate:
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code,
                                                  dtype=torch.float32)
+    # tie_weights() does not tie on the meta device: share the tensor by hand, as the loaded model does
+    out_emb = model.get_output_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and out_emb is not None:
+        out_emb.weight = model.get_input_embeddings().weight
     linear = _linear_parameters(model)
     # quantized layers cannot be built on the meta device: prepare the unquantized model, count bytes by bits
     plain = dataclasses.replace(cfg, quantization_bit=None, method=cfg.adapter_method, adapter=None)
