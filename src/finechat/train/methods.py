@@ -154,10 +154,18 @@ def prepare_model(model: Any, cfg: TrainConfig) -> Any:
     elif cfg.gradient_checkpointing and cfg.adapter_method in ("lora", "ptuning"):
         # Checkpointed blocks need an input that requires grad, or a frozen base gets no gradient at all.
         model.enable_input_require_grads()
-    if cfg.adapter and cfg.adapter_method in ("lora", "ptuning"):
+    if cfg.adapter:  # continue from an earlier stage's checkpoint
         from finechat.models.load import load_adapter
 
-        model = load_adapter(model, cfg.adapter, is_trainable=True)
+        if cfg.adapter_method in ("lora", "ptuning"):
+            model = load_adapter(model, cfg.adapter, is_trainable=True)
+        else:  # full / freeze: start from its weights (a LoRA adapter is merged in first)
+            model = load_adapter(model, cfg.adapter)
+            if hasattr(model, "merge_and_unload"):
+                model = model.merge_and_unload()
+    continuing = bool(cfg.adapter) and cfg.adapter_method in ("lora", "ptuning")  # that adapter is trained on
+    if continuing:
+        pass
     elif cfg.adapter_method == "lora":
         model = apply_lora(model, cfg)
     elif cfg.adapter_method == "ptuning":
