@@ -141,15 +141,23 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=8, help="requests per level (at least one per client)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--skip-in-process", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for both sides (OMP_NUM_THREADS); default: torch's own choice. "
+                             "On a machine busy with other work, 1 avoids threads waiting on each other")
     args = parser.parse_args()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        env["OMP_NUM_THREADS"] = str(args.threads)
     levels = [int(c) for c in args.clients.split(",")]
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "finechat", "serve", "--model", args.model, "--port", str(port),
                "--max-batch-size", str(max(levels)), "--model-name", "default"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     baseline = None
     rows = []
     try:
@@ -184,7 +192,7 @@ def main() -> int:
 
     one = next((r["tps"] for r in rows if r["clients"] == 1), None)
     print(f"\nfinechat serve load test: model={args.model}, max_tokens={args.max_tokens}, greedy, streaming, "
-          f"{os.cpu_count()} CPUs\n")
+          f"{os.cpu_count()} CPUs, torch threads: {args.threads or 'default'}\n")
     print("| clients | requests | output tokens | output tok/s | TTFT p50 (s) | TTFT p99 (s) | ms/token p50 | "
           "ms/token p99 | x one client |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
