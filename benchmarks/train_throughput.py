@@ -138,8 +138,8 @@ def main() -> int:
             print(f"| {name} | {batch} | failed | | | | | |")
             continue
         ratio = f"{r['useful_tokens_per_s'] / base['useful_tokens_per_s']:.2f}x" if base else "-"
-        print(f"| {name} | {batch} | {r['trainable'] / 1e6:.2f} M | {r['useful_tokens_per_s']:.0f} | "
-              f"{r['tokens_per_s']:.0f} | {100 * r['useful_fraction']:.0f}% | {r['peak_rss_gib']:.2f} GiB | {ratio} |")
+        print(f"| {name} | {batch} | {r['trainable'] / 1e6:.2f} M | {r['useful_tokens_per_s']:.1f} | "
+              f"{r['tokens_per_s']:.1f} | {100 * r['useful_fraction']:.0f}% | {r['peak_rss_gib']:.2f} GiB | {ratio} |")
     packed = next((r for n, _, r in results if r and n == "LoRA, packed"), None)
     if base and packed:
         ratio = packed["useful_tokens_per_s"] / base["useful_tokens_per_s"]
