@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from finechat.infer.benchmark import bench_model, format_table
+from finechat.infer.benchmark import PRECISIONS, bench_model, format_table
 from finechat.models.load import load_model_and_tokenizer, log
 
 
@@ -53,6 +53,9 @@ def goals(rows) -> list[str]:
     if "int8" in by:
         lines.append(f"int8 perplexity {(by['int8'].perplexity / fp32.perplexity - 1) * 100:+.2f}% (goal within 1%), "
                      f"{by['int8'].bytes_per_param:.3f} bytes/param (goal <= 1.1)")
+    if "int4-g32" in by:
+        lines.append(f"int4-g32 {by['int4-g32'].bytes_per_param:.3f} bytes/param, perplexity "
+                     f"{(by['int4-g32'].perplexity / fp32.perplexity - 1) * 100:+.2f}%")
     if "int4" in by:
         lines.append(f"int4 {by['int4'].bytes_per_param:.3f} bytes/param (goal <= 0.65), perplexity "
                      f"{(by['int4'].perplexity / fp32.perplexity - 1) * 100:+.2f}%")
@@ -69,7 +72,7 @@ def main() -> int:
     for name, loader in (("default model (SmolLM2-135M)", load_default), ("tiny config (2 layers, hidden 128)", load_tiny)):
         if args.skip_default and loader is load_default:
             continue
-        rows = bench_model(loader, new_tokens=args.new_tokens, log=log)
+        rows = bench_model(loader, PRECISIONS + ("int4-g32",), new_tokens=args.new_tokens, log=log)
         print(format_table(rows, title=f"== {name}, CPU threads {args.threads} =="))
         print("\n".join("  " + line for line in goals(rows)))
         print()

@@ -11,7 +11,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", default="default", help="'default', a Hugging Face folder or a .gguf file")
     parser.add_argument("--precisions", default=",".join(PRECISIONS),
-                        help=f"comma-separated rows to measure, from {', '.join(PRECISIONS)} (and fp16)")
+                        help=f"comma-separated rows to measure, from {', '.join(PRECISIONS)}, fp16, int4-g32 ...")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     parser.add_argument("--new-tokens", type=int, default=48, help="tokens to decode per timing")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for prefill and decoding")
@@ -29,9 +29,10 @@ def main(args: argparse.Namespace) -> int:
     from finechat.models.load import load_model_and_tokenizer, log
 
     precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
-    unknown = [p for p in precisions if p not in PRECISIONS + ("fp16",)]
+    unknown = [p for p in precisions if p not in PRECISIONS + ("fp16",) and not p.startswith("int4-g")]
     if unknown or not precisions:
-        raise FinechatError(f"unknown precision(s) {', '.join(unknown) or '(none)'}; valid: {', '.join(PRECISIONS)}, fp16")
+        raise FinechatError(f"unknown precision(s) {', '.join(unknown) or '(none)'}; valid: {', '.join(PRECISIONS)}, "
+                            "fp16, int4-g<group size> (e.g. int4-g32)")
     if args.new_tokens < 4 or args.prompt_tokens < 1:
         raise FinechatError("--new-tokens must be >= 4 and --prompt-tokens >= 1")
     if args.threads:
@@ -43,6 +44,16 @@ def main(args: argparse.Namespace) -> int:
             raise FinechatError(f"{args.model} is already quantized; bench the full-precision model instead")
         return model, tokenizer
 
+    from finechat.infer.benchmark import parse_precision
+
+    try:
+        for p in precisions:
+            if p.startswith("int4-g"):
+                bits, group = parse_precision(p, args.group_size)
+                if group not in (32, 64, 128, 256):
+                    raise ValueError(f"{p}: the INT4 group size must be 32, 64, 128 or 256")
+    except ValueError as e:
+        raise FinechatError(str(e)) from e
     rows = bench_model(load_fp32, precisions, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
                        group_size=args.group_size, compile=args.compile, ppl_tokens=args.ppl_tokens, log=log)
     print(format_table(rows, title=f"finechat bench --model {args.model} (batch 1, {args.new_tokens} new tokens, "

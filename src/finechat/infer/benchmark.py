@@ -196,8 +196,17 @@ def make_precision(model: Any, precision: str, group_size: int) -> Any:
         return clone.to(torch.bfloat16)
     if precision == "fp16":
         return clone.to(torch.float16)
-    bits = {"int8": 8, "int4": 4}[precision]
-    return quantize_model(clone, bits, group_size=group_size, include_embedding=True)
+    bits, group = parse_precision(precision, group_size)
+    return quantize_model(clone, bits, group_size=group, include_embedding=True)
+
+
+def parse_precision(precision: str, group_size: int) -> tuple[int, int]:
+    """'int8' -> (8, g), 'int4' -> (4, group_size), 'int4-g32' -> (4, 32)."""
+    name, _, group = precision.partition("-g")
+    bits = {"int8": 8, "int4": 4}.get(name)
+    if bits is None or (group and not group.isdigit()):
+        raise ValueError(f"unknown precision {precision!r}; valid: fp32, bf16, fp16, int8, int4, int4-g<group size>")
+    return bits, int(group) if group else group_size
 
 
 def bench_model(load_fp32: Any, precisions: tuple[str, ...] = PRECISIONS, new_tokens: int = 48,

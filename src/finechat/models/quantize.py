@@ -24,6 +24,11 @@ torchao ``Int4WeightOnlyConfig``                 --          fails on CPU ("Requ
 ``torch._weight_int4pack_mm_for_cpu``, bf16      6.9         **used for INT4** (group size 64)
 ==============================================  ==========  ==========================================
 
+INT4 quality on this small model depends mostly on the group size (perplexity on the first 1,024 held-out
+tokens, embedding and head in INT8, with the per-group clipping search below): group 32: +0.2% (top-1
+agreement 0.96, 0.705 bytes/param); group 128 (64 where 128 does not divide the width): +61% (0.66,
+0.650 bytes/param). Larger models quantize far better at 128 (gpt-fast's default on 7B models).
+
 So on CPU the quantized layers cast their input to bfloat16 for the kernel and cast the result back (the
 residual stream, norms and attention stay in the model's dtype, fp32 by default). On CUDA (and MPS) the
 layers dequantize to the activation dtype and call ``F.linear`` -- correct everywhere, and fused into one
@@ -35,7 +40,8 @@ Formats (what the state dict holds, independent of the device kernels' private l
   (w ~= q * scale; the scale is rounded to bf16 *before* quantizing so it carries no hidden error).
 * INT4: ``weight_int4`` [out, in/2] uint8, two 4-bit values per byte (low nibble = even column), and
   ``scales_and_zeros`` [in/group, out, 2] bfloat16, asymmetric per group: w ~= (q - 8) * scale + zero,
-  the convention of PyTorch's int4pack kernels. On CPU the module keeps the kernel's packed layout in
+  the convention of PyTorch's int4pack kernels. Each group's range is chosen among a few shrunken
+  min-max ranges by the smallest squared error (clipping rare outliers buys finer steps for the rest). On CPU the module keeps the kernel's packed layout in
   memory only and converts back when the state dict is written.
 * Embedding (``include_embedding``): INT8 per row; a tied ``lm_head`` shares the same INT8 tensors.
 """
@@ -59,6 +65,7 @@ FORMAT_VERSION = 1
 KERNEL_DTYPE = torch.bfloat16  # what the CPU int8/int4 kernels are fast in
 DEFAULT_GROUP_SIZE = 128
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4pack kernels accept
+CLIP_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # INT4 range shrink factors tried per group
 
 
 def _uses_packed_kernels(device: torch.device) -> bool:
@@ -175,11 +182,24 @@ def quantize_int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.T
     out_features, in_features = weight.shape
     w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
     low, high = w.amin(dim=-1), w.amax(dim=-1)  # [out, groups]
-    scales = ((high - low) / 15.0).clamp(min=1e-8).to(KERNEL_DTYPE).float()
-    zeros = (low + 8 * scales).to(KERNEL_DTYPE).float()
-    q = torch.round((w - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15).to(torch.uint8)
-    scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
-    return q.reshape(out_features, in_features), scales_and_zeros
+    best_error = best_q = best_scales = best_zeros = None
+    # Clipping search: shrinking a group's range trades clipping of rare outliers for finer steps for the
+    # rest; keep, per group, the range with the smallest squared error (cf. llama.cpp's k-quant search).
+    for shrink in CLIP_SEARCH:
+        scales = ((high - low) * shrink / 15.0).clamp(min=1e-8).to(KERNEL_DTYPE).float()
+        zeros = (low * shrink + 8 * scales).to(KERNEL_DTYPE).float()
+        q = torch.round((w - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15)
+        error = ((q - 8) * scales[..., None] + zeros[..., None] - w).pow(2).sum(-1)  # [out, groups]
+        if best_error is None:
+            best_error, best_q, best_scales, best_zeros = error, q, scales, zeros
+            continue
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_q = torch.where(better[..., None], q, best_q)
+        best_scales = torch.where(better, scales, best_scales)
+        best_zeros = torch.where(better, zeros, best_zeros)
+    scales_and_zeros = torch.stack([best_scales, best_zeros], dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
+    return best_q.to(torch.uint8).reshape(out_features, in_features), scales_and_zeros
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
