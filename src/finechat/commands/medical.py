@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--questions", default=DEFAULT_QUESTIONS,
                        help=f"held-out questions from finechat data from-kg --holdout (default: {DEFAULT_QUESTIONS})")
         p.add_argument("--max-questions", type=int, default=None, help="score only the first N questions")
-        p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit (the entity comes early)")
+        p.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit")
         p.add_argument("--batch-size", type=int, default=8, help="questions generated together")
 
 

@@ -179,9 +179,9 @@ QUESTIONS: dict[str, tuple[str, list[str], list[str]]] = {
         "{name}归哪个科管？",
         "家人确诊了{name}，复诊挂什么科？",
     ], [
-        "{name}属于{department}，建议到{department}就诊。",
         "建议挂{department}。",
-        "{name}一般在{department}就诊。",
+        "应到{department}就诊。",
+        "{department}。{name}属于{department}的疾病。",
     ]),
     "department_en": ("en", [
         "Which department treats {english}?",

@@ -139,7 +139,7 @@ MEDICAL_STATE = "medical_eval.json"
 
 
 def kg_eval(model: str, adapter: str | None, questions: list[dict], template: str | None, out_dir: Path,
-            batch_size: int = 8, max_new_tokens: int = 32) -> dict:
+            batch_size: int = 8, max_new_tokens: int = 48) -> dict:
     """Load one model (+ adapter), answer the KG questions, write its predictions; return the scores."""
     import finechat
 
@@ -180,7 +180,7 @@ def stages_output(config_file: str, overrides: list[str]) -> tuple[Any, list[str
 
 
 def run_medical_recipe(config_file: str, overrides: list[str], questions_file: str, max_questions: int | None = None,
-                       max_new_tokens: int = 32, batch_size: int = 8) -> str:
+                       max_new_tokens: int = 48, batch_size: int = 8) -> str:
     """Train every stage of a ``stages:`` recipe, then score the base and each stage on the KG questions.
 
     The KG scores are kept in ``OUTPUT_DIR/medical_eval.json`` per (stage, checkpoint), so a rerun after a
