@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 
+DEFAULT_MODEL_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="base model ('default': SmolLM2-135M-Instruct)")
     parser.add_argument("--output-dir", default="output/quickstart", help="where data, adapter and reports go")
     parser.add_argument("--max-steps", type=int, default=40, help="LoRA optimizer steps")
     parser.add_argument("--batch-size", type=int, default=4, help="training examples per step")
-    parser.add_argument("--learning-rate", type=float, default=2e-3, help="LoRA learning rate")
+    parser.add_argument("--learning-rate", type=float, default=5e-3, help="LoRA learning rate")
     parser.add_argument("--train-examples", type=int, default=400, help="generated training examples")
     parser.add_argument("--eval-examples", type=int, default=8, help="held-out examples scored before and after")
     parser.add_argument("--max-new-tokens", type=int, default=80, help="answer length limit when scoring")
@@ -64,6 +66,9 @@ def main(args: argparse.Namespace) -> int:
         model=args.model, method="lora", data=[str(train_file)], datasets=["adgen-synthetic"],
         output_dir=str(lora_dir), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_ratio=0.1, lora_rank=8,
+        # Every linear layer of the default model (Llama): a short run learns the style much faster than
+        # with attention-only LoRA. Another model gets peft's per-architecture choice.
+        lora_target=DEFAULT_MODEL_LORA_TARGETS if args.model == "default" else [],
         lora_alpha=16, lora_dropout=0.0, cutoff_len=192, logging_steps=max(1, args.max_steps // 8),
         save_steps=args.max_steps, seed=args.seed, report_to=["none"], group_by_length=True,
     )
