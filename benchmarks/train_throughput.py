@@ -78,23 +78,28 @@ def run_case(method: str, layout: str, batch: int, steps: int, max_len: int, mod
     model.train()
     params, trainable = count_parameters(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    stream = batches(rows, layout, batch, max_len, tokenizer.pad_token_id or 0)
-    useful = total = 0
-    elapsed = 0.0
+    # "padded|packed" alternates the two layouts step by step in one process, so that both see the same
+    # machine load (on a shared machine, cases run minutes apart are not comparable)
+    layouts = layout.split("|")
+    streams = {lay: batches(rows, lay, batch, max_len, tokenizer.pad_token_id or 0) for lay in layouts}
+    sums = {lay: [0, 0, 0.0] for lay in layouts}  # useful tokens, all tokens, seconds
     for step in range(steps + 1):
-        data, n_useful = next(stream)
-        t0 = time.perf_counter()
-        loss = model(**data).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step:  # step 0 warms up allocators and kernels
-            elapsed += time.perf_counter() - t0
-            useful += n_useful
-            total += data["input_ids"].numel()
+        for lay in layouts:
+            data, n_useful = next(streams[lay])
+            t0 = time.perf_counter()
+            loss = model(**data).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step:  # step 0 warms up allocators and kernels
+                sums[lay][0] += n_useful
+                sums[lay][1] += data["input_ids"].numel()
+                sums[lay][2] += time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return {"useful_tokens_per_s": useful / elapsed, "tokens_per_s": total / elapsed, "useful_fraction": useful / total,
-            "peak_rss_gib": peak / 1024**3, "trainable": trainable, "params": params, "loss": float(loss)}
+    out = {lay: {"useful_tokens_per_s": u / t, "tokens_per_s": n / t, "useful_fraction": u / n,
+                 "peak_rss_gib": peak / 1024**3, "trainable": trainable, "params": params, "loss": float(loss)}
+           for lay, (u, n, t) in sums.items()}
+    return out[layouts[0]] if len(layouts) == 1 else out
 
 
 def main() -> int:
@@ -103,11 +108,23 @@ def main() -> int:
     ap.add_argument("--max-seq-length", type=int, default=512)
     ap.add_argument("--model", default="default")
     ap.add_argument("--only", default="", help="comma-separated case numbers (1-based) to run")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="only LoRA padded vs packed, alternating steps in one process (robust on a shared machine)")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case and print JSON
     args = ap.parse_args()
     if args.case:
         method, layout, batch = args.case.split(":")
         print(json.dumps(run_case(method, layout, int(batch), args.steps, args.max_seq_length, args.model)))
+        return 0
+    if args.interleaved:
+        res = run_case("lora", "padded|packed", 1, args.steps, args.max_seq_length, args.model)
+        pad, pack = res["padded"], res["packed"]
+        print("| LoRA, same process, alternating steps | useful tok/s | all tok/s | useful share |")
+        print("|---|---|---|---|")
+        for name, r in (("padded to max_seq_length", pad), ("packed", pack)):
+            print(f"| {name} | {r['useful_tokens_per_s']:.1f} | {r['tokens_per_s']:.1f} | "
+                  f"{100 * r['useful_fraction']:.0f}% |")
+        print(f"\npacking vs padding (interleaved): {pack['useful_tokens_per_s'] / pad['useful_tokens_per_s']:.2f}x")
         return 0
 
     wanted = {int(x) for x in args.only.split(",") if x} or set(range(1, len(CASES) + 1))
