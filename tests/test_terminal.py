@@ -31,7 +31,7 @@ def test_ctrl_c_stops_the_answer_and_the_session_goes_on(tiny_model_dir):
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "finechat", "chat", "--model", str(tiny_model_dir), "--greedy",
-         "--max-new-tokens", "5000"],
+         "--max-new-tokens", "50000"],
         stdin=follower, stdout=follower, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     os.close(follower)
