@@ -130,6 +130,7 @@ class BatchScheduler:
         self._last: Any = None  # [batch] last sampled token
         self.steps = 0  # decode steps run (for tests and stats)
         self.tokens = 0  # tokens generated in all
+        self._joining = 0  # taken off the queue, not yet in the batch (counted by submit's admission check)
 
     # -- public ----------------------------------------------------------------------------------------
     @property
@@ -159,7 +160,7 @@ class BatchScheduler:
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down")
-            running = len(self._active) + (self._solo is not None)
+            running = len(self._active) + (self._solo is not None) + self._joining
             if running + len(self._waiting) >= self.max_batch_size + self.max_queue:
                 raise QueueFull(f"{self.max_batch_size} requests are running and {len(self._waiting)} waiting; "
                                 "try again shortly",
@@ -233,6 +234,7 @@ class BatchScheduler:
                         break
                     room = self.max_batch_size - len(self._active) - (self._solo is not None)
                     joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                    self._joining = len(joining)
                     alone = len(joining) == 1 and not self._waiting and not self._active and self._solo is None
                 try:
                     if self._solo is not None and (joining or self._solo[0].cancelled.is_set()):
@@ -244,6 +246,7 @@ class BatchScheduler:
                             self._admit(seq)
                         else:
                             seq.out.put(_END)
+                    self._joining = 0
                     self._drop_finished()
                     if self._solo is not None:
                         self._solo_step()
@@ -251,6 +254,7 @@ class BatchScheduler:
                         self._decode_step()
                         self._drop_finished()
                 except BaseException as e:  # noqa: BLE001  a failed step fails its requests, not the server
+                    self._joining = 0
                     failed = self._active + [s for s in joining if s not in self._active]
                     if self._solo is not None:
                         failed.append(self._solo[0])

@@ -7,7 +7,9 @@ Scripted (stdin is a pipe or file): one query per line, one answer per line on s
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any, TextIO
 
@@ -24,6 +26,10 @@ def run_terminal_chat(bot: Any, generation: dict, system: str | None = None, std
     if interactive is None:
         interactive = stdin.isatty()
     history: list = []
+    if interactive and threading.current_thread() is threading.main_thread():
+        # A parent that ignores SIGINT (nohup, some launchers and test runners) passes that on; the chat's
+        # Ctrl-C must stop the current answer, so take the default handler back.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if interactive:
         print("finechat: type a message; 'clear' resets the history, 'exit' quits; Ctrl-C stops an answer.",
               file=stdout)
