@@ -161,22 +161,9 @@ def write_records(out_dir: Path, records: list[dict], metrics: dict) -> None:
 
 def stages_output(config_file: str, overrides: list[str]) -> tuple[Any, list[str]]:
     """The StagesConfig a ``finechat train STAGES.yaml key=value ...`` run uses (same override rules)."""
-    import yaml
+    from finechat.train.stages import resolve_stages
 
-    from finechat.config import load_yaml, resolve_config
-    from finechat.train.stages import StagesConfig
-
-    base = load_yaml(config_file)
-    defaults = dict(base.get("defaults") or {})
-    plain = []
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        if key.startswith("defaults."):
-            defaults[key[len("defaults."):]] = yaml.safe_load(raw) if raw else ""
-        else:
-            plain.append(item)
-    base["defaults"] = defaults
-    return resolve_config(StagesConfig, base=base, overrides=plain), plain
+    return resolve_stages(config_file, overrides)
 
 
 def run_medical_recipe(config_file: str, overrides: list[str], questions_file: str, max_questions: int | None = None,

@@ -318,8 +318,11 @@ def is_stages_file(path: str | Path) -> bool:
     return "stages" in load_yaml(path)
 
 
-def main_stages(config_file: str, overrides: list[str]) -> int:
-    """``finechat train STAGES.yaml [key=value ...]``: top-level keys, or ``defaults.KEY=VALUE`` for all stages."""
+def resolve_stages(config_file: str, overrides: list[str]) -> tuple[StagesConfig, list[str]]:
+    """The StagesConfig of ``STAGES.yaml key=value ...`` and the overrides that were not ``defaults.KEY``.
+
+    Overrides are top-level keys, or ``defaults.KEY=VALUE`` for all stages.
+    """
     import yaml
 
     base = load_yaml(config_file)
@@ -333,9 +336,14 @@ def main_stages(config_file: str, overrides: list[str]) -> int:
             plain.append(item)
     base["defaults"] = defaults
     try:
-        cfg = resolve_config(StagesConfig, base=base, overrides=plain)
+        return resolve_config(StagesConfig, base=base, overrides=plain), plain
     except ConfigError as e:
         raise ConfigError(f"{config_file}: {e}") from e
+
+
+def main_stages(config_file: str, overrides: list[str]) -> int:
+    """``finechat train STAGES.yaml [key=value ...]``: top-level keys, or ``defaults.KEY=VALUE`` for all stages."""
+    cfg, _ = resolve_stages(config_file, overrides)
     summary = run_stages(cfg)
     print(summary["table"])
     final = summary["final"]
