@@ -605,18 +605,26 @@ async def _deltas(run: _Run, hold: Callable[[str], str] | None = None) -> AsyncI
     run.stats["sent"] = sent
 
 
+def chunk_builder(rid: str, model: str, include_usage: bool) -> Callable[..., dict]:
+    """A maker of one stream's ``chat.completion.chunk`` events (same id, creation time and model)."""
+    created = int(time.time())
+
+    def chunk(delta: dict | None = None, finish: str | None = None, usage: dict | None = None) -> dict:
+        out: dict = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+        if usage is not None:  # the final usage chunk has no choices
+            return {**out, "choices": [], "usage": usage}
+        out["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+        if include_usage:
+            out["usage"] = None  # OpenAI sends usage only in the final chunk
+        return out
+
+    return chunk
+
+
 async def _chat_chunks(run: _Run, rid: str, model: str, use_tools: bool, include_usage: bool) -> AsyncIterator[dict]:
     from finechat.infer import toolcalls
 
-    created = int(time.time())
-
-    def chunk(delta: dict, finish: str | None = None) -> dict:
-        out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-        if include_usage:
-            out["usage"] = None
-        return out
-
+    chunk = chunk_builder(rid, model, include_usage)
     yield chunk({"role": "assistant", "content": ""})
     async for piece in _deltas(run, toolcalls.visible_prefix if use_tools else None):
         if piece:
@@ -641,8 +649,7 @@ async def _chat_chunks(run: _Run, rid: str, model: str, use_tools: bool, include
         finish = "error"
     yield chunk({}, finish)
     if include_usage:
-        yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
-               "usage": run.usage()}
+        yield chunk(usage=run.usage())
 
 
 async def _completion_chunks(run: _Run, rid: str, model: str, prefix: str, include_usage: bool) -> AsyncIterator[dict]:

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from finechat.errors import FinechatError
-from finechat.serve.api import _Run
+from finechat.serve.api import _Run, chunk_builder
 
 
 class AgentRun(_Run):
@@ -81,15 +81,7 @@ async def complete(run: AgentRun, rid: str, model: str) -> dict:
 
 async def chunks(run: AgentRun, rid: str, model: str, include_usage: bool) -> AsyncIterator[dict]:
     """``chat.completion.chunk`` events: content deltas, with the tool calls and results between them."""
-    created = int(time.time())
-
-    def chunk(delta: dict, finish: str | None = None) -> dict:
-        out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-        if include_usage:
-            out["usage"] = None
-        return out
-
+    chunk = chunk_builder(rid, model, include_usage)
     yield chunk({"role": "assistant", "content": ""})
     finish = "stop"
     try:
@@ -107,5 +99,4 @@ async def chunks(run: AgentRun, rid: str, model: str, include_usage: bool) -> As
         finish = "error"
     yield chunk({}, finish)
     if include_usage:
-        yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
-               "usage": run.usage()}
+        yield chunk(usage=run.usage())
