@@ -17,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for prefill and decoding")
     parser.add_argument("--ppl-tokens", type=int, help="score only the first N held-out tokens (default: all)")
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="INT4 group size")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating generate / fast-path runs per precision; speeds are their median")
     parser.add_argument("--compile", action="store_true", help="torch.compile the fast path's one-token step")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
@@ -55,6 +57,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise FinechatError(str(e)) from e
     rows = bench_model(load_fp32, precisions, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
+                       rounds=args.rounds,
                        group_size=args.group_size, compile=args.compile, ppl_tokens=args.ppl_tokens, log=log)
     print(format_table(rows, title=f"finechat bench --model {args.model} (batch 1, {args.new_tokens} new tokens, "
                                    f"{args.prompt_tokens}-token prompt, torch threads {torch.get_num_threads()})"))

@@ -1,0 +1,141 @@
+"""The fast path on native ChatGLM-6B (same greedy tokens as its generate) and the CPU weight packing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finechat.infer.fast import (
+    ChatGLMFastDecoder,
+    FastDecoder,
+    fast_decoder,
+    pack_linear_weights,
+    unsupported_reason,
+)
+from finechat.models.chatglm.configuration_chatglm import ChatGLMConfig
+from finechat.models.chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
+
+BOS, EOS, MASK, GMASK, PAD = 290, 291, 292, 293, 3
+
+
+def chatglm(seed: int = 0, **extra) -> ChatGLMForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = ChatGLMConfig(vocab_size=300, hidden_size=64, inner_hidden_size=128, num_layers=2, num_attention_heads=4,
+                        bos_token_id=BOS, eos_token_id=EOS, mask_token_id=MASK, gmask_token_id=GMASK,
+                        pad_token_id=PAD, **extra)
+    model = ChatGLMForConditionalGeneration(cfg).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():  # a wide initialisation so that greedy answers vary (ChatGLM's α = √56 residual
+        for p in model.parameters():  # otherwise makes a tiny model repeat the last token)
+            p.normal_(0, 0.5)
+    return model
+
+
+def hf_greedy(model, ids, n, **kw):
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=PAD,
+                             eos_token_id=None, **kw)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("prompt", [
+    [11, 12, 13, 14, 15, GMASK, BOS],          # ChatGLM-6B's chat prompt: ... [gMASK] <sop>
+    [20, 21, MASK, 22, 23, BOS, 40, 41],        # [MASK] infilling, the answer already started
+    [30, 31, 32, 33],                           # no <sop>: all bidirectional, plain positions
+], ids=["gmask", "mask-with-answer-prefix", "no-sop"])
+def test_chatglm_greedy_tokens_equal_generate(prompt):
+    model = chatglm(0)
+    expected = hf_greedy(model, prompt, 16)
+    assert len(set(expected)) > 2, "the tiny model should not just repeat one token"
+    decoder = fast_decoder(model)
+    assert isinstance(decoder, ChatGLMFastDecoder)
+    assert list(decoder.generate(prompt, 16)) == expected
+    # the cache is reused for a second answer; the repetition penalty follows generate's too
+    assert list(decoder.generate(prompt, 16, repetition_penalty=1.3)) == hf_greedy(model, prompt, 16,
+                                                                                   repetition_penalty=1.3)
+
+
+def test_chatglm_quantized_fast_path_matches_its_generate():
+    model = chatglm(2).quantize(8)
+    prompt = [11, 12, 13, GMASK, BOS]
+    expected = hf_greedy(model, prompt, 12)
+    assert list(fast_decoder(model).generate(prompt, 12)) == expected
+
+
+def test_chatglm_ptuning_prefix_falls_back_to_generate():
+    model = chatglm(0, pre_seq_len=4)
+    assert "P-Tuning" in unsupported_reason(model)
+    with pytest.raises(ValueError, match="P-Tuning"):
+        fast_decoder(model)
+
+
+def test_chatglm_chat_uses_the_fast_path(tmp_path):
+    """model.chat through the engine picks ChatGLMFastDecoder and answers as generate would."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from chatglm_tiny import write_fake_chatglm
+
+    import finechat
+    from finechat.infer.fast import fast_decoder_for
+
+    folder = write_fake_chatglm(tmp_path / "chatglm")
+    bot = finechat.load(str(folder), dtype="float32", trust_remote_code=False)
+    assert isinstance(fast_decoder_for(bot), ChatGLMFastDecoder)
+    fast_answer, _ = bot.chat("你好", max_new_tokens=8, greedy=True)
+    bot.use_fast_decoder = False
+    slow_answer, _ = bot.chat("你好", max_new_tokens=8, greedy=True)
+    assert fast_answer == slow_answer
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_packing_keeps_values_ties_and_saving(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = _llama()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.inference_mode():
+        before = model(ids).logits
+    assert pack_linear_weights(model) == 15  # 2 layers x 7 + the tied head
+    weight = model.model.layers[0].mlp.down_proj.weight
+    assert weight.shape == (64, 128) and weight.stride() == (1, 64)  # [out, in], stored [in, out]
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.inference_mode():  # the same function; only the summation order inside a dot product moves
+        assert torch.allclose(model(ids).logits, before, rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path / "saved")
+    state = model.state_dict()
+    assert all(t.is_contiguous() for t in state.values())
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    with torch.inference_mode():
+        assert torch.equal(reloaded(ids).logits, before)
+    assert pack_linear_weights(model) == 0  # already packed
+
+
+def test_decoder_packs_fp32_cpu_weights_unless_asked_not_to():
+    model = _llama()
+    FastDecoder(model, pack_weights=False)
+    assert model.model.layers[0].self_attn.q_proj.weight.is_contiguous()
+    FastDecoder(model)
+    assert not model.model.layers[0].self_attn.q_proj.weight.is_contiguous()
+
+
+def test_lora_adapter_still_saves_after_packing(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model = get_peft_model(_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).eval()
+    ids = [1, 2, 3, 4]
+    decoder = fast_decoder(model)
+    answer = list(decoder.generate(ids, 8))
+    model.save_pretrained(tmp_path / "adapter")
+    again = PeftModel.from_pretrained(_llama(), tmp_path / "adapter").eval()
+    assert list(FastDecoder(again, pack_weights=False).generate(ids, 8)) == answer
