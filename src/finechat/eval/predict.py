@@ -112,6 +112,11 @@ def generate_answers(bot: ChatModel, prompts: list[list[Message]], settings: Gen
             do_sample=settings.do_sample, eos_token_id=stop_ids or None, pad_token_id=pad_id,
             repetition_penalty=settings.repetition_penalty,
         )
+        if settings.presence_penalty or settings.frequency_penalty:
+            from finechat.infer.fast import AnswerPenalties
+
+            kwargs["logits_processor"] = [AnswerPenalties(width, settings.presence_penalty,
+                                                          settings.frequency_penalty)]
         if settings.do_sample:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
         else:

@@ -288,6 +288,7 @@ class BatchScheduler:
             s = seq.settings
             tokens = fast.generate(seq.prompt_ids, seq.max_new, do_sample=s.do_sample, temperature=s.temperature,
                                    top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty,
+                                   presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
                                    stop_token_ids=self._stop_ids(), generator=make_generator(fast.device, s.seed))
         except BaseException:
             lock.release()
@@ -425,8 +426,8 @@ class BatchScheduler:
     def _sample(self, logits: Any, seqs: list[_Sequence]) -> Any:
         """Next token per row of ``logits`` [batch, vocab], with each sequence's own settings.
 
-        The order of the processors follows transformers' ``generate``: repetition penalty, temperature,
-        top-k, top-p.
+        The order of the processors follows transformers' ``generate``: repetition penalty (then OpenAI's
+        presence / frequency penalties over the answer), temperature, top-k, top-p.
         """
         import torch
 
@@ -437,6 +438,13 @@ class BatchScheduler:
                 seen = torch.tensor(seq.prompt_ids + seq.generated, device=logits.device).unique()
                 picked = logits[row, seen]
                 logits[row, seen] = torch.where(picked < 0, picked * penalty, picked / penalty)
+            s = seq.settings
+            if (s.presence_penalty or s.frequency_penalty) and seq.generated:
+                from finechat.infer.fast import apply_answer_penalties
+
+                answer = torch.tensor([seq.generated], device=logits.device)
+                logits[row] = apply_answer_penalties(logits[row:row + 1], answer, s.presence_penalty,
+                                                     s.frequency_penalty)[0]
         tokens = logits.argmax(dim=-1)  # [batch]
         for row, seq in enumerate(seqs):
             s = seq.settings

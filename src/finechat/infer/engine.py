@@ -33,6 +33,8 @@ class GenerationSettings:
     top_p: float = field(0.9, help="nucleus sampling: keep the smallest set of tokens with this probability")
     top_k: int = field(0, help="keep only the k most likely tokens (0 = off)")
     repetition_penalty: float = field(1.0, help="penalise tokens already generated (1.0 = off)")
+    presence_penalty: float = field(0.0, help="OpenAI's: subtract this from every token already in the answer")
+    frequency_penalty: float = field(0.0, help="OpenAI's: subtract this times the count of each token in the answer")
     do_sample: bool = field(True, help="sample; --no-do-sample (or --greedy) picks the most likely token")
     greedy: bool = field(False, help="greedy decoding (same as --no-do-sample); answers repeat exactly")
     seed: int | None = field(None, help="random seed for sampling; a seeded answer repeats")
@@ -49,6 +51,9 @@ class GenerationSettings:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.greedy or self.temperature == 0:
             self.do_sample = False
 
@@ -179,6 +184,7 @@ class ChatModel:
                 tokens = fast.generate(
                     input_ids, max_new, do_sample=settings.do_sample, temperature=settings.temperature,
                     top_p=settings.top_p, top_k=settings.top_k, repetition_penalty=settings.repetition_penalty,
+                    presence_penalty=settings.presence_penalty, frequency_penalty=settings.frequency_penalty,
                     stop_token_ids=self.stop_token_ids(), generator=make_generator(fast.device, settings.seed))
                 try:
                     for token in tokens:
@@ -202,6 +208,11 @@ class ChatModel:
             "stopping_criteria": [_stop_on_cancel(cancel)],
             "repetition_penalty": settings.repetition_penalty,
         }
+        if settings.presence_penalty or settings.frequency_penalty:
+            from finechat.infer.fast import AnswerPenalties
+
+            kwargs["logits_processor"] = [AnswerPenalties(len(input_ids), settings.presence_penalty,
+                                                          settings.frequency_penalty)]
         if settings.do_sample:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
         else:

@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.generation.logits_process import LogitsProcessor
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "chatglm")
 
@@ -110,6 +111,28 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(1, seen, score)
 
 
+def apply_answer_penalties(logits: torch.Tensor, answer: torch.Tensor, presence: float,
+                           frequency: float) -> torch.Tensor:
+    """OpenAI's presence / frequency penalties over the tokens generated so far (``answer`` [batch, n]).
+
+    score[j] -= frequency * count[j] + presence * (count[j] > 0); the prompt does not count.
+    """
+    if answer.shape[1] == 0 or not (presence or frequency):
+        return logits
+    counts = torch.zeros_like(logits).scatter_add_(1, answer, torch.ones_like(answer, dtype=logits.dtype))
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+class AnswerPenalties(LogitsProcessor):
+    """:func:`apply_answer_penalties` as a transformers logits processor (the answer starts at ``prompt_length``)."""
+
+    def __init__(self, prompt_length: int, presence: float, frequency: float):
+        self.prompt_length, self.presence, self.frequency = prompt_length, presence, frequency
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return apply_answer_penalties(scores, input_ids[:, self.prompt_length:], self.presence, self.frequency)
+
+
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Temperature, then top-k, then nucleus (top-p) filtering, as transformers' warpers do them."""
     if temperature != 1.0:
@@ -129,10 +152,13 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
 
 def pick_next_token(logits: torch.Tensor, seen: torch.Tensor | None, do_sample: bool, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [batch, vocab] float32 -> next tokens [batch, 1]."""
+                    generator: torch.Generator | None = None, answer: torch.Tensor | None = None,
+                    presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> torch.Tensor:
+    """logits [batch, vocab] float32 -> next tokens [batch, 1]. ``seen``: prompt + answer; ``answer``: answer."""
     if repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    if answer is not None and (presence_penalty or frequency_penalty):
+        logits = apply_answer_penalties(logits, answer, presence_penalty, frequency_penalty)
     if not do_sample:
         return logits.argmax(dim=-1, keepdim=True)
     probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
@@ -271,7 +297,8 @@ class _StaticCacheDecoder:
     # -- generation ------------------------------------------------------------------------------------
     def generate(self, input_ids: list[int], max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-                 stop_token_ids: Iterable[int] = (), generator: torch.Generator | None = None) -> Iterator[int]:
+                 stop_token_ids: Iterable[int] = (), generator: torch.Generator | None = None,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> Iterator[int]:
         """Yield new token ids one at a time (a stop token is yielded, then generation ends).
 
         Closing the iterator stops decoding at once. ``generator`` drives sampling (seed it to repeat).
@@ -289,7 +316,8 @@ class _StaticCacheDecoder:
         for step in range(max_new_tokens):
             length = prompt_length + step
             token = pick_next_token(logits, seen[:, :length], do_sample, temperature, top_k, top_p,
-                                    repetition_penalty, generator)  # [1, 1]
+                                    repetition_penalty, generator, seen[:, prompt_length:length],
+                                    presence_penalty, frequency_penalty)  # [1, 1]
             seen[:, length] = token[:, 0]
             token_id = int(token)
             yield token_id
