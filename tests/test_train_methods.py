@@ -122,3 +122,14 @@ def test_config_checks_itself():
     assert TrainConfig(method="qlora").quantization_bit == 4
     with pytest.raises(ConfigError, match="no training data"):
         run_training(TrainConfig(model="/nonexistent", data=[]))
+
+
+def test_lora_all_linear_adapts_every_linear_layer_but_the_head(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from finechat.train.methods import apply_lora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = apply_lora(model, TrainConfig(model=str(tiny_model_dir), data=["x"], lora_target=["all-linear"]))
+    adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in peft_model.named_parameters() if "lora_A" in name}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

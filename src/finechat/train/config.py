@@ -63,7 +63,7 @@ class TrainConfig:
     lora_rank: int = field(8, help="LoRA rank r")
     lora_alpha: float = field(32.0, help="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)")
     lora_dropout: float = field(0.1, help="dropout on the LoRA input")
-    lora_target: list[str] = field([], help="module names to adapt; default: picked for the architecture")
+    lora_target: list[str] = field([], help="module names to adapt, or all-linear; default: picked for the architecture")
     use_rslora: bool = field(False, help="rank-stabilised LoRA scaling")
     use_dora: bool = field(False, help="weight-decomposed LoRA (DoRA)")
     pre_seq_len: int = field(128, help="P-Tuning v2 prefix length (virtual tokens)")

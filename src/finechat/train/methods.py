@@ -116,6 +116,8 @@ def apply_lora(model: Any, cfg: TrainConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.lora_target or default_lora_targets(model)
+    if targets in (["all-linear"], "all-linear"):  # peft's own keyword: every Linear layer but the output head
+        targets = "all-linear"
     lora = LoraConfig(
         task_type="CAUSAL_LM", r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=targets, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
