@@ -67,9 +67,9 @@ def test_batched_requests_apply_the_penalties_as_chat_does(tiny_bot):
     answers = [None] * len(questions)
     try:
         def run(i):
-            for answers[i] in tiny_bot.stream_text([{"role": "user", "content": questions[i]}],
-                                                   generate=scheduler.generate_ids, **ask):
-                pass
+            for text in tiny_bot.stream_text([{"role": "user", "content": questions[i]}],
+                                             generate=scheduler.generate_ids, **ask):
+                answers[i] = text
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(questions))]
         for t in threads:

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for prefill and decoding")
     parser.add_argument("--ppl-tokens", type=int, help="score only the first N held-out tokens (default: all)")
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="INT4 group size")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=5,
                         help="alternating generate / fast-path runs per precision; speeds are their median")
     parser.add_argument("--compile", action="store_true", help="torch.compile the fast path's one-token step")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

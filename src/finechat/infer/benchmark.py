@@ -216,7 +216,7 @@ def parse_precision(precision: str, group_size: int) -> tuple[int, int]:
 
 def bench_model(load_fp32: Any, precisions: tuple[str, ...] = PRECISIONS, new_tokens: int = 48,
                 prompt_tokens: int = 128, group_size: int | None = None, compile: bool = False,
-                ppl_tokens: int | None = None, log: Any = print, rounds: int = 3) -> list[BenchRow]:
+                ppl_tokens: int | None = None, log: Any = print, rounds: int = 5) -> list[BenchRow]:
     """Benchmark every precision; ``load_fp32()`` returns a fresh (model, tokenizer) in fp32.
 
     Decode speeds are the median over ``rounds`` alternating runs of ``generate`` and the fast path.

@@ -326,6 +326,35 @@ class _StaticCacheDecoder:
             logits = self.decode_one_token(token, length)
 
 
+# At batch 1 a decode step calls ~330 small modules; nn.Module.__call__ costs a few microseconds each. The
+# plain ones (nn.Linear, the Llama/Qwen2 RMSNorm and MLP) are run here with the very operations their
+# forward() performs, in the same order, so the numbers are the same; any other module (LoRA-wrapped,
+# quantized, hooked) is called as usual.
+_PLAIN_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm")
+_PLAIN_MLPS = ("LlamaMLP", "Qwen2MLP")
+
+
+def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
+    if type(module) is torch.nn.Linear and not module._forward_hooks and not module._forward_pre_hooks:
+        return F.linear(x, module.weight, module.bias)
+    return module(x)
+
+
+def _rms_norm(module: Any, x: torch.Tensor) -> torch.Tensor:
+    if type(module).__name__ not in _PLAIN_NORMS or module._forward_hooks or module._forward_pre_hooks:
+        return module(x)
+    dtype = x.dtype  # LlamaRMSNorm.forward
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+    return module.weight * h.to(dtype)
+
+
+def _mlp(module: Any, x: torch.Tensor) -> torch.Tensor:
+    if type(module).__name__ not in _PLAIN_MLPS or module._forward_hooks or module._forward_pre_hooks:
+        return module(x)
+    return _linear(module.down_proj, module.act_fn(_linear(module.gate_proj, x)) * _linear(module.up_proj, x))
+
+
 class FastDecoder(_StaticCacheDecoder):
     """Prefill / decode-one-token over a preallocated KV cache, using a Llama/Qwen2 model's own modules."""
 
@@ -351,9 +380,9 @@ class FastDecoder(_StaticCacheDecoder):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         batch, length, _ = x.shape
-        q = attn.q_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # [b, heads, len, d]
-        k = attn.k_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # [b, kv_heads, len, d]
-        v = attn.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        q = _linear(attn.q_proj, x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # [b, heads, len, d]
+        k = _linear(attn.k_proj, x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # [b, kv, len, d]
+        v = _linear(attn.v_proj, x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         key_cache, value_cache = self.key_cache[layer_index], self.value_cache[layer_index]
         key_cache[:, :, start:start + length] = k
@@ -366,7 +395,7 @@ class FastDecoder(_StaticCacheDecoder):
             out = F.scaled_dot_product_attention(q, key_cache, value_cache, attn_mask=mask, scale=attn.scaling,
                                                  enable_gqa=self.gqa)
         out = out.transpose(1, 2).reshape(batch, length, -1)  # [b, len, heads * d]
-        return attn.o_proj(out)
+        return _linear(attn.o_proj, out)
 
     def _forward(self, input_ids: torch.Tensor, start: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [b, len] at positions start.. -> float32 logits of the last position [b, vocab]."""
@@ -375,13 +404,11 @@ class FastDecoder(_StaticCacheDecoder):
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         cos, sin = decoder.rotary_emb(hidden, positions)
         for index, layer in enumerate(self.layers):
-            residual = hidden
-            hidden = residual + self._attend(index, layer.self_attn, layer.input_layernorm(hidden), cos, sin, start,
-                                             mask)
-            residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
-        hidden = decoder.norm(hidden[:, -1:])
-        return self.causal_lm.lm_head(hidden)[:, -1].float()
+            hidden = hidden + self._attend(index, layer.self_attn, _rms_norm(layer.input_layernorm, hidden), cos, sin,
+                                           start, mask)
+            hidden = hidden + _mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, hidden))
+        hidden = _rms_norm(decoder.norm, hidden[:, -1:])
+        return _linear(self.causal_lm.lm_head, hidden)[:, -1].float()
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
