@@ -139,3 +139,16 @@ def test_lora_adapter_still_saves_after_packing(tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     again = PeftModel.from_pretrained(_llama(), tmp_path / "adapter").eval()
     assert list(FastDecoder(again, pack_weights=False).generate(ids, 8)) == answer
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_chatglm_with_finechat_quantization_and_int8_head(bits):
+    """finechat's own INT8/INT4 (embedding and tied head included: the head has no .weight any more)."""
+    from finechat.models.quantize import quantize_model
+
+    model = quantize_model(chatglm(0), bits, group_size=32, include_embedding=True)
+    prompt = [11, 12, 13, 14, 15, GMASK, BOS]
+    expected = hf_greedy(model, prompt, 12)
+    decoder = fast_decoder(model)
+    assert decoder.device.type == "cpu"
+    assert list(decoder.generate(prompt, 12)) == expected

@@ -271,7 +271,7 @@ class _StaticCacheDecoder:
 
     @property
     def device(self) -> torch.device:
-        return self.causal_lm.lm_head.weight.device
+        raise NotImplementedError
 
     @property
     def dtype(self) -> torch.dtype:
@@ -491,6 +491,10 @@ class ChatGLMFastDecoder(_StaticCacheDecoder):
         self._cache = _GLMStaticCache(self)
         self._context = None  # index of <sop> in the sequence (None: not seen yet)
         self._mask_position = None  # the [gMASK]/[MASK] index when the prompt has one
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.final_layernorm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:

@@ -253,7 +253,9 @@ def load_model_and_tokenizer(
     hf_model.eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    n_params = sum(p.numel() for p in hf_model.parameters())
+    from finechat.models.quantize import weight_bytes
+
+    n_params = weight_bytes(hf_model)[1]  # counts the parameters behind quantized buffers too
     log(f"Loaded {type(hf_model).__name__} ({n_params / 1e6:.1f}M parameters, {str(torch_dtype).split('.')[-1]}, "
         f"{device}) in {time.time() - t0:.1f} s")
     return hf_model, tokenizer, folder
