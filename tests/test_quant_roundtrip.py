@@ -106,3 +106,13 @@ def test_bench_prints_one_row_per_precision(tiny_model_dir, capsys):
     fp32 = next(line for line in table.splitlines() if line.startswith("fp32 ")).split()
     assert fp32[-1] == "yes" and fp32[-2] == "1.000"  # greedy = HF, agreement with itself
     assert main(["bench", "--model", str(tiny_model_dir), "--precisions", "fp64"]) == 2
+
+
+def test_bench_on_a_chatglm_folder_runs_the_fast_path_with_generate_s_tokens(tmp_path, capsys):
+    from chatglm_tiny import write_fake_chatglm
+
+    folder = write_fake_chatglm(tmp_path / "glm")
+    assert main(["bench", "--model", str(folder), "--precisions", "fp32,int8", "--new-tokens", "8",
+                 "--prompt-tokens", "16", "--ppl-tokens", "64", "--rounds", "1", "--group-size", "32"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("fp32 ", "int8 "))]
+    assert len(rows) == 2 and all(row[-1] == "yes" for row in rows), rows  # greedy = HF on every row
