@@ -152,3 +152,13 @@ def test_chatglm_with_finechat_quantization_and_int8_head(bits):
     decoder = fast_decoder(model)
     assert decoder.device.type == "cpu"
     assert list(decoder.generate(prompt, 12)) == expected
+
+
+def test_compiled_one_token_step_chatglm():
+    """compile=True: one graph over the whole static cache (later positions masked), same greedy tokens here."""
+    model = chatglm(0)
+    prompt = [11, 12, 13, 14, 15, GMASK, BOS]
+    expected = hf_greedy(model, prompt, 12)
+    decoder = fast_decoder(model, compile=True)
+    assert list(decoder.generate(prompt, 12)) == expected
+    assert decoder._compiled_step is not None

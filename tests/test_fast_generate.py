@@ -172,3 +172,24 @@ def test_prefix_adapter_falls_back_to_generate(tokenizer):
     assert fast_decoder_for(bot) is None
     answer, history = bot.chat("hi", greedy=True, max_new_tokens=6)
     assert history == [("hi", answer)]
+
+
+def test_compiled_one_token_step_llama(tokenizer):
+    """compile=True: the one-token step is compiled once for every position; same greedy tokens here."""
+    model = _llama(len(tokenizer))
+    ids = tokenizer(PROMPT)["input_ids"]
+    expected = _hf_greedy(model, ids, 12)
+    decoder = FastDecoder(model, compile=True)
+    assert list(decoder.generate(ids, 12)) == expected
+    assert decoder._compiled_step is not None
+
+
+def test_load_with_compile_answers_as_without(tiny_model_dir):
+    import finechat
+    from finechat.infer.fast import fast_decoder_for
+
+    plain = finechat.load(str(tiny_model_dir))
+    compiled = finechat.load(str(tiny_model_dir), compile=True)
+    assert fast_decoder_for(compiled).compile and not fast_decoder_for(plain).compile
+    ask = dict(max_new_tokens=10, greedy=True)
+    assert compiled.chat("hello", **ask)[0] == plain.chat("hello", **ask)[0]

@@ -23,12 +23,14 @@ def load(
     template: str | None = None,
     quantization_bit: int | None = None,
     trust_remote_code: bool = False,
+    compile: bool = False,
     **generation: Any,
 ):
     """Load a model (``default``, a Hugging Face folder or a .gguf file), an optional adapter and a template.
 
     Returns a :class:`finechat.infer.engine.ChatModel` with ``.model``, ``.tokenizer``, ``chat`` and
     ``stream_chat``. Extra keyword arguments set the default generation settings (``max_new_tokens``, ...).
+    ``compile=True`` compiles the fast decoder's one-token step with ``torch.compile`` on first use.
     """
     from finechat.infer.engine import ChatModel, GenerationSettings
     from finechat.models.load import load_adapter, load_model_and_tokenizer
@@ -47,6 +49,7 @@ def load(
         hf_model = load_adapter(hf_model, adapter)
         hf_model.eval()
     bot = ChatModel(hf_model, tokenizer, template, source=str(folder))
+    bot.compile_decoder = compile
     if generation:
         bot.generation = GenerationSettings.from_kwargs(bot.generation, **generation)
     return bot

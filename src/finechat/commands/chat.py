@@ -48,7 +48,8 @@ def main(args: argparse.Namespace) -> int:
 
         table = DiseaseTable.load(cfg.knowledge)
     bot = finechat.load(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device, template=cfg.template,
-                        quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code)
+                        quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code,
+                        compile=cfg.compile)
     names = {f.name for f in dataclasses.fields(GenerationSettings)}
     typed = {k for k in vars(args) if k in names} | {o.split("=", 1)[0] for o in args.overrides or []}
     if args.config:

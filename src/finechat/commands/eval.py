@@ -68,7 +68,8 @@ def main(args: argparse.Namespace) -> int:
     settings = GenerationSettings.from_kwargs(None, **{f.name: getattr(cfg, f.name)
                                                        for f in dataclasses.fields(GenerationSettings)})
     load_options = dict(dtype=cfg.dtype, device=cfg.device, template=cfg.template,
-                        quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code)
+                        quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code,
+                        compile=cfg.compile)
     examples = None
     if cfg.data:
         from finechat.eval.predict import load_examples

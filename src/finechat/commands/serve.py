@@ -73,7 +73,8 @@ def main(args: argparse.Namespace, announce_page: bool = False) -> int:
         registry = build_registry(cfg.tools or "", docs=cfg.docs)
         log(f"server-side tools: {', '.join(registry.names)}")
     bot = finechat.load(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device, template=cfg.template,
-                        quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code)
+                        quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code,
+                        compile=cfg.compile)
     if cfg.medical or cfg.knowledge:  # ChatDoctor's autonomous mode + the notice (finechat.infer.medical)
         from finechat.infer.medical import DiseaseTable, MedicalAssistant
 

@@ -462,8 +462,14 @@ class _GLMStaticCache:
     def __init__(self, decoder: ChatGLMFastDecoder):
         self.decoder = decoder
         self.start = 0
+        self.position: torch.Tensor | None = None  # compiled one-token steps: write here, return the whole cache
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position is not None:
+            keys, values = self.decoder.key_cache[layer_index], self.decoder.value_cache[layer_index]
+            keys.index_copy_(2, self.position.view(1), key)
+            values.index_copy_(2, self.position.view(1), value)
+            return keys, values
         end = self.start + key.shape[2]
         keys, values = self.decoder.key_cache[layer_index], self.decoder.value_cache[layer_index]
         keys[:, :, self.start:end] = key
@@ -480,8 +486,6 @@ class ChatGLMFastDecoder(_StaticCacheDecoder):
     """
 
     def _setup(self) -> None:
-        if self.compile:
-            raise ValueError("compile=True is not available for ChatGLM; use the eager fast path")
         self.transformer = self.causal_lm.transformer
         config = self.causal_lm.config
         self.config = config
@@ -550,7 +554,24 @@ class ChatGLMFastDecoder(_StaticCacheDecoder):
         else:
             pair = (position, 0)
         position_ids = torch.tensor([[[pair[0]], [pair[1]]]], device=token.device)  # [1, 2, 1]
-        return self._run(token, position, None, position_ids)
+        if not self.compile:
+            return self._run(token, position, None, position_ids)
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._static_step, dynamic=False)
+        return self._compiled_step(token, torch.tensor(position, device=token.device), position_ids)
+
+    def _static_step(self, token: torch.Tensor, position: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """One token over the whole static cache, later positions masked: fixed shapes, one compiled graph.
+
+        Masked scores are -10000 as in the reference; their softmax weight is 0, but the extra zero terms can
+        move the last bits of the sums, so greedy identity with ``generate`` is promised for eager only.
+        """
+        mask = (torch.arange(self.capacity, device=token.device) > position).view(1, 1, 1, -1)
+        self._cache.position = position
+        try:
+            return self._run(token, 0, mask, position_ids)
+        finally:
+            self._cache.position = None
 
 
 def fast_decoder(model: Any, compile: bool = False, pack_weights: bool = True) -> _StaticCacheDecoder:
@@ -576,7 +597,8 @@ def make_generator(device: torch.device | str, seed: int | None) -> torch.Genera
 def fast_decoder_for(chat_model: Any) -> FastDecoder | None:
     """The (cached) fast decoder of a ``ChatModel``, or None when its model needs ``generate``.
 
-    Set ``chat_model.use_fast_decoder = False`` to always use ``generate``.
+    Set ``chat_model.use_fast_decoder = False`` to always use ``generate``; ``chat_model.compile_decoder =
+    True`` (``finechat.load(..., compile=True)``, ``--compile``) compiles its one-token step.
     """
     if not getattr(chat_model, "use_fast_decoder", True):
         return None
@@ -584,6 +606,7 @@ def fast_decoder_for(chat_model: Any) -> FastDecoder | None:
     cached = chat_model.__dict__.get("_fast_decoder")
     if cached is not None and cached[0] is model:
         return cached[1]
-    decoder = fast_decoder(model) if is_supported(model) else None
+    decoder = fast_decoder(model, compile=getattr(chat_model, "compile_decoder", False)) if is_supported(model) \
+        else None
     chat_model.__dict__["_fast_decoder"] = (model, decoder)
     return decoder

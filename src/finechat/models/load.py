@@ -45,6 +45,8 @@ class ModelOptions:
     template: str | None = field(None, help="prompt template name; default: the tokenizer's chat template")
     quantization_bit: int | None = field(None, help="quantize weights at load time to 8 or 4 bits")
     trust_remote_code: bool = field(False, help="allow a model folder's own Python code to run (off by default)")
+    compile: bool = field(False, help="torch.compile the fast decoder's one-token step (Llama/Qwen2/ChatGLM; "
+                                      "the first answer waits about a minute on CPU while it compiles)")
 
     def __post_init__(self) -> None:
         if self.quantization_bit not in (None, 4, 8):
