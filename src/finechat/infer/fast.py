@@ -334,14 +334,19 @@ _PLAIN_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm")
 _PLAIN_MLPS = ("LlamaMLP", "Qwen2MLP")
 
 
+def _plain(module: Any) -> bool:
+    """No hooks and no per-instance forward (accelerate's offloading wraps ``forward`` on the instance)."""
+    return not module._forward_hooks and not module._forward_pre_hooks and "forward" not in module.__dict__
+
+
 def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
-    if type(module) is torch.nn.Linear and not module._forward_hooks and not module._forward_pre_hooks:
+    if type(module) is torch.nn.Linear and _plain(module):
         return F.linear(x, module.weight, module.bias)
     return module(x)
 
 
 def _rms_norm(module: Any, x: torch.Tensor) -> torch.Tensor:
-    if type(module).__name__ not in _PLAIN_NORMS or module._forward_hooks or module._forward_pre_hooks:
+    if type(module).__name__ not in _PLAIN_NORMS or not _plain(module):
         return module(x)
     dtype = x.dtype  # LlamaRMSNorm.forward
     h = x.to(torch.float32)
@@ -350,7 +355,7 @@ def _rms_norm(module: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def _mlp(module: Any, x: torch.Tensor) -> torch.Tensor:
-    if type(module).__name__ not in _PLAIN_MLPS or module._forward_hooks or module._forward_pre_hooks:
+    if type(module).__name__ not in _PLAIN_MLPS or not _plain(module):
         return module(x)
     return _linear(module.down_proj, module.act_fn(_linear(module.gate_proj, x)) * _linear(module.up_proj, x))
 
@@ -539,7 +544,6 @@ class ChatGLMFastDecoder(_StaticCacheDecoder):
             if token_id in ids:
                 self._mask_position = ids.index(token_id)
                 break
-        self._prompt_length = len(ids)
         return self._run(input_ids, 0, mask if mask.any() else None, position_ids)
 
     @torch.inference_mode()
@@ -594,7 +598,7 @@ def make_generator(device: torch.device | str, seed: int | None) -> torch.Genera
     return generator
 
 
-def fast_decoder_for(chat_model: Any) -> FastDecoder | None:
+def fast_decoder_for(chat_model: Any) -> _StaticCacheDecoder | None:
     """The (cached) fast decoder of a ``ChatModel``, or None when its model needs ``generate``.
 
     Set ``chat_model.use_fast_decoder = False`` to always use ``generate``; ``chat_model.compile_decoder =
