@@ -254,8 +254,9 @@ def create_app(engine: Any, settings: ServeSettings | None = None, scheduler: An
             gen["top_p"] = req.top_p
         if req.seed is not None:
             gen["seed"] = req.seed
-        gen["presence_penalty"] = req.presence_penalty
-        gen["frequency_penalty"] = req.frequency_penalty
+        for name in ("presence_penalty", "frequency_penalty"):  # absent: the server's own default stays
+            if name in req.model_fields_set:
+                gen[name] = getattr(req, name)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 16 or any(not s for s in stop):
             raise ApiError(422, "stop takes at most 16 non-empty strings", param="stop", code="invalid_value")
