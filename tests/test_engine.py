@@ -104,3 +104,14 @@ def test_adapter_loads_and_changes_nothing_at_init(tmp_path, tiny_model_dir):
     with_adapter = finechat.load(str(tiny_model_dir), adapter=str(tmp_path / "adapter"))
     assert type(with_adapter.model).__name__ == "PeftModelForCausalLM"
     assert with_adapter.chat("hello", greedy=True, max_new_tokens=5)[0] == base_answer  # LoRA B starts at 0
+
+
+def test_a_budget_that_ends_inside_a_character_leaves_no_replacement_mark(tiny_bot):
+    tok = tiny_bot.tokenizer
+    text = "好龘"  # a character outside the tokenizer's corpus: several byte tokens
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) >= 3 and "\ufffd" in tok.decode(ids[:-1]), "need a character split over byte tokens"
+    bot = ScriptedChat(tok, text)
+    answer, _ = bot.chat("q", max_new_tokens=len(ids) - 1)
+    assert answer == tok.decode(ids[:-1]).rstrip("\ufffd") and "\ufffd" not in answer
+    assert bot.chat("q", max_new_tokens=len(ids))[0] == text

@@ -127,6 +127,8 @@ def generate_answers(bot: ChatModel, prompts: list[list[Message]], settings: Gen
             new_ids = output[row, width:].tolist()
             ended = next((k for k, t in enumerate(new_ids) if t in stop_ids), None)
             text = tokenizer.decode(new_ids if ended is None else new_ids[:ended], skip_special_tokens=True)
+            if ended is None:
+                text = text.rstrip("\ufffd")  # the token budget ended inside a multi-byte character
             cut = min((text.find(s) for s in stops if s and s in text), default=None)
             text = text if cut is None else text[:cut]
             answers[i] = bot.postprocess(text.rstrip("\ufffd"))  # a character cut in half by max_new_tokens

@@ -289,6 +289,8 @@ class ChatModel:
             final = self.tokenizer.decode(new_ids, skip_special_tokens=skip_special_tokens)
             cut = _first_stop(final, stops)
             final = final[:cut] if cut is not None else final
+            if cut is None and stats["finish_reason"] == "length":
+                final = final.rstrip("\ufffd")  # the token budget ended inside a multi-byte character
             if cut is not None or len(new_ids) < settings.max_new_tokens and stats["finish_reason"] == "length":
                 stats["finish_reason"] = "stop"
             if final != shown:
