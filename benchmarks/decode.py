@@ -1,6 +1,13 @@
 """Decode speed, memory and quality per precision: the default model, then a tiny config; prints ratios.
 
     python benchmarks/decode.py [--threads N] [--new-tokens 48] [--skip-default]
+    python benchmarks/decode.py --llama-1b --device cuda --compile   # the GPU goal, on a lent GPU
+
+``--llama-1b`` benchmarks a Llama-style model of 1.24B parameters with random weights (Llama-3.2-1B's
+shape: hidden 2048, 16 layers, 32 heads / 8 KV heads, MLP 8192; the default model's tokenizer) in bf16,
+with the fraction of the memory-bandwidth limit on CUDA (bytes read per token / time per token / the
+bandwidth of a large device copy measured in the same run). ``--llama-layers 2`` shrinks it for a smoke
+test on a CPU.
 
 Runs ``finechat bench``'s measurements (finechat.infer.benchmark) side by side with transformers'
 ``generate`` in the same process. On the default model batch-1 decoding is bound by memory traffic; on the
@@ -41,6 +48,32 @@ def load_tiny():
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
+def load_llama_1b(device: str, layers: int):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from finechat.models.load import default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+                         max_position_embeddings=4096)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.eval(), tokenizer
+
+
+def gpu_goals(rows) -> list[str]:
+    by = {r.precision: r for r in rows}
+    row = by.get("bf16")
+    if row is None:
+        return []
+    lines = [f"bf16 fast / generate bf16: {row.speedup:.2f}x (goal >= 1.5), greedy identical: {row.greedy_identical}"]
+    if row.bandwidth_fraction is not None:
+        lines.append(f"bf16 fraction of the bandwidth limit: {row.bandwidth_fraction * 100:.0f}% (goal >= 70%)")
+    return lines
+
+
 def goals(rows) -> list[str]:
     by = {r.precision: r for r in rows}
     fp32 = by["fp32"]
@@ -67,8 +100,20 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--skip-default", action="store_true", help="only the tiny config")
+    parser.add_argument("--llama-1b", action="store_true", help="only a 1.24B Llama-style model, random weights")
+    parser.add_argument("--llama-layers", type=int, default=16, help="its layers (16 = 1.24B; fewer for a smoke test)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where --llama-1b runs")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the one-token step")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating generate / fast-path runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.llama_1b:
+        rows = bench_model(lambda: load_llama_1b(args.device, args.llama_layers), ("bf16",),
+                           new_tokens=args.new_tokens, compile=args.compile, rounds=args.rounds, log=log,
+                           ppl_tokens=512)
+        print(format_table(rows, title=f"== Llama-style, {args.llama_layers} layers, random weights, {args.device} =="))
+        print("\n".join("  " + line for line in gpu_goals(rows)))
+        return 0
     for name, loader in (("default model (SmolLM2-135M)", load_default), ("tiny config (2 layers, hidden 128)", load_tiny)):
         if args.skip_default and loader is load_default:
             continue

@@ -291,6 +291,16 @@ class _StaticCacheDecoder:
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _compile(self, step: Any) -> Any:
+        """``torch.compile`` for the one-token step. On CUDA, "reduce-overhead" replays it as a CUDA graph:
+        at batch 1 launching ~10 kernels per layer costs more than reading the weights (as in gpt-fast)."""
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        return torch.compile(step, dynamic=False, mode=mode)
+
+    def _after_compiled(self, logits: torch.Tensor) -> torch.Tensor:
+        # A CUDA graph writes every replay's output into the same buffer: keep this step's logits.
+        return logits.clone() if self.device.type == "cuda" else logits
+
     def decode_one_token(self, token: torch.Tensor, position: int) -> torch.Tensor:
         raise NotImplementedError
 
@@ -430,8 +440,8 @@ class FastDecoder(_StaticCacheDecoder):
         if not self.compile:
             return self._forward(token, position)
         if self._compiled_step is None:
-            self._compiled_step = torch.compile(self._compiled_forward, dynamic=False)
-        return self._compiled_step(token, torch.tensor(position, device=token.device))
+            self._compiled_step = self._compile(self._compiled_forward)
+        return self._after_compiled(self._compiled_step(token, torch.tensor(position, device=token.device)))
 
     def _compiled_forward(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         mask = (torch.arange(self.capacity, device=token.device) <= position).view(1, 1, 1, -1)
@@ -561,8 +571,9 @@ class ChatGLMFastDecoder(_StaticCacheDecoder):
         if not self.compile:
             return self._run(token, position, None, position_ids)
         if self._compiled_step is None:
-            self._compiled_step = torch.compile(self._static_step, dynamic=False)
-        return self._compiled_step(token, torch.tensor(position, device=token.device), position_ids)
+            self._compiled_step = self._compile(self._static_step)
+        return self._after_compiled(self._compiled_step(token, torch.tensor(position, device=token.device),
+                                                        position_ids))
 
     def _static_step(self, token: torch.Tensor, position: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """One token over the whole static cache, later positions masked: fixed shapes, one compiled graph.
