@@ -162,3 +162,17 @@ def test_compiled_one_token_step_chatglm():
     decoder = fast_decoder(model, compile=True)
     assert list(decoder.generate(prompt, 12)) == expected
     assert decoder._compiled_step is not None
+
+
+def test_chatglm_with_a_lora_adapter_matches_its_generate():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(chatglm(0), LoraConfig(r=4, target_modules=["query_key_value", "dense_h_to_4h"],
+                                                  init_lora_weights=False)).eval()
+    prompt = [11, 12, 13, 14, 15, GMASK, BOS]
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    decoder = fast_decoder(model)
+    assert isinstance(decoder, ChatGLMFastDecoder)
+    assert list(decoder.generate(prompt, 12)) == out[0, len(prompt):].tolist()
