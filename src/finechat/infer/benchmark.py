@@ -24,9 +24,7 @@ token) / the bandwidth of a device-to-device copy measured in the same run.
 from __future__ import annotations
 
 import copy
-import ctypes
 import dataclasses
-import gc
 import statistics
 import time
 from importlib import resources
@@ -45,11 +43,9 @@ def heldout_text() -> str:
 
 # -- memory -------------------------------------------------------------------------------------------
 def _release_memory() -> None:
-    gc.collect()
-    try:  # hand freed heap back to the OS so that the next row's peak starts low
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    from finechat.infer.fast import trim_heap
+
+    trim_heap()  # hand freed heap back to the OS so that the next row's peak starts low
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

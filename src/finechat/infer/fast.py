@@ -208,7 +208,7 @@ def pack_linear_weights(model: Any) -> int:
             if isinstance(module, torch.nn.Module) and not getattr(module, "_finechat_packed_hook", False):
                 module.register_state_dict_post_hook(_contiguous_state_dict_hook)
                 module._finechat_packed_hook = True
-        _trim_heap()
+        trim_heap()
     return packed
 
 
@@ -223,11 +223,11 @@ def unpack_linear_weights(model: Any) -> int:
                 weight.data = weight.data.contiguous()
             unpacked += 1
     if unpacked:
-        _trim_heap()
+        trim_heap()
     return unpacked
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Give the freed copies back to the OS (glibc keeps large freed blocks otherwise; RSS would grow)."""
     import ctypes
     import gc
@@ -267,15 +267,16 @@ class _StaticCacheDecoder:
             pack_linear_weights(self.causal_lm)
 
     def _setup(self) -> None:
+        """Family-specific attributes, including ``final_norm`` (its weight gives the device and dtype)."""
         raise NotImplementedError
 
     @property
     def device(self) -> torch.device:
-        raise NotImplementedError
+        return self.final_norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        raise NotImplementedError
+        return self.final_norm.weight.dtype
 
     def setup_cache(self, batch: int, capacity: int) -> None:
         """Allocate (or keep, when large enough) the KV cache for ``capacity`` positions."""
@@ -380,14 +381,7 @@ class FastDecoder(_StaticCacheDecoder):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.gqa = config.num_attention_heads != self.num_kv_heads
         self.layers = list(self.decoder.layers)
-
-    @property
-    def device(self) -> torch.device:
-        return self.decoder.norm.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.decoder.norm.weight.dtype
+        self.final_norm = self.decoder.norm
 
     # -- the forward pass ----------------------------------------------------------------------------
     def _attend(self, layer_index: int, attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -510,19 +504,12 @@ class ChatGLMFastDecoder(_StaticCacheDecoder):
         self._cache = _GLMStaticCache(self)
         self._context = None  # index of <sop> in the sequence (None: not seen yet)
         self._mask_position = None  # the [gMASK]/[MASK] index when the prompt has one
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.final_layernorm.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.final_layernorm.weight.dtype
+        self.final_norm = self.transformer.final_layernorm
 
     def _run(self, input_ids: torch.Tensor, start: int, mask: torch.Tensor | None,
              position_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [b, len] at ``start``; position_ids [b, 2, len] -> float32 logits of the last position."""
-        from finechat.models.chatglm.modeling_chatglm import rotary_cos_sin
+        from finechat.models.chatglm.modeling_chatglm import InvalidScoreLogitsProcessor, rotary_cos_sin
 
         hidden = self.transformer.word_embeddings(input_ids)
         rot_dim = self.head_dim // 2
@@ -531,12 +518,9 @@ class ChatGLMFastDecoder(_StaticCacheDecoder):
         self._cache.start = start
         for layer in self.layers:
             hidden = layer(hidden, rotary, mask, self._cache, None)
-        hidden = self.transformer.final_layernorm(hidden[:, -1:])
+        hidden = self.final_norm(hidden[:, -1:])
         logits = self.causal_lm.lm_head(hidden)[:, -1].float()
-        if torch.isnan(logits).any() or torch.isinf(logits).any():  # the reference's fp16 overflow guard
-            logits = torch.zeros_like(logits)
-            logits[..., 5] = 5e4
-        return logits
+        return InvalidScoreLogitsProcessor()(input_ids, logits)  # the reference's fp16 overflow guard, as generate
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
