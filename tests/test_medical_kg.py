@@ -113,3 +113,12 @@ def test_bad_settings_and_cli_exit_code(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 3 and "bad.json#1: expected a JSON object" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_one_record_jsonl_graph_is_that_record(tmp_path):
+    path = tmp_path / "g.jsonl"
+    path.write_text('{"中心词": "感冒", "所属科室": ["呼吸内科"]}\n', encoding="utf-8")
+    assert [r.name for r in load_graph(path).records] == ["感冒"]
+    path.write_text('{"中心词": "感冒", "所属科室": 5}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="field '所属科室' must be a list"):
+        load_graph(path)

@@ -127,6 +127,8 @@ def load_graph(path: str | Path) -> KnowledgeGraph:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        if isinstance(doc, dict) and "records" not in doc and "中心词" in doc:
+            doc = [doc]  # a JSONL file with a single record reads as one JSON object
         if isinstance(doc, dict):
             if not isinstance(doc.get("records"), list):
                 raise DataError(f"{path}: a JSON object graph needs a 'records' list")
