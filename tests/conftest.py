@@ -9,6 +9,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import save_tiny_model  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def split_tiny_linear_layers(monkeypatch):
+    """Real models' fp32 CPU Linear layers run as row chunks on the fast path (finechat.infer.fast); the
+    tiny test models' layers are under the size where that starts, so tests lower it to take that path."""
+    monkeypatch.setattr("finechat.infer.fast.MIN_SPLIT_WEIGHTS", 0)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama folder (2 layers, hidden 64) with a byte-level BPE tokenizer and a ChatML template."""

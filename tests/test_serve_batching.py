@@ -13,14 +13,27 @@ from finechat.infer.batching import BatchScheduler, QueueFull
 from finechat.infer.engine import GenerationSettings
 from finechat.serve.api import ServeSettings, create_app
 
+
+@pytest.fixture(scope="module")
+def varied_bot(tmp_path_factory):
+    """A tiny model whose greedy answers depend on the prompt (the default tiny one repeats one token)."""
+    from tiny import save_tiny_model
+
+    import finechat
+
+    return finechat.load(str(save_tiny_model(tmp_path_factory.mktemp("varied"), initializer_range=0.3)))
+
+
 QUESTIONS = ["hello", "What is the capital of France?", "你好", "Write a short poem about the sea", "a", "中国的首都"]
 
 
-def test_concurrent_greedy_answers_equal_chat_in_fewer_steps(tiny_bot):
+def test_concurrent_greedy_answers_equal_chat_in_fewer_steps(varied_bot):
+    tiny_bot = varied_bot
     scheduler = BatchScheduler(tiny_bot, max_batch_size=8)
     try:
         assert scheduler.batched
         expected = [tiny_bot.chat(q, greedy=True, max_new_tokens=24)[0] for q in QUESTIONS]
+        assert len(set(expected)) == len(QUESTIONS)  # answers that a mixed-up row would change
         answers = [None] * len(QUESTIONS)
 
         def ask(i):
@@ -105,6 +118,33 @@ def test_a_lone_request_moves_into_the_batch_when_another_arrives(tiny_bot):
         rest = [t for step in first for t in step]
         other = [t for step in second for t in step]
         assert head + rest == expected and other == expected
+        assert wait_until(lambda: scheduler.active == 0)
+    finally:
+        scheduler.close()
+
+
+@pytest.mark.parametrize("prefill_tokens", [2048, 40])
+def test_requests_that_arrive_together_are_prefilled_together(varied_bot, monkeypatch, prefill_tokens):
+    """Prompts of different lengths, left-padded into shared prefills, answer exactly as alone; one that
+    ends at its first token leaves its group before the batch."""
+    monkeypatch.setattr("finechat.infer.batching.PREFILL_TOKENS", prefill_tokens)
+    tiny_bot = varied_bot
+    scheduler = BatchScheduler(tiny_bot)
+    groups = []
+    admit_group = scheduler._admit_group
+    monkeypatch.setattr(scheduler, "_admit_group", lambda seqs: groups.append(len(seqs)) or admit_group(seqs))
+    try:
+        prompts = [tiny_bot.encode_prompt(tiny_bot.build_prompt([{"role": "user", "content": q}])) for q in QUESTIONS]
+        settings = [GenerationSettings(max_new_tokens=1 if i == 2 else 16, greedy=True) for i in range(len(prompts))]
+        expected = [[t for step in tiny_bot.generate_ids(p, s) for t in step] for p, s in zip(prompts, settings)]
+        assert len({len(p) for p in prompts}) > 2 and len({tuple(e) for e in expected}) == len(prompts)
+        with scheduler._cond:  # the loop waits for this lock: every request is queued before it looks
+            streams = [scheduler.submit(p, s) for p, s in zip(prompts, settings)]
+        answers = [[t for step in stream for t in step] for stream in streams]
+        assert answers == expected
+        assert sum(groups) == len(prompts)
+        widest = max(len(p) for p in prompts)
+        assert groups == [len(prompts)] if prefill_tokens >= widest * len(prompts) else max(groups) < len(prompts)
         assert wait_until(lambda: scheduler.active == 0)
     finally:
         scheduler.close()

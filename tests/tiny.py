@@ -55,7 +55,9 @@ def make_tokenizer(chat_template: bool = True):
     return fast
 
 
-def make_tiny_llama(hidden: int = 64, layers: int = 2, vocab_size: int = 600, seed: int = 0):
+def make_tiny_llama(hidden: int = 64, layers: int = 2, vocab_size: int = 600, seed: int = 0,
+                    initializer_range: float = 0.02):
+    """A random tiny Llama; a wide ``initializer_range`` (0.3) makes its greedy answers depend on the prompt."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -63,14 +65,16 @@ def make_tiny_llama(hidden: int = 64, layers: int = 2, vocab_size: int = 600, se
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        initializer_range=initializer_range,
     )
     return LlamaForCausalLM(config).eval()
 
 
-def save_tiny_model(folder: Path, hidden: int = 64, layers: int = 2, chat_template: bool = True, seed: int = 0) -> Path:
+def save_tiny_model(folder: Path, hidden: int = 64, layers: int = 2, chat_template: bool = True, seed: int = 0,
+                    initializer_range: float = 0.02) -> Path:
     """Write a complete tiny Hugging Face model folder (config, safetensors, tokenizer)."""
     tokenizer = make_tokenizer(chat_template)
-    model = make_tiny_llama(hidden, layers, vocab_size=len(tokenizer), seed=seed)
+    model = make_tiny_llama(hidden, layers, vocab_size=len(tokenizer), seed=seed, initializer_range=initializer_range)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     folder = Path(folder)

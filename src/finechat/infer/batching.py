@@ -1,7 +1,8 @@
 """Continuous batching for the server: concurrent requests share the same forward passes.
 
-One scheduler thread owns the model. Each loop it admits waiting requests (a batch-1 prefill each, whose
-KV cache is then left-padded into the running batch cache), drops requests whose consumer went away, and
+One scheduler thread owns the model. Each loop it admits waiting requests (prompts that arrived together
+are prefilled side by side, left-padded, in one forward pass; their KV cache is then left-padded into the
+running batch cache), drops requests whose consumer went away, and
 runs one decode step for every active sequence at once: ``[batch, 1]`` new tokens against a padded
 ``DynamicCache`` of ``[batch, kv_heads, length, head_dim]`` per layer plus a ``[batch, length]``
 attention mask, with per-sequence position ids. A sequence leaves the batch as soon as it ends (stop
@@ -42,6 +43,8 @@ from typing import Any
 
 from finechat.errors import FinechatError
 from finechat.infer.engine import GenerationSettings
+
+PREFILL_TOKENS = 2048  # most padded prompt tokens prefilled in one forward pass when requests arrive together
 
 
 class QueueFull(FinechatError):
@@ -242,10 +245,9 @@ class BatchScheduler:
                     if alone and not joining[0].cancelled.is_set() and self._start_solo(joining[0]):
                         joining = []
                     for seq in joining:
-                        if not seq.cancelled.is_set():
-                            self._admit(seq)
-                        else:
+                        if seq.cancelled.is_set():
                             seq.out.put(_END)
+                    self._admit_all([seq for seq in joining if not seq.cancelled.is_set()])
                     self._joining = 0
                     self._drop_finished()
                     if self._solo is not None:
@@ -316,6 +318,68 @@ class BatchScheduler:
         else:
             seq.out.put(_END)
 
+    def _admit_all(self, seqs: list[_Sequence]) -> None:
+        """Admit new requests, prefilling those that arrived together in shared forward passes.
+
+        A prompt alone is a thin matrix product; several side by side make a wider one that the CPU runs
+        at a better rate (16 prompts of ~42 tokens on the default model: 1.0 s together, 16 x 0.13 s one by
+        one). Groups hold at most :data:`PREFILL_TOKENS` padded tokens.
+        """
+        group: list[_Sequence] = []
+        for seq in seqs:
+            width = max([len(s.prompt_ids) for s in group] + [len(seq.prompt_ids)])
+            if group and width * (len(group) + 1) > PREFILL_TOKENS:
+                self._admit_group(group)
+                group = []
+            group.append(seq)
+        if group:
+            self._admit_group(group)
+
+    def _admit_group(self, seqs: list[_Sequence]) -> None:
+        """Prefill several new requests at once (left-padded), emit their first tokens, join the batch."""
+        if len(seqs) == 1:
+            self._admit(seqs[0])
+            return
+        import torch
+        from transformers import DynamicCache
+
+        model = self.chat.model
+        device = _device(model)
+        lengths = [len(seq.prompt_ids) for seq in seqs]
+        width = max(lengths)
+        ids = torch.tensor([[0] * (width - n) + seq.prompt_ids for seq, n in zip(seqs, lengths)], device=device)
+        mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=device)  # [group, width]
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # each prompt counts from 0 at its first real token
+        cache = DynamicCache()
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **{self._cache_kwarg(): cache})
+        for seq in seqs:
+            if seq.settings.seed is not None and seq.generator is None:
+                seq.generator = torch.Generator(device=device).manual_seed(seq.settings.seed)
+        tokens = self._sample(out.logits[:, -1, :], seqs)  # [group]
+        keep = [row for row, (seq, token) in enumerate(zip(seqs, tokens.tolist())) if not self._emit(seq, int(token))]
+        if not keep:
+            return  # every one finished at its first token
+        index = torch.tensor(keep, device=device)
+        mask = mask.index_select(0, index)
+        for layer in cache.layers:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+        pos = torch.tensor([lengths[row] for row in keep], device=device)
+        self._join([seqs[row] for row in keep], cache, mask, pos, tokens.index_select(0, index))
+
+    def _join(self, seqs: list[_Sequence], cache: Any, mask: Any, positions: Any, last: Any) -> None:
+        """Add prefilled rows (their cache, mask, next positions and last tokens) to the running batch."""
+        import torch
+
+        if self._cache is None or not self._active:
+            self._cache, self._mask, self._positions, self._last = cache, mask, positions, last
+        else:
+            self._cache, self._mask = _merge(self._cache, self._mask, cache, mask)
+            self._positions = torch.cat([self._positions, positions])
+            self._last = torch.cat([self._last, last])
+        self._active.extend(seqs)
+
     def _admit(self, seq: _Sequence, resume: bool = False) -> None:
         """Prefill one request alone, emit its first token and pad its cache into the running batch.
 
@@ -342,15 +406,7 @@ class BatchScheduler:
                 return  # finished at its first token: never joins the batch
         n = ids.shape[1]  # the cache was filled in place
         mask = torch.ones(1, n, dtype=torch.long, device=device)
-        pos = torch.tensor([n], device=device)
-        last = torch.tensor([token], device=device)
-        if self._cache is None or not self._active:
-            self._cache, self._mask, self._positions, self._last = cache, mask, pos, last
-        else:
-            self._cache, self._mask = _merge(self._cache, self._mask, cache, mask)
-            self._positions = torch.cat([self._positions, pos])
-            self._last = torch.cat([self._last, last])
-        self._active.append(seq)
+        self._join([seq], cache, mask, torch.tensor([n], device=device), torch.tensor([token], device=device))
 
     def _decode_step(self) -> None:
         import torch
@@ -466,7 +522,7 @@ class BatchScheduler:
 
 
 def _merge(cache: Any, mask: Any, new_cache: Any, new_mask: Any) -> tuple[Any, Any]:
-    """Stack a one-row cache under the batch cache, left-padding the shorter one to the same length."""
+    """Stack new rows' cache under the batch cache, left-padding the shorter one to the same length."""
     import torch
     import torch.nn.functional as F
 

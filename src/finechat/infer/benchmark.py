@@ -217,7 +217,7 @@ def bench_model(load_fp32: Any, precisions: tuple[str, ...] = PRECISIONS, new_to
 
     Decode speeds are the median over ``rounds`` alternating runs of ``generate`` and the fast path.
     """
-    from finechat.infer.fast import fast_decoder, is_supported, pack_linear_weights, unpack_linear_weights
+    from finechat.infer.fast import fast_decoder, is_supported, split_linear_layers, unsplit_linear_layers
     from finechat.models.quantize import DEFAULT_GROUP_SIZE, weight_bytes
 
     group_size = group_size or DEFAULT_GROUP_SIZE
@@ -238,9 +238,9 @@ def bench_model(load_fp32: Any, precisions: tuple[str, ...] = PRECISIONS, new_to
         model = make_precision(base, precision, group_size).eval()
         del base
         fast = is_supported(model)
-        decoder = fast_decoder(model, compile=compile) if fast else None  # packs the weights on CPU
+        decoder = fast_decoder(model, compile=compile) if fast else None  # splits fp32 Linear layers on CPU
         _release_memory()
-        reset_peak_memory(device)  # the packing's transient copies are not part of running the model
+        reset_peak_memory(device)
         log(f"[{precision}] perplexity on {text_ids.numel()} held-out tokens ...")
         ppl, top1 = perplexity_and_top1(model, text_ids)
         if reference_top1 is None:
@@ -250,16 +250,16 @@ def bench_model(load_fp32: Any, precisions: tuple[str, ...] = PRECISIONS, new_to
         if decoder is not None:
             list(decoder.generate(prompt, 3))  # warm-up (and compilation)
         prefill = time_prefill(model, decoder, prompt)
-        peak = peak_memory_mb(device)  # before the timing rounds re-lay the weights (their copies are transient)
+        peak = peak_memory_mb(device)
         time_hf_generate(model, prompt, 3)  # warm-up
         hf_gaps, fast_gaps, hf_tokens, fast_tokens = [], [], None, None
         for _ in range(rounds):
-            unpack_linear_weights(model)
+            unsplit_linear_layers(model)  # generate on transformers' own modules
             hf_tokens, gap = time_hf_generate(model, prompt, new_tokens)
             hf_gaps.append(gap)
             if decoder is not None:
-                if decoder.pack_weights:
-                    pack_linear_weights(model)
+                if decoder.split_rows:
+                    split_linear_layers(model)
                 fast_tokens, gap = time_fast_decode(decoder, prompt, new_tokens)
                 fast_gaps.append(gap)
         hf_gap = statistics.median(hf_gaps)

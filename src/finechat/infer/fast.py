@@ -23,19 +23,25 @@ prompt is prefilled with GLM's mask (bidirectional up to ``<sop>``), and each ne
 position (the [gMASK] index, block position counted from ``<sop>``) that ``generate`` would compute by
 rebuilding the whole mask every step.
 
-Weight layout on CPU: at batch 1 every step is one matrix-vector product per Linear layer, read from
+Linear layers on CPU: at batch 1 every step is one matrix-vector product per Linear layer, read from
 memory once per token (30 layers x 7 matrices and a 49,152 x 576 head on the default model: 538 MB in
-fp32, far beyond the caches). MKL's matrix-vector kernel streams a weight stored as [in, out] much faster
-than the [out, in] layout ``nn.Linear`` keeps (measured on this 2-core CPU, cold caches: the default
-model's head 11-13 ms -> 6 ms, its 210 layer matrices 37 ms -> 32 ms). So :func:`pack_linear_weights`
-re-stores each fp32 ``nn.Linear`` weight transposed *in place* (``weight`` stays an [out, in] tensor, now a
-transposed view; no extra memory, tied weights stay tied) and registers a state-dict hook so that
-``save_pretrained`` and peft still write ordinary contiguous tensors. Only the order of the additions
-inside each dot product changes, so logits can differ from ``generate``'s on the original layout in the
-last bits (about 1e-4 on the default model's logits of size 10-30; ``generate`` on the packed model gives
-the fast path's logits exactly): greedy tokens match except at near-ties closer than that (the bench's
-"greedy = HF" column compares with ``generate`` on the original layout). ``pack_weights=False`` keeps the
-layout.
+fp32, far beyond the caches). ``F.linear`` hands such a product to MKL's matrix-vector kernel, which runs
+it on one core: measured on this 2-core VM with cold caches, 10-13 GB/s, while a plain sum over the same
+bytes reads 31 GB/s on two threads. ``torch.bmm`` parallelises over its batch, so the same product written
+as a batch of row chunks of the weight ([chunks, out/chunks, in] @ [chunks, in, rows], a view, no copy)
+runs the chunks side by side: the default model's 211 products per token 41 ms -> 22 ms (23 GB/s); also
+about 2x at 2-4 rows (the batch scheduler's steps) and 1.1-1.2x at 16-32. :func:`split_linear_layers` therefore turns
+each fp32 CPU ``nn.Linear`` into a :class:`RowSplitLinear` in place (same parameters and state dict, so
+saving and peft are unaffected; tied weights stay tied); it uses the chunks for up to
+:data:`MAX_SPLIT_ROWS` rows and ``F.linear`` otherwise (prefill is a compute-bound matrix product that MKL
+already threads). Weights under 256 KB are left alone: from cache a lone product is fast and the split adds
+~8 us per call (3.6 -> 11.8 us at 64 x 64), while from memory it halves the time from 256 x 256 up. bf16 is left alone: its CPU matmul is compute-bound here and splitting made it slower.
+Only the order of the additions inside each dot product changes, so logits can differ from ``generate``'s
+on plain ``nn.Linear`` in the last bits (about 1e-5): greedy tokens match except at near-ties closer than
+that (the bench's "greedy = HF" column compares with ``generate`` on plain ``nn.Linear``).
+``split_rows=False`` keeps the modules as they are. No library offers this: torchao, optimum-quanto and
+bitsandbytes target quantized or GPU kernels, and oneDNN's fp32 linear (``torch._C._nn.mkldnn_linear``)
+measured 7-14 GB/s on the layer shapes.
 
 Models outside these families (or with a peft prompt-learning adapter such as P-Tuning v2, whose virtual
 tokens live in the cache, or ChatGLM's own P-Tuning prefix) are reported by :func:`unsupported_reason`; the
@@ -52,6 +58,8 @@ import torch.nn.functional as F
 from transformers.generation.logits_process import LogitsProcessor
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "chatglm")
+MAX_SPLIT_ROWS = 32  # up to this many rows (sequences x new tokens) a Linear layer runs as row chunks
+MIN_SPLIT_WEIGHTS = 1 << 16  # smaller weights stay in cache, where splitting only adds ~8 us of overhead
 
 
 def base_causal_lm(model: Any) -> Any:
@@ -168,63 +176,74 @@ def pick_next_token(logits: torch.Tensor, seen: torch.Tensor | None, do_sample: 
 # --------------------------------------------------------------------------------------------------------
 # weight layout
 # --------------------------------------------------------------------------------------------------------
-def _contiguous_state_dict_hook(module: Any, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-    """Hand out packed (transposed-view) weights as ordinary contiguous tensors; one copy per tied weight."""
-    copies: dict[tuple, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_contiguous():
-            ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride())
-            if ident not in copies:
-                copies[ident] = value.contiguous()
-            state_dict[key] = copies[ident]
+class RowSplitLinear(torch.nn.Linear):
+    """An ``nn.Linear`` whose products over a few rows run as ``row_chunks`` matrix-vector products at once.
 
-
-def pack_linear_weights(model: Any) -> int:
-    """Store every fp32 CPU ``nn.Linear`` weight of ``model`` transposed, in place; returns how many changed.
-
-    The module docstring says why (MKL's matrix-vector kernel). Adapter matrices (peft ``lora_*``) and
-    anything already packed are left alone; saving still writes contiguous [out, in] tensors.
+    Installed in place by :func:`split_linear_layers` (the module docstring says why); same parameters,
+    same state dict, same results up to the order of the additions inside each dot product.
     """
-    packed = 0
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if type(module) is not torch.nn.Linear or "lora_" in name or weight is None:
-            continue
-        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not weight.is_contiguous():
-            continue
-        if min(weight.shape) < 16:
-            continue
-        with torch.no_grad():
-            weight.data = weight.data.t().contiguous().t()  # same Parameter object: tied weights stay tied
-        packed += 1
-    if packed:
-        # Weights loaded from safetensors are views of the file's memory map; the few tensors left on it
-        # (norms, biases) would keep every page of it resident next to the packed copies. Own them too.
-        with torch.no_grad():
-            for tensor in list(model.parameters()) + list(model.buffers()):
-                if tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.numel() < 2**22:
-                    tensor.data = tensor.data.clone()
-        for module in (model, getattr(model, "model", None), getattr(model, "transformer", None)):
-            if isinstance(module, torch.nn.Module) and not getattr(module, "_finechat_packed_hook", False):
-                module.register_state_dict_post_hook(_contiguous_state_dict_hook)
-                module._finechat_packed_hook = True
-        trim_heap()
-    return packed
+
+    row_chunks: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return split_linear(self, x)
 
 
-def unpack_linear_weights(model: Any) -> int:
-    """Undo :func:`pack_linear_weights`: every transposed-view Linear weight becomes contiguous again."""
-    unpacked = 0
+def split_linear(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; up to :data:`MAX_SPLIT_ROWS` rows as one batched product over row chunks."""
+    weight = module.weight
+    in_features = weight.shape[-1]
+    rows = x.numel() // in_features if in_features else 0
+    if not 0 < rows <= MAX_SPLIT_ROWS or x.dtype != torch.float32 or weight.dtype != torch.float32 \
+            or weight.device.type != "cpu" or x.device.type != "cpu" or not weight.is_contiguous() \
+            or torch.get_num_threads() < 2:
+        return F.linear(x, weight, module.bias)
+    chunks = module.row_chunks
+    # [chunks, out/chunks, in] @ [chunks, in, rows]: at::bmm hands each chunk to its own thread
+    out = torch.bmm(weight.view(chunks, -1, in_features), x.reshape(rows, in_features).t().expand(chunks, -1, -1))
+    out = out.permute(2, 0, 1).reshape(*x.shape[:-1], weight.shape[0])
+    return out if module.bias is None else out + module.bias
+
+
+def _row_chunks(out_features: int) -> int:
+    """The largest divisor of ``out_features`` up to the number of threads; 1 when none (or one thread)."""
+    for chunks in range(torch.get_num_threads(), 1, -1):
+        if out_features % chunks == 0:
+            return chunks
+    return 1
+
+
+def split_linear_layers(model: Any) -> int:
+    """Make every plain fp32 CPU ``nn.Linear`` of ``model`` a :class:`RowSplitLinear`, in place; returns how many.
+
+    Weights are untouched (no copy, tied weights stay tied, saving is unchanged). peft's adapter matrices,
+    hooked or accelerate-wrapped modules and weights under :data:`MIN_SPLIT_WEIGHTS` entries are left as they are.
+    """
+    changed = 0
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if type(module) is torch.nn.Linear and weight is not None and weight.dim() == 2 \
-                and weight.stride() == (1, weight.shape[0]) and not weight.is_contiguous():
-            with torch.no_grad():
-                weight.data = weight.data.contiguous()
-            unpacked += 1
-    if unpacked:
-        trim_heap()
-    return unpacked
+        if type(module) is not torch.nn.Linear or "lora_" in name or weight is None or not _plain(module):
+            continue
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.numel() < MIN_SPLIT_WEIGHTS:
+            continue
+        chunks = _row_chunks(weight.shape[0])
+        if chunks < 2:
+            continue
+        module.__class__ = RowSplitLinear
+        module.row_chunks = chunks
+        changed += 1
+    return changed
+
+
+def unsplit_linear_layers(model: Any) -> int:
+    """Undo :func:`split_linear_layers`: every :class:`RowSplitLinear` is an ``nn.Linear`` again."""
+    changed = 0
+    for module in model.modules():
+        if type(module) is RowSplitLinear:
+            module.__class__ = torch.nn.Linear
+            del module.row_chunks
+            changed += 1
+    return changed
 
 
 def trim_heap() -> None:
@@ -249,7 +268,7 @@ class _StaticCacheDecoder:
     head_dim: int
     layers: list
 
-    def __init__(self, model: Any, compile: bool = False, pack_weights: bool = True):
+    def __init__(self, model: Any, compile: bool = False, split_rows: bool = True):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"the fast decoder does not support this model: {reason}")
@@ -261,10 +280,10 @@ class _StaticCacheDecoder:
         self.key_cache: list[torch.Tensor] = []    # per layer [batch, kv_heads, capacity, head_dim]
         self.value_cache: list[torch.Tensor] = []
         self._compiled_step = None
-        self.pack_weights = pack_weights
+        self.split_rows = split_rows
         self._setup()
-        if pack_weights and self.device.type == "cpu":
-            pack_linear_weights(self.causal_lm)
+        if split_rows and self.device.type == "cpu":
+            split_linear_layers(self.causal_lm)
 
     def _setup(self) -> None:
         """Family-specific attributes, including ``final_norm`` (its weight gives the device and dtype)."""
@@ -351,6 +370,8 @@ def _plain(module: Any) -> bool:
 
 
 def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
+    if type(module) is RowSplitLinear and _plain(module):
+        return split_linear(module, x)
     if type(module) is torch.nn.Linear and _plain(module):
         return F.linear(x, module.weight, module.bias)
     return module(x)
@@ -573,14 +594,14 @@ class ChatGLMFastDecoder(_StaticCacheDecoder):
             self._cache.position = None
 
 
-def fast_decoder(model: Any, compile: bool = False, pack_weights: bool = True) -> _StaticCacheDecoder:
+def fast_decoder(model: Any, compile: bool = False, split_rows: bool = True) -> _StaticCacheDecoder:
     """The fast decoder for ``model``'s family (raises ValueError, naming why, for unsupported models)."""
     reason = unsupported_reason(model)
     if reason:
         raise ValueError(f"the fast decoder does not support this model: {reason}")
     model_type = getattr(base_causal_lm(model).config, "model_type", None)
     cls = ChatGLMFastDecoder if model_type == "chatglm" else FastDecoder
-    return cls(model, compile=compile, pack_weights=pack_weights)
+    return cls(model, compile=compile, split_rows=split_rows)
 
 
 def make_generator(device: torch.device | str, seed: int | None) -> torch.Generator:

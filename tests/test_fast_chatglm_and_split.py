@@ -1,4 +1,4 @@
-"""The fast path on native ChatGLM-6B (same greedy tokens as its generate) and the CPU weight packing."""
+"""The fast path on native ChatGLM-6B (same greedy tokens as its generate) and the row-split CPU Linear layers."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import torch
 from finechat.infer.fast import (
     ChatGLMFastDecoder,
     FastDecoder,
+    RowSplitLinear,
     fast_decoder,
-    pack_linear_weights,
+    split_linear,
+    split_linear_layers,
+    unsplit_linear_layers,
     unsupported_reason,
 )
 from finechat.models.chatglm.configuration_chatglm import ChatGLMConfig
@@ -99,37 +102,83 @@ def _llama():
     return LlamaForCausalLM(config).eval()
 
 
-def test_packing_keeps_values_ties_and_saving(tmp_path):
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 32, 33])
+@pytest.mark.parametrize("bias", [False, True])
+def test_split_linear_is_linear(rows, bias):
+    torch.manual_seed(rows)
+    layer = torch.nn.Linear(48, 96, bias=bias)
+    layer.row_chunks = 4
+    x = torch.randn(rows, 1, 48)  # [b, len, in]: any leading shape
+    out = split_linear(layer, x)
+    assert out.shape == (rows, 1, 96)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-5)
+
+
+def test_split_linear_runs_the_chunks_as_one_batched_product(monkeypatch):
+    """Few rows go through torch.bmm over the row chunks; many rows, one thread or bf16 stay with F.linear."""
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(tuple(a.shape)) or real_bmm(a, b))
+    layer = torch.nn.Linear(32, 64)
+    layer.row_chunks = 2
+    split_linear(layer, torch.randn(1, 32))
+    assert calls == [(2, 32, 32)]
+    split_linear(layer, torch.randn(33, 32))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: nothing to run side by side
+    try:
+        split_linear(layer, torch.randn(1, 32))
+    finally:
+        torch.set_num_threads(threads)
+    split_linear(layer.to(torch.bfloat16), torch.randn(1, 32, dtype=torch.bfloat16))
+    assert calls == [(2, 32, 32)]
+
+
+def test_splitting_keeps_weights_ties_values_and_saving(tmp_path):
     from transformers import LlamaForCausalLM
 
     model = _llama()
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.inference_mode():
         before = model(ids).logits
-    assert pack_linear_weights(model) == 15  # 2 layers x 7 + the tied head
     weight = model.model.layers[0].mlp.down_proj.weight
-    assert weight.shape == (64, 128) and weight.stride() == (1, 64)  # [out, in], stored [in, out]
+    assert split_linear_layers(model) == 15  # 2 layers x 7 + the tied head
+    assert type(model.model.layers[0].mlp.down_proj) is RowSplitLinear
+    assert model.model.layers[0].mlp.down_proj.weight is weight and weight.is_contiguous()  # untouched
     assert model.lm_head.weight is model.model.embed_tokens.weight
     with torch.inference_mode():  # the same function; only the summation order inside a dot product moves
-        assert torch.allclose(model(ids).logits, before, rtol=0, atol=1e-5)
+        assert torch.allclose(model(ids[:, :1]).logits, before[:, :1], rtol=0, atol=1e-5)
     model.save_pretrained(tmp_path / "saved")
-    state = model.state_dict()
-    assert all(t.is_contiguous() for t in state.values())
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "saved").eval()
     with torch.inference_mode():
         assert torch.equal(reloaded(ids).logits, before)
-    assert pack_linear_weights(model) == 0  # already packed
+    assert split_linear_layers(model) == 0  # already split
+    assert unsplit_linear_layers(model) == 15
+    assert type(model.lm_head) is torch.nn.Linear and not hasattr(model.lm_head, "row_chunks")
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, before)
 
 
-def test_decoder_packs_fp32_cpu_weights_unless_asked_not_to():
+def test_decoder_splits_fp32_cpu_layers_unless_asked_not_to():
     model = _llama()
-    FastDecoder(model, pack_weights=False)
-    assert model.model.layers[0].self_attn.q_proj.weight.is_contiguous()
+    FastDecoder(model, split_rows=False)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     FastDecoder(model)
-    assert not model.model.layers[0].self_attn.q_proj.weight.is_contiguous()
+    assert type(model.model.layers[0].self_attn.q_proj) is RowSplitLinear
+    bf16 = _llama().to(torch.bfloat16)
+    FastDecoder(bf16)
+    assert type(bf16.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # bf16 matmul gains nothing here
 
 
-def test_lora_adapter_still_saves_after_packing(tmp_path):
+def test_weights_that_stay_in_cache_are_not_split(monkeypatch):
+    monkeypatch.setattr("finechat.infer.fast.MIN_SPLIT_WEIGHTS", 128 * 64)  # the MLP's, not q_proj's 64 x 64
+    model = _llama()
+    assert split_linear_layers(model) == 2 * 3 + 1  # gate/up/down per layer and the 300 x 64 head
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert type(model.model.layers[0].mlp.up_proj) is RowSplitLinear
+
+
+def test_lora_adapter_still_saves_after_splitting(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     model = get_peft_model(_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).eval()
@@ -138,7 +187,7 @@ def test_lora_adapter_still_saves_after_packing(tmp_path):
     answer = list(decoder.generate(ids, 8))
     model.save_pretrained(tmp_path / "adapter")
     again = PeftModel.from_pretrained(_llama(), tmp_path / "adapter").eval()
-    assert list(FastDecoder(again, pack_weights=False).generate(ids, 8)) == answer
+    assert list(FastDecoder(again, split_rows=False).generate(ids, 8)) == answer
 
 
 @pytest.mark.parametrize("bits", [8, 4])
