@@ -12,10 +12,11 @@ One row per precision, all measured in the same process, one model resident at a
   and English, written for this project) and top-1 agreement with the fp32 model on the same positions;
 * whether the fast path's greedy tokens equal ``generate``'s for that model.
 
-``generate`` always runs on the weights exactly as transformers lays them out, so the baseline column is
-what a user of transformers alone gets; the fast decoder re-stores fp32 Linear weights transposed on CPU
-(see ``finechat.infer.fast``). The two are timed in alternating rounds (the weights re-laid before each),
-and each speed is the median over the rounds, so that a slow spell of a shared machine hits both.
+``generate`` always runs on transformers' own modules, so the baseline column is what a user of
+transformers alone gets; on CPU the fast decoder runs fp32 Linear layers as row-split products (see
+``finechat.infer.fast``). The two are timed in alternating rounds (the split undone before each
+``generate`` round and redone before each fast one), and each speed is the median over the rounds, so
+that a slow spell of a shared machine hits both.
 
 On CUDA it adds the fraction of the memory-bandwidth limit: (weight bytes read per token / time per
 token) / the bandwidth of a device-to-device copy measured in the same run.
