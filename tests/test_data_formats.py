@@ -249,3 +249,18 @@ def test_conversation_dict_round_trip():
     assert Conversation.from_dict(conv.to_dict()) == conv
     with pytest.raises(DataError):
         Turn("robot", "x")
+
+
+def test_pretraining_jsonl_names_the_bad_line(tmp_path):
+    from finechat.train.pretrain import read_documents
+
+    good = tmp_path / "docs.jsonl"
+    good.write_text('{"text": "一"}\n\n{"text": "two"}\n', encoding="utf-8")
+    assert read_documents([str(good)]) == ["一", "two"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: invalid JSON"):
+        read_documents([str(bad)])
+    bad.write_text('{"text": "a"}\n["not", "a record"]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: text: a pretraining record needs a 'text' string"):
+        read_documents([str(bad)])

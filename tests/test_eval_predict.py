@@ -72,7 +72,7 @@ def test_bad_predictions_file_names_the_line(tmp_path, capsys):
     assert "p.jsonl:2: missing field 'label'" in capsys.readouterr().err
     path.write_text('{"predict": "a", "label": "a"}\nnot json\n')
     assert cli(["eval", "--predictions", str(path)]) == 3
-    assert "p.jsonl:2: not valid JSON" in capsys.readouterr().err
+    assert "p.jsonl:2: invalid JSON" in capsys.readouterr().err
 
 
 def test_compare_before_and_after(tiny_model_dir, taught, tmp_path, capsys):

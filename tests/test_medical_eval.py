@@ -45,6 +45,9 @@ def test_load_questions_errors(tmp_path):
     path.write_text("{bad\n", encoding="utf-8")
     with pytest.raises(DataError, match="q.jsonl:1: invalid JSON"):
         load_kg_questions(path)
+    path.write_text("\n5\n", encoding="utf-8")  # JSON, but not a question (was a TypeError)
+    with pytest.raises(DataError, match="q.jsonl:2: expected an object"):
+        load_kg_questions(path)
 
 
 def test_evaluate_on_a_tiny_model(tiny_bot, tmp_path):

@@ -168,6 +168,22 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any, str | None]]
             yield i + 1, None, f"malformed JSON: {e.msg} (column {e.colno})"
 
 
+def json_lines(text: str, path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of JSON Lines ``text``.
+
+    For readers that refuse a bad file rather than skip lines (held-out questions, predictions, pretraining
+    text, knowledge graphs): a line that is not JSON raises :class:`DataError` naming ``path:line``.
+    """
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: invalid JSON: {e.msg}") from None
+        yield number, value
+
+
 def _iter_csv(path: str) -> Iterator[tuple[int, Any, str | None]]:
     """CSV/TSV with a header row: each row is a record of text columns (a JSON list column is decoded)."""
     import csv

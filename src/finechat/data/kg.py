@@ -38,6 +38,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finechat.data.formats import json_lines
 from finechat.errors import DataError
 
 # cMeKG field name -> our attribute. Only 中心词 is required.
@@ -139,13 +140,7 @@ def load_graph(path: str | Path) -> KnowledgeGraph:
             doc = doc["records"]
         entries = [(f"{path.name}#{i}", r) for i, r in enumerate(doc, start=1)]
     else:
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entries.append((f"{path.name}:{number}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: invalid JSON: {e.msg}") from None
+        entries = [(f"{path.name}:{number}", value) for number, value in json_lines(text, path)]
     records = [parse_record(raw, where) for where, raw in entries]
     if not records:
         raise DataError(f"{path}: no records")

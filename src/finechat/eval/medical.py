@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from finechat.data.formats import json_lines
 from finechat.errors import DataError
 from finechat.eval.metrics import compute_metrics, format_table
 
@@ -34,13 +35,9 @@ def load_kg_questions(path: str | Path, max_samples: int | None = None) -> list[
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: invalid JSON: {e.msg}") from None
+    for number, row in json_lines(path.read_text(encoding="utf-8"), path):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected an object with instruction, output and answers")
         for key in ("instruction", "output", "answers"):
             if key not in row:
                 raise DataError(f"{path}:{number}: missing field {key!r} (make the file with finechat data from-kg)")

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finechat.data.formats import json_lines
 from finechat.data.templates import Message
 from finechat.errors import DataError
 from finechat.eval.metrics import compute_metrics, perplexity
@@ -225,25 +226,18 @@ def read_predictions(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"predictions file not found: {path}")
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON: {e.msg}") from e
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{n}: expected an object with 'predict' and 'label' (or 'labels')")
-            label = obj.get("label", obj.get("labels"))
-            if "predict" not in obj:
-                raise DataError(f"{path}:{n}: missing field 'predict'")
-            if label is None:
-                raise DataError(f"{path}:{n}: missing field 'label' (or 'labels')")
-            for name, value in (("predict", obj["predict"]), ("label", label)):
-                if not isinstance(value, str):
-                    raise DataError(f"{path}:{n}: field '{name}' must be text, got {type(value).__name__}")
-            records.append({"prompt": obj.get("prompt", ""), "predict": obj["predict"], "label": label})
+    for n, obj in json_lines(path.read_text(encoding="utf-8"), path):
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{n}: expected an object with 'predict' and 'label' (or 'labels')")
+        label = obj.get("label", obj.get("labels"))
+        if "predict" not in obj:
+            raise DataError(f"{path}:{n}: missing field 'predict'")
+        if label is None:
+            raise DataError(f"{path}:{n}: missing field 'label' (or 'labels')")
+        for name, value in (("predict", obj["predict"]), ("label", label)):
+            if not isinstance(value, str):
+                raise DataError(f"{path}:{n}: field '{name}' must be text, got {type(value).__name__}")
+        records.append({"prompt": obj.get("prompt", ""), "predict": obj["predict"], "label": label})
     if not records:
         raise DataError(f"{path}: no predictions")
     return records

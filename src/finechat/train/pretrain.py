@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from finechat.data.formats import json_lines
 from finechat.errors import ConfigError, DataError
 from finechat.train.config import TrainConfig
 
@@ -86,13 +86,7 @@ def read_documents(paths: list[str], document_per: str = "line") -> list[str]:
         except UnicodeDecodeError as e:
             raise DataError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if path.suffix in (".jsonl", ".json"):
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}:{n}: (json): {e.msg}") from None
+            for n, rec in json_lines(text, p):
                 if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                     raise DataError(f"{p}:{n}: text: a pretraining record needs a 'text' string")
                 docs.append(rec["text"])
