@@ -30,12 +30,13 @@ it on one core: measured on this 2-core VM with cold caches, 10-13 GB/s, while a
 bytes reads 31 GB/s on two threads. ``torch.bmm`` parallelises over its batch, so the same product written
 as a batch of row chunks of the weight ([chunks, out/chunks, in] @ [chunks, in, rows], a view, no copy)
 runs the chunks side by side: the default model's 211 products per token 41 ms -> 22 ms (23 GB/s); also
-about 2x at 2-4 rows (the batch scheduler's steps) and 1.1-1.2x at 16-32. :func:`split_linear_layers` therefore turns
-each fp32 CPU ``nn.Linear`` into a :class:`RowSplitLinear` in place (same parameters and state dict, so
-saving and peft are unaffected; tied weights stay tied); it uses the chunks for up to
-:data:`MAX_SPLIT_ROWS` rows and ``F.linear`` otherwise (prefill is a compute-bound matrix product that MKL
-already threads). Weights under 256 KB are left alone: from cache a lone product is fast and the split adds
-~8 us per call (3.6 -> 11.8 us at 64 x 64), while from memory it halves the time from 256 x 256 up. bf16 is left alone: its CPU matmul is compute-bound here and splitting made it slower.
+about 2x at 2-4 rows (the batch scheduler's steps) and 1.1-1.2x at 16-32. :func:`split_linear_layers`
+therefore turns each fp32 CPU ``nn.Linear`` into a :class:`RowSplitLinear` in place (same parameters and
+state dict, so saving and peft are unaffected; tied weights stay tied); it uses the chunks for up to
+:data:`MAX_SPLIT_ROWS` rows and ``F.linear`` otherwise (longer prompts are compute-bound matrix products
+that MKL already threads). Weights under 256 KB are left alone: from cache a lone product is fast and the
+split adds ~8 us per call (3.6 -> 11.8 us at 64 x 64), while from memory it halves the time from 256 x 256
+up. bf16 is left alone too: its CPU matmul is compute-bound here and splitting made it slower.
 Only the order of the additions inside each dot product changes, so logits can differ from ``generate``'s
 on plain ``nn.Linear`` in the last bits (about 1e-5): greedy tokens match except at near-ties closer than
 that (the bench's "greedy = HF" column compares with ``generate`` on plain ``nn.Linear``).
