@@ -314,7 +314,7 @@ class BatchScheduler:
         finally:
             self.chat._lock.release()
         if resume and seq.generated and not seq.cancelled.is_set():
-            self._admit(seq, resume=True)
+            self._resume(seq)
         else:
             seq.out.put(_END)
 
@@ -336,30 +336,22 @@ class BatchScheduler:
             self._admit_group(group)
 
     def _admit_group(self, seqs: list[_Sequence]) -> None:
-        """Prefill several new requests at once (left-padded), emit their first tokens, join the batch."""
-        if len(seqs) == 1:
-            self._admit(seqs[0])
-            return
+        """Prefill new requests at once (left-padded), emit their first tokens and join them to the batch."""
         import torch
-        from transformers import DynamicCache
 
-        model = self.chat.model
-        device = _device(model)
+        device = _device(self.chat.model)
         lengths = [len(seq.prompt_ids) for seq in seqs]
         width = max(lengths)
         ids = torch.tensor([[0] * (width - n) + seq.prompt_ids for seq, n in zip(seqs, lengths)], device=device)
         mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=device)  # [group, width]
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # each prompt counts from 0 at its first real token
-        cache = DynamicCache()
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                    **{self._cache_kwarg(): cache})
+        logits, cache = self._prefill(ids, mask, positions)
         for seq in seqs:
-            if seq.settings.seed is not None and seq.generator is None:
-                seq.generator = torch.Generator(device=device).manual_seed(seq.settings.seed)
-        tokens = self._sample(out.logits[:, -1, :], seqs)  # [group]
+            self._seed(seq, device)
+        tokens = self._sample(logits, seqs)  # [group]
         keep = [row for row, (seq, token) in enumerate(zip(seqs, tokens.tolist())) if not self._emit(seq, int(token))]
         if not keep:
-            return  # every one finished at its first token
+            return  # every one finished at its first token: none joins the batch
         index = torch.tensor(keep, device=device)
         mask = mask.index_select(0, index)
         for layer in cache.layers:
@@ -367,6 +359,35 @@ class BatchScheduler:
             layer.values = layer.values.index_select(0, index)
         pos = torch.tensor([lengths[row] for row in keep], device=device)
         self._join([seqs[row] for row in keep], cache, mask, pos, tokens.index_select(0, index))
+
+    def _resume(self, seq: _Sequence) -> None:
+        """Move a sequence that ran alone on the fast decoder into the batch where it left off: its prompt and
+        all but its last token are prefilled, and the last token is the next input."""
+        import torch
+
+        device = _device(self.chat.model)
+        ids = torch.tensor([seq.prompt_ids + seq.generated[:-1]], device=device)  # [1, history]
+        mask = torch.ones_like(ids)
+        _, cache = self._prefill(ids, mask)
+        self._seed(seq, device)
+        self._join([seq], cache, mask, torch.tensor([ids.shape[1]], device=device),
+                   torch.tensor([seq.generated[-1]], device=device))
+
+    def _prefill(self, ids: Any, mask: Any, positions: Any = None) -> tuple[Any, Any]:
+        """One forward pass over prompts [rows, length] into a fresh cache -> (last-position logits, cache)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        out = self.chat.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                              logits_to_keep=1, **{self._cache_kwarg(): cache})  # the cache is filled in place
+        return out.logits[:, -1, :], cache
+
+    @staticmethod
+    def _seed(seq: _Sequence, device: Any) -> None:
+        import torch
+
+        if seq.settings.seed is not None and seq.generator is None:
+            seq.generator = torch.Generator(device=device).manual_seed(seq.settings.seed)
 
     def _join(self, seqs: list[_Sequence], cache: Any, mask: Any, positions: Any, last: Any) -> None:
         """Add prefilled rows (their cache, mask, next positions and last tokens) to the running batch."""
@@ -379,34 +400,6 @@ class BatchScheduler:
             self._positions = torch.cat([self._positions, positions])
             self._last = torch.cat([self._last, last])
         self._active.extend(seqs)
-
-    def _admit(self, seq: _Sequence, resume: bool = False) -> None:
-        """Prefill one request alone, emit its first token and pad its cache into the running batch.
-
-        With ``resume`` the sequence already has tokens (it ran alone on the fast decoder): the prompt and
-        all but its last token are prefilled, and the last token is the next input.
-        """
-        import torch
-        from transformers import DynamicCache
-
-        model = self.chat.model
-        device = _device(model)
-        history = seq.prompt_ids + seq.generated[:-1] if resume else seq.prompt_ids
-        ids = torch.tensor([history], device=device)  # [1, prompt]
-        cache = DynamicCache()
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1,
-                    **{self._cache_kwarg(): cache})
-        if seq.settings.seed is not None and seq.generator is None:
-            seq.generator = torch.Generator(device=device).manual_seed(seq.settings.seed)
-        if resume:
-            token = seq.generated[-1]
-        else:
-            token = int(self._sample(out.logits[:, -1, :], [seq])[0])
-            if self._emit(seq, token):
-                return  # finished at its first token: never joins the batch
-        n = ids.shape[1]  # the cache was filled in place
-        mask = torch.ones(1, n, dtype=torch.long, device=device)
-        self._join([seq], cache, mask, torch.tensor([n], device=device), torch.tensor([token], device=device))
 
     def _decode_step(self) -> None:
         import torch

@@ -25,7 +25,9 @@ token) / the bandwidth of a device-to-device copy measured in the same run.
 from __future__ import annotations
 
 import copy
+import ctypes
 import dataclasses
+import gc
 import statistics
 import time
 from importlib import resources
@@ -44,9 +46,11 @@ def heldout_text() -> str:
 
 # -- memory -------------------------------------------------------------------------------------------
 def _release_memory() -> None:
-    from finechat.infer.fast import trim_heap
-
-    trim_heap()  # hand freed heap back to the OS so that the next row's peak starts low
+    gc.collect()
+    try:  # hand freed heap back to the OS so that the next row's peak starts low (glibc keeps large blocks)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

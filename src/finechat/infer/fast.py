@@ -247,18 +247,6 @@ def unsplit_linear_layers(model: Any) -> int:
     return changed
 
 
-def trim_heap() -> None:
-    """Give the freed copies back to the OS (glibc keeps large freed blocks otherwise; RSS would grow)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 # --------------------------------------------------------------------------------------------------------
 # the decoders
 # --------------------------------------------------------------------------------------------------------
@@ -311,6 +299,14 @@ class _StaticCacheDecoder:
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _check_prompt(self, input_ids: torch.Tensor) -> None:
+        if input_ids.shape[1] > self.capacity or input_ids.shape[0] != self.batch:
+            raise ValueError("call setup_cache(batch, capacity) with room for the prompt first")
+
+    def _check_position(self, position: int) -> None:
+        if position >= self.capacity:
+            raise ValueError(f"position {position} is past the KV cache ({self.capacity})")
 
     def _compile(self, step: Any) -> Any:
         """``torch.compile`` for the one-token step. On CUDA, "reduce-overhead" replays it as a CUDA graph:
@@ -444,15 +440,13 @@ class FastDecoder(_StaticCacheDecoder):
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt [b, len] from position 0; returns the next-token logits [b, vocab] (float32)."""
-        if input_ids.shape[1] > self.capacity or input_ids.shape[0] != self.batch:
-            raise ValueError("call setup_cache(batch, capacity) with room for the prompt first")
+        self._check_prompt(input_ids)
         return self._forward(input_ids, 0)
 
     @torch.inference_mode()
     def decode_one_token(self, token: torch.Tensor, position: int) -> torch.Tensor:
         """Feed one token per row [b, 1] at ``position``; returns the next-token logits [b, vocab]."""
-        if position >= self.capacity:
-            raise ValueError(f"position {position} is past the KV cache ({self.capacity})")
+        self._check_position(position)
         if not self.compile:
             return self._forward(token, position)
         if self._compiled_step is None:
@@ -496,13 +490,12 @@ class _GLMStaticCache:
         self.position: torch.Tensor | None = None  # compiled one-token steps: write here, return the whole cache
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.decoder.key_cache[layer_index], self.decoder.value_cache[layer_index]
         if self.position is not None:
-            keys, values = self.decoder.key_cache[layer_index], self.decoder.value_cache[layer_index]
             keys.index_copy_(2, self.position.view(1), key)
             values.index_copy_(2, self.position.view(1), value)
             return keys, values
         end = self.start + key.shape[2]
-        keys, values = self.decoder.key_cache[layer_index], self.decoder.value_cache[layer_index]
         keys[:, :, self.start:end] = key
         values[:, :, self.start:end] = value
         return keys[:, :, :end], values[:, :, :end]
@@ -548,8 +541,7 @@ class ChatGLMFastDecoder(_StaticCacheDecoder):
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         from finechat.models.chatglm.modeling_chatglm import glm_attention_inputs
 
-        if input_ids.shape[1] > self.capacity or input_ids.shape[0] != self.batch:
-            raise ValueError("call setup_cache(batch, capacity) with room for the prompt first")
+        self._check_prompt(input_ids)
         if input_ids.shape[0] != 1:
             raise ValueError("the ChatGLM fast path decodes one sequence at a time")
         mask, position_ids = glm_attention_inputs(input_ids, None, self.config)
@@ -564,8 +556,7 @@ class ChatGLMFastDecoder(_StaticCacheDecoder):
 
     @torch.inference_mode()
     def decode_one_token(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        if position >= self.capacity:
-            raise ValueError(f"position {position} is past the KV cache ({self.capacity})")
+        self._check_position(position)
         if self._context is None and int(token[0, 0]) == self.config.bos_token_id:
             self._context = position  # a generated <sop> starts the block, as generate() would see it
         if self._context is not None and position >= self._context:
