@@ -36,6 +36,7 @@ browser:
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 
 test: install browser lint
 	$(BIN)/python -m pytest -q -ra

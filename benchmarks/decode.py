@@ -9,7 +9,7 @@ with the fraction of the memory-bandwidth limit on CUDA (bytes read per token / 
 bandwidth of a large device copy measured in the same run). ``--llama-layers 2`` shrinks it for a smoke
 test on a CPU.
 
-Runs ``finechat bench``'s measurements (finechat.infer.benchmark) side by side with transformers'
+Runs ``finechat bench``'s measurements (finechat.generate.benchmark) side by side with transformers'
 ``generate`` in the same process. On the default model batch-1 decoding is bound by memory traffic; on the
 tiny config (2 layers, hidden 128, the default model's tokenizer) it is bound by the work done per token
 outside the matmuls, which is what the fast path removes. Timings on a shared machine are noisy: compare
@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from finechat.infer.benchmark import PRECISIONS, bench_model, format_table
+from finechat.generate.benchmark import PRECISIONS, bench_model, format_table
 from finechat.models.load import load_model_and_tokenizer, log
 
 

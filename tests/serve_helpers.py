@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from finechat.infer.engine import ChatModel
+from finechat.generate.engine import ChatModel
 
 
 class LiveServer:

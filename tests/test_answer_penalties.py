@@ -5,8 +5,8 @@ import pytest
 import torch
 from serve_helpers import LiveServer
 
-from finechat.infer.engine import GenerationSettings
-from finechat.infer.fast import apply_answer_penalties
+from finechat.generate.engine import GenerationSettings
+from finechat.generate.fast import apply_answer_penalties
 from finechat.serve.api import ServeSettings, create_app
 
 
@@ -58,7 +58,7 @@ def test_server_applies_the_penalties(tiny_bot):
 def test_batched_requests_apply_the_penalties_as_chat_does(tiny_bot):
     import threading
 
-    from finechat.infer.batching import BatchScheduler
+    from finechat.generate.batching import BatchScheduler
 
     questions = ["hello there", "What is the capital of France?", "你好"]
     ask = dict(greedy=True, max_new_tokens=20, frequency_penalty=1.5, presence_penalty=0.5)

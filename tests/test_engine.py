@@ -2,7 +2,7 @@ import pytest
 
 import finechat
 from finechat.errors import ConfigError, ModelLoadError
-from finechat.infer.engine import ChatModel
+from finechat.generate.engine import ChatModel
 
 
 def test_chat_history_grows_one_pair_per_call(tiny_bot):

@@ -17,7 +17,7 @@ def taught(tiny_model_dir, tmp_path_factory):
 def test_batched_predictions_equal_chat_answers(tiny_model_dir, taught):
     import finechat
     from finechat.eval.predict import generate_answers
-    from finechat.infer.engine import GenerationSettings
+    from finechat.generate.engine import GenerationSettings
 
     bot = finechat.load(str(tiny_model_dir), adapter=str(taught))
     prompts = [[{"role": "user", "content": q}] for q, _ in PAIRS]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finechat.infer.fast import (
+from finechat.generate.fast import (
     ChatGLMFastDecoder,
     FastDecoder,
     RowSplitLinear,
@@ -82,7 +82,7 @@ def test_chatglm_chat_uses_the_fast_path(tmp_path):
     from chatglm_tiny import write_fake_chatglm
 
     import finechat
-    from finechat.infer.fast import fast_decoder_for
+    from finechat.generate.fast import fast_decoder_for
 
     folder = write_fake_chatglm(tmp_path / "chatglm")
     bot = finechat.load(str(folder), dtype="float32", trust_remote_code=False)
@@ -171,7 +171,7 @@ def test_decoder_splits_fp32_cpu_layers_unless_asked_not_to():
 
 
 def test_weights_that_stay_in_cache_are_not_split(monkeypatch):
-    monkeypatch.setattr("finechat.infer.fast.MIN_SPLIT_WEIGHTS", 128 * 64)  # the MLP's, not q_proj's 64 x 64
+    monkeypatch.setattr("finechat.generate.fast.MIN_SPLIT_WEIGHTS", 128 * 64)  # the MLP's, not q_proj's 64 x 64
     model = _llama()
     assert split_linear_layers(model) == 2 * 3 + 1  # gate/up/down per layer and the 300 x 64 head
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear

@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny import make_tokenizer
 
-from finechat.infer.fast import (
+from finechat.generate.fast import (
     FastDecoder,
     filter_logits,
     make_generator,
@@ -109,7 +109,7 @@ def test_filters_match_transformers_processors():
     expected = RepetitionPenaltyLogitsProcessor(1.2)(seen, logits.clone())
     for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(10), TopPLogitsWarper(0.8)):
         expected = warper(seen, expected)
-    from finechat.infer.fast import apply_repetition_penalty
+    from finechat.generate.fast import apply_repetition_penalty
 
     got = filter_logits(apply_repetition_penalty(logits, seen, 1.2), temperature=0.7, top_k=10, top_p=0.8)
     assert torch.equal(torch.isinf(got), torch.isinf(expected))
@@ -132,7 +132,7 @@ def test_unsupported_models_are_named():
 
 def test_engine_uses_fast_path_with_same_answers(tiny_model_dir):
     import finechat
-    from finechat.infer.fast import fast_decoder_for
+    from finechat.generate.fast import fast_decoder_for
 
     bot = finechat.load(str(tiny_model_dir))
     assert fast_decoder_for(bot) is not None
@@ -147,7 +147,7 @@ def test_engine_uses_fast_path_with_same_answers(tiny_model_dir):
 
 def test_closing_the_stream_cancels(tiny_model_dir):
     import finechat
-    from finechat.infer.engine import GenerationSettings
+    from finechat.generate.engine import GenerationSettings
 
     bot = finechat.load(str(tiny_model_dir))
     ids = bot.encode_prompt(bot.build_prompt([{"role": "user", "content": "hi"}]))
@@ -164,8 +164,8 @@ def test_closing_the_stream_cancels(tiny_model_dir):
 def test_prefix_adapter_falls_back_to_generate(tokenizer):
     from peft import PrefixTuningConfig, get_peft_model
 
-    from finechat.infer.engine import ChatModel
-    from finechat.infer.fast import fast_decoder_for
+    from finechat.generate.engine import ChatModel
+    from finechat.generate.fast import fast_decoder_for
 
     model = get_peft_model(_llama(len(tokenizer)), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     bot = ChatModel(model.eval(), tokenizer)
@@ -186,7 +186,7 @@ def test_compiled_one_token_step_llama(tokenizer):
 
 def test_load_with_compile_answers_as_without(tiny_model_dir):
     import finechat
-    from finechat.infer.fast import fast_decoder_for
+    from finechat.generate.fast import fast_decoder_for
 
     plain = finechat.load(str(tiny_model_dir))
     compiled = finechat.load(str(tiny_model_dir), compile=True)

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from finechat.data.kg import KGSettings, generate_pairs, load_graph, write_jsonl
 from finechat.errors import DataError
-from finechat.eval.medical import entity_hit, evaluate_kg, load_kg_questions, medical_table, score_kg
+from finechat.medical.evaluate import entity_hit, evaluate_kg, load_kg_questions, medical_table, score_kg
+from finechat.medical.kg import KGSettings, generate_pairs, load_graph, write_jsonl
 
 GRAPH = Path(__file__).resolve().parent.parent / "data" / "samples" / "medical" / "graph.json"
 

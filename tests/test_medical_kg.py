@@ -1,4 +1,4 @@
-"""Knowledge graph -> QA pairs (finechat.data.kg, `finechat data from-kg`): sample graph, determinism, hold-out, errors."""
+"""Knowledge graph -> QA pairs (finechat.medical.kg, `finechat data from-kg`): sample graph, determinism, hold-out, errors."""
 
 import csv
 import json
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from finechat.data.kg import KGSettings, generate_pairs, load_graph, write_disease_table
 from finechat.errors import DataError
+from finechat.medical.kg import KGSettings, generate_pairs, load_graph, write_disease_table
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAPH = ROOT / "data" / "samples" / "medical" / "graph.json"
@@ -109,7 +109,7 @@ def test_bad_settings_and_cli_exit_code(tmp_path):
         KGSettings(relations="department,colour")
     bad = tmp_path / "bad.json"
     bad.write_text("[1]", encoding="utf-8")
-    result = subprocess.run([sys.executable, "-m", "finechat.data.kg", str(bad), "--out", str(tmp_path / "o.jsonl")],
+    result = subprocess.run([sys.executable, "-m", "finechat.medical.kg", str(bad), "--out", str(tmp_path / "o.jsonl")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 3 and "bad.json#1: expected a JSON object" in result.stderr
     assert "Traceback" not in result.stderr

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import yaml
 
-from finechat.data.kg import KGSettings, generate_pairs, load_graph, write_jsonl
+from finechat.medical.kg import KGSettings, generate_pairs, load_graph, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "data" / "samples" / "medical"
 
 
 def test_bundled_recipe_is_valid():
-    from finechat.eval.medical import stages_output
+    from finechat.medical.evaluate import stages_output
     from finechat.train.stages import parse_stages
 
     cfg, _ = stages_output(str(ROOT / "recipes" / "medical" / "recipe.yaml"), [])

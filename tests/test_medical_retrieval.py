@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from finechat.errors import DataError
-from finechat.infer.medical import NOTICE, DiseaseTable, MedicalAssistant, retrieval_prompt, with_notice
+from finechat.medical.retrieval import NOTICE, DiseaseTable, MedicalAssistant, retrieval_prompt, with_notice
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "data" / "samples" / "medical"

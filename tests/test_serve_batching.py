@@ -9,8 +9,8 @@ import httpx
 import pytest
 from serve_helpers import LiveServer, wait_until
 
-from finechat.infer.batching import BatchScheduler, QueueFull
-from finechat.infer.engine import GenerationSettings
+from finechat.generate.batching import BatchScheduler, QueueFull
+from finechat.generate.engine import GenerationSettings
 from finechat.serve.api import ServeSettings, create_app
 
 
@@ -127,7 +127,7 @@ def test_a_lone_request_moves_into_the_batch_when_another_arrives(tiny_bot):
 def test_requests_that_arrive_together_are_prefilled_together(varied_bot, monkeypatch, prefill_tokens):
     """Prompts of different lengths, left-padded into shared prefills, answer exactly as alone; one that
     ends at its first token leaves its group before the batch."""
-    monkeypatch.setattr("finechat.infer.batching.PREFILL_TOKENS", prefill_tokens)
+    monkeypatch.setattr("finechat.generate.batching.PREFILL_TOKENS", prefill_tokens)
     tiny_bot = varied_bot
     scheduler = BatchScheduler(tiny_bot)
     groups = []

@@ -2,8 +2,8 @@
 
 import json
 
-from finechat.infer import toolcalls
-from finechat.infer.engine import ChatModel
+from finechat.generate.engine import ChatModel
+from finechat.tools import toolcalls
 
 TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
 

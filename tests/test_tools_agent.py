@@ -8,10 +8,10 @@ import pytest
 from tiny import make_tokenizer
 from tools_helpers import ScriptedModel, moss_script
 
-from finechat.infer.agent import Agent, parse_commands
-from finechat.infer.engine import ChatModel
-from finechat.infer.tools import build_registry
+from finechat.generate.engine import ChatModel
 from finechat.serve.terminal import run_terminal_chat
+from finechat.tools.agent import Agent, parse_commands
+from finechat.tools.registry import build_registry
 
 
 @pytest.fixture(scope="module")

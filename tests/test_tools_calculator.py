@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from finechat.infer.calculator import CalculationError, calculate
-from finechat.infer.tools import build_registry
+from finechat.tools.calculator import CalculationError, calculate
+from finechat.tools.registry import build_registry
 
 
 def _within(seconds, fn, *args):

@@ -6,10 +6,10 @@ import time
 import pytest
 
 from finechat.errors import ConfigError, DataError
-from finechat.infer.calculator import CalculationError
-from finechat.infer.search import LocalSearch
-from finechat.infer.solver import solve
-from finechat.infer.tools import Tool, ToolRegistry, build_registry
+from finechat.tools.calculator import CalculationError
+from finechat.tools.registry import Tool, ToolRegistry, build_registry
+from finechat.tools.search import LocalSearch
+from finechat.tools.solver import solve
 
 
 @pytest.mark.parametrize("equation, expected", [
@@ -68,7 +68,7 @@ def test_search_needs_docs(tmp_path):
 
 
 def test_search_backend_is_pluggable():
-    from finechat.infer.search import Hit
+    from finechat.tools.search import Hit
 
     class Backend:
         def search(self, query, k):

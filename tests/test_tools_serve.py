@@ -12,8 +12,8 @@ from serve_helpers import LiveServer
 from tiny import make_tokenizer
 from tools_helpers import ScriptedModel, moss_script
 
-from finechat.infer.tools import build_registry
 from finechat.serve.api import ServeSettings, create_app
+from finechat.tools.registry import build_registry
 
 CHROMIUM = "/usr/bin/chromium"
 

@@ -70,9 +70,9 @@ def test_moss_plugin_sample_labels(tmp_path, tokenizer):
 
 def test_the_runtime_prompt_matches_the_training_layout(tokenizer):
     """What the tool runtime feeds the model after a command is what training put before the answer."""
-    from finechat.infer.agent import Agent
-    from finechat.infer.engine import ChatModel
-    from finechat.infer.tools import build_registry
+    from finechat.generate.engine import ChatModel
+    from finechat.tools.agent import Agent
+    from finechat.tools.registry import build_registry
 
     class Echo(ChatModel):
         prompts = []

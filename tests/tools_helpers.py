@@ -1,6 +1,6 @@
 """A scripted MOSS model double for the tool tests: "generation" is a function of the prompt text."""
 
-from finechat.infer.engine import ChatModel
+from finechat.generate.engine import ChatModel
 
 
 class ScriptedModel(ChatModel):

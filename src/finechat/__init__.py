@@ -28,11 +28,11 @@ def load(
 ):
     """Load a model (``default``, a Hugging Face folder or a .gguf file), an optional adapter and a template.
 
-    Returns a :class:`finechat.infer.engine.ChatModel` with ``.model``, ``.tokenizer``, ``chat`` and
+    Returns a :class:`finechat.generate.engine.ChatModel` with ``.model``, ``.tokenizer``, ``chat`` and
     ``stream_chat``. Extra keyword arguments set the default generation settings (``max_new_tokens``, ...).
     ``compile=True`` compiles the fast decoder's one-token step with ``torch.compile`` on first use.
     """
-    from finechat.infer.engine import ChatModel, GenerationSettings
+    from finechat.generate.engine import ChatModel, GenerationSettings
     from finechat.models.load import load_adapter, load_model_and_tokenizer
 
     hf_model, tokenizer, folder = load_model_and_tokenizer(
@@ -57,7 +57,7 @@ def load(
 
 def __getattr__(name: str):
     if name == "ChatModel":
-        from finechat.infer.engine import ChatModel
+        from finechat.generate.engine import ChatModel
 
         return ChatModel
     raise AttributeError(name)

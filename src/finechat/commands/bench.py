@@ -6,7 +6,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from finechat.infer.benchmark import PRECISIONS
+    from finechat.generate.benchmark import PRECISIONS
     from finechat.models.quantize import DEFAULT_GROUP_SIZE
 
     parser.add_argument("--model", default="default", help="'default', a Hugging Face folder or a .gguf file")
@@ -27,7 +27,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from finechat.errors import FinechatError
-    from finechat.infer.benchmark import PRECISIONS, bench_model, format_table
+    from finechat.generate.benchmark import PRECISIONS, bench_model, format_table
     from finechat.models.load import load_model_and_tokenizer, log
 
     precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
             raise FinechatError(f"{args.model} is already quantized; bench the full-precision model instead")
         return model, tokenizer
 
-    from finechat.infer.benchmark import parse_precision
+    from finechat.generate.benchmark import parse_precision
 
     try:
         for p in precisions:

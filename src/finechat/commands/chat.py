@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from finechat.config import add_config_arguments, config_from_args, field
-from finechat.infer.engine import GenerationSettings
+from finechat.generate.engine import GenerationSettings
 from finechat.models.load import ModelOptions
 
 
@@ -39,12 +39,12 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(ChatConfig, args)
     registry = None
     if cfg.tools or cfg.docs:  # before loading the model: a wrong tool name or folder fails at once
-        from finechat.infer.tools import build_registry
+        from finechat.tools.registry import build_registry
 
         registry = build_registry(cfg.tools or "", docs=cfg.docs)
     table = None
     if cfg.knowledge:  # before loading the model: a bad table fails at once
-        from finechat.infer.medical import DiseaseTable
+        from finechat.medical.retrieval import DiseaseTable
 
         table = DiseaseTable.load(cfg.knowledge)
     bot = finechat.load(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device, template=cfg.template,
@@ -60,16 +60,16 @@ def main(args: argparse.Namespace) -> int:
     generation = {k: getattr(cfg, k) for k in names if k in typed}
     agent = None
     if registry is not None:
-        from finechat.infer.agent import Agent
         from finechat.models.load import log
+        from finechat.tools.agent import Agent
 
         agent = Agent(bot, registry, max_rounds=cfg.max_tool_rounds, show_thoughts=cfg.show_thoughts)
         log(f"tools: {', '.join(registry.names)} ({agent.protocol} protocol)")
         search = registry.get("Search")
         if search is not None and hasattr(getattr(search.fn, "backend", None), "summary"):
             log(f"search: {search.fn.backend.summary}")
-    if cfg.medical or cfg.knowledge:  # ChatDoctor's autonomous mode + the notice (finechat.infer.medical)
-        from finechat.infer.medical import MedicalAssistant
+    if cfg.medical or cfg.knowledge:  # ChatDoctor's autonomous mode + the notice (finechat.medical.retrieval)
+        from finechat.medical.retrieval import MedicalAssistant
 
         bot = MedicalAssistant(bot, table)
     return run_terminal_chat(bot, generation, system=cfg.system, agent=agent)

@@ -91,8 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output JSONL file")
 
     p = sub.add_parser("from-kg", help="build instruction QA data from a medical knowledge graph")
-    if importlib.util.find_spec("finechat.data.kg") is not None:
-        from finechat.data.kg import add_kg_arguments
+    if importlib.util.find_spec("finechat.medical.kg") is not None:
+        from finechat.medical.kg import add_kg_arguments
 
         add_kg_arguments(p)
     else:
@@ -349,8 +349,8 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def from_kg(args: argparse.Namespace) -> int:
-    if importlib.util.find_spec("finechat.data.kg") is None:
-        raise ConfigError("from-kg needs finechat.data.kg, which this installation does not have")
-    from finechat.data import kg
+    if importlib.util.find_spec("finechat.medical.kg") is None:
+        raise ConfigError("from-kg needs finechat.medical.kg, which this installation does not have")
+    from finechat.medical import kg
 
     return int(kg.from_kg_main(args) or 0)

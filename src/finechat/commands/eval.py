@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from finechat.config import add_config_arguments, config_from_args, field
-from finechat.infer.engine import GenerationSettings
+from finechat.generate.engine import GenerationSettings
 from finechat.models.load import ModelOptions
 
 

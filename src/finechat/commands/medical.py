@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from finechat.eval import medical
+    from finechat.medical import evaluate as medical
 
     if args.action == "run":
         bad = [o for o in args.overrides if "=" not in o]

@@ -36,7 +36,7 @@ def main(args: argparse.Namespace) -> int:
     from finechat.eval.compare import Entry, run_entry, side_by_side
     from finechat.eval.metrics import format_table
     from finechat.eval.predict import load_examples
-    from finechat.infer.engine import GenerationSettings
+    from finechat.generate.engine import GenerationSettings
     from finechat.models.load import log
     from finechat.train.config import TrainConfig
     from finechat.train.recipe import run_training

@@ -68,15 +68,15 @@ def main(args: argparse.Namespace, announce_page: bool = False) -> int:
             f"model. Set --api-key or {API_KEY_ENV}.")
     registry = None
     if cfg.tools or cfg.docs:  # before loading the model: a wrong tool name or folder fails at once
-        from finechat.infer.tools import build_registry
+        from finechat.tools.registry import build_registry
 
         registry = build_registry(cfg.tools or "", docs=cfg.docs)
         log(f"server-side tools: {', '.join(registry.names)}")
     bot = finechat.load(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device, template=cfg.template,
                         quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code,
                         compile=cfg.compile)
-    if cfg.medical or cfg.knowledge:  # ChatDoctor's autonomous mode + the notice (finechat.infer.medical)
-        from finechat.infer.medical import DiseaseTable, MedicalAssistant
+    if cfg.medical or cfg.knowledge:  # ChatDoctor's autonomous mode + the notice (finechat.medical.retrieval)
+        from finechat.medical.retrieval import DiseaseTable, MedicalAssistant
 
         bot = MedicalAssistant(bot, DiseaseTable.load(cfg.knowledge) if cfg.knowledge else None)
     settings = ServeSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ServeSettings)})

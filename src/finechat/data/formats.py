@@ -454,7 +454,7 @@ def parse_moss(rec: dict, **_: Any) -> Conversation:
     The plugin step is its own assistant turn so that commands are trained and tool results (a tool turn)
     are not, the way MOSS's own training masked them. A turn whose slots all say ``None`` (no plugin
     call) is trained as a direct ``<|MOSS|>:`` answer rather than as MOSS's ``Inner Thoughts: None /
-    Commands: None / Results: None`` preamble: the tool runtime (``finechat.infer.agent``) accepts both, so
+    Commands: None / Results: None`` preamble: the tool runtime (``finechat.tools.agent``) accepts both, so
     a model tuned here answers without spending tokens on the empty slots, and MOSS's own checkpoints,
     which write them, still work.
     """

@@ -1,6 +1,6 @@
 """Generate an answer for every example of a data set and score it: ``generated_predictions.jsonl`` + ``metrics.json``.
 
-The prompts and the stop rules are those of :class:`finechat.infer.engine.ChatModel` (``build_prompt``,
+The prompts and the stop rules are those of :class:`finechat.generate.engine.ChatModel` (``build_prompt``,
 ``encode_prompt``, ``stop_token_ids``, ``stop_strings``, ``postprocess``), so an evaluated answer is the
 answer ``finechat chat`` gives. Generation is batched: prompts are sorted by length (less padding), padded
 on the left, and run through transformers' ``generate``; greedy by default, so scores repeat. The eval loss
@@ -24,7 +24,7 @@ from finechat.data.formats import json_lines
 from finechat.data.templates import Message
 from finechat.errors import DataError
 from finechat.eval.metrics import compute_metrics, perplexity
-from finechat.infer.engine import ChatModel, GenerationSettings
+from finechat.generate.engine import ChatModel, GenerationSettings
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 METRICS_FILE = "metrics.json"
@@ -114,7 +114,7 @@ def generate_answers(bot: ChatModel, prompts: list[list[Message]], settings: Gen
             repetition_penalty=settings.repetition_penalty,
         )
         if settings.presence_penalty or settings.frequency_penalty:
-            from finechat.infer.fast import AnswerPenalties
+            from finechat.generate.fast import AnswerPenalties
 
             kwargs["logits_processor"] = [AnswerPenalties(width, settings.presence_penalty,
                                                           settings.frequency_penalty)]

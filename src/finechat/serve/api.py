@@ -1,7 +1,7 @@
 """The HTTP server: an OpenAI-compatible API, ChatGLM-6B's ``POST /`` and the web chat page, one engine behind.
 
 ``create_app(engine, settings)`` builds a FastAPI app around a loaded :class:`ChatModel`; nothing is loaded
-at import. Every route generates through one :class:`~finechat.infer.batching.BatchScheduler`, so
+at import. Every route generates through one :class:`~finechat.generate.batching.BatchScheduler`, so
 concurrent requests share forward passes, and through ``ChatModel.stream_text``, so answers (stop tokens,
 stop strings, post-processing) are those of ``chat``.
 
@@ -146,9 +146,9 @@ def _schemas():
 
 # -- the app ----------------------------------------------------------------------------------------------
 def create_app(engine: Any, settings: ServeSettings | None = None, scheduler: Any = None, tools: Any = None):
-    """A FastAPI app serving ``engine`` (a :class:`finechat.infer.engine.ChatModel`).
+    """A FastAPI app serving ``engine`` (a :class:`finechat.generate.engine.ChatModel`).
 
-    ``tools`` (a :class:`finechat.infer.tools.ToolRegistry`) runs those tools inside the server for chat
+    ``tools`` (a :class:`finechat.tools.registry.ToolRegistry`) runs those tools inside the server for chat
     requests that bring no ``tools`` of their own (see :mod:`finechat.serve.tools_api`).
     """
     from fastapi import FastAPI, Request
@@ -158,9 +158,9 @@ def create_app(engine: Any, settings: ServeSettings | None = None, scheduler: An
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.staticfiles import StaticFiles
 
-    from finechat.infer import toolcalls
-    from finechat.infer.batching import BatchScheduler, QueueFull, SchedulerClosed
-    from finechat.infer.engine import GenerationSettings
+    from finechat.generate.batching import BatchScheduler, QueueFull, SchedulerClosed
+    from finechat.generate.engine import GenerationSettings
+    from finechat.tools import toolcalls
 
     settings = dataclasses.replace(settings or ServeSettings())
     settings.model_name = settings.model_name or _default_name(engine)
@@ -170,7 +170,7 @@ def create_app(engine: Any, settings: ServeSettings | None = None, scheduler: An
     engine.batcher = scheduler
     agent = None
     if tools is not None and len(tools):
-        from finechat.infer.agent import Agent
+        from finechat.tools.agent import Agent
 
         agent = Agent(engine, tools)
     context = _context_length(engine)
@@ -625,7 +625,7 @@ def chunk_builder(rid: str, model: str, include_usage: bool) -> Callable[..., di
 
 
 async def _chat_chunks(run: _Run, rid: str, model: str, use_tools: bool, include_usage: bool) -> AsyncIterator[dict]:
-    from finechat.infer import toolcalls
+    from finechat.tools import toolcalls
 
     chunk = chunk_builder(rid, model, include_usage)
     yield chunk({"role": "assistant", "content": ""})

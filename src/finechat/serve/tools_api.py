@@ -1,7 +1,7 @@
 """Server-side tools for ``/v1/chat/completions`` (``finechat serve --tools calculator,solver,search``).
 
 When the server was started with tools and a request brings no ``tools`` of its own, the answer is produced
-by the tool runtime (:class:`finechat.infer.agent.Agent`): the model's calls run inside the server and the
+by the tool runtime (:class:`finechat.tools.agent.Agent`): the model's calls run inside the server and the
 client receives the final answer. A request that does pass ``tools`` gets the standard OpenAI flow instead
 (``tool_calls`` back to the client, which runs them).
 

@@ -185,7 +185,7 @@ def general_eval(model: str, adapter: str | None, gcfg: GeneralEvalConfig, out_d
     """BLEU-4 / Rouge / eval loss of one model on the general set."""
     import finechat
     from finechat.eval.predict import load_examples, predict
-    from finechat.infer.engine import GenerationSettings
+    from finechat.generate.engine import GenerationSettings
 
     examples = load_examples(gcfg.data, gcfg.format, gcfg.max_samples)
     bot = finechat.load(model, adapter=adapter, template=template)

@@ -392,12 +392,12 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     def chat(self, tokenizer: Any, query: str, history: list | None = None, **gen: Any) -> tuple[str, list]:
         """ChatGLM-6B's ``model.chat(tokenizer, query, history)``, through finechat's chat engine."""
-        from finechat.infer.engine import ChatModel
+        from finechat.generate.engine import ChatModel
 
         return ChatModel(self, tokenizer, "chatglm").chat(query, history, **gen)
 
     def stream_chat(self, tokenizer: Any, query: str, history: list | None = None, **gen: Any) -> Iterator:
-        from finechat.infer.engine import ChatModel
+        from finechat.generate.engine import ChatModel
 
         yield from ChatModel(self, tokenizer, "chatglm").stream_chat(query, history, **gen)
 

@@ -1,6 +1,6 @@
 """Medical evaluation: held-out knowledge-graph questions (exact match of the right entity) and Rouge/BLEU.
 
-The questions come from ``finechat data from-kg --holdout`` (``finechat.data.kg``): each row has the
+The questions come from ``finechat data from-kg --holdout`` (``finechat.medical.kg``): each row has the
 question (``instruction``), the reference answer (``output``), its ``relation`` and ``answers``, the gold
 entities. A generated answer is *right* when it contains one of them after lower-casing and removing
 spaces: the right department, the right disease for the symptoms, one of the right drugs, ... (the
@@ -82,7 +82,7 @@ def evaluate_kg(bot: Any, rows: list[dict], batch_size: int = 8, max_new_tokens:
                 progress: bool = True) -> tuple[dict, list[dict]]:
     """Greedy answers to the questions and their scores; returns (metrics, prediction records)."""
     from finechat.eval.predict import generate_answers
-    from finechat.infer.engine import GenerationSettings
+    from finechat.generate.engine import GenerationSettings
 
     settings = GenerationSettings(greedy=True, max_new_tokens=max_new_tokens)
     answers = generate_answers(bot, [kg_messages(r) for r in rows], settings, batch_size, progress)
@@ -97,7 +97,7 @@ def evaluate_general(bot: Any, path: str | Path, batch_size: int = 8, max_new_to
                      max_samples: int | None = None, progress: bool = True) -> dict:
     """Rouge/BLEU on a general set (forgetting check)."""
     from finechat.eval.predict import load_examples, predict
-    from finechat.infer.engine import GenerationSettings
+    from finechat.generate.engine import GenerationSettings
 
     examples = load_examples(path, max_samples=max_samples)
     settings = GenerationSettings(greedy=True, max_new_tokens=max_new_tokens)

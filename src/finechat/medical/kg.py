@@ -386,7 +386,7 @@ def heldout_path(out: str | Path) -> Path:
 
 
 def add_kg_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``finechat data from-kg`` (also used by ``python -m finechat.data.kg``)."""
+    """The options of ``finechat data from-kg`` (also used by ``python -m finechat.medical.kg``)."""
     parser.add_argument("graph", help="knowledge graph: JSON array, JSON object with 'records', or JSONL")
     parser.add_argument("--out", required=True, help="QA pairs to write (JSONL, Huatuo {instruction, input, output})")
     parser.add_argument("--seed", type=int, default=42, help="random seed (same graph + seed = same file)")
@@ -437,7 +437,7 @@ def relation_table(train: list[dict], held: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finechat.data.kg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m finechat.medical.kg", description=__doc__.splitlines()[0])
     add_kg_arguments(parser)
     args = parser.parse_args(argv)
     try:

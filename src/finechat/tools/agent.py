@@ -1,7 +1,7 @@
 """The tool runtime: generate, detect a tool call, run it, inject the result, continue -- a small state machine.
 
-:class:`Agent` wraps a :class:`~finechat.infer.engine.ChatModel` and a
-:class:`~finechat.infer.tools.ToolRegistry` and answers a conversation while yielding :class:`AgentEvent`
+:class:`Agent` wraps a :class:`~finechat.generate.engine.ChatModel` and a
+:class:`~finechat.tools.registry.ToolRegistry` and answers a conversation while yielding :class:`AgentEvent`
 objects (answer text as it streams, inner thoughts, each tool call and each result), so that the terminal,
 the web page and the API show the same thing. Three protocols, picked from the template (``protocol="auto"``):
 
@@ -12,7 +12,7 @@ the web page and the API show the same thing. Three protocols, picked from the t
     ``<eoc>``, the commands run and ``<|Results|>:\\nCalculate("2+3") =>\\n5\\n<eor>`` is appended, then the
     model goes on to ``<|MOSS|>: ...<eom>``.
 ``native``
-    Every other template, through the OpenAI API's tool-call convention (:mod:`finechat.infer.toolcalls`):
+    Every other template, through the OpenAI API's tool-call convention (:mod:`finechat.tools.toolcalls`):
     a chat template that takes ``tools`` (Qwen2.5, Llama 3.1, Hermes, ...) renders them itself, any other
     template gets them in the system prompt; the model's ``<tool_call>{json}</tool_call>`` blocks are
     parsed into name + arguments, and each result goes back as a ``tool`` message.
@@ -39,8 +39,8 @@ from finechat.data.templates import (
     validate_messages,
 )
 from finechat.errors import ConfigError
-from finechat.infer.engine import _held_back
-from finechat.infer.tools import MAX_ARGUMENT_CHARS, ToolRegistry, ToolResult
+from finechat.generate.engine import _held_back
+from finechat.tools.registry import MAX_ARGUMENT_CHARS, ToolRegistry, ToolResult
 
 # MOSS's section markers.
 THOUGHTS, END_THOUGHTS = "<|Inner Thoughts|>:", "<eot>"
@@ -324,7 +324,7 @@ class Agent:
     # -- template-native tool calls (OpenAI-style messages) ---------------------------------------------
     def _run_messages(self, messages: list[Message], generate: Any, stats: dict | None,
                       **gen: Any) -> Iterator[AgentEvent]:
-        from finechat.infer import toolcalls
+        from finechat.tools import toolcalls
 
         schemas = self.tools.openai_schemas()
         convo = list(messages)

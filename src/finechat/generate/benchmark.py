@@ -14,7 +14,7 @@ One row per precision, all measured in the same process, one model resident at a
 
 ``generate`` always runs on transformers' own modules, so the baseline column is what a user of
 transformers alone gets; on CPU the fast decoder runs fp32 Linear layers as row-split products (see
-``finechat.infer.fast``). The two are timed in alternating rounds (the split undone before each
+``finechat.generate.fast``). The two are timed in alternating rounds (the split undone before each
 ``generate`` round and redone before each fast one), and each speed is the median over the rounds, so
 that a slow spell of a shared machine hits both.
 
@@ -222,7 +222,7 @@ def bench_model(load_fp32: Any, precisions: tuple[str, ...] = PRECISIONS, new_to
 
     Decode speeds are the median over ``rounds`` alternating runs of ``generate`` and the fast path.
     """
-    from finechat.infer.fast import fast_decoder, is_supported, split_linear_layers, unsplit_linear_layers
+    from finechat.generate.fast import fast_decoder, is_supported, split_linear_layers, unsplit_linear_layers
     from finechat.models.quantize import DEFAULT_GROUP_SIZE, weight_bytes
 
     group_size = group_size or DEFAULT_GROUP_SIZE

@@ -13,7 +13,7 @@ is possible (powers, factorials, literals), so ``9**9**9`` is refused at once in
 Nesting is bounded before parsing, so 10,000 nested parentheses are refused without a RecursionError.
 
 sympy could do the arithmetic, but its parser (``sympify``/``parse_expr``) evaluates strings with Python's
-``eval``, which is exactly what must not happen here; :mod:`finechat.infer.solver` reuses this walker to
+``eval``, which is exactly what must not happen here; :mod:`finechat.tools.solver` reuses this walker to
 build sympy expressions safely.
 """
 

@@ -17,7 +17,7 @@ contract as :meth:`ChatModel.generate_ids` (an iterator of token-id lists; closi
 ``ChatModel.stream_text(..., generate=scheduler.generate_ids)`` applies the same stop tokens, stop strings
 and post-processing as ``chat``. Greedy decoding takes the argmax of the same logits as ``generate`` does.
 
-A request that is alone runs on the engine's fast batch-1 decoder (``finechat.infer.fast``, the one
+A request that is alone runs on the engine's fast batch-1 decoder (``finechat.generate.fast``, the one
 in-process ``chat`` uses), so one client gets in-process speed; when a second request arrives, the first
 moves into the batch where it left off (its prompt and answer so far are prefilled into a batch cache).
 
@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from finechat.errors import FinechatError
-from finechat.infer.engine import GenerationSettings
+from finechat.generate.engine import GenerationSettings
 
 PREFILL_TOKENS = 2048  # most padded prompt tokens prefilled in one forward pass when requests arrive together
 
@@ -280,7 +280,7 @@ class BatchScheduler:
         Alone, a request gets exactly the speed of in-process ``chat``; when a second request arrives, the
         first moves into the batch (:meth:`_end_solo`).
         """
-        from finechat.infer.fast import fast_decoder_for, make_generator
+        from finechat.generate.fast import fast_decoder_for, make_generator
 
         fast = fast_decoder_for(self.chat)
         lock = getattr(self.chat, "_lock", None)
@@ -489,7 +489,7 @@ class BatchScheduler:
                 logits[row, seen] = torch.where(picked < 0, picked * penalty, picked / penalty)
             s = seq.settings
             if (s.presence_penalty or s.frequency_penalty) and seq.generated:
-                from finechat.infer.fast import apply_answer_penalties
+                from finechat.generate.fast import apply_answer_penalties
 
                 answer = torch.tensor([seq.generated], device=logits.device)
                 logits[row] = apply_answer_penalties(logits[row:row + 1], answer, s.presence_penalty,

@@ -3,11 +3,11 @@
 ChatDoctor's "autonomous" variant looks the patient's words up in a disease database before answering and
 puts the matching entries into the prompt. :class:`DiseaseTable` does that over a CSV table (columns
 ``disease, english_name, department, site, symptoms, tests, drugs, complications``; only ``disease`` is
-required) or a knowledge-graph file (``finechat.data.kg``): each row becomes one document, scored with
+required) or a knowledge-graph file (``finechat.medical.kg``): each row becomes one document, scored with
 Okapi BM25 (``rank_bm25``) over jieba words, the same tokenizer as the ``Search`` tool in
-``finechat.infer.search``.
+``finechat.tools.search``.
 
-:class:`MedicalAssistant` wraps any :class:`~finechat.infer.engine.ChatModel` with the same ``chat`` /
+:class:`MedicalAssistant` wraps any :class:`~finechat.generate.engine.ChatModel` with the same ``chat`` /
 ``stream_chat`` / ``stream_text`` API, so every front end (terminal, web page, HTTP API) can use it
 unchanged: the top records go into the prompt, the answer ends with the records it was given ("Sources:
 [1] 偏头痛 (diseases.csv row 2)") and with :data:`NOTICE`, the reminder that this is not medical advice.
@@ -66,7 +66,7 @@ class DiseaseTable:
             raise DataError(f"{path or 'disease table'}: no rows")
         from rank_bm25 import BM25Okapi
 
-        from finechat.infer.search import tokenize
+        from finechat.tools.search import tokenize
 
         self.entries = entries
         self.path = path
@@ -81,7 +81,7 @@ class DiseaseTable:
             raise DataError(f"{path}: no such disease table (CSV, or a knowledge graph .json/.jsonl)")
         if path.suffix.lower() == ".csv":
             return cls(_read_csv(path), str(path))
-        from finechat.data.kg import load_graph
+        from finechat.medical.kg import load_graph
 
         graph = load_graph(path)
         entries = []
@@ -95,7 +95,7 @@ class DiseaseTable:
 
     def search(self, query: str, k: int = 3) -> list[tuple[float, DiseaseEntry]]:
         """The ``k`` best rows for ``query`` that share at least one word with it, best first."""
-        from finechat.infer.search import tokenize
+        from finechat.tools.search import tokenize
 
         words = [w for w in tokenize(query) if w not in STOPWORDS]
         if not words or k < 1:

@@ -7,8 +7,8 @@ the schema, each call runs under a time limit, and whatever goes wrong (bad argu
 timeout, an over-long call) comes back as the call's *result text* so the conversation goes on.
 
 Built-ins (``build_registry("calculator,solver,search,text2image", docs=DIR)``):
-``Calculate(expression)`` (:mod:`finechat.infer.calculator`), ``Solve(equation)``
-(:mod:`finechat.infer.solver`), ``Search(query)`` (:mod:`finechat.infer.search`) and
+``Calculate(expression)`` (:mod:`finechat.tools.calculator`), ``Solve(equation)``
+(:mod:`finechat.tools.solver`), ``Search(query)`` (:mod:`finechat.tools.search`) and
 ``Text2Image(description)``, which answers "not configured" unless an image backend is plugged in.
 
 A call runs in a thread; one that runs past its time limit is abandoned (Python threads cannot be stopped).
@@ -294,7 +294,7 @@ class ImageBackend(Protocol):
 
 
 def calculator_tool() -> Tool:
-    from finechat.infer.calculator import calculate
+    from finechat.tools.calculator import calculate
 
     return Tool("Calculate", "Exact arithmetic: + - * / // % ** (or ^), sqrt, log, sin, factorial, ...",
                 {"type": "object", "properties": {"expression": {"type": "string", "description": "e.g. 3*(2+5)/7"}},
@@ -305,7 +305,7 @@ def solver_tool() -> Tool:
     # Imported here, not in the call: calls run in a forked child, which should not have to import sympy.
     import sympy  # noqa: F401
 
-    from finechat.infer.solver import solve
+    from finechat.tools.solver import solve
 
     return Tool("Solve", "Solve an equation or a small system, e.g. 'x^2-4=0' or 'x+y=3, x-y=1'",
                 {"type": "object", "properties": {"equation": {"type": "string"}}, "required": ["equation"]},
@@ -313,7 +313,7 @@ def solver_tool() -> Tool:
 
 
 def search_tool(docs: str | None = None, backend: Any = None, k: int = 3) -> Tool:
-    from finechat.infer.search import LocalSearch, make_search
+    from finechat.tools.search import LocalSearch, make_search
 
     if backend is None:
         if not docs:

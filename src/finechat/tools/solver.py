@@ -5,7 +5,7 @@ An expression without ``=`` means ``expression = 0``. Equations are separated by
 semicolons or new lines.
 
 sympy's own parser evaluates strings with Python's ``eval``, so model-written text never reaches it: the
-calculator's AST walker (:class:`finechat.infer.calculator.ExpressionWalker`) builds the sympy expression
+calculator's AST walker (:class:`finechat.tools.calculator.ExpressionWalker`) builds the sympy expression
 node by node, with the same whitelist and size limits; single-letter-ish names become symbols.
 """
 
@@ -15,7 +15,7 @@ import ast
 import re
 from typing import Any
 
-from finechat.infer.calculator import (
+from finechat.tools.calculator import (
     FUNCTIONS,
     CalculationError,
     ExpressionWalker,

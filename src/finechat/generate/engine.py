@@ -7,7 +7,7 @@ always stops at the template's end-of-turn tokens and strings, and a consumer th
 Ctrl-C in the terminal, a client that disconnects) cancels the generation at the next token.
 
 Token generation goes through :meth:`ChatModel.generate_ids`, which uses transformers' ``generate`` in a
-worker thread with a streamer; a faster decoder can replace that one method (see ``finechat.infer.fast``).
+worker thread with a streamer; a faster decoder can replace that one method (see ``finechat.generate.fast``).
 """
 
 from __future__ import annotations
@@ -168,12 +168,12 @@ class ChatModel:
     def generate_ids(self, input_ids: list[int], settings: GenerationSettings) -> Iterator[list[int]]:
         """Yield new token ids as they are generated; closing the iterator cancels generation.
 
-        Llama/Qwen2-family models use ``finechat.infer.fast`` (same greedy tokens, less overhead per token);
+        Llama/Qwen2-family models use ``finechat.generate.fast`` (same greedy tokens, less overhead per token);
         others, and models with a prefix adapter, use transformers' ``generate`` in a worker thread.
         """
         import torch
 
-        from finechat.infer.fast import fast_decoder_for, make_generator
+        from finechat.generate.fast import fast_decoder_for, make_generator
 
         max_new = settings.max_new_tokens
         if settings.max_length is not None:
@@ -209,7 +209,7 @@ class ChatModel:
             "repetition_penalty": settings.repetition_penalty,
         }
         if settings.presence_penalty or settings.frequency_penalty:
-            from finechat.infer.fast import AnswerPenalties
+            from finechat.generate.fast import AnswerPenalties
 
             kwargs["logits_processor"] = [AnswerPenalties(len(input_ids), settings.presence_penalty,
                                                           settings.frequency_penalty)]

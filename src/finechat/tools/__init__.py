@@ -1,0 +1,1 @@
+"""Tools a chat model can call (MOSS / OpenAI style): registry, agent loop, tool-call parsing, calculator, solver, search."""
