@@ -20,6 +20,8 @@ import yaml
 
 from finechat.errors import ConfigError
 
+VERSION = "0.1.0"  # finechat's own version (pyproject.toml says the same); recorded in every run file
+
 
 def _field_help(f: dataclasses.Field) -> str:
     return f.metadata.get("help", "") if f.metadata else ""

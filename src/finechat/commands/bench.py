@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from finechat.errors import FinechatError
+from finechat.generate.benchmark import PRECISIONS, bench_model, format_table, parse_precision
+from finechat.models.load import load_model_and_tokenizer, log
+from finechat.models.quantize import DEFAULT_GROUP_SIZE
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from finechat.generate.benchmark import PRECISIONS
-    from finechat.models.quantize import DEFAULT_GROUP_SIZE
 
     parser.add_argument("--model", default="default", help="'default', a Hugging Face folder or a .gguf file")
     parser.add_argument("--precisions", default=",".join(PRECISIONS),
@@ -26,9 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from finechat.errors import FinechatError
-    from finechat.generate.benchmark import PRECISIONS, bench_model, format_table
-    from finechat.models.load import load_model_and_tokenizer, log
 
     precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
     unknown = [p for p in precisions if p not in PRECISIONS + ("fp16",) and not p.startswith("int4-g")]
@@ -46,7 +46,6 @@ def main(args: argparse.Namespace) -> int:
             raise FinechatError(f"{args.model} is already quantized; bench the full-precision model instead")
         return model, tokenizer
 
-    from finechat.generate.benchmark import parse_precision
 
     try:
         for p in precisions:

@@ -15,7 +15,12 @@ import json
 from pathlib import Path
 
 from finechat.config import add_config_arguments, config_from_args, field
+from finechat.errors import ConfigError
+from finechat.eval.compare import compare, resolve_entries, side_by_side
+from finechat.eval.metrics import format_table
+from finechat.eval.predict import load_examples, predict, rescore
 from finechat.generate.engine import GenerationSettings
+from finechat.generate.load import load as load_chat_model
 from finechat.models.load import ModelOptions
 
 
@@ -53,9 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from finechat.errors import ConfigError
-    from finechat.eval.metrics import format_table
-    from finechat.eval.predict import rescore
 
     cfg = config_from_args(EvalConfig, args)
     if args.predictions:
@@ -72,11 +74,9 @@ def main(args: argparse.Namespace) -> int:
                         compile=cfg.compile)
     examples = None
     if cfg.data:
-        from finechat.eval.predict import load_examples
 
         examples = load_examples(cfg.data, cfg.format, cfg.max_samples)
     if args.compare:
-        from finechat.eval.compare import compare, resolve_entries
 
         entries = resolve_entries(args.compare, cfg.model)
         report = compare(entries, examples, cfg.output_dir or "output/eval-compare", load_options, settings,
@@ -88,12 +88,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if examples is None:
         raise ConfigError("give --data FILE (with --model / --adapter), --predictions FILE or --compare ...")
-    import finechat
-    from finechat.eval.compare import side_by_side
-    from finechat.eval.predict import predict
-
     output_dir = cfg.output_dir or (str(Path(cfg.adapter) / "eval") if cfg.adapter else "output/eval")
-    bot = finechat.load(cfg.model, adapter=cfg.adapter, **load_options)
+    bot = load_chat_model(cfg.model, adapter=cfg.adapter, **load_options)
     metrics, records = predict(bot, examples, output_dir, settings, cfg.batch_size, cfg.loss,
                                info={"model": cfg.model, "adapter": cfg.adapter, "data": cfg.data})
     name = Path(cfg.adapter).name if cfg.adapter else Path(cfg.model).name

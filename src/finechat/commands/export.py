@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from finechat.train.export import export_model
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="the base model: 'default', a folder or a .gguf file")
@@ -18,7 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from finechat.train.export import export_model
 
     record = export_model(args.model, args.adapter, args.out, quantization_bit=args.quantization_bit,
                           dtype=args.dtype, template=args.template, force=args.force)

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+from finechat.errors import FinechatError
+from finechat.models.load import load_adapter, load_model_and_tokenizer, log
+from finechat.models.quantize import (
+    DEFAULT_GROUP_SIZE,
+    INT4_GROUP_SIZES,
+    copy_extra_files,
+    quantize_model,
+    save_quantized,
+    weight_bytes,
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from finechat.models.quantize import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES
 
     parser.add_argument("--model", default="default", help="'default', a Hugging Face folder or a .gguf file")
     parser.add_argument("--adapter", help="a LoRA adapter folder to merge into the weights before quantizing")
@@ -27,9 +37,6 @@ def main(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from finechat.errors import FinechatError
-    from finechat.models.load import load_adapter, load_model_and_tokenizer, log
-    from finechat.models.quantize import copy_extra_files, quantize_model, save_quantized, weight_bytes
 
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:

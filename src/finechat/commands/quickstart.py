@@ -10,6 +10,16 @@ from __future__ import annotations
 
 import argparse
 
+from finechat.data.synthetic import write_adgen
+from finechat.errors import ConfigError
+from finechat.eval.compare import Entry, run_entry, side_by_side
+from finechat.eval.metrics import format_table
+from finechat.eval.predict import load_examples
+from finechat.generate.engine import GenerationSettings
+from finechat.models.load import log
+from finechat.train.config import TrainConfig
+from finechat.train.recipe import run_training
+
 DEFAULT_MODEL_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -31,15 +41,6 @@ def main(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from finechat.data.synthetic import write_adgen
-    from finechat.errors import ConfigError
-    from finechat.eval.compare import Entry, run_entry, side_by_side
-    from finechat.eval.metrics import format_table
-    from finechat.eval.predict import load_examples
-    from finechat.generate.engine import GenerationSettings
-    from finechat.models.load import log
-    from finechat.train.config import TrainConfig
-    from finechat.train.recipe import run_training
 
     if args.max_steps < 1 or args.eval_examples < 1 or args.train_examples < args.batch_size:
         raise ConfigError("--max-steps and --eval-examples must be >= 1 and --train-examples >= --batch-size")

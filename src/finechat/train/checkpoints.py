@@ -21,35 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from finechat.errors import ModelLoadError
+from finechat.files import publish_folder, write_json_atomic
 
 RUN_FILE = "finechat_run.json"
 STATE_FILE = "trainer_state.json"
 STAGING = ".saving"
 PREFIX = "checkpoint-"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file, fsync it and rename it over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, ensure_ascii=False, default=str)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def base_model_identity(model: Any, cfg: Any, model_path: str) -> dict:
@@ -148,10 +125,7 @@ def publish(staged: Path, final: Path, run_info: dict, extra_files: dict | None 
     for name, data in (extra_files or {}).items():
         write_json_atomic(staged / name, data)
     write_json_atomic(staged / RUN_FILE, run_info)
-    _fsync_tree(staged)
-    if final.exists():  # the same step saved again (e.g. after resuming exactly there)
-        shutil.rmtree(final)
-    os.replace(staged, final)
+    publish_folder(staged, final)  # replaces the same step saved again (e.g. after resuming exactly there)
 
 
 def make_trainer_class():
@@ -191,27 +165,3 @@ def make_trainer_class():
             self.accelerator.wait_for_everyone()
 
     return AtomicCheckpointTrainer
-
-
-def load_full_checkpoint(model: Any, folder: str | Path) -> Any:
-    """Load a full / freeze checkpoint's weights into ``model`` (the ``--adapter`` path for those methods)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{folder}: no safetensors weights (not a finechat checkpoint)")
-    state: dict = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    own = model.state_dict()
-    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if wrong:
-        raise ModelLoadError(f"{folder} does not fit this base model: {wrong[0]} has shape "
-                             f"{tuple(state[wrong[0]].shape)} there, {tuple(own[wrong[0]].shape)} here")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")}
-    if unexpected or set(missing) - tied:
-        raise ModelLoadError(f"{folder} does not fit this base model: missing {sorted(set(missing) - tied)[:3]}, "
-                             f"unexpected {unexpected[:3]}")
-    return model

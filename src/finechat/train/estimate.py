@@ -18,7 +18,9 @@ import dataclasses
 import os
 from typing import Any
 
+from finechat.models.load import pick_device, resolve_model_path
 from finechat.train.config import TrainConfig
+from finechat.train.methods import count_parameters, prepare_model
 
 GiB = 1024**3
 OPTIMIZER_BYTES = {"adamw": 8, "adam": 8, "adafactor": 4, "sgd": 0, "lion": 4}
@@ -96,7 +98,6 @@ def _linear_parameters(model: Any) -> int:
 def estimate_memory(model: Any, cfg: TrainConfig, seq_len: int | None = None, device: str = "cpu",
                     linear_params: int | None = None) -> MemoryEstimate:
     """Estimate peak memory for training ``model`` (already prepared for ``cfg.method``)."""
-    from finechat.train.methods import count_parameters
 
     total, trainable = count_parameters(model)
     config = model.config
@@ -136,9 +137,6 @@ def estimate_without_weights(cfg: TrainConfig) -> MemoryEstimate:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import finechat.models  # noqa: F401  (registers native architectures)
-    from finechat.models.load import pick_device, resolve_model_path
-    from finechat.train.methods import prepare_model
 
     folder, gguf_file = resolve_model_path(cfg.model)
     kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}

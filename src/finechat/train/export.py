@@ -24,8 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finechat.data.templates import EOS, TEMPLATES
 from finechat.errors import FinechatError, ModelLoadError
-from finechat.models.load import log, read_json, resolve_model_path
+from finechat.files import staged_folder
+from finechat.models.load import load_adapter, load_model_and_tokenizer, log, read_json, resolve_model_path
 
 EXPORT_FILE = "finechat_export.json"
 # peft tuner types whose weights fold into the base (merge_and_unload); the prompt-learning ones cannot.
@@ -57,7 +59,6 @@ def _check_base_not_quantized(model: str) -> Path:
 def export_model(model: str, adapter: str | None, out: str | Path, quantization_bit: int | None = None,
                  dtype: str = "auto", template: str | None = None, force: bool = False) -> dict:
     """Merge ``adapter`` into ``model`` and write ``out``; returns the export record (also in finechat_export.json)."""
-    from finechat.models.load import load_adapter, load_model_and_tokenizer
 
     out = Path(out).expanduser()
     if quantization_bit not in (None, 4, 8):
@@ -80,11 +81,7 @@ def export_model(model: str, adapter: str | None, out: str | Path, quantization_
     if run_file and run_file.is_file():
         record["run"] = read_json(run_file)
     record["template"] = template or (record.get("run") or {}).get("template")
-    tmp = out.parent / f".{out.name}.tmp-export"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(out, out.parent / f".{out.name}.tmp-export") as tmp:
         if peft_type in PROMPT_LEARNING:
             log(f"{peft_type} adapters cannot be merged: a prefix adds virtual tokens at every layer, it does not "
                 f"change any weight. Exporting the base model with the adapter beside it in {out / 'adapter'}.")
@@ -113,12 +110,6 @@ def export_model(model: str, adapter: str | None, out: str | Path, quantization_
             (tmp / "finechat_licenses.json").write_text(json.dumps(record["run"]["licenses"], indent=2,
                                                                    ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log(f"Exported to {out} in {record['seconds']} s")
     return record
 
@@ -167,7 +158,6 @@ def builtin_template_jinja(name: str | None, tokenizer: Any) -> str | None:
     """
     import string
 
-    from finechat.data.templates import EOS, TEMPLATES
 
     if not name or name not in TEMPLATES:
         return None

@@ -10,27 +10,20 @@ scalar type Half but found Float" errors reported against quantized ChatGLM base
   and the optimizer never sees half-precision master weights);
 - full and freeze training load the base in float32 for the same reason.
 
-P-Tuning v2 for model families that implement it natively (ChatGLM-6B's own ``prefix_encoder``) is looked
-up in :data:`PTUNING_BUILDERS` by ``model_type``; every other model gets peft's ``PrefixTuningConfig``.
+P-Tuning v2 on a model that implements it natively (ChatGLM-6B's own ``prefix_encoder``, whose checkpoints
+ChatGLM-6B's ptuning scripts read) goes through the model's ``enable_prefix_tuning``; every other model gets
+peft's ``PrefixTuningConfig``.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 from finechat.errors import ConfigError
+from finechat.models.load import load_adapter, log
+from finechat.models.peft_compat import fix_prefix_generation
 from finechat.train.config import TrainConfig
-
-# model_type -> function(model, cfg) -> model with only the prefix trainable. The ChatGLM module registers
-# its native P-Tuning v2 here (``register_ptuning("chatglm", fn)``).
-PTUNING_BUILDERS: dict[str, Callable[[Any, TrainConfig], Any]] = {}
-
-
-def register_ptuning(model_type: str, builder: Callable[[Any, TrainConfig], Any]) -> None:
-    """Use ``builder`` instead of peft's PrefixTuning for models of ``model_type``."""
-    PTUNING_BUILDERS[model_type] = builder
 
 
 def base_dtype(cfg: TrainConfig, device: str):
@@ -106,8 +99,6 @@ def apply_freeze(model: Any, cfg: TrainConfig) -> Any:
         matched += param.requires_grad
     if not matched:
         raise ConfigError(f"freeze: no parameter name contains any of {keys}")
-    from finechat.models.load import log  # not at import time: finechat.models imports this module
-
     log(f"freeze: training {which}")
     return model
 
@@ -129,17 +120,15 @@ def apply_lora(model: Any, cfg: TrainConfig) -> Any:
 
 
 def apply_ptuning(model: Any, cfg: TrainConfig) -> Any:
-    model_type = getattr(model.config, "model_type", "")
-    if model_type in PTUNING_BUILDERS:
-        return PTUNING_BUILDERS[model_type](model, cfg)
+    if hasattr(model, "enable_prefix_tuning"):  # the model's own prefix encoder, the rest frozen
+        model.enable_prefix_tuning(cfg.pre_seq_len, bool(cfg.prefix_projection))
+        return model
     from peft import PrefixTuningConfig, get_peft_model
 
     prefix = PrefixTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=cfg.pre_seq_len, prefix_projection=cfg.prefix_projection,
         encoder_hidden_size=model.config.hidden_size,
     )
-    from finechat.models.peft_compat import fix_prefix_generation
-
     return fix_prefix_generation(get_peft_model(model, prefix))  # do_predict generates with this model
 
 
@@ -157,8 +146,6 @@ def prepare_model(model: Any, cfg: TrainConfig) -> Any:
         # Checkpointed blocks need an input that requires grad, or a frozen base gets no gradient at all.
         model.enable_input_require_grads()
     if cfg.adapter:  # continue from an earlier stage's checkpoint
-        from finechat.models.load import load_adapter
-
         if cfg.adapter_method in ("lora", "ptuning"):
             model = load_adapter(model, cfg.adapter, is_trainable=True)
         else:  # full / freeze: start from its weights (a LoRA adapter is merged in first)
@@ -166,11 +153,9 @@ def prepare_model(model: Any, cfg: TrainConfig) -> Any:
             if hasattr(model, "merge_and_unload"):
                 model = model.merge_and_unload()
     continuing = bool(cfg.adapter) and cfg.adapter_method in ("lora", "ptuning")  # that adapter is trained on
-    if continuing:
-        pass
-    elif cfg.adapter_method == "lora":
+    if cfg.adapter_method == "lora" and not continuing:
         model = apply_lora(model, cfg)
-    elif cfg.adapter_method == "ptuning":
+    elif cfg.adapter_method == "ptuning" and not continuing:
         model = apply_ptuning(model, cfg)
     elif cfg.adapter_method == "freeze":
         model = apply_freeze(model, cfg)

@@ -19,13 +19,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finechat.config import to_dict
-from finechat.data.registry import LICENCE_FILE
+from finechat.config import VERSION, to_dict
+from finechat.data.registry import LICENCE_FILE, check_commercial, licence_lines, licence_summary
+from finechat.data.templates import get_template
+from finechat.data.tokenize import TokenizeSettings, build_dataset, data_collator, pack_examples
 from finechat.errors import ConfigError
-from finechat.models.load import log
+from finechat.files import write_json_atomic
+from finechat.models.load import load_model_and_tokenizer, log, pick_device
 from finechat.train import checkpoints
 from finechat.train.config import TrainConfig
+from finechat.train.estimate import estimate_memory
+from finechat.train.methods import base_dtype, prepare_model, quantization_config
 from finechat.train.plots import LOSS_PNG, plot_loss
+from finechat.train.pretrain import get_objective, read_documents
 
 SUMMARY_FILE = "train_results.json"
 LOG_FILE = "train_log.jsonl"
@@ -84,7 +90,6 @@ def resolve_resume(cfg: TrainConfig, output_dir: Path, is_main: bool) -> str | N
 
 def licences(cfg: TrainConfig) -> dict:
     """Check ``commercial`` against the registry and return the licence summary recorded with the run."""
-    from finechat.data.registry import check_commercial, licence_summary
 
     check_commercial(cfg.model, cfg.datasets, cfg.commercial)
     if cfg.commercial and not cfg.datasets:
@@ -101,8 +106,6 @@ def load_base(cfg: TrainConfig) -> tuple[Any, Any, Path, str]:
     """Load the base model (quantized with bitsandbytes for qlora) and tokenizer; returns (.., device)."""
     import torch
 
-    from finechat.models.load import load_model_and_tokenizer, pick_device
-    from finechat.train.methods import base_dtype, quantization_config
 
     device = pick_device("auto")
     _, local_rank, _ = world()
@@ -152,7 +155,6 @@ def load_data(cfg: TrainConfig, tokenizer: Any, template: Any, cache_dir: str | 
     if not cfg.data:
         raise ConfigError("no training data: set data: [FILE, ...] (see data/samples/)")
     if cfg.stage == "pretrain":
-        from finechat.train.pretrain import get_objective, read_documents
 
         build = get_objective(cfg.objective).build
         docs = read_documents(cfg.data, cfg.document_per)[: cfg.max_samples or None]
@@ -163,7 +165,6 @@ def load_data(cfg: TrainConfig, tokenizer: Any, template: Any, cache_dir: str | 
         evals = build(val_docs, tokenizer, cfg)[0] if val_docs else []
         return train, evals, {"stage": "pretrain", "objective": cfg.objective, **stats}
 
-    from finechat.data.tokenize import TokenizeSettings, build_dataset, pack_examples
 
     settings = TokenizeSettings(
         cutoff_len=cfg.cutoff_len, max_source_length=cfg.max_source_length, max_target_length=cfg.max_target_length,
@@ -276,11 +277,9 @@ def make_callback(cfg: TrainConfig, has_eval: bool):
 
 def run_info(cfg: TrainConfig, model: Any, template: Any, licence: dict, data_info: dict) -> dict:
     """What ``finechat_run.json`` in every checkpoint says about the run."""
-    from finechat import __version__
-
     peft_config = getattr(model, "peft_config", {}).get("default") if hasattr(model, "peft_config") else None
     return {
-        "finechat_version": __version__,
+        "finechat_version": VERSION,
         "method": cfg.method,
         "adapter_type": str(getattr(peft_config, "peft_type", "") or "") or None,
         "stage": cfg.stage,
@@ -317,10 +316,6 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
     """Train as ``cfg`` says, resumably; returns the final / best checkpoints and the metrics."""
     import transformers
 
-    from finechat.data.templates import get_template
-    from finechat.data.tokenize import data_collator
-    from finechat.train.estimate import estimate_memory
-    from finechat.train.methods import prepare_model
 
     if not cfg.data:
         raise ConfigError("no training data: set data: [FILE, ...] (see data/samples/)")
@@ -358,11 +353,10 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
 
     info = run_info(cfg, model, template, licence, data_info)
     if is_main:
-        checkpoints.write_json_atomic(out / checkpoints.RUN_FILE, info)
-        checkpoints.write_json_atomic(out / LICENCE_FILE, licence)
+        write_json_atomic(out / checkpoints.RUN_FILE, info)
+        write_json_atomic(out / LICENCE_FILE, licence)
     collator = data_collator(tokenizer)
     if cfg.stage == "pretrain":  # an objective may need its own collator (GLM's rows carry 2D positions)
-        from finechat.train.pretrain import get_objective
 
         collator = (get_objective(cfg.objective).collator or (lambda _: collator))(tokenizer)
     trainer = checkpoints.make_trainer_class()(
@@ -395,14 +389,13 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
     )
     if trainer.is_world_process_zero():
         summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "log_history"}
-        checkpoints.write_json_atomic(out / SUMMARY_FILE, {**summary, "licenses": licence, "data": info["data"]})
+        write_json_atomic(out / SUMMARY_FILE, {**summary, "licenses": licence, "data": info["data"]})
         log(summary_table(result, licence))
     return result
 
 
 def summary_table(result: TrainResult, licence: dict) -> str:
     """The end-of-run report as a table."""
-    from finechat.data.registry import licence_lines
 
     m = result.metrics
     rows = [("steps", str(result.global_step))]

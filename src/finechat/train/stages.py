@@ -32,8 +32,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from finechat.config import field, load_yaml, resolve_config, to_dict
+from finechat.data.formats import read_conversations, write_conversations
+from finechat.data.registry import licence_lines, licence_summary
 from finechat.errors import ConfigError
+from finechat.eval.metrics import format_table
+from finechat.eval.predict import load_examples, predict
+from finechat.files import write_json_atomic
+from finechat.generate.engine import GenerationSettings
+from finechat.generate.load import load as load_chat_model
 from finechat.models.load import log
+from finechat.train.config import TrainConfig
+from finechat.train.export import EXPORT_FILE, export_model
+from finechat.train.recipe import run_training
 
 STATE_FILE = "stages_state.json"
 SUMMARY_FILE = "stages_summary.json"
@@ -98,7 +108,6 @@ class Stage:
 
 def parse_stages(cfg: StagesConfig) -> list[Stage]:
     """Validate every stage up front, so that stage 3's typo is found before stage 1 trains for an hour."""
-    from finechat.train.config import TrainConfig
 
     out, names = [], set()
     for i, raw in enumerate(cfg.stages):
@@ -142,7 +151,6 @@ def _read_state(out: Path) -> dict:
 
 
 def _write_state(out: Path, state: dict) -> None:
-    from finechat.train.checkpoints import write_json_atomic
 
     write_json_atomic(out / STATE_FILE, state)
 
@@ -150,7 +158,6 @@ def _write_state(out: Path, state: dict) -> None:
 # -- pieces ---------------------------------------------------------------------------------------------------
 def mix_data(stage: Stage, stage_dir: Path, seed: int) -> tuple[list[str], str, dict]:
     """Write the stage's data plus general data at ``mix.ratio`` as one OpenAI-format file."""
-    from finechat.data.formats import read_conversations, write_conversations
 
     columns = {k: stage.train[k] for k in ("prompt_column", "response_column", "history_column") if stage.train.get(k)}
     domain = read_conversations(stage.train.get("data") or [], format=stage.train.get("format", "auto"),
@@ -183,19 +190,14 @@ def mix_data(stage: Stage, stage_dir: Path, seed: int) -> tuple[list[str], str, 
 def general_eval(model: str, adapter: str | None, gcfg: GeneralEvalConfig, out_dir: Path, template: str | None
                  ) -> dict:
     """BLEU-4 / Rouge / eval loss of one model on the general set."""
-    import finechat
-    from finechat.eval.predict import load_examples, predict
-    from finechat.generate.engine import GenerationSettings
-
     examples = load_examples(gcfg.data, gcfg.format, gcfg.max_samples)
-    bot = finechat.load(model, adapter=adapter, template=template)
+    bot = load_chat_model(model, adapter=adapter, template=template)
     metrics, _ = predict(bot, examples, out_dir, GenerationSettings(greedy=True, max_new_tokens=gcfg.max_new_tokens),
                          gcfg.batch_size, with_loss=True)
     return {k: metrics.get(k) for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "eval_loss", "perplexity", "n")}
 
 
 def merge(model: str, adapter: str, out: Path) -> str:
-    from finechat.train.export import EXPORT_FILE, export_model
 
     if (out / EXPORT_FILE).is_file():  # merged before a restart
         return str(out)
@@ -206,9 +208,6 @@ def merge(model: str, adapter: str, out: Path) -> str:
 # -- the run ----------------------------------------------------------------------------------------------------
 def run_stages(cfg: StagesConfig) -> dict:
     """Train every stage in order (skipping finished ones); return and write the summary."""
-    from finechat.data.registry import licence_lines, licence_summary
-    from finechat.train.config import TrainConfig
-    from finechat.train.recipe import run_training
 
     stages = parse_stages(cfg)
     gcfg = resolve_config(GeneralEvalConfig, base=cfg.eval_general) if cfg.eval_general else None
@@ -292,7 +291,6 @@ def run_stages(cfg: StagesConfig) -> dict:
 
 def summary_table(stages: list[Stage], state: dict) -> str:
     """One row per stage (and the base before training): loss, eval and general-set scores, data licences."""
-    from finechat.eval.metrics import format_table
 
     rows: dict[str, dict] = {}
     if state.get("general_before"):

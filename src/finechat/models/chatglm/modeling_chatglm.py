@@ -323,9 +323,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         self.transformer = ChatGLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-        from finechat.models.chatglm.register import register_ptuning
-
-        register_ptuning()  # method: ptuning -> this model's own prefix encoder (see register.py)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head

@@ -34,34 +34,4 @@ def register_chatglm() -> None:
     for auto in (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM):
         auto.register(ChatGLMConfig, ChatGLMForConditionalGeneration, exist_ok=True)
     AutoTokenizer.register(ChatGLMConfig, slow_tokenizer_class=ChatGLMTokenizer, exist_ok=True)
-    register_ptuning()
     _done = True
-
-
-def _native_ptuning(model, cfg):
-    """``method: ptuning`` on a ChatGLM model: its own prefix encoder (ChatGLM-6B ptuning's checkpoints)."""
-    model.enable_prefix_tuning(cfg.pre_seq_len, bool(getattr(cfg, "prefix_projection", False)))
-    return model
-
-
-def register_ptuning() -> None:
-    """Make the training recipe's ``method: ptuning`` use the native prefix encoder for ChatGLM (idempotent).
-
-    Called at registration and again whenever a ChatGLM model is built: when ``finechat.train.methods`` is
-    the module being imported (it imports finechat.models, which registers ChatGLM), it cannot take the
-    registration yet, and the next model construction does it.
-    """
-    import importlib
-    import importlib.util
-    import sys
-
-    name = "finechat.train.methods"
-    methods = sys.modules.get(name)
-    if methods is None:
-        if importlib.util.find_spec(name) is None:
-            return
-        methods = importlib.import_module(name)
-    if not hasattr(methods, "register_ptuning"):  # still initialising (circular import); retried later
-        return
-    if methods.PTUNING_BUILDERS.get("chatglm") is not _native_ptuning:
-        methods.register_ptuning("chatglm", _native_ptuning)

@@ -1,0 +1,115 @@
+"""Writing files and folders so that a crash, a full disk or a kill never leaves half of one behind.
+
+Every output finechat writes (converted models, exports, checkpoints, data files, GGUF files) is first written
+to a temporary name in the *target* folder (same file system, so the final rename is atomic), flushed, and then
+renamed into place; on any error the temporary is removed and a previous output of the same name is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from finechat.errors import FinechatError
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under ``folder`` and the folder itself to disk."""
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """True when ``a`` and ``b`` are the same file on disk (hard links and symlinks included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_path(out: str | Path, *inputs: str | Path) -> Path:
+    """Refuse an output path that is a folder or one of the inputs (by identity, not by spelling)."""
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise FinechatError(f"{out} is a folder; give a file name to write")
+    for path in inputs:
+        if path is not None and same_file(out, path):
+            raise FinechatError(f"{out} is the input file {path}; choose another output path")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success flush it and rename it over ``path``."""
+    path = Path(path)
+    if "b" in mode:
+        encoding = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise FinechatError(f"cannot write {path}: {e.strerror or e}") from e
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, mode, encoding=encoding) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise FinechatError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON (indented, UTF-8) atomically."""
+    with atomic_file(path) as fh:
+        json.dump(data, fh, indent=2, ensure_ascii=False, default=str)
+        fh.write("\n")
+
+
+@contextlib.contextmanager
+def staged_folder(final: str | Path, staging: str | Path | None = None) -> Iterator[Path]:
+    """A temporary folder beside ``final``; on success it is flushed and replaces ``final`` (an old one is
+    removed only then), on error it is deleted and ``final`` stays as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if staging is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    else:
+        tmp = Path(staging)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        publish_folder(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_folder(staged: Path, final: Path) -> None:
+    """Flush ``staged`` and rename it to ``final``, replacing an existing ``final``."""
+    fsync_tree(staged)
+    if final.exists():
+        doomed = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, doomed)  # rename first: a kill during rmtree never leaves a half-deleted output
+        os.replace(staged, final)
+        shutil.rmtree(doomed, ignore_errors=True)
+    else:
+        os.replace(staged, final)

@@ -1,0 +1,42 @@
+"""``finechat.load``: a model, an optional adapter and a template, ready to chat (a :class:`ChatModel`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from finechat.generate.engine import ChatModel, GenerationSettings
+from finechat.models.load import load_adapter, load_model_and_tokenizer, read_json
+
+
+def load(
+    model: str = "default",
+    adapter: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    template: str | None = None,
+    quantization_bit: int | None = None,
+    trust_remote_code: bool = False,
+    compile: bool = False,
+    **generation: Any,
+):
+    """Load a model (``default``, a Hugging Face folder or a .gguf file), an optional adapter and a template.
+
+    Returns a :class:`finechat.generate.engine.ChatModel` with ``.model``, ``.tokenizer``, ``chat`` and
+    ``stream_chat``. Extra keyword arguments set the default generation settings (``max_new_tokens``, ...).
+    ``compile=True`` compiles the fast decoder's one-token step with ``torch.compile`` on first use.
+    """
+    hf_model, tokenizer, folder = load_model_and_tokenizer(
+        model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, quantization_bit=quantization_bit
+    )
+    if adapter:
+        if template is None:  # the template the adapter was trained with (finechat checkpoints record it)
+            run_file = Path(adapter).expanduser() / "finechat_run.json"
+            template = read_json(run_file).get("template") if run_file.is_file() else None
+        hf_model = load_adapter(hf_model, adapter)
+        hf_model.eval()
+    bot = ChatModel(hf_model, tokenizer, template, source=str(folder))
+    bot.compile_decoder = compile
+    if generation:
+        bot.generation = GenerationSettings.from_kwargs(bot.generation, **generation)
+    return bot
