@@ -3,13 +3,18 @@ import sys
 
 import pytest
 
-from finechat.cli import main
+from finechat.cli import COMMANDS_DIR, main
 
 
-def test_help_lists_subcommands(capsys):
+def test_help_lists_every_subcommand_with_its_help_line():
     out = subprocess.run([sys.executable, "-m", "finechat", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    assert "chat" in out.stdout
+    listed = {line.split()[0] for line in out.stdout.splitlines() if line.startswith("    ") and line.strip()
+              and not line.startswith("     ")}
+    expected = {p.stem.replace("_", "-") for p in COMMANDS_DIR.glob("*.py") if not p.stem.startswith("_")}
+    assert {"chat", "serve", "train", "eval", "data"} <= expected
+    assert listed == expected
+    assert "Chat with a model in the terminal" in out.stdout  # chat's docstring is its help line
 
 
 def test_unknown_command_is_a_clear_error(capsys):
