@@ -56,7 +56,9 @@ def valid_keys(cls: type, prefix: str = "") -> list[str]:
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the annotated type, or raise ConfigError naming the key."""
     tp, optional = _strip_optional(tp)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and tp is not str):
+    # YAML's null, or the words none / null on the command line (key=null); for an optional string too, so
+    # `val_file=null` unsets the file instead of naming one called "null"
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and (tp is not str or optional)):
         if optional or tp is Any:
             return None
         raise ConfigError(f"{key}: a value is required")

@@ -6,12 +6,11 @@ import argparse
 
 from finechat.errors import FinechatError
 from finechat.generate.benchmark import PRECISIONS, bench_model, format_table, parse_precision
-from finechat.models.load import load_model_and_tokenizer, log
+from finechat.models.load import load_model_and_tokenizer, log, torch_threads
 from finechat.models.quantize import DEFAULT_GROUP_SIZE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-
     parser.add_argument("--model", default="default", help="'default', a Hugging Face folder or a .gguf file")
     parser.add_argument("--precisions", default=",".join(PRECISIONS),
                         help=f"comma-separated rows to measure, from {', '.join(PRECISIONS)}, fp16, int4-g32 ...")
@@ -27,9 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
-
     precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
     unknown = [p for p in precisions if p not in PRECISIONS + ("fp16",) and not p.startswith("int4-g")]
     if unknown or not precisions:
@@ -37,15 +33,18 @@ def main(args: argparse.Namespace) -> int:
                             "fp16, int4-g<group size> (e.g. int4-g32)")
     if args.new_tokens < 4 or args.prompt_tokens < 1:
         raise FinechatError("--new-tokens must be >= 4 and --prompt-tokens >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):  # the caller's thread count is restored afterwards
+        return _bench(args, precisions)
+
+
+def _bench(args: argparse.Namespace, precisions: tuple[str, ...]) -> int:
+    import torch
 
     def load_fp32():
         model, tokenizer, _ = load_model_and_tokenizer(args.model, dtype="float32", device=args.device)
         if getattr(model.config, "finechat_quantization", None):
             raise FinechatError(f"{args.model} is already quantized; bench the full-precision model instead")
         return model, tokenizer
-
 
     try:
         for p in precisions:

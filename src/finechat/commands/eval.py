@@ -58,7 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-
     cfg = config_from_args(EvalConfig, args)
     if args.predictions:
         metrics = rescore(args.predictions)
@@ -74,10 +73,8 @@ def main(args: argparse.Namespace) -> int:
                         compile=cfg.compile)
     examples = None
     if cfg.data:
-
         examples = load_examples(cfg.data, cfg.format, cfg.max_samples)
     if args.compare:
-
         entries = resolve_entries(args.compare, cfg.model)
         report = compare(entries, examples, cfg.output_dir or "output/eval-compare", load_options, settings,
                          cfg.batch_size, cfg.loss, cfg.show_examples)

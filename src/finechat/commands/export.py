@@ -20,7 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-
     record = export_model(args.model, args.adapter, args.out, quantization_bit=args.quantization_bit,
                           dtype=args.dtype, template=args.template, force=args.force)
     what = "merged model" if record["merged"] else ("base model + adapter" if record["adapter"] else "model")

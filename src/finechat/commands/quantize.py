@@ -17,7 +17,6 @@ from finechat.models.quantize import (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-
     parser.add_argument("--model", default="default", help="'default', a Hugging Face folder or a .gguf file")
     parser.add_argument("--adapter", help="a LoRA adapter folder to merge into the weights before quantizing")
     parser.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8: INT8 per channel; 4: INT4 per group")
@@ -36,7 +35,6 @@ def main(args: argparse.Namespace) -> int:
     import shutil
     import time
     from pathlib import Path
-
 
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:

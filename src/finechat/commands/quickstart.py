@@ -16,7 +16,7 @@ from finechat.eval.compare import Entry, run_entry, side_by_side
 from finechat.eval.metrics import format_table
 from finechat.eval.predict import load_examples
 from finechat.generate.engine import GenerationSettings
-from finechat.models.load import log
+from finechat.models.load import log, torch_threads
 from finechat.train.config import TrainConfig
 from finechat.train.recipe import run_training
 
@@ -36,16 +36,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.max_steps < 1 or args.eval_examples < 1 or args.train_examples < args.batch_size:
+        raise ConfigError("--max-steps and --eval-examples must be >= 1 and --train-examples >= --batch-size")
+    with torch_threads(_threads_for_load()):  # restored afterwards: the caller's thread count is its own
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import json
     import shutil
     import time
     from pathlib import Path
 
-
-    if args.max_steps < 1 or args.eval_examples < 1 or args.train_examples < args.batch_size:
-        raise ConfigError("--max-steps and --eval-examples must be >= 1 and --train-examples >= --batch-size")
     t_start = time.time()
-    _fit_threads_to_load(log)
     out = Path(args.output_dir)
     train_file, dev_file = out / "data" / "adgen_train.jsonl", out / "data" / "adgen_dev.jsonl"
     write_adgen(train_file, args.train_examples, seed=args.seed)
@@ -113,17 +116,16 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fit_threads_to_load(log) -> None:
-    """Use one torch thread when the CPU is already busy (unless OMP_NUM_THREADS says otherwise).
+def _threads_for_load() -> int | None:
+    """One torch thread when the CPU is already busy (unless OMP_NUM_THREADS says otherwise), else None.
 
     Measured on a 2-core machine at load average ~17: 16 greedy tokens for 4 prompts took 39 s with one
     thread and over 300 s with two, because the thread pool waits on threads the OS has descheduled.
     """
     import os
 
-    import torch
-
     cores = os.cpu_count() or 1
     if "OMP_NUM_THREADS" not in os.environ and cores > 1 and os.getloadavg()[0] >= cores:
-        torch.set_num_threads(1)
         log(f"The CPU is busy (load average {os.getloadavg()[0]:.1f} on {cores} cores): using one thread.")
+        return 1
+    return None

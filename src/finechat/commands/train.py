@@ -16,7 +16,7 @@ from finechat.errors import ConfigError
 from finechat.train.config import TrainConfig
 from finechat.train.estimate import estimate_without_weights
 from finechat.train.recipe import run_training
-from finechat.train.stages import is_stages_file, main_stages
+from finechat.train.stages import is_stages_file, main_stages, resolve_stages, stage_train_configs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-
     # `finechat train CONFIG.yaml key=value`: the first positional without '=' is the config file.
     overrides = list(args.overrides or [])
     if overrides and "=" not in overrides[0]:
@@ -39,22 +38,26 @@ def main(args: argparse.Namespace) -> int:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"expected key=value after the config file, got {bad[0]!r}")
-    if args.config and not args.estimate:
-
-        if is_stages_file(args.config):  # a multi-stage recipe (stages: [...]), see finechat.train.stages
+    if args.config and is_stages_file(args.config):  # a multi-stage recipe (stages: [...]), see finechat.train.stages
+        if not args.estimate:
             return main_stages(args.config, overrides)
-    cfg = config_from_args(TrainConfig, args)
-
-    if args.estimate:
-
-        est = estimate_without_weights(cfg)
-        print(f"{cfg.method} on {cfg.model}, batch {cfg.per_device_train_batch_size} x {cfg.cutoff_len} tokens, "
-              f"{'bf16' if cfg.bf16 else 'fp16' if cfg.fp16 else 'fp32'}"
-              f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}")
-        print(est.table())
+        cfg, _ = resolve_stages(args.config, overrides)
+        for name, stage_cfg in stage_train_configs(cfg):
+            print(f"stage {name}:")
+            _print_estimate(stage_cfg)
         return 0
-
-
+    cfg = config_from_args(TrainConfig, args)
+    if args.estimate:
+        _print_estimate(cfg)
+        return 0
     result = run_training(cfg)
     print(result.final_checkpoint or result.output_dir)
     return 0
+
+
+def _print_estimate(cfg: TrainConfig) -> None:
+    est = estimate_without_weights(cfg)
+    print(f"{cfg.method} on {cfg.model}, batch {cfg.per_device_train_batch_size} x {cfg.cutoff_len} tokens, "
+          f"{'bf16' if cfg.bf16 else 'fp16' if cfg.fp16 else 'fp32'}"
+          f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}")
+    print(est.table())

@@ -14,8 +14,10 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -146,13 +148,39 @@ def default_model_dir() -> Path:
         )
 
 
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # Org/Model, as the Hugging Face Hub names repos
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]  # no pickles, no other formats
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """A Hub model through huggingface_hub's own download and cache (the cache first, so it works offline once
+    fetched); without network and cache: one line saying so."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:  # not in the cache yet
+        pass
+    log(f"{repo_id} is not a local path: fetching it from the Hugging Face Hub into its cache ...")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, unknown repo, gated repo, ...: huggingface_hub raises many types
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"{repo_id}: not a local path, and it cannot be fetched from the Hugging Face Hub here ({reason}); "
+            "download the model where there is network and pass its folder") from None
+
+
 def resolve_model_path(model: str) -> tuple[Path, str | None]:
     """Return (folder, gguf_file_name_or_None) for ``default``, a folder or a .gguf file."""
     if model in ("default", "", None):
         return default_model_dir(), None
     path = Path(model).expanduser()
+    if not path.exists() and HUB_NAME.fullmatch(str(model)) and ".." not in str(model):
+        return hub_snapshot(str(model)), None
     if not path.exists():
-        raise ModelLoadError(f"model path not found: {model} (give 'default', a model folder or a .gguf file)")
+        raise ModelLoadError(f"model path not found: {model} (give 'default', a model folder, a .gguf file or a "
+                             "Hugging Face Hub name such as Org/Model)")
     if path.is_file():
         if path.suffix == ".gguf":
             return path.parent, path.name
@@ -181,6 +209,20 @@ def pick_device(device: str = "auto") -> str:
     return "cpu"
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run a block with ``threads`` torch threads (None: unchanged), restoring the caller's count after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def pick_dtype(dtype: str, device: str):
     import torch
 
@@ -207,7 +249,6 @@ def load_model_and_tokenizer(
     """Load a causal LM and its tokenizer; returns (model, tokenizer, folder)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-
     folder, gguf_file = resolve_model_path(model)
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
@@ -216,6 +257,8 @@ def load_model_and_tokenizer(
         kw["gguf_file"] = gguf_file
     t0 = time.time()
     log(f"Loading {model if model != 'default' else DEFAULT_MODEL_NAME} from {folder / (gguf_file or '')} ...")
+    if gguf_file:
+        check_gguf_file(folder / gguf_file)
     try:
         config = AutoConfig.from_pretrained(folder, **kw)
     except ValueError as e:
@@ -226,6 +269,9 @@ def load_model_and_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{folder}: cannot load the tokenizer: {e}") from e
+    if not gguf_file:
+        for weights in sorted(folder.glob("*.safetensors")):
+            check_safetensors_file(weights)
     file_config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     quantized_folder = file_config.get("finechat_quantization")
     try:
@@ -237,11 +283,11 @@ def load_model_and_tokenizer(
             hf_model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch_dtype, **kw, **model_kwargs)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"{folder}: cannot load the model weights: {str(e).splitlines()[0]}") from e
+    check_finite(hf_model, folder)
     hf_model.to(device)
     if quantization_bit and getattr(hf_model.config, "model_type", None) == "chatglm":
         hf_model = hf_model.quantize(quantization_bit)  # ChatGLM-6B's own INT8 / INT4 format, as model.quantize(4)
     elif quantization_bit:
-
         hf_model = quantize_model(hf_model, bits=quantization_bit)
     hf_model.eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -253,13 +299,61 @@ def load_model_and_tokenizer(
     return hf_model, tokenizer, folder
 
 
+def check_safetensors_file(path: Path) -> None:
+    """Read a safetensors header (8-byte length + JSON) and check that every tensor lies inside the file, so a
+    truncated or foreign file is one clear line instead of a deserializer traceback."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{size} bytes, too short for a header")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or n > min(size - 8, 100 << 20):
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(fh.read(n).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: not a valid safetensors file ({e})") from None
+    if 8 + n + end > size:
+        raise ModelLoadError(f"{path}: truncated safetensors file: its header needs {8 + n + end} bytes, the file "
+                             f"has {size}")
+
+
+def check_gguf_file(path: Path) -> None:
+    """Open a GGUF with the ``gguf`` package's reader (header, metadata and tensor table; data memory-mapped)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        reader.get_field("general.architecture")
+    except Exception as e:  # the reader raises ValueError, struct errors, numpy reshape errors, ...
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{path}: not a readable GGUF file (truncated or foreign?): {detail}") from None
+    if reader.get_field("general.architecture") is None:
+        raise ModelLoadError(f"{path}: GGUF file without general.architecture metadata")
+
+
+def check_finite(model: Any, source: Path) -> None:
+    """Refuse weights holding NaN or Inf (a broken conversion or training run), naming the first such tensor.
+
+    One pass over the floating-point weights: about the time of reading them once from memory."""
+    import torch
+
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelLoadError(f"{source}: weight {name} holds {bad} NaN/Inf values; the checkpoint is broken")
+
+
 def load_adapter(model: Any, adapter: str, is_trainable: bool = False) -> Any:
     """Put a peft adapter (LoRA, P-Tuning v2, ...) on ``model``; a mismatched base is a clear error."""
     path = Path(adapter).expanduser()
     if not path.is_dir():
         raise ModelLoadError(f"adapter folder not found: {adapter}")
     if not (path / "adapter_config.json").is_file() and hasattr(model, "load_prefix"):
-
         if is_ptuning_checkpoint(path):  # ChatGLM-6B's P-Tuning v2 checkpoint (prefix encoder weights)
             log(f"Loading P-Tuning v2 prefix {adapter} ...")
             model.load_prefix(path)

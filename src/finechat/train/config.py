@@ -133,6 +133,10 @@ class TrainConfig:
             raise ValueError(f"eval_steps must be >= 1, got {self.eval_steps}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit must be >= 1, got {self.save_total_limit}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be > 0 (or -1: train num_train_epochs epochs), got {self.max_steps}")
+        if self.num_train_epochs < 0:
+            raise ValueError(f"num_train_epochs must be >= 0, got {self.num_train_epochs}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("set max_steps > 0 or num_train_epochs > 0")
         if self.learning_rate <= 0:

@@ -137,7 +137,6 @@ def estimate_without_weights(cfg: TrainConfig) -> MemoryEstimate:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-
     folder, gguf_file = resolve_model_path(cfg.model)
     kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if gguf_file:

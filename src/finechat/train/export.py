@@ -158,7 +158,6 @@ def builtin_template_jinja(name: str | None, tokenizer: Any) -> str | None:
     """
     import string
 
-
     if not name or name not in TEMPLATES:
         return None
     t = TEMPLATES[name]

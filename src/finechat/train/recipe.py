@@ -24,7 +24,7 @@ from finechat.data.registry import LICENCE_FILE, check_commercial, licence_lines
 from finechat.data.templates import get_template
 from finechat.data.tokenize import TokenizeSettings, build_dataset, data_collator, pack_examples
 from finechat.errors import ConfigError
-from finechat.files import write_json_atomic
+from finechat.files import atomic_file, write_json_atomic
 from finechat.models.load import load_model_and_tokenizer, log, pick_device
 from finechat.train import checkpoints
 from finechat.train.config import TrainConfig
@@ -106,7 +106,6 @@ def load_base(cfg: TrainConfig) -> tuple[Any, Any, Path, str]:
     """Load the base model (quantized with bitsandbytes for qlora) and tokenizer; returns (.., device)."""
     import torch
 
-
     device = pick_device("auto")
     _, local_rank, _ = world()
     if device == "cuda":
@@ -155,7 +154,6 @@ def load_data(cfg: TrainConfig, tokenizer: Any, template: Any, cache_dir: str | 
     if not cfg.data:
         raise ConfigError("no training data: set data: [FILE, ...] (see data/samples/)")
     if cfg.stage == "pretrain":
-
         build = get_objective(cfg.objective).build
         docs = read_documents(cfg.data, cfg.document_per)[: cfg.max_samples or None]
         val_docs = read_documents([cfg.val_file], cfg.document_per) if cfg.val_file else []
@@ -164,7 +162,6 @@ def load_data(cfg: TrainConfig, tokenizer: Any, template: Any, cache_dir: str | 
         train, stats = build(docs, tokenizer, cfg)
         evals = build(val_docs, tokenizer, cfg)[0] if val_docs else []
         return train, evals, {"stage": "pretrain", "objective": cfg.objective, **stats}
-
 
     settings = TokenizeSettings(
         cutoff_len=cfg.cutoff_len, max_source_length=cfg.max_source_length, max_target_length=cfg.max_target_length,
@@ -259,6 +256,10 @@ def make_callback(cfg: TrainConfig, has_eval: bool):
                 control.should_evaluate = has_eval
             return control
 
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero and state.global_step > 0:  # resumed: drop the steps after the checkpoint
+                truncate_log(out / LOG_FILE, state.global_step)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
                 with open(out / LOG_FILE, "a", encoding="utf-8") as fh:
@@ -273,6 +274,27 @@ def make_callback(cfg: TrainConfig, has_eval: bool):
                 plot_loss(state.log_history, out / LOSS_PNG, title)
 
     return RunCallback()
+
+
+def truncate_log(path: Path, last_step: int) -> int:
+    """Keep the log lines up to ``last_step`` (a resumed run logs the later steps again); returns lines dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            dropped += 1  # a line cut by the kill that ended the earlier run
+            continue
+        if step <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        with atomic_file(path) as fh:
+            fh.write("".join(line + "\n" for line in kept))
+    return dropped
 
 
 def run_info(cfg: TrainConfig, model: Any, template: Any, licence: dict, data_info: dict) -> dict:
@@ -315,7 +337,6 @@ def run_predict(cfg: TrainConfig, model: Any, tokenizer: Any, template: Any) -> 
 def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
     """Train as ``cfg`` says, resumably; returns the final / best checkpoints and the metrics."""
     import transformers
-
 
     if not cfg.data:
         raise ConfigError("no training data: set data: [FILE, ...] (see data/samples/)")

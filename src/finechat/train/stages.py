@@ -151,7 +151,6 @@ def _read_state(out: Path) -> dict:
 
 
 def _write_state(out: Path, state: dict) -> None:
-
     write_json_atomic(out / STATE_FILE, state)
 
 
@@ -198,7 +197,6 @@ def general_eval(model: str, adapter: str | None, gcfg: GeneralEvalConfig, out_d
 
 
 def merge(model: str, adapter: str, out: Path) -> str:
-
     if (out / EXPORT_FILE).is_file():  # merged before a restart
         return str(out)
     export_model(model, adapter, out, force=True)
@@ -337,6 +335,13 @@ def resolve_stages(config_file: str, overrides: list[str]) -> tuple[StagesConfig
         return resolve_config(StagesConfig, base=base, overrides=plain), plain
     except ConfigError as e:
         raise ConfigError(f"{config_file}: {e}") from e
+
+
+def stage_train_configs(cfg: StagesConfig) -> list[tuple[str, TrainConfig]]:
+    """Each stage's TrainConfig as it will run on the chain's base model (for ``--estimate``: a merged stage
+    has the same shapes as its base, and a continued adapter the same trainable parameters)."""
+    return [(stage.name, resolve_config(TrainConfig, base={**stage.train, "model": cfg.model}))
+            for stage in parse_stages(cfg)]
 
 
 def main_stages(config_file: str, overrides: list[str]) -> int:
