@@ -6,13 +6,13 @@ A group is a dataclass mixed into a command's config: its fields become the comm
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 from finechat.config import field
 from finechat.generate.engine import ChatModel
+from finechat.generate.load import load
 from finechat.medical.retrieval import DiseaseTable, MedicalAssistant
-from finechat.models.load import ModelOptions, load_adapter, load_model_and_tokenizer, read_json
+from finechat.models.load import ModelOptions
 from finechat.tools.registry import ToolRegistry, build_registry
 
 
@@ -49,18 +49,7 @@ class Assistant:
 
 
 def load_chat_model(options: ModelOptions) -> ChatModel:
-    """The model ``options`` name with its adapter and template, ready to chat (what ``finechat.load`` does)."""
-    hf_model, tokenizer, folder = load_model_and_tokenizer(
-        options.model, dtype=options.dtype, device=options.device, trust_remote_code=options.trust_remote_code,
-        quantization_bit=options.quantization_bit)
-    template = options.template
-    if options.adapter:
-        if template is None:  # the template the adapter was trained with (finechat checkpoints record it)
-            run_file = Path(options.adapter).expanduser() / "finechat_run.json"
-            template = read_json(run_file).get("template") if run_file.is_file() else None
-        hf_model = load_adapter(hf_model, options.adapter)
-        hf_model.eval()
-    bot = ChatModel(hf_model, tokenizer, template, source=str(folder))
-    bot.compile_decoder = options.compile
-    return bot
-
+    """The model ``options`` name with its adapter and template, ready to chat."""
+    return load(options.model, adapter=options.adapter, dtype=options.dtype, device=options.device,
+                template=options.template, quantization_bit=options.quantization_bit,
+                trust_remote_code=options.trust_remote_code, compile=options.compile)
