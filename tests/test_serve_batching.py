@@ -58,11 +58,15 @@ def test_concurrent_greedy_answers_equal_chat_in_fewer_steps(varied_bot):
 def test_seeded_sampling_repeats_through_the_scheduler(tiny_bot):
     scheduler = BatchScheduler(tiny_bot)
     try:
-        settings = GenerationSettings(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=7,
-                                      repetition_penalty=1.2)
-        a = [t for step in scheduler.generate_ids([1, 2, 3], settings) for t in step]
-        b = [t for step in scheduler.generate_ids([1, 2, 3], settings) for t in step]
+        def sample(seed):
+            settings = GenerationSettings(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=seed,
+                                          repetition_penalty=1.2)
+            return [t for step in scheduler.generate_ids([1, 2, 3], settings) for t in step]
+
+        a, b = sample(7), sample(7)
         assert a == b and 1 <= len(a) <= 10
+        # another seed samples other tokens: the repeat above is the seed's doing, not silent greedy decoding
+        assert sample(8) != a
     finally:
         scheduler.close()
 

@@ -6,7 +6,10 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 from serve_helpers import wait_until
+
+from finechat.cli import main
 
 
 def test_web_prints_the_address_and_serves_with_the_env_key(tiny_model_dir, tmp_path):
@@ -42,3 +45,13 @@ def test_serve_warns_when_listening_beyond_loopback_without_a_key(tmp_path):
                              str(tmp_path / "missing")], capture_output=True, text=True, env=env, timeout=120)
     assert "WARNING: listening on 0.0.0.0 with no API key" in result.stderr
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["chat", "serve"])
+def test_chat_and_serve_check_tools_and_knowledge_before_loading_the_model(command, tmp_path, capsys):
+    missing_model = str(tmp_path / "no-model")
+    assert main([command, "--model", missing_model, "--tools", "calculator,no_such_tool"]) == 2
+    assert "no_such_tool" in capsys.readouterr().err
+    table = tmp_path / "no-table.csv"
+    assert main([command, "--model", missing_model, "--knowledge", str(table)]) == 3
+    assert str(table) in capsys.readouterr().err

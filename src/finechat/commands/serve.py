@@ -9,24 +9,21 @@ import os
 import socket
 import sys
 
+from finechat.commands.options import Assistant, AssistantOptions, load_chat_model
 from finechat.config import add_config_arguments, config_from_args, field
-from finechat.models.load import ModelOptions
-from finechat.serve.api import ServeSettings
+from finechat.models.load import ModelOptions, log
+from finechat.serve.api import create_app
+from finechat.serve.schemas import ServeSettings
 
 API_KEY_ENV = "FINECHAT_API_KEY"
 
 
 @dataclasses.dataclass
-class ServeConfig(ServeSettings, ModelOptions):
+class ServeConfig(ServeSettings, ModelOptions, AssistantOptions):
     """Settings of ``finechat serve`` and ``finechat web``."""
 
     host: str = field("127.0.0.1", help="address to bind; anything but loopback exposes the server to the network")
     port: int = field(8000, help="TCP port (0 = any free port)")
-    tools: str | None = field(None, help="tools run inside the server: calculator,solver,search,text2image, all, or my_tools.py:function")
-    docs: str | None = field(None, help="folder of .txt/.md/.jsonl documents for the search tool")
-    medical: bool = field(False, help="medical demo: every answer ends with a not-medical-advice notice")
-    knowledge: str | None = field(None, help="disease table (CSV) or knowledge graph (JSON) to retrieve from "
-                                            "before answering, with sources shown (implies --medical)")
 
     def __post_init__(self) -> None:
         ServeSettings.__post_init__(self)
@@ -57,31 +54,18 @@ def free_port(host: str) -> int:
 def main(args: argparse.Namespace, announce_page: bool = False) -> int:
     import uvicorn
 
-    import finechat
-    from finechat.models.load import log
-    from finechat.serve.api import create_app
-
     cfg = config_from_args(ServeConfig, args)
     api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
     if not is_loopback(cfg.host) and not api_key:
         log(f"WARNING: listening on {cfg.host} with no API key: anyone who can reach this machine can use the "
             f"model. Set --api-key or {API_KEY_ENV}.")
-    registry = None
-    if cfg.tools or cfg.docs:  # before loading the model: a wrong tool name or folder fails at once
-        from finechat.tools.registry import build_registry
-
-        registry = build_registry(cfg.tools or "", docs=cfg.docs)
-        log(f"server-side tools: {', '.join(registry.names)}")
-    bot = finechat.load(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device, template=cfg.template,
-                        quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code,
-                        compile=cfg.compile)
-    if cfg.medical or cfg.knowledge:  # ChatDoctor's autonomous mode + the notice (finechat.medical.retrieval)
-        from finechat.medical.retrieval import DiseaseTable, MedicalAssistant
-
-        bot = MedicalAssistant(bot, DiseaseTable.load(cfg.knowledge) if cfg.knowledge else None)
+    assistant = Assistant.prepare(cfg)
+    if assistant.registry is not None:
+        log(f"server-side tools: {', '.join(assistant.registry.names)}")
+    bot = assistant.wrap(load_chat_model(cfg))
     settings = ServeSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ServeSettings)})
     settings.api_key = api_key
-    app = create_app(bot, settings, tools=registry)
+    app = create_app(bot, settings, tools=assistant.registry)
     port = cfg.port or free_port(cfg.host)
     shown = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     base = f"http://{shown}:{port}"

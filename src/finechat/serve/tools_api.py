@@ -13,64 +13,75 @@ ok}]``) and a stream sends, between content deltas, ``delta.finechat_tool`` obje
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from finechat.data.templates import validate_messages
 from finechat.errors import FinechatError
-from finechat.serve.api import _Run, chunk_builder
+from finechat.generate.batching import QueueFull
+from finechat.serve.runs import Run, cancel_on_disconnect, chunk_builder, generation_kwargs, queue_full, sse
+from finechat.serve.schemas import ApiError
 
 
-class AgentRun(_Run):
-    """One request answered by the tool runtime in a worker thread; its events come out of ``texts()``."""
+async def answer(request: Any, agent: Any, submit: Any, messages: list[dict], gen: Any, model: str, stream: bool,
+                 include_usage: bool) -> Any:
+    """The tool runtime's answer to one chat request: a ``chat.completion``, or an event stream with ``stream``.
 
-    def __init__(self, agent: Any, messages: list[dict], gen: Any, submit: Any):  # noqa: D107 (no super: no stream)
-        import dataclasses
+    ``messages`` have passed :func:`check_messages`; ``submit`` is the scheduler's, so every round of the agent's
+    generation goes through the server's batches.
+    """
+    run = agent_run(agent, messages, gen, submit)
+    rid = "chatcmpl-" + uuid.uuid4().hex
+    if stream:
+        return sse(request, run, chunks(run, rid, model, include_usage))
+    async with cancel_on_disconnect(request, run):
+        try:
+            return await complete(run, rid, model)
+        except QueueFull as e:
+            raise queue_full(e) from None
+        except Exception as e:  # noqa: BLE001  the model or scheduler failed mid-answer
+            raise ApiError(503, f"generation failed: {type(e).__name__}: {e}", type="server_error",
+                           code="generation_failed") from None
 
-        self.stats: dict = {"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "stop"}
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._cancel = threading.Event()
-        fields = {f.name: getattr(gen, f.name) for f in dataclasses.fields(gen)}
-        fields.pop("greedy", None)  # do_sample already says it
 
-        def work() -> None:
-            events = agent.run(messages, generate=submit, stats=self.stats, **fields)
-            try:
-                for event in events:
-                    if self._cancel.is_set():
-                        break
-                    self._put(("text", event))
-                self._put(("end", None))
-            except BaseException as e:  # noqa: BLE001  handed to the request
-                self._put(("error", e))
-            finally:
-                events.close()  # closes the current generation (the scheduler drops it)
+def check_messages(messages: list[dict]) -> None:
+    """422 for a conversation the agent cannot take, now rather than as an error mid-answer."""
+    try:
+        validate_messages(messages)
+    except FinechatError as e:
+        raise ApiError(422, str(e), param="messages", code="invalid_value") from None
 
-        threading.Thread(target=work, name="finechat-tools", daemon=True).start()
 
-    def cancel(self) -> None:
-        self._cancel.set()  # the worker stops at the next event and closes its generation
+def agent_run(agent: Any, messages: list[dict], gen: Any, submit: Any) -> Run:
+    """One request answered by the tool runtime in a worker thread; its items are the agent's events."""
+    stats: dict = {"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "stop"}
+    kwargs = generation_kwargs(gen)
+
+    def events() -> Iterator[Any]:
+        return agent.run(messages, generate=submit, stats=stats, **kwargs)
+
+    # cancelling stops the worker at the next event, which closes the current generation (the scheduler drops it)
+    return Run(events, stats, name="finechat-tools")
 
 
 def _trace_entry(event: Any) -> dict:
     return {"id": event.call_id, "name": event.name, "arguments": event.arguments}
 
 
-async def complete(run: AgentRun, rid: str, model: str) -> dict:
+async def complete(run: Run, rid: str, model: str) -> dict:
     """The whole answer as a ``chat.completion`` with the tool calls that ran."""
     trace: dict[str, dict] = {}
-    answer = ""
-    async for event in run.texts():
+    text = ""
+    async for event in run.items():
         if event.kind == "tool_call":
             trace[event.call_id] = _trace_entry(event)
         elif event.kind == "tool_result":
             trace.setdefault(event.call_id, _trace_entry(event)).update(result=event.text, ok=event.ok)
         elif event.kind == "done":
-            answer = event.text
-    message: dict[str, Any] = {"role": "assistant", "content": answer}
+            text = event.text
+    message: dict[str, Any] = {"role": "assistant", "content": text}
     if trace:
         message["finechat_tool_calls"] = list(trace.values())
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
@@ -79,13 +90,13 @@ async def complete(run: AgentRun, rid: str, model: str) -> dict:
             "usage": run.usage()}
 
 
-async def chunks(run: AgentRun, rid: str, model: str, include_usage: bool) -> AsyncIterator[dict]:
+async def chunks(run: Run, rid: str, model: str, include_usage: bool) -> AsyncIterator[dict]:
     """``chat.completion.chunk`` events: content deltas, with the tool calls and results between them."""
     chunk = chunk_builder(rid, model, include_usage)
     yield chunk({"role": "assistant", "content": ""})
     finish = "stop"
     try:
-        async for event in run.texts():
+        async for event in run.items():
             if event.kind == "text" and event.text:
                 yield chunk({"content": event.text})
             elif event.kind == "tool_call":
@@ -94,7 +105,7 @@ async def chunks(run: AgentRun, rid: str, model: str, include_usage: bool) -> As
                 yield chunk({"finechat_tool": {"type": "result", "id": event.call_id, "name": event.name,
                                                "content": event.text, "ok": event.ok}})
         finish = run.stats["finish_reason"]
-    except (FinechatError, Exception) as e:  # noqa: BLE001  headers are sent: report in the stream
+    except Exception as e:  # noqa: BLE001  headers are sent: report in the stream
         yield chunk({"content": f"\n[error: {type(e).__name__}: {e}]"})
         finish = "error"
     yield chunk({}, finish)
