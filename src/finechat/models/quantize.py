@@ -66,7 +66,7 @@ from finechat.errors import ModelLoadError
 CONFIG_KEY = "finechat_quantization"
 FORMAT_VERSION = 1
 KERNEL_DTYPE = torch.bfloat16  # what the CPU int8/int4 kernels are fast in
-DEFAULT_GROUP_SIZE = 128
+DEFAULT_GROUP_SIZE = 32
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4pack kernels accept
 CLIP_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # INT4 range shrink factors tried per group
 
