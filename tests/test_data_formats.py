@@ -6,14 +6,8 @@ from pathlib import Path
 import pytest
 
 from finechat.cli import main as cli_main
-from finechat.data.formats import (
-    FORMATS,
-    WRITERS,
-    Conversation,
-    Turn,
-    read_conversations,
-    write_conversations,
-)
+from finechat.data.conversation import Conversation, Turn
+from finechat.data.formats import FORMATS, WRITERS, read_conversations, write_conversations
 from finechat.errors import DataError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from tiny import make_tiny_llama, make_tokenizer
 
-from finechat.data.formats import Conversation, Turn, read_conversations
+from finechat.data.conversation import Conversation, Turn
+from finechat.data.formats import read_conversations
 from finechat.data.templates import get_template
 from finechat.data.tokenize import (
     IGNORE_INDEX,

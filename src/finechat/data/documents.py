@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finechat.data.formats import json_lines
+from finechat.data.records import json_lines
 from finechat.errors import DataError
 
 

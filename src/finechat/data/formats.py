@@ -19,9 +19,9 @@ Readers auto-detect the format from the first record's keys or take ``format=NAM
 ``chatdoctor``/``huatuo``  ``{instruction, input, output}`` (ChatDoctor's instruction is its system text).
 ========================  ===================================================================================
 
-We parse JSON ourselves (``json.JSONDecoder.raw_decode`` over the file) rather than with ``datasets`` because
-every record must keep its file and line so that a bad record is reported as ``file:line: field: reason``,
-and ``on_bad_record="skip"`` must list, not silently drop, what it skipped.
+Records come with their file and line (``finechat.data.records``) so that a bad record is reported as
+``file:line: field: reason``, and ``on_bad_record="skip"`` lists, never silently drops, what it skipped.
+The schema itself is ``finechat.data.conversation``.
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from finechat.data.conversation import Conversation, Turn
+from finechat.data.records import iter_json_records
 from finechat.errors import DataError
 
-ROLES = ("user", "assistant", "tool")
 FORMATS = ["alpaca", "chatglm-tuning", "prompt-response", "dolly", "sharegpt", "openai", "moss", "chatdoctor",
            "huatuo"]
 WRITERS = ["alpaca", "sharegpt", "openai"]
@@ -45,49 +46,6 @@ DOLLY_CATEGORIES = ("open_qa", "general_qa", "classification", "closed_qa", "bra
 # Column pairs tried, in order, when prompt-response columns are not given (ADGEN first).
 PROMPT_RESPONSE_COLUMNS = (("content", "summary"), ("prompt", "response"), ("query", "response"),
                            ("question", "answer"), ("input", "target"))
-
-
-@dataclasses.dataclass
-class Turn:
-    """One turn: ``user`` text, an ``assistant`` answer (or tool call), or a ``tool`` result."""
-
-    role: str
-    content: str
-    name: str | None = None  # tool name for tool turns, when the data names it
-
-    def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise DataError(f"turn role {self.role!r} is not one of {', '.join(ROLES)}")
-
-
-@dataclasses.dataclass
-class Conversation:
-    """A training example: optional system text, turns, optional tool definitions and where it came from."""
-
-    turns: list[Turn]
-    system: str | None = None
-    tools: list | None = None
-    source: str | None = None  # file the record was read from
-    line: int | None = None  # 1-based line where the record starts
-    meta: dict = dataclasses.field(default_factory=dict)
-
-    def messages(self) -> list[dict[str, str]]:
-        """Template messages: ``[{"role", "content"}]`` with the system message first when there is one."""
-        out = [{"role": "system", "content": self.system}] if self.system else []
-        out += [{"role": t.role, "content": t.content} for t in self.turns]
-        return out
-
-    @property
-    def where(self) -> str:
-        return f"{self.source or '<data>'}:{self.line or '?'}"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Conversation:
-        return cls(turns=[Turn(**t) for t in d["turns"]], system=d.get("system"), tools=d.get("tools"),
-                   source=d.get("source"), line=d.get("line"), meta=dict(d.get("meta") or {}))
 
 
 @dataclasses.dataclass
@@ -109,137 +67,6 @@ class RecordError(Exception):
     def __init__(self, field: str, reason: str):
         super().__init__(f"{field}: {reason}")
         self.field, self.reason = field, reason
-
-
-# --------------------------------------------------------------------------------------------------------
-# Reading JSON / JSONL with line numbers
-# --------------------------------------------------------------------------------------------------------
-
-def _decode_text(data: bytes, path: str) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: (encoding): not UTF-8 text (byte 0x{data[e.start]:02x}); "
-                        "re-save the file as UTF-8 (e.g. iconv -f GBK -t UTF-8)") from None
-
-
-def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
-    """Yield ``(line, record, error)`` for a JSON array, a single JSON object, JSONL or CSV/TSV file.
-
-    ``error`` is set (and ``record`` None) for a JSONL line that is not valid JSON or not UTF-8, so that the
-    caller can skip it; an unreadable JSON array raises DataError since nothing after the error can be found.
-    """
-    path = str(path)
-    if Path(path).suffix.lower() in (".csv", ".tsv"):
-        yield from _iter_csv(path)
-        return
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    head = data.lstrip()[:1]
-    if head == b"[":
-        text = _decode_text(data, path)
-        yield from _iter_json_array(text, path)
-        return
-    lines = data.split(b"\n")
-    first = next((i for i, ln in enumerate(lines) if ln.strip()), None)
-    if first is None:
-        return
-    try:
-        json.loads(lines[first].decode("utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        # Not JSONL: maybe one pretty-printed object (MOSS ships one conversation per file).
-        text = _decode_text(data, path)
-        try:
-            yield first + 1, json.loads(text), None
-            return
-        except json.JSONDecodeError:
-            pass  # report the first line's problem below, as JSONL
-    for i, raw in enumerate(lines):
-        if not raw.strip():
-            continue
-        try:
-            yield i + 1, json.loads(raw.decode("utf-8-sig" if i == 0 else "utf-8")), None
-        except UnicodeDecodeError as e:
-            yield i + 1, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8"
-        except json.JSONDecodeError as e:
-            yield i + 1, None, f"malformed JSON: {e.msg} (column {e.colno})"
-
-
-def json_lines(text: str, path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, value) for each non-blank line of JSON Lines ``text``.
-
-    For readers that refuse a bad file rather than skip lines (held-out questions, predictions, pretraining
-    text, knowledge graphs): a line that is not JSON raises :class:`DataError` naming ``path:line``.
-    """
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: invalid JSON: {e.msg}") from None
-        yield number, value
-
-
-def _iter_csv(path: str) -> Iterator[tuple[int, Any, str | None]]:
-    """CSV/TSV with a header row: each row is a record of text columns (a JSON list column is decoded)."""
-    import csv
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    text = _decode_text(data, path)
-    reader = csv.DictReader(text.splitlines(keepends=True), delimiter="\t" if path.lower().endswith(".tsv") else ",")
-    start = 2
-    for row in reader:
-        line, start = start, reader.line_num + 1
-        if None in row:
-            yield line, None, f"{len(row[None])} more value(s) than header columns"
-            continue
-        rec = {}
-        for k, v in row.items():
-            if isinstance(v, str) and v.lstrip().startswith("[") and v.rstrip().endswith("]"):
-                try:
-                    v = json.loads(v)
-                except json.JSONDecodeError:
-                    pass
-            rec[k] = v
-        yield line, rec, None
-
-
-def _iter_json_array(text: str, path: str) -> Iterator[tuple[int, Any, str | None]]:
-    decoder = json.JSONDecoder()
-    ws = re.compile(r"\s*")
-    pos = ws.match(text, 1).end()
-    line, last = 1, 0
-
-    def line_at(p: int) -> int:
-        nonlocal line, last
-        line += text.count("\n", last, p)
-        last = p
-        return line
-
-    if text[pos:pos + 1] == "]":
-        return
-    while True:
-        try:
-            obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: (json): malformed JSON: {e.msg} (column {e.colno})") from None
-        yield line_at(pos), obj, None
-        pos = ws.match(text, end).end()
-        ch = text[pos:pos + 1]
-        if ch == ",":
-            pos = ws.match(text, pos + 1).end()
-        elif ch == "]":
-            return
-        else:
-            ln = line_at(pos)
-            raise DataError(f"{path}:{ln}: (json): malformed JSON: expected ',' or ']' between records")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from finechat.data.formats import Conversation, expand_paths, read_conversations
+from finechat.data.conversation import Conversation
+from finechat.data.formats import expand_paths, read_conversations
 from finechat.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100

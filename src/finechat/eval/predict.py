@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finechat.data.formats import json_lines
+from finechat.data.records import json_lines
 from finechat.data.templates import Message
 from finechat.errors import DataError
 from finechat.eval.metrics import compute_metrics, perplexity

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finechat.data.formats import json_lines
+from finechat.data.records import json_lines
 from finechat.errors import DataError
 from finechat.eval.metrics import compute_metrics, format_table
 

@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from finechat.data.formats import json_lines
+from finechat.data.records import json_lines
 from finechat.errors import DataError
 
 # cMeKG field name -> our attribute. Only 中心词 is required.

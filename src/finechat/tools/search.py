@@ -13,12 +13,12 @@ returning :class:`Hit` objects); finechat ships none and its tests never call on
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import unicodedata
 from pathlib import Path
 from typing import Protocol
 
+from finechat.data.records import json_lines
 from finechat.errors import DataError
 
 PASSAGE_CHARS = 600
@@ -124,14 +124,10 @@ class LocalSearch:
         self.bm25 = BM25Okapi([tokenize(h.title + " " + h.text) or ["\0"] for h in self.hits])
 
     def _read_jsonl(self, rel: str, text: str) -> None:
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                self.skipped.append(f"{rel}:{number} (bad JSON: {e.msg})")
-                continue
+        def bad_line(number: int, error: str) -> None:
+            self.skipped.append(f"{rel}:{number} (bad JSON: {error})")
+
+        for number, row in json_lines(text, rel, on_bad_line=bad_line):
             body = row.get("text") or row.get("content") if isinstance(row, dict) else None
             if not isinstance(body, str) or not body.strip():
                 self.skipped.append(f"{rel}:{number} (no 'text' or 'content')")
