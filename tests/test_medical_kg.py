@@ -109,8 +109,8 @@ def test_bad_settings_and_cli_exit_code(tmp_path):
         KGSettings(relations="department,colour")
     bad = tmp_path / "bad.json"
     bad.write_text("[1]", encoding="utf-8")
-    result = subprocess.run([sys.executable, "-m", "finechat.medical.kg", str(bad), "--out", str(tmp_path / "o.jsonl")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "finechat", "data", "from-kg", str(bad), "--out",
+                             str(tmp_path / "o.jsonl")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 3 and "bad.json#1: expected a JSON object" in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -12,20 +12,25 @@ Actions:
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from finechat.data.blank_infilling import preview_documents
+from finechat.data.formats import FORMATS, read_conversations, write_conversations
+from finechat.data.registry import DISCLAIMER, all_entries, registry_table
+from finechat.data.synthetic import write_adgen
+from finechat.data.templates import get_template
+from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, encode_conversation, tokenize_many
 from finechat.errors import ConfigError, DataError
+from finechat.medical.kg import RELATIONS, KGSettings, from_kg
 
 DEFAULT_LENGTHS = "128,256,512,1024,2048"
 
 
 def _read_options(p: argparse.ArgumentParser) -> None:
-    from finechat.data.formats import FORMATS
-
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="input format (default: detect)")
     p.add_argument("--on-bad-record", default="error", choices=["error", "skip"],
                    help="stop at a bad record (default) or skip it and list it")
@@ -91,20 +96,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output JSONL file")
 
     p = sub.add_parser("from-kg", help="build instruction QA data from a medical knowledge graph")
-    if importlib.util.find_spec("finechat.medical.kg") is not None:
-        from finechat.medical.kg import add_kg_arguments
-
-        add_kg_arguments(p)
-    else:
-        p.add_argument("graph", help="knowledge-graph JSON file")
-        p.add_argument("--out", required=True, help="output file")
-        p.add_argument("--seed", type=int, default=42, help="random seed")
+    p.add_argument("graph", help="knowledge graph: JSON array, JSON object with 'records', or JSONL")
+    p.add_argument("--out", required=True, help="QA pairs to write (JSONL, Huatuo {instruction, input, output})")
+    p.add_argument("--seed", type=int, default=42, help="random seed (same graph + seed = same file)")
+    p.add_argument("--phrasings", type=int, default=3, help="question phrasings per (disease, relation) fact")
+    p.add_argument("--relations", default=",".join(RELATIONS),
+                   help=f"comma-separated relations to ask about (default: all of {', '.join(RELATIONS)})")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of facts held out as evaluation questions (0 = none)")
+    p.add_argument("--holdout-by", choices=("question", "disease"), default="question",
+                   help="question: hold out an unseen phrasing of a taught fact; disease: whole diseases")
+    p.add_argument("--holdout-out", default=None, help="where held-out questions go (default: OUT.heldout.jsonl)")
+    p.add_argument("--table", default=None, help="also write the graph as a disease table CSV (for retrieval)")
     parser.set_defaults(_parser=parser)
 
 
 def main(args: argparse.Namespace) -> int:
     actions = {"convert": convert, "stats": stats, "preview": preview, "licenses": licenses,
-               "licences": licenses, "generate": generate, "from-kg": from_kg}
+               "licences": licenses, "generate": generate, "from-kg": kg_to_qa}
     if not getattr(args, "action", None):
         args._parser.print_help()
         return 2
@@ -114,8 +123,6 @@ def main(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 def _read(args: argparse.Namespace, paths: Any) -> Any:
-    from finechat.data.formats import read_conversations
-
     result = read_conversations(paths, format=args.format, on_bad_record=args.on_bad_record,
                                 prompt_column=args.prompt_column, response_column=args.response_column,
                                 history_column=args.history_column)
@@ -125,8 +132,6 @@ def _read(args: argparse.Namespace, paths: Any) -> Any:
 
 
 def convert(args: argparse.Namespace) -> int:
-    from finechat.data.formats import write_conversations
-
     result = _read(args, args.input)
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise DataError(f"{args.output}: the output would overwrite the input")
@@ -146,11 +151,11 @@ def convert(args: argparse.Namespace) -> int:
 def _tokenizer_and_template(args: argparse.Namespace) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
-    from finechat.data.templates import get_template
-
     model = args.model
     if model in (None, "", "default"):
-        from finechat.models.load import default_model_dir  # (imports finechat.models: heavier)
+        # Lazy, as torch is: importing finechat.models registers ChatGLM-6B with transformers (seconds), which
+        # convert, licenses, generate and from-kg do not need.
+        from finechat.models.load import default_model_dir
 
         folder = default_model_dir()
     else:
@@ -164,7 +169,7 @@ def _tokenizer_and_template(args: argparse.Namespace) -> tuple[Any, Any]:
     from transformers import CONFIG_MAPPING
 
     if model_type and model_type not in CONFIG_MAPPING:
-        import finechat.models  # noqa: F401  (registers finechat's own families, e.g. ChatGLM-6B; heavy)
+        import finechat.models  # noqa: F401  registers finechat's own families (ChatGLM-6B); lazy, see above
 
     print(f"Loading the tokenizer of {folder} ...", file=sys.stderr, flush=True)
     try:
@@ -183,8 +188,6 @@ def _percentile(sorted_values: list[int], q: float) -> int:
 
 def length_stats(convs: list, tokenizer: Any, template: Any, lengths: list[int]) -> dict[str, Any]:
     """Numbers for ``data stats``: examples, turns and token lengths of the full rows (no truncation)."""
-    from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, tokenize_many
-
     examples, st = tokenize_many(convs, tokenizer, template, TokenizeSettings(cutoff_len=10 ** 9))
     sizes = sorted(len(e["input_ids"]) for e in examples)
     trained = sorted(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in examples)
@@ -264,8 +267,6 @@ def _histogram(sizes: list[int], lengths: list[int], path: str, title: str) -> N
 
 def render_marked(tokenizer: Any, input_ids: list[int], labels: list[int], color: bool) -> str:
     """Decode a row with its trained spans marked (green, or between ⟦ and ⟧)."""
-    from finechat.data.tokenize import IGNORE_INDEX
-
     out, run, run_trained = [], [], None
 
     def flush() -> None:
@@ -287,19 +288,13 @@ def render_marked(tokenizer: Any, input_ids: list[int], labels: list[int], color
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from finechat.data.tokenize import TokenizeSettings
-
     return TokenizeSettings(cutoff_len=args.cutoff_len, max_source_length=args.max_source_length,
                             max_target_length=args.max_target_length, train_on_prompt=args.train_on_prompt,
                             last_turn_only=args.last_turn_only, skip_overlength=args.skip_overlength)
 
 
 def preview(args: argparse.Namespace) -> int:
-    from finechat.data.tokenize import IGNORE_INDEX, encode_conversation
-
     if args.objective == "blank_infilling":  # plain-text pretraining data, read as `stage: pretrain` reads it
-        from finechat.data.blank_infilling import preview_documents
-
         tokenizer, _ = _tokenizer_and_template(args)
         print(preview_documents(args.input, tokenizer, args.start, args.num))
         return 0
@@ -325,10 +320,6 @@ def preview(args: argparse.Namespace) -> int:
 
 
 def licenses(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from finechat.data.registry import DISCLAIMER, all_entries, registry_table
-
     if args.json:
         print(json.dumps([dataclasses.asdict(e) for e in all_entries() if args.kind in (None, e.kind)],
                          ensure_ascii=False, indent=2))
@@ -339,8 +330,6 @@ def licenses(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from finechat.data.synthetic import write_adgen
-
     if args.n < 1:
         raise ConfigError(f"--n must be at least 1, got {args.n}")
     n = write_adgen(args.out, args.n, args.seed)
@@ -348,9 +337,8 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def from_kg(args: argparse.Namespace) -> int:
-    if importlib.util.find_spec("finechat.medical.kg") is None:
-        raise ConfigError("from-kg needs finechat.medical.kg, which this installation does not have")
-    from finechat.medical import kg
-
-    return int(kg.from_kg_main(args) or 0)
+def kg_to_qa(args: argparse.Namespace) -> int:
+    settings = KGSettings(seed=args.seed, phrasings=args.phrasings, relations=args.relations or RELATIONS,
+                          holdout=args.holdout or 0.0, holdout_by=args.holdout_by)
+    print(from_kg(args.graph, args.out, settings, holdout_out=args.holdout_out, table=args.table))
+    return 0

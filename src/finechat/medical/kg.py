@@ -28,13 +28,11 @@ Template-based generation is ours: no library turns a knowledge graph into QA te
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
 import random
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -385,43 +383,21 @@ def heldout_path(out: str | Path) -> Path:
     return out.with_name(out.stem + ".heldout" + (out.suffix or ".jsonl"))
 
 
-def add_kg_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``finechat data from-kg`` (also used by ``python -m finechat.medical.kg``)."""
-    parser.add_argument("graph", help="knowledge graph: JSON array, JSON object with 'records', or JSONL")
-    parser.add_argument("--out", required=True, help="QA pairs to write (JSONL, Huatuo {instruction, input, output})")
-    parser.add_argument("--seed", type=int, default=42, help="random seed (same graph + seed = same file)")
-    parser.add_argument("--phrasings", type=int, default=3, help="question phrasings per (disease, relation) fact")
-    parser.add_argument("--relations", default=",".join(RELATIONS),
-                        help=f"comma-separated relations to ask about (default: all of {', '.join(RELATIONS)})")
-    parser.add_argument("--holdout", type=float, default=0.0,
-                        help="fraction of facts held out as evaluation questions (0 = none)")
-    parser.add_argument("--holdout-by", choices=("question", "disease"), default="question",
-                        help="question: hold out an unseen phrasing of a taught fact; disease: whole diseases")
-    parser.add_argument("--holdout-out", default=None, help="where held-out questions go (default: OUT.heldout.jsonl)")
-    parser.add_argument("--table", default=None, help="also write the graph as a disease table CSV (for retrieval)")
-
-
-def from_kg_main(args: argparse.Namespace) -> int:
-    """``finechat data from-kg GRAPH --out qa.jsonl``: generate QA pairs and print what was made."""
-    settings = KGSettings(
-        seed=getattr(args, "seed", 42), phrasings=getattr(args, "phrasings", 3),
-        relations=getattr(args, "relations", None) or RELATIONS, holdout=getattr(args, "holdout", 0.0) or 0.0,
-        holdout_by=getattr(args, "holdout_by", "question") or "question",
-    )
-    graph = load_graph(args.graph)
+def from_kg(graph_path: str | Path, out: str | Path, settings: KGSettings, holdout_out: str | Path | None = None,
+            table: str | Path | None = None) -> str:
+    """Generate QA pairs from a graph file into ``out`` (held-out questions and a disease table too, when
+    asked); returns what was made, ending in a table of pairs per relation."""
+    graph = load_graph(graph_path)
     train, held = generate_pairs(graph, settings)
-    write_jsonl(train, args.out)
-    lines = [f"{len(graph.records)} diseases from {graph.path} -> {len(train)} QA pairs in {args.out}"]
+    write_jsonl(train, out)
+    lines = [f"{len(graph.records)} diseases from {graph.path} -> {len(train)} QA pairs in {out}"]
     if settings.holdout:
-        target = getattr(args, "holdout_out", None) or heldout_path(args.out)
+        target = holdout_out or heldout_path(out)
         write_jsonl(held, target)
         lines.append(f"{len(held)} held-out questions (by {settings.holdout_by}) in {target}")
-    table = getattr(args, "table", None)
     if table:
         lines.append(f"{write_disease_table(graph, table)} rows in disease table {table}")
-    print("\n".join(lines))
-    print(relation_table(train, held))
-    return 0
+    return "\n".join(lines) + "\n" + relation_table(train, held)
 
 
 def relation_table(train: list[dict], held: list[dict]) -> str:
@@ -434,18 +410,3 @@ def relation_table(train: list[dict], held: list[dict]) -> str:
             rows.append(f"| {relation} | {a} | {b} |")
     rows.append(f"| total | {len(train)} | {len(held)} |")
     return "\n".join(rows)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finechat.medical.kg", description=__doc__.splitlines()[0])
-    add_kg_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return from_kg_main(args)
-    except DataError as e:
-        print(f"finechat data from-kg: error: {e}", file=sys.stderr)
-        return 3
-
-
-if __name__ == "__main__":
-    sys.exit(main())
