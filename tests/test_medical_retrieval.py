@@ -92,6 +92,17 @@ def test_notice_without_retrieval_and_on_a_real_model(tiny_bot):
     assert response.endswith(NOTICE) and NOTICE not in history[0][1]
 
 
+def test_assistant_reads_the_engine_through_and_forwards_nothing_else(tiny_bot):
+    bot = MedicalAssistant(tiny_bot)
+    assert bot.model is tiny_bot.model and bot.tokenizer is tiny_bot.tokenizer and bot.template is tiny_bot.template
+    assert bot.encode_prompt("你好") == tiny_bot.encode_prompt("你好")
+    assert bot.stop_token_ids() == tiny_bot.stop_token_ids() and bot._lock is tiny_bot._lock
+    with pytest.raises(AttributeError):
+        bot.not_an_engine_attribute  # noqa: B018  (no catch-all proxy)
+    bot.note = "set on the assistant"
+    assert not hasattr(tiny_bot, "note")
+
+
 def test_chat_command_medical_with_knowledge(tiny_model_dir):
     cmd = [sys.executable, "-m", "finechat.cli", "chat", "--model", str(tiny_model_dir), "--greedy",
            "--max-new-tokens", "4", "--knowledge", str(SAMPLES / "diseases.csv")]

@@ -11,6 +11,11 @@ Examples:
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from finechat.errors import ConfigError
+from finechat.generate.load import load
+from finechat.medical import evaluate as medical
 
 DEFAULT_QUESTIONS = "data/samples/medical/kg_qa.heldout.jsonl"
 
@@ -36,23 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from finechat.medical import evaluate as medical
-
     if args.action == "run":
         bad = [o for o in args.overrides if "=" not in o]
         if bad:
-            from finechat.errors import ConfigError
-
             raise ConfigError(f"expected key=value after the recipe, got {bad[0]!r}")
         print(medical.run_medical_recipe(args.recipe, args.overrides, args.questions, args.max_questions,
                                          args.max_new_tokens, args.batch_size))
         return 0
-    from pathlib import Path
-
-    import finechat
-
     questions = medical.load_kg_questions(args.questions, args.max_questions)
-    bot = finechat.load(args.model, adapter=args.adapter, template=args.template)
+    bot = load(args.model, adapter=args.adapter, template=args.template)
     metrics, records = medical.evaluate_kg(bot, questions, args.batch_size, args.max_new_tokens)
     if args.out:
         out = Path(args.out)

@@ -15,12 +15,18 @@ numbers in one table.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from finechat.data.records import json_lines
 from finechat.errors import DataError
 from finechat.eval.metrics import compute_metrics, format_table
+from finechat.eval.predict import generate_answers, load_examples, predict
+from finechat.generate.engine import GenerationSettings
+from finechat.generate.load import load
+from finechat.models.load import log
+from finechat.train.stages import STATE_FILE, main_stages, resolve_stages
 
 # Relations shown as their own accuracy column, in this order, with short column names.
 RELATION_COLUMNS = {
@@ -81,9 +87,6 @@ def kg_messages(row: dict) -> list[dict]:
 def evaluate_kg(bot: Any, rows: list[dict], batch_size: int = 8, max_new_tokens: int = 48,
                 progress: bool = True) -> tuple[dict, list[dict]]:
     """Greedy answers to the questions and their scores; returns (metrics, prediction records)."""
-    from finechat.eval.predict import generate_answers
-    from finechat.generate.engine import GenerationSettings
-
     settings = GenerationSettings(greedy=True, max_new_tokens=max_new_tokens)
     answers = generate_answers(bot, [kg_messages(r) for r in rows], settings, batch_size, progress)
     metrics = score_kg(answers, rows)
@@ -96,9 +99,6 @@ def evaluate_kg(bot: Any, rows: list[dict], batch_size: int = 8, max_new_tokens:
 def evaluate_general(bot: Any, path: str | Path, batch_size: int = 8, max_new_tokens: int = 48,
                      max_samples: int | None = None, progress: bool = True) -> dict:
     """Rouge/BLEU on a general set (forgetting check)."""
-    from finechat.eval.predict import load_examples, predict
-    from finechat.generate.engine import GenerationSettings
-
     examples = load_examples(path, max_samples=max_samples)
     settings = GenerationSettings(greedy=True, max_new_tokens=max_new_tokens)
     metrics, _ = predict(bot, examples, settings=settings, batch_size=batch_size, with_loss=False,
@@ -138,9 +138,7 @@ MEDICAL_STATE = "medical_eval.json"
 def kg_eval(model: str, adapter: str | None, questions: list[dict], template: str | None, out_dir: Path,
             batch_size: int = 8, max_new_tokens: int = 48) -> dict:
     """Load one model (+ adapter), answer the KG questions, write its predictions; return the scores."""
-    import finechat
-
-    bot = finechat.load(model, adapter=adapter, template=template)
+    bot = load(model, adapter=adapter, template=template)
     metrics, records = evaluate_kg(bot, questions, batch_size=batch_size, max_new_tokens=max_new_tokens)
     write_records(out_dir, records, metrics)
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -158,8 +156,6 @@ def write_records(out_dir: Path, records: list[dict], metrics: dict) -> None:
 
 def stages_output(config_file: str, overrides: list[str]) -> tuple[Any, list[str]]:
     """The StagesConfig a ``finechat train STAGES.yaml key=value ...`` run uses (same override rules)."""
-    from finechat.train.stages import resolve_stages
-
     return resolve_stages(config_file, overrides)
 
 
@@ -171,11 +167,6 @@ def run_medical_recipe(config_file: str, overrides: list[str], questions_file: s
     crash or with more stages only scores what is new. Returns the table (also written to
     ``OUTPUT_DIR/medical_summary.md``).
     """
-    import time
-
-    from finechat.models.load import log
-    from finechat.train.stages import STATE_FILE, main_stages
-
     questions = load_kg_questions(questions_file, max_questions)
     cfg, _ = stages_output(config_file, overrides)  # validate before the (long) training starts
     t0 = time.time()

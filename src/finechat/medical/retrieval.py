@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from finechat.errors import DataError
+from finechat.medical.kg import load_graph
+from finechat.tools.search import tokenize
 
 NOTICE = "⚠ 以上内容由AI生成，仅供参考，不构成医疗建议；如有不适请及时就医。Not medical advice: please consult a doctor."
 
@@ -66,8 +68,6 @@ class DiseaseTable:
             raise DataError(f"{path or 'disease table'}: no rows")
         from rank_bm25 import BM25Okapi
 
-        from finechat.tools.search import tokenize
-
         self.entries = entries
         self.path = path
         # The disease name counts three times: a question naming it should find that row first.
@@ -81,8 +81,6 @@ class DiseaseTable:
             raise DataError(f"{path}: no such disease table (CSV, or a knowledge graph .json/.jsonl)")
         if path.suffix.lower() == ".csv":
             return cls(_read_csv(path), str(path))
-        from finechat.medical.kg import load_graph
-
         graph = load_graph(path)
         entries = []
         for r in graph.records:
@@ -95,8 +93,6 @@ class DiseaseTable:
 
     def search(self, query: str, k: int = 3) -> list[tuple[float, DiseaseEntry]]:
         """The ``k`` best rows for ``query`` that share at least one word with it, best first."""
-        from finechat.tools.search import tokenize
-
         words = [w for w in tokenize(query) if w not in STOPWORDS]
         if not words or k < 1:
             return []
@@ -146,8 +142,10 @@ def sources_line(hits: list[tuple[float, DiseaseEntry]]) -> str:
 class MedicalAssistant:
     """A ChatModel wrapper for the medical demo: optional retrieval, cited sources, the notice on every answer.
 
-    It has the engine's ``chat`` / ``stream_chat`` / ``stream_text`` / ``chat_messages``; any other
-    attribute (``model``, ``tokenizer``, ``template`` ...) is the wrapped model's.
+    It has the engine's ``chat`` / ``stream_chat`` / ``stream_text`` / ``chat_messages`` and ``build_prompt``
+    with the retrieval put in; the rest of what the front ends and the server's batch scheduler use of an
+    engine (``model``, ``tokenizer``, ``template``, ``generation``, ``generate_ids`` ...) is the wrapped
+    model's own, read through ``bot`` so that there is one copy of it.
     """
 
     def __init__(self, bot: Any, table: DiseaseTable | None = None, k: int = 3, notice: str | None = NOTICE):
@@ -157,18 +155,59 @@ class MedicalAssistant:
         self.notice = notice
         self.last_hits: list[tuple[float, DiseaseEntry]] = []
 
-    _OWN = frozenset({"bot", "table", "k", "notice", "last_hits"})
+    # -- the wrapped engine, as the front ends and the batch scheduler see it --------------------------
+    @property
+    def model(self) -> Any:
+        return self.bot.model
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.bot, name)
+    @property
+    def tokenizer(self) -> Any:
+        return self.bot.tokenizer
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # A front end that configures the engine (e.g. the server's batcher) configures the wrapped model.
-        if name in self._OWN:
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.bot, name, value)
+    @property
+    def template(self) -> Any:
+        return self.bot.template
 
+    @property
+    def generation(self) -> Any:
+        return self.bot.generation
+
+    @generation.setter
+    def generation(self, value: Any) -> None:
+        self.bot.generation = value
+
+    @property
+    def source(self) -> str | None:
+        return self.bot.source
+
+    @property
+    def eos_token(self) -> str:
+        return self.bot.eos_token
+
+    @property
+    def use_fast_decoder(self) -> bool:
+        return getattr(self.bot, "use_fast_decoder", True)
+
+    @property
+    def compile_decoder(self) -> bool:
+        return getattr(self.bot, "compile_decoder", False)
+
+    @property
+    def _lock(self) -> Any:
+        # The scheduler's fast batch-1 path takes the engine's lock: it must be the wrapped model's, shared
+        # with the engine's own generate_ids, so that the two never decode on the model at once.
+        return self.bot._lock
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.bot.encode_prompt(prompt)
+
+    def stop_token_ids(self) -> list[int]:
+        return self.bot.stop_token_ids()
+
+    def generate_ids(self, input_ids: list[int], settings: Any) -> Iterator[list[int]]:
+        return self.bot.generate_ids(input_ids, settings)
+
+    # -- retrieval, sources and the notice ----------------------------------------------------------------
     def build_prompt(self, messages: list[dict], tools: list | None = None) -> str:
         """The wrapped model's prompt, with the records for the last user message put into it."""
         messages, _ = self._augment_messages(messages)
