@@ -359,6 +359,8 @@ def cache_key(sources: Sequence[Any], tokenizer: Any, template: Any, settings: T
 
 
 def default_cache_dir() -> Path:
+    # Lazy, as torch is: importing finechat.models registers ChatGLM-6B with transformers (seconds), and
+    # reading and tokenizing data must not pay for that.
     from finechat.models.load import finechat_home
 
     return finechat_home() / "tokenized"

@@ -40,6 +40,7 @@ from finechat.data.templates import (
 )
 from finechat.errors import ConfigError
 from finechat.generate.engine import _held_back
+from finechat.tools import toolcalls
 from finechat.tools.registry import MAX_ARGUMENT_CHARS, ToolRegistry, ToolResult
 
 # MOSS's section markers.
@@ -324,8 +325,6 @@ class Agent:
     # -- template-native tool calls (OpenAI-style messages) ---------------------------------------------
     def _run_messages(self, messages: list[Message], generate: Any, stats: dict | None,
                       **gen: Any) -> Iterator[AgentEvent]:
-        from finechat.tools import toolcalls
-
         schemas = self.tools.openai_schemas()
         convo = list(messages)
         rounds = 0

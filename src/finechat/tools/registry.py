@@ -28,6 +28,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from finechat.errors import ConfigError
+from finechat.tools.calculator import calculate
+from finechat.tools.search import LocalSearch, make_search
+from finechat.tools.solver import solve
 
 MAX_ARGUMENT_CHARS = 4000  # a longer call is refused before it runs
 MAX_RESULT_CHARS = 4000  # a longer result is cut (and says so) before it goes back into the prompt
@@ -294,8 +297,6 @@ class ImageBackend(Protocol):
 
 
 def calculator_tool() -> Tool:
-    from finechat.tools.calculator import calculate
-
     return Tool("Calculate", "Exact arithmetic: + - * / // % ** (or ^), sqrt, log, sin, factorial, ...",
                 {"type": "object", "properties": {"expression": {"type": "string", "description": "e.g. 3*(2+5)/7"}},
                  "required": ["expression"]}, calculate, capability="Calculator", timeout=5.0)
@@ -305,16 +306,12 @@ def solver_tool() -> Tool:
     # Imported here, not in the call: calls run in a forked child, which should not have to import sympy.
     import sympy  # noqa: F401
 
-    from finechat.tools.solver import solve
-
     return Tool("Solve", "Solve an equation or a small system, e.g. 'x^2-4=0' or 'x+y=3, x-y=1'",
                 {"type": "object", "properties": {"equation": {"type": "string"}}, "required": ["equation"]},
                 solve, capability="Equation solver", timeout=20.0, isolate=True)
 
 
 def search_tool(docs: str | None = None, backend: Any = None, k: int = 3) -> Tool:
-    from finechat.tools.search import LocalSearch, make_search
-
     if backend is None:
         if not docs:
             raise ConfigError("the search tool needs --docs DIR (a folder of .txt/.md/.jsonl files) or a backend")
