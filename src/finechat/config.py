@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -287,3 +288,8 @@ def field(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
         value = default
         return dataclasses.field(default_factory=lambda: typing.cast(Any, value).copy(), metadata={"help": help}, **kw)
     return dataclasses.field(default=default, metadata={"help": help}, **kw)
+
+
+def finechat_home() -> Path:
+    """The cache folder: $FINECHAT_HOME, else ~/.cache/finechat."""
+    return Path(os.environ.get("FINECHAT_HOME") or Path.home() / ".cache" / "finechat").expanduser()

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from finechat.config import finechat_home
 from finechat.data.conversation import Conversation
 from finechat.data.formats import expand_paths, read_conversations
 from finechat.errors import ConfigError, DataError
@@ -359,10 +360,6 @@ def cache_key(sources: Sequence[Any], tokenizer: Any, template: Any, settings: T
 
 
 def default_cache_dir() -> Path:
-    # Lazy, as torch is: importing finechat.models registers ChatGLM-6B with transformers (seconds), and
-    # reading and tokenizing data must not pay for that.
-    from finechat.models.load import finechat_home
-
     return finechat_home() / "tokenized"
 
 

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
-import os
 import re
 import sys
 import time
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from finechat.config import field
+from finechat.config import field, finechat_home
 from finechat.errors import ModelLoadError
 from finechat.files import staged_folder
 from finechat.models.chatglm.modeling_chatglm import is_ptuning_checkpoint
@@ -59,11 +58,6 @@ class ModelOptions:
 def log(message: str) -> None:
     """Progress for people, on stderr so that stdout stays clean for answers and data."""
     print(message, file=sys.stderr, flush=True)
-
-
-def finechat_home() -> Path:
-    """The cache folder: $FINECHAT_HOME, else ~/.cache/finechat."""
-    return Path(os.environ.get("FINECHAT_HOME") or Path.home() / ".cache" / "finechat").expanduser()
 
 
 def default_gguf_path() -> Path:
