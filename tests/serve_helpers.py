@@ -6,17 +6,16 @@ import threading
 import time
 
 from finechat.generate.engine import ChatModel
+from finechat.serve.server import ConnectionLimits, make_server
 
 
 class LiveServer:
-    """Runs ``app`` with uvicorn on a free port of 127.0.0.1 until ``stop()``."""
+    """Runs ``app`` on a free port of 127.0.0.1 until ``stop()``, as ``finechat serve`` does (same uvicorn setup)."""
 
-    def __init__(self, app):
-        import uvicorn
-
+    def __init__(self, app, limits: ConnectionLimits | None = None):
         self.app = app
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
+        self.server = make_server(app, "127.0.0.1", 0, limits or ConnectionLimits(shutdown_timeout=2),
+                                  log_level="warning")
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 20

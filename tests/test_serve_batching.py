@@ -94,7 +94,7 @@ def test_a_reader_that_stops_reading_does_not_stall_others(tiny_bot):
                            "temperature": 0, "stream": True}).encode()
         stalled = socket.create_connection(("127.0.0.1", srv.port))
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-        stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         # never read from `stalled`; other clients still get whole answers promptly
         start = time.time()

@@ -89,7 +89,8 @@ def test_large_bodies_get_413(server):
         for _ in range(10):
             yield b"x" * (1024 * 1024)
 
-    r = httpx.post(server.url + "/v1/chat/completions", content=chunks(), headers={"Authorization": "Bearer k"})
+    r = httpx.post(server.url + "/v1/chat/completions", content=chunks(),
+                   headers={"Authorization": "Bearer k", "Content-Type": "application/json"})
     assert r.status_code == 413
     assert post(server, body={"messages": USER, "max_tokens": 2}).status_code == 200
 
@@ -99,7 +100,7 @@ def test_dropped_streaming_clients_leave_nothing_running(server):
     body = json.dumps({"messages": USER, "max_tokens": 400, "temperature": 0, "stream": True}).encode()
     for _ in range(3):
         sock = socket.create_connection(("127.0.0.1", server.port))
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k\r\n"
                      b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         sock.settimeout(30)
         received = b""

@@ -8,25 +8,31 @@ import ipaddress
 import os
 import socket
 import sys
+from pathlib import Path
 
 from finechat.commands.options import Assistant, AssistantOptions, load_chat_model
 from finechat.config import add_config_arguments, config_from_args, field
+from finechat.errors import ConfigError
 from finechat.models.load import ModelOptions, log
 from finechat.serve.api import create_app
 from finechat.serve.schemas import ServeSettings
+from finechat.serve.server import ConnectionLimits, serve
 
 API_KEY_ENV = "FINECHAT_API_KEY"
 
 
 @dataclasses.dataclass
-class ServeConfig(ServeSettings, ModelOptions, AssistantOptions):
+class ServeConfig(ServeSettings, ConnectionLimits, ModelOptions, AssistantOptions):
     """Settings of ``finechat serve`` and ``finechat web``."""
 
     host: str = field("127.0.0.1", help="address to bind; anything but loopback exposes the server to the network")
     port: int = field(8000, help="TCP port (0 = any free port)")
+    api_key_file: str | None = field(None, help=f"read the API key from this file (unlike --api-key, it stays "
+                                                f"out of `ps`, as {API_KEY_ENV} does)")
 
     def __post_init__(self) -> None:
         ServeSettings.__post_init__(self)
+        ConnectionLimits.__post_init__(self)
         ModelOptions.__post_init__(self)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
@@ -51,20 +57,39 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def main(args: argparse.Namespace, announce_page: bool = False) -> int:
-    import uvicorn
+def resolve_api_key(cfg: ServeConfig) -> str | None:
+    """The key from --api-key, --api-key-file or FINECHAT_API_KEY (in that order; the first two exclude each
+    other); a key file that cannot be read or holds no single line is a one-line error."""
+    if cfg.api_key and cfg.api_key_file:
+        raise ConfigError("give --api-key or --api-key-file, not both")
+    if cfg.api_key_file:
+        path = Path(cfg.api_key_file)
+        try:
+            lines = path.read_text(encoding="utf-8").strip().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the API key file: {getattr(e, 'strerror', None) or e}") from None
+        if len(lines) != 1 or not lines[0].strip():
+            raise ConfigError(f"{path}: the API key file must hold the key on one line, found {len(lines)} lines")
+        return lines[0].strip()
+    if cfg.api_key:
+        log(f"note: --api-key shows in `ps` to every user of this machine; {API_KEY_ENV} or --api-key-file do not")
+        return cfg.api_key
+    return os.environ.get(API_KEY_ENV) or None
 
+
+def main(args: argparse.Namespace, announce_page: bool = False) -> int:
     cfg = config_from_args(ServeConfig, args)
-    api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = resolve_api_key(cfg)
     if not is_loopback(cfg.host) and not api_key:
         log(f"WARNING: listening on {cfg.host} with no API key: anyone who can reach this machine can use the "
-            f"model. Set --api-key or {API_KEY_ENV}.")
+            f"model. Set {API_KEY_ENV} or --api-key-file.")
     assistant = Assistant.prepare(cfg)
     if assistant.registry is not None:
         log(f"server-side tools: {', '.join(assistant.registry.names)}")
     bot = assistant.wrap(load_chat_model(cfg))
     settings = ServeSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ServeSettings)})
     settings.api_key = api_key
+    settings.allowed_hosts = [cfg.host, *cfg.allowed_hosts]  # the Host names it was bound for, and the user's
     app = create_app(bot, settings, tools=assistant.registry)
     port = cfg.port or free_port(cfg.host)
     shown = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
@@ -76,5 +101,6 @@ def main(args: argparse.Namespace, announce_page: bool = False) -> int:
         print(f"finechat serve: OpenAI API at {base}/v1{key_note}, ChatGLM API at POST {base}/, web page at {base}/",
               flush=True)
     sys.stdout.flush()
-    uvicorn.run(app, host=cfg.host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    limits = ConnectionLimits(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ConnectionLimits)})
+    serve(app, cfg.host, port, limits)
     return 0

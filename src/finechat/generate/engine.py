@@ -22,6 +22,10 @@ from finechat.config import field
 from finechat.data.templates import Message, get_template, history_to_messages
 from finechat.errors import ConfigError
 
+# Temperatures below this decode greedily: the distribution is already one-hot in float32, and dividing the
+# logits by a tinier value (1e-300) overflows them to inf, whose softmax is NaN (an empty or garbage answer).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclasses.dataclass
 class GenerationSettings:
@@ -29,7 +33,7 @@ class GenerationSettings:
 
     max_new_tokens: int = field(512, help="most tokens to generate for one answer")
     max_length: int | None = field(None, help="ChatGLM-style limit on prompt + answer tokens")
-    temperature: float = field(0.7, help="sampling temperature (0 = greedy)")
+    temperature: float = field(0.7, help="sampling temperature (0, or below 1e-5 = greedy)")
     top_p: float = field(0.9, help="nucleus sampling: keep the smallest set of tokens with this probability")
     top_k: int = field(0, help="keep only the k most likely tokens (0 = off)")
     repetition_penalty: float = field(1.0, help="penalise tokens already generated (1.0 = off)")
@@ -54,7 +58,7 @@ class GenerationSettings:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.greedy or self.temperature == 0:
+        if self.greedy or self.temperature < GREEDY_BELOW_TEMPERATURE:
             self.do_sample = False
 
     @classmethod

@@ -11,7 +11,8 @@ top_p, temperature}`` -> ``{response, history, status, time}``), ``GET /`` (the 
 
 Errors always use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 malformed JSON or
 a prompt longer than the context, 401 missing / wrong key, 404 unknown model or route, 413 body too large,
-422 invalid field, 429 queue full (with Retry-After), 503 shutting down.
+415 a body that is not ``application/json``, 421 a Host this server does not answer to (see
+:mod:`finechat.serve.guards`), 422 invalid field, 429 queue full (with Retry-After), 503 shutting down.
 
 The request bodies and their checks are in :mod:`finechat.serve.schemas`, the answer being generated (worker
 thread, event streams) in :mod:`finechat.serve.runs`, server-side tools in :mod:`finechat.serve.tools_api`.
@@ -33,6 +34,7 @@ from finechat.data.templates import history_to_messages
 from finechat.errors import FinechatError
 from finechat.generate.batching import BatchScheduler
 from finechat.serve import runs, tools_api
+from finechat.serve.guards import HostNames, RequestGuard
 from finechat.serve.schemas import (
     ApiError,
     ChatRequest,
@@ -82,6 +84,8 @@ def create_app(engine: Any, settings: ServeSettings | None = None, scheduler: An
 
     app = FastAPI(title="finechat", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.scheduler, app.state.settings = engine, scheduler, settings
+    app.state.drain = runs.Drain()
+    app.router.add_event_handler("startup", app.state.drain.bind)
     app.router.add_event_handler("shutdown", scheduler.close)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -89,6 +93,7 @@ def create_app(engine: Any, settings: ServeSettings | None = None, scheduler: An
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestGuard, hosts=HostNames(settings.allowed_hosts), headers=PAGE_HEADERS)  # outermost
     _add_error_handlers(app)
     for method, path, handler in routes.table():
         app.add_api_route(path, _endpoint(handler), methods=[method], name=handler.__name__)
@@ -128,8 +133,8 @@ class Routes:
         if self.agent is not None and not tools:  # the server runs its own tools (finechat serve --tools)
             tools_api.check_messages(messages)
             return await tools_api.answer(request, self.agent, self.scheduler.submit, messages,
-                                          self._generation(req, max_tokens), self.settings.model_name, req.stream,
-                                          req.include_usage)
+                                          self._generation(req, max_tokens), self.limit, max_tokens is not None,
+                                          self.settings.model_name, req.stream, req.include_usage)
         messages, template_tools = toolcalls.prepare(self.engine, messages, tools, req.tool_choice)
         gen = self._generation(req, max_tokens)
         try:
@@ -183,7 +188,11 @@ class Routes:
         history = [tuple(pair) for pair in req.history or []]
         messages = history_to_messages(req.prompt, history)
         gen = glm_generation_settings(req, self.engine.generation, self.settings)
-        prompt_ids = self.engine.encode_prompt(self.engine.build_prompt(messages))
+        try:
+            prompt_ids = self.engine.encode_prompt(self.engine.build_prompt(messages))
+        except Exception as e:  # a Jinja template that rejects this conversation  # noqa: BLE001
+            raise ApiError(422, f"the model's chat template cannot render this prompt and history: {e}",
+                           param="history", code="invalid_value") from None
         gen = self.limit.fit_glm(prompt_ids, gen)
         run = runs.start_text_run(self.engine, self.scheduler, messages, prompt_ids, gen)
         response = await run.final(request)

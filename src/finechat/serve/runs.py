@@ -69,6 +69,11 @@ class Run:
         if self._on_cancel is not None:
             self._on_cancel()
 
+    def abort(self, error: Exception) -> None:
+        """Stop generating and end the items with ``error`` (called on the event loop)."""
+        self.cancel()
+        self._queue.put_nowait(("error", error))
+
     async def items(self) -> AsyncIterator[Any]:
         """The items as they come; cancels generation when the consumer stops early."""
         try:
@@ -112,12 +117,7 @@ def start_text_run(engine: Any, scheduler: Any, messages: list[dict], prompt_ids
     The text comes from ``engine.stream_text`` (stop strings, post-processing: the answer of ``chat``) over the
     scheduler's stream of tokens.
     """
-    try:
-        stream = scheduler.submit(prompt_ids, gen)
-    except QueueFull as e:
-        raise queue_full(e) from None
-    except SchedulerClosed as e:
-        raise ApiError(503, str(e), code="shutting_down", type="server_error", headers={"Retry-After": "5"}) from None
+    stream = submit_now(scheduler.submit, prompt_ids, gen)
     stats = {"prompt_tokens": len(prompt_ids), "completion_tokens": 0, "finish_reason": "stop"}
     kwargs = generation_kwargs(gen)
 
@@ -129,26 +129,81 @@ def start_text_run(engine: Any, scheduler: Any, messages: list[dict], prompt_ids
     return Run(texts, stats, on_cancel=stream.close, on_end=stream.close)
 
 
+def submit_now(submit: Callable[..., Any], prompt_ids: list[int], gen: Any) -> Any:
+    """``submit(prompt_ids, gen)`` (the scheduler's), with a full queue as a 429 and a stopping server as a 503."""
+    try:
+        return submit(prompt_ids, gen)
+    except QueueFull as e:
+        raise queue_full(e) from None
+    except SchedulerClosed as e:
+        raise shutting_down(str(e)) from None
+
+
 def queue_full(e: QueueFull) -> ApiError:
     return ApiError(429, str(e), code="queue_full", type="rate_limit_error", headers={"Retry-After": str(e.retry_after)})
 
 
+def shutting_down(message: str = "the server is shutting down") -> ApiError:
+    return ApiError(503, message, code="shutting_down", type="server_error", headers={"Retry-After": "5"})
+
+
+class Drain:
+    """The server stopping: requests still running ``after`` seconds from :meth:`begin` end with a 503.
+
+    ``finechat.serve.server`` calls :meth:`begin` on SIGTERM / Ctrl-C, a little before uvicorn's own deadline,
+    at which uvicorn would cancel the requests (a plain-text 500, a stream cut short).
+    """
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._expired: asyncio.Event | None = None
+
+    def bind(self) -> None:
+        """At startup, on the server's event loop."""
+        self._loop, self._expired = asyncio.get_running_loop(), asyncio.Event()
+
+    def begin(self, after: float) -> None:
+        """From any thread (a signal handler): end the running requests ``after`` seconds from now."""
+        loop, expired = self._loop, self._expired
+        if loop is not None and expired is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(loop.call_later, after, expired.set)
+
+    async def expired(self) -> None:
+        if self._expired is None:
+            await asyncio.Event().wait()  # never bound: never expires
+        await self._expired.wait()
+
+
 @contextlib.asynccontextmanager
 async def cancel_on_disconnect(request: Any, run: Run) -> AsyncIterator[None]:
-    """Within the block, cancel ``run`` when the client goes away."""
-    watcher = asyncio.ensure_future(_wait_disconnect(request, run))
+    """Within the block, cancel ``run`` when the client goes away, and end it with a 503 when the server's
+    drain expires (see :class:`Drain`)."""
+    watcher = asyncio.ensure_future(_watch(request, run, getattr(request.app.state, "drain", None)))
     try:
         yield
     finally:
         watcher.cancel()
 
 
-async def _wait_disconnect(request: Any, run: Run) -> None:
+async def _watch(request: Any, run: Run, drain: Drain | None) -> None:
+    disconnect = asyncio.ensure_future(_wait_disconnect(request))
+    waits = {disconnect} | ({asyncio.ensure_future(drain.expired())} if drain is not None else set())
+    try:
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+    if disconnect in done:
+        run.cancel()
+    else:
+        run.abort(shutting_down("the server is shutting down; this answer was cut short"))
+
+
+async def _wait_disconnect(request: Any) -> None:
     # the body has been read: the next message is the disconnect
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            run.cancel()
             return
 
 

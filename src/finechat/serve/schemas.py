@@ -19,6 +19,8 @@ from finechat.generate.engine import GenerationSettings
 
 # ChatGLM-6B's api.py defaults, kept for its clients.
 GLM_MAX_LENGTH, GLM_TOP_P, GLM_TEMPERATURE = 2048, 0.7, 0.95
+# The seeds torch's generators take (a signed or an unsigned 64-bit integer); others are a 422 naming ``seed``.
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 @dataclasses.dataclass
@@ -34,6 +36,8 @@ class ServeSettings:
     max_tokens_limit: int = field(4096, help="largest max_tokens a request may ask for")
     default_max_tokens: int = field(512, help="max_tokens when a request gives none")
     cors_origins: list[str] = field([], help="origins allowed by CORS (empty: CORS off)")
+    allowed_hosts: list[str] = field([], help="Host names accepted besides localhost, 127.0.0.1 and [::1] (DNS "
+                                              "rebinding guard; the --host given is added; '*' accepts any)")
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_body_bytes", "max_tokens_limit", "default_max_tokens"):
@@ -115,7 +119,7 @@ class Sampling(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: int = Field(1, ge=1, le=1)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -163,10 +167,39 @@ def parse_body(body: bytes, schema: type[BaseModel]) -> Any:
         raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    where = lone_surrogate(data)
+    if where is not None:  # JSON allows "\ud800"; no tokenizer takes it (a TypeError deep inside)
+        raise ApiError(400, f"{where or 'body'}: the text holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
+                       "which is not valid Unicode", param=where or None, code="invalid_unicode")
     try:
         return schema.model_validate(data)
     except ValidationError as e:
         raise validation_error(e.errors()) from None
+
+
+def lone_surrogate(data: Any) -> str | None:
+    """The dotted path of the first key or string in ``data`` holding a lone surrogate, or None.
+
+    Walked with a stack, not recursion: the body may nest as deep as the JSON parser allows.
+    """
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                name = str(key).encode("utf-8", "backslashreplace").decode("utf-8")  # the path goes into the reply
+                child = f"{path}.{name}" if path else name
+                stack.append((child, item))
+                stack.append((child, key))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}" if path else str(i), item) for i, item in reversed(list(enumerate(value))))
+    return None
 
 
 def validation_error(errors: list) -> ApiError:
