@@ -55,3 +55,52 @@ def test_chat_and_serve_check_tools_and_knowledge_before_loading_the_model(comma
     table = tmp_path / "no-table.csv"
     assert main([command, "--model", missing_model, "--knowledge", str(table)]) == 3
     assert str(table) in capsys.readouterr().err
+
+
+def test_serve_reads_the_api_key_from_a_file_kept_out_of_ps(tiny_model_dir, tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    env = {k: v for k, v in os.environ.items() if k != "FINECHAT_API_KEY"} | {"OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "finechat", "serve", "--model", str(tiny_model_dir), "--port",
+                                "0", "--api-key-file", str(key_file)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        match = re.search(r"OpenAI API at (http://127\.0\.0\.1:\d+)/v1 \(API key required\)", line)
+        assert match, line
+        url = match.group(1)
+
+        def up():
+            try:
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert wait_until(up, timeout=60)
+        assert b"from-file" not in open(f"/proc/{process.pid}/cmdline", "rb").read()
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 401
+        ok = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer from-file"})
+        assert ok.status_code == 200
+        # the Host names it was bound for, and no others
+        assert httpx.get(url + "/health", headers={"Host": "rebound.example"}).status_code == 421
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("key_text,extra,message", [
+    (None, [], "cannot read the API key file"),
+    ("", [], "must hold the key on one line"),
+    ("one\ntwo\n", [], "must hold the key on one line"),
+    ("k\n", ["--api-key", "k"], "not both"),
+])
+def test_bad_api_key_sources_fail_before_loading_the_model(tmp_path, capsys, key_text, extra, message):
+    key_file = tmp_path / "key"
+    if key_text is not None:
+        key_file.write_text(key_text)
+    code = main(["serve", "--model", str(tmp_path / "no-model"), "--api-key-file", str(key_file), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "no-model" not in err
+    if "read" in message or "line" in message:
+        assert str(key_file) in err
