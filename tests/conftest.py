@@ -11,9 +11,9 @@ from tiny import save_tiny_model  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def split_tiny_linear_layers(monkeypatch):
-    """Real models' fp32 CPU Linear layers run as row chunks on the fast path (finechat.generate.fast); the
+    """Real models' fp32 CPU Linear layers run as row chunks on the fast path (finechat.models.row_split); the
     tiny test models' layers are under the size where that starts, so tests lower it to take that path."""
-    monkeypatch.setattr("finechat.generate.fast.MIN_SPLIT_WEIGHTS", 0)
+    monkeypatch.setattr("finechat.models.row_split.MIN_SPLIT_WEIGHTS", 0)
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,8 @@ import pytest
 import torch
 from serve_helpers import LiveServer
 
-from finechat.generate.engine import GenerationSettings
-from finechat.generate.fast import apply_answer_penalties
+from finechat.generate.sampling import apply_answer_penalties
+from finechat.generate.settings import GenerationSettings
 from finechat.serve.api import ServeSettings, create_app
 
 

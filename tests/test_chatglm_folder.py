@@ -73,8 +73,11 @@ def test_chat_and_stream_chat(glm_bot):
     streamed = [r for r, _ in glm_bot.stream_chat("你好", [], greedy=True, max_new_tokens=6)]
     assert streamed[-1] == response
     # the model's own ChatGLM-6B API
-    response2, _ = glm_bot.model.chat(glm_bot.tokenizer, "你好", [], greedy=True, max_new_tokens=6)
-    assert response2 == response
+    response2, history2 = glm_bot.model.chat(glm_bot.tokenizer, "你好", [], do_sample=False, max_new_tokens=6)
+    assert (response2, history2) == (response, history)
+    streamed2 = [r for r, _ in glm_bot.model.stream_chat(glm_bot.tokenizer, "你好", [], do_sample=False,
+                                                          max_new_tokens=6)]
+    assert streamed2[-1] == response
 
 
 def test_terminal_chat_command(glm_dir):

@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 
 import finechat
@@ -25,6 +27,9 @@ def test_seeded_sampling_repeats(tiny_bot):
     a, _ = tiny_bot.chat("hi", do_sample=True, temperature=1.0, seed=3, max_new_tokens=8)
     b, _ = tiny_bot.chat("hi", do_sample=True, temperature=1.0, seed=3, max_new_tokens=8)
     assert a == b
+    # ... and it is sampling: other seeds give other answers (greedy decoding would give one answer)
+    others = {tiny_bot.chat("hi", do_sample=True, temperature=1.0, seed=seed, max_new_tokens=8)[0] for seed in (4, 5)}
+    assert others - {a}
 
 
 def test_unknown_generation_setting(tiny_bot):
@@ -65,11 +70,23 @@ def test_closing_the_stream_stops_generation(tiny_bot):
 
 
 def test_closing_a_real_stream_cancels_generate(tiny_bot):
-    stream = tiny_bot.stream_chat("hello", greedy=True, max_new_tokens=200)
-    next(stream)
-    stream.close()  # must not hang; the worker thread is joined
-    r, _ = tiny_bot.chat("hello", greedy=True, max_new_tokens=3)
-    assert isinstance(r, str)
+    """transformers' generate runs in a worker thread: closing the stream stops it at the next token."""
+    steps = []
+    hook = tiny_bot.model.register_forward_hook(lambda *args: steps.append(1))  # one forward pass per token
+    tiny_bot.use_fast_decoder = False
+    threads = threading.active_count()
+    try:
+        stream = tiny_bot.stream_chat("hello", greedy=True, max_new_tokens=200, stop=["never said"])
+        next(stream)
+        stream.close()  # must not hang: the worker is told to stop and joined
+        assert threading.active_count() == threads
+        stopped_after = len(steps)
+        steps.clear()
+        tiny_bot.chat("hello", greedy=True, max_new_tokens=200, stop=["never said"])
+    finally:
+        hook.remove()
+        tiny_bot.use_fast_decoder = True
+    assert len(steps) > stopped_after + 20, "the answer must be long enough to show the stop"
 
 
 def test_load_errors(tmp_path, tiny_model_dir):

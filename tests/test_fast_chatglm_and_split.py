@@ -5,20 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finechat.generate.fast import (
-    ChatGLMFastDecoder,
-    FastDecoder,
-    RowSplitLinear,
-    fast_decoder,
-    split_linear,
-    split_linear_layers,
-    unsplit_linear_layers,
-    unsupported_reason,
-)
+from finechat.generate.fast import generate_tokens
+from finechat.generate.settings import GenerationSettings
 from finechat.models.chatglm.configuration_chatglm import ChatGLMConfig
+from finechat.models.chatglm.fast_chatglm import ChatGLMFastDecoder
 from finechat.models.chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
+from finechat.models.fast_decoder import FastDecoder
+from finechat.models.fast_decoders import fast_decoder, unsupported_reason
+from finechat.models.row_split import RowSplitLinear, split_linear, split_linear_layers, unsplit_linear_layers
 
 BOS, EOS, MASK, GMASK, PAD = 290, 291, 292, 293, 3
+
+
+def greedy(decoder, ids, n, **kw):
+    return list(generate_tokens(decoder, ids, GenerationSettings(greedy=True, max_new_tokens=n, **kw)))
 
 
 def chatglm(seed: int = 0, **extra) -> ChatGLMForConditionalGeneration:
@@ -53,9 +53,9 @@ def test_chatglm_greedy_tokens_equal_generate(prompt):
     assert len(set(expected)) > 2, "the tiny model should not just repeat one token"
     decoder = fast_decoder(model)
     assert isinstance(decoder, ChatGLMFastDecoder)
-    assert list(decoder.generate(prompt, 16)) == expected
+    assert greedy(decoder, prompt, 16) == expected
     # the cache is reused for a second answer; the repetition penalty follows generate's too
-    assert list(decoder.generate(prompt, 16, repetition_penalty=1.3)) == hf_greedy(model, prompt, 16,
+    assert greedy(decoder, prompt, 16, repetition_penalty=1.3) == hf_greedy(model, prompt, 16,
                                                                                    repetition_penalty=1.3)
 
 
@@ -63,7 +63,7 @@ def test_chatglm_quantized_fast_path_matches_its_generate():
     model = chatglm(2).quantize(8)
     prompt = [11, 12, 13, GMASK, BOS]
     expected = hf_greedy(model, prompt, 12)
-    assert list(fast_decoder(model).generate(prompt, 12)) == expected
+    assert greedy(fast_decoder(model), prompt, 12) == expected
 
 
 def test_chatglm_ptuning_prefix_falls_back_to_generate():
@@ -74,7 +74,7 @@ def test_chatglm_ptuning_prefix_falls_back_to_generate():
 
 
 def test_chatglm_chat_uses_the_fast_path(tmp_path):
-    """model.chat through the engine picks ChatGLMFastDecoder and answers as generate would."""
+    """ChatModel.chat on a ChatGLM folder picks ChatGLMFastDecoder and answers as generate would."""
     import sys
     from pathlib import Path
 
@@ -171,7 +171,7 @@ def test_decoder_splits_fp32_cpu_layers_unless_asked_not_to():
 
 
 def test_weights_that_stay_in_cache_are_not_split(monkeypatch):
-    monkeypatch.setattr("finechat.generate.fast.MIN_SPLIT_WEIGHTS", 128 * 64)  # the MLP's, not q_proj's 64 x 64
+    monkeypatch.setattr("finechat.models.row_split.MIN_SPLIT_WEIGHTS", 128 * 64)  # the MLP's, not q_proj's 64 x 64
     model = _llama()
     assert split_linear_layers(model) == 2 * 3 + 1  # gate/up/down per layer and the 300 x 64 head
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
@@ -184,10 +184,10 @@ def test_lora_adapter_still_saves_after_splitting(tmp_path):
     model = get_peft_model(_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).eval()
     ids = [1, 2, 3, 4]
     decoder = fast_decoder(model)
-    answer = list(decoder.generate(ids, 8))
+    answer = greedy(decoder, ids, 8)
     model.save_pretrained(tmp_path / "adapter")
     again = PeftModel.from_pretrained(_llama(), tmp_path / "adapter").eval()
-    assert list(FastDecoder(again, split_rows=False).generate(ids, 8)) == answer
+    assert greedy(FastDecoder(again, split_rows=False), ids, 8) == answer
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -200,7 +200,7 @@ def test_chatglm_with_finechat_quantization_and_int8_head(bits):
     expected = hf_greedy(model, prompt, 12)
     decoder = fast_decoder(model)
     assert decoder.device.type == "cpu"
-    assert list(decoder.generate(prompt, 12)) == expected
+    assert greedy(decoder, prompt, 12) == expected
 
 
 def test_compiled_one_token_step_chatglm():
@@ -209,7 +209,7 @@ def test_compiled_one_token_step_chatglm():
     prompt = [11, 12, 13, 14, 15, GMASK, BOS]
     expected = hf_greedy(model, prompt, 12)
     decoder = fast_decoder(model, compile=True)
-    assert list(decoder.generate(prompt, 12)) == expected
+    assert greedy(decoder, prompt, 12) == expected
     assert decoder._compiled_step is not None
 
 
@@ -224,4 +224,4 @@ def test_chatglm_with_a_lora_adapter_matches_its_generate():
                              max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=PAD, eos_token_id=None)
     decoder = fast_decoder(model)
     assert isinstance(decoder, ChatGLMFastDecoder)
-    assert list(decoder.generate(prompt, 12)) == out[0, len(prompt):].tolist()
+    assert greedy(decoder, prompt, 12) == out[0, len(prompt):].tolist()

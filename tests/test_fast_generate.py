@@ -4,13 +4,15 @@ import pytest
 import torch
 from tiny import make_tokenizer
 
-from finechat.generate.fast import (
-    FastDecoder,
-    filter_logits,
-    make_generator,
-    pick_next_token,
-    unsupported_reason,
-)
+from finechat.generate.fast import generate_tokens
+from finechat.generate.sampling import apply_repetition_penalty, filter_logits, make_generator, pick_next_token
+from finechat.generate.settings import GenerationSettings
+from finechat.models.fast_decoder import FastDecoder
+from finechat.models.fast_decoders import unsupported_reason
+
+def greedy(n, **kw):
+    return GenerationSettings(greedy=True, max_new_tokens=n, **kw)
+
 
 PROMPT = "Hello, how are you today? 你好，我是一个人工智能助手。"
 
@@ -70,17 +72,17 @@ def test_greedy_tokens_equal_generate(tokenizer, build):
     expected = _hf_greedy(model, ids, 24)
     assert len(set(expected)) > 3, "the tiny model should not just repeat one token"
     decoder = FastDecoder(model)
-    assert list(decoder.generate(ids, 24)) == expected
+    assert list(generate_tokens(decoder, ids, greedy(24))) == expected
     # a second answer reuses the cache; with a repetition penalty it still matches
-    assert list(decoder.generate(ids, 24, repetition_penalty=1.3)) == _hf_greedy(model, ids, 24, repetition_penalty=1.3)
+    assert list(generate_tokens(decoder, ids, greedy(24, repetition_penalty=1.3))) == _hf_greedy(model, ids, 24, repetition_penalty=1.3)
 
 
 def test_stop_token_ends_and_is_yielded(tokenizer):
     model = _llama(len(tokenizer))
     ids = tokenizer(PROMPT)["input_ids"]
-    first = list(FastDecoder(model).generate(ids, 10))
+    first = list(generate_tokens(FastDecoder(model), ids, greedy(10)))
     stop = first[3]
-    got = list(FastDecoder(model).generate(ids, 10, stop_token_ids=[stop]))
+    got = list(generate_tokens(FastDecoder(model), ids, greedy(10), stop_token_ids=[stop]))
     assert got == first[:first.index(stop) + 1]
 
 
@@ -89,8 +91,10 @@ def test_sampling_is_seeded_by_its_generator(tokenizer):
     decoder = FastDecoder(model)
     ids = tokenizer(PROMPT)["input_ids"]
     state = torch.random.get_rng_state()
-    runs = [list(decoder.generate(ids, 16, do_sample=True, temperature=1.5, top_p=0.95, top_k=50,
-                                  generator=make_generator("cpu", seed))) for seed in (1, 1, 2)]
+    sample = GenerationSettings(max_new_tokens=16, temperature=1.5, top_p=0.95, top_k=50)
+    runs = [list(generate_tokens(decoder, ids, sample, generator=make_generator("cpu", seed))) for seed in (1, 1, 2)]
+    # the settings' own seed drives the same generator
+    assert list(generate_tokens(decoder, ids, GenerationSettings.from_kwargs(sample, seed=1))) == runs[0]
     assert runs[0] == runs[1] and runs[0] != runs[2]
     assert torch.equal(state, torch.random.get_rng_state()), "sampling must not touch the global RNG"
 
@@ -109,8 +113,6 @@ def test_filters_match_transformers_processors():
     expected = RepetitionPenaltyLogitsProcessor(1.2)(seen, logits.clone())
     for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(10), TopPLogitsWarper(0.8)):
         expected = warper(seen, expected)
-    from finechat.generate.fast import apply_repetition_penalty
-
     got = filter_logits(apply_repetition_penalty(logits, seen, 1.2), temperature=0.7, top_k=10, top_p=0.8)
     assert torch.equal(torch.isinf(got), torch.isinf(expected))
     assert torch.allclose(got[~torch.isinf(got)], expected[~torch.isinf(expected)])
@@ -180,7 +182,7 @@ def test_compiled_one_token_step_llama(tokenizer):
     ids = tokenizer(PROMPT)["input_ids"]
     expected = _hf_greedy(model, ids, 12)
     decoder = FastDecoder(model, compile=True)
-    assert list(decoder.generate(ids, 12)) == expected
+    assert list(generate_tokens(decoder, ids, greedy(12))) == expected
     assert decoder._compiled_step is not None
 
 

@@ -24,7 +24,9 @@ from finechat.data.records import json_lines
 from finechat.data.templates import Message
 from finechat.errors import DataError
 from finechat.eval.metrics import compute_metrics, perplexity
-from finechat.generate.engine import ChatModel, GenerationSettings
+from finechat.generate.engine import ChatModel
+from finechat.generate.sampling import generate_kwargs
+from finechat.generate.settings import GenerationSettings
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 METRICS_FILE = "metrics.json"
@@ -105,23 +107,8 @@ def generate_answers(bot: ChatModel, prompts: list[list[Message]], settings: Gen
         input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in rows], device=device)
         attention_mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in rows],
                                       device=device)
-        max_new = settings.max_new_tokens
-        if settings.max_length is not None:
-            max_new = max(1, min(max_new, settings.max_length - width))
-        kwargs: dict[str, Any] = dict(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new,
-            do_sample=settings.do_sample, eos_token_id=stop_ids or None, pad_token_id=pad_id,
-            repetition_penalty=settings.repetition_penalty,
-        )
-        if settings.presence_penalty or settings.frequency_penalty:
-            from finechat.generate.fast import AnswerPenalties
-
-            kwargs["logits_processor"] = [AnswerPenalties(width, settings.presence_penalty,
-                                                          settings.frequency_penalty)]
-        if settings.do_sample:
-            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
+        kwargs = generate_kwargs(settings, width, stop_ids, pad_id)
+        kwargs.update(input_ids=input_ids, attention_mask=attention_mask)
         with torch.inference_mode():
             output = model.generate(**kwargs)  # [batch, width + new]
         for row, i in enumerate(rows):

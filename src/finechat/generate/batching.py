@@ -42,7 +42,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from finechat.errors import FinechatError
-from finechat.generate.engine import GenerationSettings
+from finechat.generate.fast import fast_decoder_for, generate_tokens
+from finechat.generate.sampling import next_token
+from finechat.generate.settings import GenerationSettings
 
 PREFILL_TOKENS = 2048  # most padded prompt tokens prefilled in one forward pass when requests arrive together
 
@@ -154,10 +156,7 @@ class BatchScheduler:
 
     def submit(self, input_ids: list[int], settings: GenerationSettings) -> Stream:
         """Queue a request; raises :class:`QueueFull` at once when the queue is full."""
-        max_new = settings.max_new_tokens
-        if settings.max_length is not None:
-            max_new = max(1, min(max_new, settings.max_length - len(input_ids)))
-        seq = _Sequence(list(input_ids), settings, max_new)
+        seq = _Sequence(list(input_ids), settings, settings.max_new_tokens_for(len(input_ids)))
         if not self.batched:
             return self._submit_serial(seq)
         with self._cond:
@@ -280,18 +279,12 @@ class BatchScheduler:
         Alone, a request gets exactly the speed of in-process ``chat``; when a second request arrives, the
         first moves into the batch (:meth:`_end_solo`).
         """
-        from finechat.generate.fast import fast_decoder_for, make_generator
-
         fast = fast_decoder_for(self.chat)
         lock = getattr(self.chat, "_lock", None)
         if fast is None or lock is None or not lock.acquire(blocking=False):
             return False
         try:
-            s = seq.settings
-            tokens = fast.generate(seq.prompt_ids, seq.max_new, do_sample=s.do_sample, temperature=s.temperature,
-                                   top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty,
-                                   presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-                                   stop_token_ids=self._stop_ids(), generator=make_generator(fast.device, s.seed))
+            tokens = generate_tokens(fast, seq.prompt_ids, seq.settings, self._stop_ids())
         except BaseException:
             lock.release()
             raise
@@ -473,45 +466,17 @@ class BatchScheduler:
             layer.values = layer.values.index_select(0, index)[:, :, start:]
 
     def _sample(self, logits: Any, seqs: list[_Sequence]) -> Any:
-        """Next token per row of ``logits`` [batch, vocab], with each sequence's own settings.
-
-        The order of the processors follows transformers' ``generate``: repetition penalty (then OpenAI's
-        presence / frequency penalties over the answer), temperature, top-k, top-p.
-        """
+        """Next token per row of ``logits`` [batch, vocab], with each sequence's own settings (the shared
+        sampler: ``generate``'s processors in its order; a request without a seed draws from the global RNG)."""
         import torch
 
         logits = logits.float()
+        tokens = []
         for row, seq in enumerate(seqs):
-            penalty = seq.settings.repetition_penalty
-            if penalty != 1.0:
-                seen = torch.tensor(seq.prompt_ids + seq.generated, device=logits.device).unique()
-                picked = logits[row, seen]
-                logits[row, seen] = torch.where(picked < 0, picked * penalty, picked / penalty)
-            s = seq.settings
-            if (s.presence_penalty or s.frequency_penalty) and seq.generated:
-                from finechat.generate.fast import apply_answer_penalties
-
-                answer = torch.tensor([seq.generated], device=logits.device)
-                logits[row] = apply_answer_penalties(logits[row:row + 1], answer, s.presence_penalty,
-                                                     s.frequency_penalty)[0]
-        tokens = logits.argmax(dim=-1)  # [batch]
-        for row, seq in enumerate(seqs):
-            s = seq.settings
-            if not s.do_sample:
-                continue
-            scores = logits[row] / max(s.temperature, 1e-5)
-            if s.top_k:
-                kth = torch.topk(scores, min(s.top_k, scores.shape[-1])).values[-1]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-            if s.top_p < 1.0:
-                sorted_scores, order = torch.sort(scores, descending=False)
-                cumulative = sorted_scores.softmax(-1).cumsum(-1)
-                remove = cumulative <= (1 - s.top_p)
-                remove[-1] = False  # keep at least the most likely token
-                scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
-            probs = scores.softmax(-1)
-            tokens[row] = torch.multinomial(probs, 1, generator=seq.generator)[0]
-        return tokens
+            seen = torch.tensor([seq.prompt_ids + seq.generated], device=logits.device)  # [1, prompt + answer]
+            tokens.append(next_token(logits[row:row + 1], seq.settings, seen, seen[:, len(seq.prompt_ids):],
+                                     seq.generator))
+        return torch.cat(tokens)[:, 0]  # [batch]
 
 
 def _merge(cache: Any, mask: Any, new_cache: Any, new_mask: Any) -> tuple[Any, Any]:

@@ -14,7 +14,7 @@ One row per precision, all measured in the same process, one model resident at a
 
 ``generate`` always runs on transformers' own modules, so the baseline column is what a user of
 transformers alone gets; on CPU the fast decoder runs fp32 Linear layers as row-split products (see
-``finechat.generate.fast``). The two are timed in alternating rounds (the split undone before each
+``finechat.models.row_split``). The two are timed in alternating rounds (the split undone before each
 ``generate`` round and redone before each fast one), and each speed is the median over the rounds, so
 that a slow spell of a shared machine hits both.
 
@@ -35,6 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from finechat.generate.fast import generate_tokens
+from finechat.generate.settings import GenerationSettings
+from finechat.models.fast_decoders import fast_decoder, is_supported
+from finechat.models.quantize import DEFAULT_GROUP_SIZE, quantize_model, weight_bytes
+from finechat.models.row_split import split_linear_layers, unsplit_linear_layers
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 
@@ -141,10 +147,15 @@ def time_hf_generate(model: Any, prompt: list[int], new_tokens: int) -> tuple[li
     return out[0, len(prompt):].tolist(), statistics.median(gaps)
 
 
+def _greedy(new_tokens: int) -> GenerationSettings:
+    """Greedy, no stop token: as the ``generate`` rounds run."""
+    return GenerationSettings(greedy=True, max_new_tokens=new_tokens)
+
+
 def time_fast_decode(decoder: Any, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
     """Greedy decoding with the fast path; returns (tokens, median seconds between tokens)."""
     tokens, stamps = [], []
-    for token in decoder.generate(prompt, new_tokens):
+    for token in generate_tokens(decoder, prompt, _greedy(new_tokens)):
         _sync(decoder.device)
         stamps.append(time.perf_counter())
         tokens.append(token)
@@ -193,8 +204,6 @@ class BenchRow:
 
 def make_precision(model: Any, precision: str, group_size: int) -> Any:
     """A copy of the fp32 ``model`` in ``precision`` (quantized ones keep the embedding/head in INT8)."""
-    from finechat.models.quantize import quantize_model
-
     if precision == "fp32":
         return model
     clone = copy.deepcopy(model)
@@ -222,9 +231,6 @@ def bench_model(load_fp32: Any, precisions: tuple[str, ...] = PRECISIONS, new_to
 
     Decode speeds are the median over ``rounds`` alternating runs of ``generate`` and the fast path.
     """
-    from finechat.generate.fast import fast_decoder, is_supported, split_linear_layers, unsplit_linear_layers
-    from finechat.models.quantize import DEFAULT_GROUP_SIZE, weight_bytes
-
     group_size = group_size or DEFAULT_GROUP_SIZE
     rows: list[BenchRow] = []
     reference_top1: torch.Tensor | None = None
@@ -253,7 +259,7 @@ def bench_model(load_fp32: Any, precisions: tuple[str, ...] = PRECISIONS, new_to
         agreement = float((top1 == reference_top1).float().mean())
         log(f"[{precision}] prefill and decode ({new_tokens} tokens, fast path: {'yes' if fast else 'no'}) ...")
         if decoder is not None:
-            list(decoder.generate(prompt, 3))  # warm-up (and compilation)
+            list(generate_tokens(decoder, prompt, _greedy(3)))  # warm-up (and compilation)
         prefill = time_prefill(model, decoder, prompt)
         peak = peak_memory_mb(device)
         time_hf_generate(model, prompt, 3)  # warm-up

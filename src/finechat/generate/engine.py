@@ -7,80 +7,23 @@ always stops at the template's end-of-turn tokens and strings, and a consumer th
 Ctrl-C in the terminal, a client that disconnects) cancels the generation at the next token.
 
 Token generation goes through :meth:`ChatModel.generate_ids`, which uses transformers' ``generate`` in a
-worker thread with a streamer; a faster decoder can replace that one method (see ``finechat.generate.fast``).
+worker thread with a streamer, or the model's fast decoder when it has one (``finechat.generate.fast``).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import collections
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from finechat.config import field
 from finechat.data.templates import Message, get_template, history_to_messages
-from finechat.errors import ConfigError
+from finechat.generate.fast import fast_decoder_for, generate_tokens
+from finechat.generate.sampling import generate_kwargs
+from finechat.generate.settings import GenerationSettings
 
-# Temperatures below this decode greedily: the distribution is already one-hot in float32, and dividing the
-# logits by a tinier value (1e-300) overflows them to inf, whose softmax is NaN (an empty or garbage answer).
-GREEDY_BELOW_TEMPERATURE = 1e-5
-
-
-@dataclasses.dataclass
-class GenerationSettings:
-    """Sampling and length settings for one answer."""
-
-    max_new_tokens: int = field(512, help="most tokens to generate for one answer")
-    max_length: int | None = field(None, help="ChatGLM-style limit on prompt + answer tokens")
-    temperature: float = field(0.7, help="sampling temperature (0, or below 1e-5 = greedy)")
-    top_p: float = field(0.9, help="nucleus sampling: keep the smallest set of tokens with this probability")
-    top_k: int = field(0, help="keep only the k most likely tokens (0 = off)")
-    repetition_penalty: float = field(1.0, help="penalise tokens already generated (1.0 = off)")
-    presence_penalty: float = field(0.0, help="OpenAI's: subtract this from every token already in the answer")
-    frequency_penalty: float = field(0.0, help="OpenAI's: subtract this times the count of each token in the answer")
-    do_sample: bool = field(True, help="sample; --no-do-sample (or --greedy) picks the most likely token")
-    greedy: bool = field(False, help="greedy decoding (same as --no-do-sample); answers repeat exactly")
-    seed: int | None = field(None, help="random seed for sampling; a seeded answer repeats")
-    stop: list[str] = field([], help="extra strings that end the answer (comma-separated)")
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.greedy or self.temperature < GREEDY_BELOW_TEMPERATURE:
-            self.do_sample = False
-
-    @classmethod
-    def from_kwargs(cls, base: GenerationSettings | None = None, **kwargs: Any) -> GenerationSettings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise ConfigError(f"unknown generation setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-        values = dataclasses.asdict(base) if base else {}
-        values.update({k: v for k, v in kwargs.items() if v is not None or k in ("seed", "max_length")})
-        if isinstance(values.get("stop"), str):
-            values["stop"] = [values["stop"]]
-        if kwargs.get("do_sample") is True and "greedy" not in kwargs:
-            values["greedy"] = False
-        try:
-            return cls(**values)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(str(e)) from e
-
-
-class _Cancelled(Exception):
-    pass
+__all__ = ["ChatModel", "GenerationSettings"]
 
 
 class _IdStreamer:
@@ -131,6 +74,9 @@ class ChatModel:
         self.generation = generation or GenerationSettings.from_kwargs(None, **defaults)
         self.source = source
         self._lock = threading.Lock()
+        self.use_fast_decoder = True  # False: always transformers' generate
+        self.compile_decoder = False  # True: torch.compile the fast decoder's one-token step
+        self.fast_decoder_cache: tuple[Any, Any] | None = None  # (model, its fast decoder or None)
 
     # -- prompts ---------------------------------------------------------------------------------------
     @property
@@ -172,24 +118,16 @@ class ChatModel:
     def generate_ids(self, input_ids: list[int], settings: GenerationSettings) -> Iterator[list[int]]:
         """Yield new token ids as they are generated; closing the iterator cancels generation.
 
-        Llama/Qwen2-family models use ``finechat.generate.fast`` (same greedy tokens, less overhead per token);
-        others, and models with a prefix adapter, use transformers' ``generate`` in a worker thread.
+        Models with a fast decoder (Llama/Qwen2, ChatGLM-6B) use it (``finechat.generate.fast``: same greedy
+        tokens, less overhead per token); others, and models with a prefix adapter, use transformers'
+        ``generate`` in a worker thread.
         """
         import torch
 
-        from finechat.generate.fast import fast_decoder_for, make_generator
-
-        max_new = settings.max_new_tokens
-        if settings.max_length is not None:
-            max_new = max(1, min(max_new, settings.max_length - len(input_ids)))
         fast = fast_decoder_for(self)
         if fast is not None:
             with self._lock:  # one generation at a time on a shared model (and its KV cache)
-                tokens = fast.generate(
-                    input_ids, max_new, do_sample=settings.do_sample, temperature=settings.temperature,
-                    top_p=settings.top_p, top_k=settings.top_k, repetition_penalty=settings.repetition_penalty,
-                    presence_penalty=settings.presence_penalty, frequency_penalty=settings.frequency_penalty,
-                    stop_token_ids=self.stop_token_ids(), generator=make_generator(fast.device, settings.seed))
+                tokens = generate_tokens(fast, input_ids, settings, self.stop_token_ids())
                 try:
                     for token in tokens:
                         yield [token]
@@ -200,27 +138,9 @@ class ChatModel:
         streamer = _IdStreamer(cancel)
         device = next(self.model.parameters()).device
         ids = torch.tensor([input_ids], device=device)
-        kwargs: dict[str, Any] = {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "max_new_tokens": max_new,
-            "do_sample": settings.do_sample,
-            "eos_token_id": self.stop_token_ids() or None,
-            "pad_token_id": self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else
-            (self.stop_token_ids() or [0])[0],
-            "streamer": streamer,
-            "stopping_criteria": [_stop_on_cancel(cancel)],
-            "repetition_penalty": settings.repetition_penalty,
-        }
-        if settings.presence_penalty or settings.frequency_penalty:
-            from finechat.generate.fast import AnswerPenalties
-
-            kwargs["logits_processor"] = [AnswerPenalties(len(input_ids), settings.presence_penalty,
-                                                          settings.frequency_penalty)]
-        if settings.do_sample:
-            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
+        kwargs = generate_kwargs(settings, len(input_ids), self.stop_token_ids(), self.tokenizer.pad_token_id)
+        kwargs.update(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                      stopping_criteria=[_stop_on_cancel(cancel)])
         error: list[BaseException] = []
 
         def work() -> None:
@@ -321,17 +241,17 @@ class ChatModel:
     def chat(self, query: str, history: list | None = None, system: str | None = None,
              **gen: Any) -> tuple[str, list]:
         """Answer ``query`` given ``history``; returns ``(response, history + [(query, response)])``."""
-        response, new_history = "", list(history or []) + [(query, "")]
-        for response, new_history in self.stream_chat(query, history, system, **gen):
-            pass
-        return response, new_history
+        return last(self.stream_chat(query, history, system, **gen))  # stream_chat always yields
 
     def chat_messages(self, messages: list[Message], **gen: Any) -> str:
         """One answer for OpenAI-style ``messages``."""
-        text = ""
-        for text in self.stream_text(messages, **gen):
-            pass
-        return text
+        return last(self.stream_text(messages, **gen), "")
+
+
+def last(items: Iterable[Any], default: Any = None) -> Any:
+    """The last item of a stream (``default`` when it yields nothing): a whole answer from a streamed one."""
+    tail = collections.deque(items, maxlen=1)
+    return tail[0] if tail else default
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:

@@ -1,11 +1,15 @@
-"""``finechat.load``: a model, an optional adapter and a template, ready to chat (a :class:`ChatModel`)."""
+"""Load a chat model in one call: model (``default``, a folder or a .gguf), optional adapter, template, settings.
+
+``finechat.load`` (the package root) is this function, for users; library code calls it here.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from finechat.generate.engine import ChatModel, GenerationSettings
+from finechat.generate.engine import ChatModel
+from finechat.generate.settings import GenerationSettings
 from finechat.models.load import load_adapter, load_model_and_tokenizer, read_json
 
 
@@ -19,7 +23,7 @@ def load(
     trust_remote_code: bool = False,
     compile: bool = False,
     **generation: Any,
-):
+) -> ChatModel:
     """Load a model (``default``, a Hugging Face folder or a .gguf file), an optional adapter and a template.
 
     Returns a :class:`finechat.generate.engine.ChatModel` with ``.model``, ``.tokenizer``, ``chat`` and

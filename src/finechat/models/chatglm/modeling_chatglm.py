@@ -23,6 +23,7 @@ implementation of the published formulas) with parameter names unchanged, so ori
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,19 +31,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel, TextIteratorStreamer
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from finechat.models.chatglm.configuration_chatglm import ChatGLMConfig
 from finechat.models.chatglm.quantization import quantize_layers
+from finechat.models.chatglm.response import clean_response
 
 # The reference builds every block with its default num_layers=28, so the residual scale is √56 even for
 # configurations with fewer layers; checkpoints were trained with that value.
 RESIDUAL_ALPHA = math.sqrt(2 * 28)
 MASKED_SCORE = -10000.0
 PTUNING_PREFIX = "transformer.prefix_encoder."
+NEXT_ROUND = "[Round"  # the model starting a new round of its own: the answer ends before it
 
 
 class InvalidScoreLogitsProcessor(LogitsProcessor):
@@ -387,16 +391,79 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             processors.append(InvalidScoreLogitsProcessor())
         return super().generate(*args, logits_processor=processors, **kwargs)
 
-    def chat(self, tokenizer: Any, query: str, history: list | None = None, **gen: Any) -> tuple[str, list]:
-        """ChatGLM-6B's ``model.chat(tokenizer, query, history)``, through finechat's chat engine."""
-        from finechat.generate.engine import ChatModel
+    # -- ChatGLM-6B's chat API ------------------------------------------------------------------------
+    def _chat_inputs(self, tokenizer: Any, query: str, history: list, max_length: int, num_beams: int,
+                     do_sample: bool, top_p: float, temperature: float, logits_processor: Any,
+                     kwargs: dict) -> dict:
+        """``generate``'s keyword arguments for the next answer, with the reference's defaults."""
+        processors = LogitsProcessorList(logits_processor or [])
+        gen = {"num_beams": num_beams, "do_sample": do_sample, "logits_processor": processors, **kwargs}
+        if do_sample:
+            gen.update(top_p=top_p, temperature=temperature)
+        if "max_new_tokens" not in kwargs:  # transformers warns when both limits are given
+            gen["max_length"] = max_length
+        inputs = tokenizer([chat_prompt(query, history)], return_tensors="pt").to(self.device)
+        return {**inputs, **gen}
 
-        return ChatModel(self, tokenizer, "chatglm").chat(query, history, **gen)
+    @torch.inference_mode()
+    def chat(self, tokenizer: Any, query: str, history: list | None = None, max_length: int = 2048,
+             num_beams: int = 1, do_sample: bool = True, top_p: float = 0.7, temperature: float = 0.95,
+             logits_processor: Any = None, **kwargs: Any) -> tuple[str, list]:
+        """ChatGLM-6B's ``model.chat(tokenizer, query, history)`` -> ``(response, history + [(query, response)])``.
 
-    def stream_chat(self, tokenizer: Any, query: str, history: list | None = None, **gen: Any) -> Iterator:
-        from finechat.generate.engine import ChatModel
+        Extra keyword arguments go to ``generate`` (``max_new_tokens``, ...).
+        """
+        history = list(history or [])
+        inputs = self._chat_inputs(tokenizer, query, history, max_length, num_beams, do_sample, top_p, temperature,
+                                   logits_processor, kwargs)
+        prompt_length = inputs["input_ids"].shape[1]
+        output = self.generate(**inputs)[0, prompt_length:].tolist()
+        response = _answer(tokenizer.decode(output, skip_special_tokens=True))
+        return response, history + [(query, response)]
 
-        yield from ChatModel(self, tokenizer, "chatglm").stream_chat(query, history, **gen)
+    def stream_chat(self, tokenizer: Any, query: str, history: list | None = None, max_length: int = 2048,
+                    do_sample: bool = True, top_p: float = 0.7, temperature: float = 0.95,
+                    logits_processor: Any = None, **kwargs: Any) -> Iterator[tuple[str, list]]:
+        """ChatGLM-6B's ``model.stream_chat``: yields ``(partial_response, history + [(query, partial)])``.
+
+        ``generate`` runs in a worker thread feeding transformers' ``TextIteratorStreamer``; leaving the loop
+        early stops it at the next token.
+        """
+        history = list(history or [])
+        inputs = self._chat_inputs(tokenizer, query, history, max_length, 1, do_sample, top_p, temperature,
+                                   logits_processor, kwargs)
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()
+        inputs["stopping_criteria"] = StoppingCriteriaList([*inputs.get("stopping_criteria", []), _StopWhen(stop)])
+        failed: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with torch.inference_mode():
+                    self.generate(**inputs, streamer=streamer)
+            except BaseException as e:  # noqa: BLE001  raised again in the consumer's thread
+                failed.append(e)
+                streamer.end()
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        text, shown = "", None
+        try:
+            for piece in streamer:
+                text += piece
+                response = _answer(text)
+                if response != shown:
+                    shown = response
+                    yield response, history + [(query, response)]
+                if NEXT_ROUND in text:
+                    break
+        finally:
+            stop.set()
+            worker.join()
+        if failed:
+            raise failed[0]
+        if shown is None:
+            yield "", history + [(query, "")]
 
     # -- quantization and P-Tuning v2 ------------------------------------------------------------------
     def quantize(self, bits: int) -> ChatGLMForConditionalGeneration:
@@ -476,6 +543,27 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                                  f"(2 x {self.config.num_layers} layers x {self.config.hidden_size} hidden)")
         self.enable_prefix_tuning(pre_seq_len, projection)
         self.transformer.prefix_encoder.load_state_dict(prefix)
+
+
+def chat_prompt(query: str, history: list) -> str:
+    """ChatGLM-6B's prompt: ``[Round i]\n问：...\n答：...`` per earlier turn, then the new question."""
+    earlier = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(history))
+    return f"{earlier}[Round {len(history)}]\n问：{query}\n答："
+
+
+def _answer(text: str) -> str:
+    """The decoded answer up to a new round the model starts itself, cleaned as the reference does."""
+    return clean_response(text.split(NEXT_ROUND, 1)[0])
+
+
+class _StopWhen(StoppingCriteria):
+    """Stops ``generate`` once ``event`` is set (the consumer of a stream went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def is_ptuning_checkpoint(path: str | Path) -> bool:
