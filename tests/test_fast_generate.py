@@ -5,10 +5,16 @@ import torch
 from tiny import make_tokenizer
 
 from finechat.generate.fast import generate_tokens
-from finechat.generate.sampling import apply_repetition_penalty, filter_logits, make_generator, pick_next_token
+from finechat.generate.sampling import (
+    apply_repetition_penalty,
+    filter_logits,
+    make_generator,
+    pick_next_token,
+)
 from finechat.generate.settings import GenerationSettings
 from finechat.models.fast_decoder import FastDecoder
 from finechat.models.fast_decoders import unsupported_reason
+
 
 def greedy(n, **kw):
     return GenerationSettings(greedy=True, max_new_tokens=n, **kw)

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 from finechat.errors import ConfigError, DataError
+from finechat.models.chatglm.response import clean_response
 
 Message = dict[str, Any]
 
@@ -191,24 +192,13 @@ def register_template(template: Template) -> Template:
     return template
 
 
-_CJK = "\u4e00-\u9fff"
-_FULL_WIDTH = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}
-
-
 @dataclasses.dataclass(frozen=True)
 class ChatGLMTemplate(Template):
     """ChatGLM-6B's format plus its response clean-up (the reference's ``process_response``)."""
 
     def postprocess(self, text: str) -> str:
         """Strip, and make ASCII , ! : ; ? full-width where they touch a CJK character."""
-        import re
-
-        text = text.strip()
-        for ascii_mark, full in _FULL_WIDTH.items():
-            mark = re.escape(ascii_mark)
-            text = re.sub(rf"([{_CJK}]){mark}", rf"\g<1>{full}", text)
-            text = re.sub(rf"{mark}([{_CJK}])", rf"{full}\g<1>", text)
-        return text
+        return clean_response(text)
 
 
 register_template(ChatGLMTemplate(

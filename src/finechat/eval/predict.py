@@ -20,13 +20,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finechat.data.formats import read_conversations
 from finechat.data.records import json_lines
 from finechat.data.templates import Message
+from finechat.data.tokenize import TokenizeSettings, tokenize_conversation
 from finechat.errors import DataError
 from finechat.eval.metrics import compute_metrics, perplexity
 from finechat.generate.engine import ChatModel
 from finechat.generate.sampling import generate_kwargs
 from finechat.generate.settings import GenerationSettings
+from finechat.models.load import log
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 METRICS_FILE = "metrics.json"
@@ -64,9 +67,6 @@ def load_examples(path: str | Path, data_format: str = "auto", max_samples: int 
 
     Bad records are an error naming file and line, or (``on_bad_record="skip"``) skipped and listed.
     """
-    from finechat.data.formats import read_conversations
-    from finechat.models.load import log
-
     result = read_conversations(path, format=data_format or "auto", on_bad_record=on_bad_record, **columns)
     if result.skipped:
         log(result.skipped_table())
@@ -127,8 +127,6 @@ def generate_answers(bot: ChatModel, prompts: list[list[Message]], settings: Gen
 
 def label_token_ids(bot: ChatModel, messages: list[Message], label: str) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of prompt + answer, -100 on the prompt: the training tokenization of the last turn."""
-    from finechat.data.tokenize import TokenizeSettings, tokenize_conversation
-
     row = tokenize_conversation(messages + [{"role": "assistant", "content": label}], bot.tokenizer, bot.template,
                                 TokenizeSettings(cutoff_len=1 << 30, last_turn_only=True))
     if row is None:  # nothing to score (an empty answer under a template with no end marker)

@@ -9,7 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from finechat.models.chatglm.fast_chatglm import ChatGLMFastDecoder
-from finechat.models.fast_decoder import FastDecoder, StaticCacheDecoder, base_causal_lm, prompt_learning_reason
+from finechat.models.fast_decoder import (
+    FastDecoder,
+    StaticCacheDecoder,
+    base_causal_lm,
+    prompt_learning_reason,
+)
 
 FAST_DECODERS: dict[str, type[StaticCacheDecoder]] = {
     "llama": FastDecoder,

@@ -1,8 +1,6 @@
-"""ChatGLM-6B's answer clean-up (the reference's ``process_response``) for ``model.chat``.
+"""ChatGLM-6B's answer clean-up (the reference's ``process_response``): ``model.chat`` and the ``chatglm`` template.
 
-Light on purpose (no torch). ``finechat.data.templates``' ``chatglm`` template holds the same rule; it
-cannot use this one yet because importing any ``finechat.models`` module registers ChatGLM with
-transformers (seconds of imports) -- once that registration is lazy, the template should call this.
+No torch here: ``finechat.data.templates`` imports it for the template.
 """
 
 from __future__ import annotations
