@@ -17,7 +17,7 @@ import dataclasses
 from typing import Any
 
 from finechat.errors import ConfigError, DataError
-from finechat.models.chatglm.response import clean_response
+from finechat.text import clean_chatglm_response
 
 Message = dict[str, Any]
 
@@ -198,7 +198,7 @@ class ChatGLMTemplate(Template):
 
     def postprocess(self, text: str) -> str:
         """Strip, and make ASCII , ! : ; ? full-width where they touch a CJK character."""
-        return clean_response(text)
+        return clean_chatglm_response(text)
 
 
 register_template(ChatGLMTemplate(

@@ -39,7 +39,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from finechat.models.chatglm.configuration_chatglm import ChatGLMConfig
 from finechat.models.chatglm.quantization import quantize_layers
-from finechat.models.chatglm.response import clean_response
+from finechat.text import clean_chatglm_response
 
 # The reference builds every block with its default num_layers=28, so the residual scale is √56 even for
 # configurations with fewer layers; checkpoints were trained with that value.
@@ -553,7 +553,7 @@ def chat_prompt(query: str, history: list) -> str:
 
 def _answer(text: str) -> str:
     """The decoded answer up to a new round the model starts itself, cleaned as the reference does."""
-    return clean_response(text.split(NEXT_ROUND, 1)[0])
+    return clean_chatglm_response(text.split(NEXT_ROUND, 1)[0])
 
 
 class _StopWhen(StoppingCriteria):

@@ -1,6 +1,9 @@
-"""ChatGLM-6B's answer clean-up (the reference's ``process_response``): ``model.chat`` and the ``chatglm`` template.
+"""Small text rules shared across layers (no torch, no transformers), so that each exists once.
 
-No torch here: ``finechat.data.templates`` imports it for the template.
+``clean_chatglm_response`` is ChatGLM-6B's answer clean-up (the reference's ``process_response``): the
+native model's ``chat`` (``finechat.models``) and the ``chatglm`` template (``finechat.data``) both apply
+it; it sits down here because the data layer must not import ``finechat.models`` (which registers ChatGLM
+with transformers) for a regex.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ _CJK = "\u4e00-\u9fff"
 _FULL_WIDTH = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}
 
 
-def clean_response(text: str) -> str:
+def clean_chatglm_response(text: str) -> str:
     """Strip, and make ASCII , ! : ; ? full-width where they touch a CJK character."""
     text = text.strip()
     for ascii_mark, full in _FULL_WIDTH.items():
