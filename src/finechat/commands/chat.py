@@ -7,7 +7,7 @@ import dataclasses
 
 from finechat.commands.options import Assistant, AssistantOptions, load_chat_model
 from finechat.config import add_config_arguments, config_from_args, field, load_yaml
-from finechat.generate.engine import GenerationSettings
+from finechat.generate.settings import GenerationSettings
 from finechat.models.load import ModelOptions, log
 from finechat.serve.terminal import run_terminal_chat
 from finechat.tools.agent import Agent

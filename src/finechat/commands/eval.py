@@ -19,8 +19,8 @@ from finechat.errors import ConfigError
 from finechat.eval.compare import compare, resolve_entries, side_by_side
 from finechat.eval.metrics import format_table
 from finechat.eval.predict import load_examples, predict, rescore
-from finechat.generate.engine import GenerationSettings
 from finechat.generate.load import load as load_chat_model
+from finechat.generate.settings import GenerationSettings
 from finechat.models.load import ModelOptions
 
 

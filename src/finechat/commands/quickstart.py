@@ -15,7 +15,7 @@ from finechat.errors import ConfigError
 from finechat.eval.compare import Entry, run_entry, side_by_side
 from finechat.eval.metrics import format_table
 from finechat.eval.predict import load_examples
-from finechat.generate.engine import GenerationSettings
+from finechat.generate.settings import GenerationSettings
 from finechat.models.load import log, torch_threads
 from finechat.train.config import TrainConfig
 from finechat.train.recipe import run_training

@@ -23,8 +23,8 @@ from finechat.data.records import json_lines
 from finechat.errors import DataError
 from finechat.eval.metrics import compute_metrics, format_table
 from finechat.eval.predict import generate_answers, load_examples, predict
-from finechat.generate.engine import GenerationSettings
 from finechat.generate.load import load
+from finechat.generate.settings import GenerationSettings
 from finechat.models.load import log
 from finechat.train.stages import STATE_FILE, main_stages, resolve_stages
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from finechat.errors import DataError
+from finechat.generate.engine import last
 from finechat.medical.kg import load_graph
 from finechat.tools.search import tokenize
 
@@ -248,10 +249,7 @@ class MedicalAssistant:
 
     def chat(self, query: str, history: list | None = None, system: str | None = None,
              **gen: Any) -> tuple[str, list]:
-        shown, new_history = "", list(history or []) + [(query, "")]
-        for shown, new_history in self.stream_chat(query, history, system, **gen):
-            pass
-        return shown, new_history
+        return last(self.stream_chat(query, history, system, **gen), ("", list(history or []) + [(query, "")]))
 
     def stream_text(self, messages: list[dict], tools: list | None = None, **gen: Any) -> Iterator[str]:
         """OpenAI-style messages: retrieval on the last user message; the last text has sources + notice."""
@@ -266,7 +264,4 @@ class MedicalAssistant:
         yield self._finish(text, hits)
 
     def chat_messages(self, messages: list[dict], **gen: Any) -> str:
-        text = ""
-        for text in self.stream_text(messages, **gen):
-            pass
-        return text
+        return last(self.stream_text(messages, **gen), "")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from finechat.config import field
-from finechat.generate.engine import GenerationSettings
+from finechat.generate.settings import GenerationSettings
 
 # ChatGLM-6B's api.py defaults, kept for its clients.
 GLM_MAX_LENGTH, GLM_TOP_P, GLM_TEMPERATURE = 2048, 0.7, 0.95

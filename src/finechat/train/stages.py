@@ -38,8 +38,8 @@ from finechat.errors import ConfigError
 from finechat.eval.metrics import format_table
 from finechat.eval.predict import load_examples, predict
 from finechat.files import write_json_atomic
-from finechat.generate.engine import GenerationSettings
 from finechat.generate.load import load as load_chat_model
+from finechat.generate.settings import GenerationSettings
 from finechat.models.load import log
 from finechat.train.config import TrainConfig
 from finechat.train.export import EXPORT_FILE, export_model
