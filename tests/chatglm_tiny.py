@@ -27,8 +27,14 @@ def tiny_config(tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4, **
     )
 
 
-def write_fake_chatglm(folder: Path, hidden: int = 64, layers: int = 2, seed: int = 0, shards: int = 2) -> Path:
-    """config.json (published keys incl. auto_map), tokenizer_config.json, ice_text.model, fp16 shards + index."""
+def write_fake_chatglm(folder: Path, hidden: int = 64, layers: int = 2, seed: int = 0, shards: int = 2,
+                       init_std: float | None = None) -> Path:
+    """config.json (published keys incl. auto_map), tokenizer_config.json, ice_text.model, fp16 shards + index.
+
+    ``init_std`` redraws every weight from N(0, init_std): at the default initialisation ChatGLM's sqrt(2 * layers)
+    residual scaling makes a tiny model repeat the last prompt token (<sop>), so its answers are all empty; a
+    wide one (0.5) gives answers that depend on the prompt.
+    """
     import torch
 
     from finechat.models.chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
@@ -39,7 +45,12 @@ def write_fake_chatglm(folder: Path, hidden: int = 64, layers: int = 2, seed: in
     tokenizer = ChatGLMTokenizer(str(make_ice_text(folder)))
     config = tiny_config(tokenizer, hidden, layers)
     torch.manual_seed(seed)
-    model = ChatGLMForConditionalGeneration(config).half()
+    model = ChatGLMForConditionalGeneration(config)
+    if init_std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, init_std)
+    model = model.half()
     published = {
         "_name_or_path": "THUDM/chatglm-6b",
         "architectures": ["ChatGLMModel"],

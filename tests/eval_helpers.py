@@ -68,3 +68,24 @@ def teach_lora(base_dir, out_dir, pairs=PAIRS, steps: int = 80) -> Path:
     model.eval()
     model.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def greedy_by_generate(bot, query: str, max_new_tokens: int) -> str:
+    """The greedy answer to ``query`` computed with transformers' ``generate`` on ``bot.model`` -- not with
+    finechat's own decoding loop -- to check what ``bot.chat(..., greedy=True)`` answers against."""
+    ids = bot.encode_prompt(bot.build_prompt([{"role": "user", "content": query}]))
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        out = bot.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=bot.stop_token_ids(),
+                                 pad_token_id=bot.tokenizer.pad_token_id)
+    text = bot.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).rstrip("\ufffd")
+    for stop in bot.template.stops(bot.eos_token):
+        text = text.split(stop, 1)[0] if stop else text
+    return bot.postprocess(text)
+
+
+def train_log_losses(output_dir: Path) -> list[float]:
+    """The training losses a run wrote to its ``train_log.jsonl``, step by step."""
+    rows = [json.loads(line) for line in (Path(output_dir) / "train_log.jsonl").read_text().splitlines() if line]
+    return [row["loss"] for row in rows if "loss" in row]

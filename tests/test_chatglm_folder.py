@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from chatglm_tiny import write_fake_chatglm
+from eval_helpers import greedy_by_generate, train_log_losses
 
 
 @pytest.fixture(scope="module")
 def glm_dir(tmp_path_factory) -> Path:
-    return write_fake_chatglm(tmp_path_factory.mktemp("glm") / "chatglm-6b")
+    return write_fake_chatglm(tmp_path_factory.mktemp("glm") / "chatglm-6b", init_std=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def adgen(tmp_path_factory) -> Path:
     return path
 
 
-def test_lora_on_query_key_value_trains_and_chats(glm_dir, adgen, tmp_path):
+def test_lora_on_query_key_value_trains_and_chats(glm_dir, glm_bot, adgen, tmp_path):
     import finechat
 
     out = tmp_path / "lora"
@@ -114,9 +115,14 @@ def test_lora_on_query_key_value_trains_and_chats(glm_dir, adgen, tmp_path):
     ckpt = out / "checkpoint-3"
     config = json.loads((ckpt / "adapter_config.json").read_text())
     assert config["target_modules"] == ["query_key_value"] or set(config["target_modules"]) == {"query_key_value"}
+    losses = train_log_losses(out)
+    assert len(losses) == 3 and losses[-1] < losses[0]
     bot = finechat.load(str(glm_dir), adapter=str(ckpt))
-    response, _ = bot.chat("类型#上衣", [], greedy=True, max_new_tokens=4)
-    assert isinstance(response, str)
+    ids = torch.tensor([bot.encode_prompt(bot.build_prompt([{"role": "user", "content": "类型#上衣"}]))])
+    with torch.no_grad():  # the trained adapter is applied (a fresh LoRA, B = 0, would change nothing)
+        assert not torch.allclose(bot.model(ids).logits, glm_bot.model(ids).logits)
+    response, _ = bot.chat("类型#上衣", [], greedy=True, max_new_tokens=8)
+    assert response == greedy_by_generate(bot, "类型#上衣", 8)
 
 
 def test_ptuning_trains_saves_chatglm_format_and_reloads(glm_dir, adgen, tmp_path):
@@ -144,12 +150,27 @@ def test_ptuning_trains_saves_chatglm_format_and_reloads(glm_dir, adgen, tmp_pat
     assert not torch.equal(base(ids).logits, bot.model(ids).logits)
 
 
-def test_blank_infilling_pretrain_runs(glm_dir, tmp_path):
+def test_blank_infilling_pretraining_lowers_the_loss_and_its_checkpoint_reloads(glm_dir, glm_bot, tmp_path):
+    import finechat
+    from finechat.data.blank_infilling import BlankInfillingCollator, blank_infilling_examples
+    from finechat.models.chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
+
+    documents = ["今天天气很好。我们去公园散步。公园里有很多花。"] * 6
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(["今天天气很好。我们去公园散步。公园里有很多花。"] * 6) + "\n")
+    corpus.write_text("\n".join(documents) + "\n")
     out = tmp_path / "pretrain"
     _train(glm_dir, out, "full", corpus, ["stage=pretrain", "objective=blank_infilling"])
-    assert (out / "checkpoint-3").is_dir()
+    losses = train_log_losses(out)
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    trained = finechat.load(str(out / "checkpoint-3"))
+    assert isinstance(trained.model, ChatGLMForConditionalGeneration)
+    # the reloaded weights are the trained ones: the blank-infilling loss on the corpus is below the base's
+    tok = glm_bot.tokenizer
+    rows, _ = blank_infilling_examples(documents[:2], tok)
+    batch = BlankInfillingCollator(tok.pad_token_id)(rows)
+    with torch.no_grad():
+        base_loss, trained_loss = glm_bot.model(**batch).loss, trained.model(**batch).loss
+    assert torch.isfinite(trained_loss) and trained_loss < base_loss
 
 
 def test_serves_chatglm_over_http(glm_bot):
