@@ -74,7 +74,7 @@ def greedy_by_generate(bot, query: str, max_new_tokens: int) -> str:
     """The greedy answer to ``query`` computed with transformers' ``generate`` on ``bot.model`` -- not with
     finechat's own decoding loop -- to check what ``bot.chat(..., greedy=True)`` answers against."""
     ids = bot.encode_prompt(bot.build_prompt([{"role": "user", "content": query}]))
-    input_ids = torch.tensor([ids])
+    input_ids = torch.tensor([ids], device=bot.model.device)
     with torch.no_grad():
         out = bot.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                                  max_new_tokens=max_new_tokens, eos_token_id=bot.stop_token_ids(),

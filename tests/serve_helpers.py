@@ -1,11 +1,12 @@
-"""A live finechat server on 127.0.0.1 (uvicorn in a thread) and a scripted model double for serving tests."""
+"""A live finechat server on 127.0.0.1 (uvicorn in a thread) for serving tests, and the scripted model double."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-from finechat.generate.engine import ChatModel
+from scripted import ScriptedChat  # noqa: F401  (the serving tests import it from here)
+
 from finechat.serve.server import ConnectionLimits, make_server
 
 
@@ -29,28 +30,6 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
-
-
-class ScriptedChat(ChatModel):
-    """A model double: whatever the prompt, it "generates" the tokens of ``text``, one every ``delay`` seconds."""
-
-    def __init__(self, tokenizer, text: str, delay: float = 0.0):
-        super().__init__(model=None, tokenizer=tokenizer, template="tokenizer")
-        self.script = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        self.delay = delay
-        self.running = 0  # generations in progress (a dropped client must bring this back to 0)
-        self.prompts: list[list[int]] = []
-
-    def generate_ids(self, input_ids, settings):
-        self.running += 1
-        self.prompts.append(list(input_ids))
-        try:
-            for token in self.script[: settings.max_new_tokens]:
-                if self.delay:
-                    time.sleep(self.delay)
-                yield [token]
-        finally:
-            self.running -= 1
 
 
 def wait_until(condition, timeout: float = 5.0) -> bool:

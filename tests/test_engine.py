@@ -1,10 +1,10 @@
 import threading
 
 import pytest
+from scripted import ScriptedChat
 
 import finechat
 from finechat.errors import ConfigError, ModelLoadError
-from finechat.generate.engine import ChatModel
 
 
 def test_chat_history_grows_one_pair_per_call(tiny_bot):
@@ -35,22 +35,6 @@ def test_seeded_sampling_repeats(tiny_bot):
 def test_unknown_generation_setting(tiny_bot):
     with pytest.raises(ConfigError, match="unknown generation setting"):
         tiny_bot.chat("hi", max_new_tokenz=3)
-
-
-class ScriptedModel:
-    """A model double that emits scripted token ids through ``generate_ids``."""
-
-
-class ScriptedChat(ChatModel):
-    def __init__(self, tokenizer, text):
-        super().__init__(model=None, tokenizer=tokenizer, template="chatml")
-        self.script = tokenizer(text, add_special_tokens=False)["input_ids"]
-        self.emitted = 0
-
-    def generate_ids(self, input_ids, settings):
-        for t in self.script[: settings.max_new_tokens]:
-            self.emitted += 1
-            yield [t]
 
 
 def test_stops_at_end_of_turn_and_stop_strings(tiny_bot):

@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-
 from eval_helpers import greedy_by_generate
 from tiny import save_tiny_model
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from eval_helpers import greedy_by_generate, train_log_losses
 
 from finechat.config import resolve_config
 from finechat.train.config import TrainConfig
@@ -40,4 +41,11 @@ def test_adgen_lora_recipe_trains_the_default_model_and_its_checkpoint_chats(tmp
         cwd=ROOT, input="类型#上衣*颜色#白色*风格#简约\n", capture_output=True, text=True, timeout=600,
     )
     assert chat.returncode == 0, chat.stderr[-3000:]
-    assert chat.stdout.strip()
+    losses = train_log_losses(out)
+    assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
+    # the command's answer is the trained adapter's greedy answer, computed here through transformers' generate
+    import finechat
+
+    bot = finechat.load("default", adapter=str(out / "checkpoint-3"))
+    expected = greedy_by_generate(bot, "类型#上衣*颜色#白色*风格#简约", 16)
+    assert expected and chat.stdout.strip() == expected
