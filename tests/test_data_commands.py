@@ -33,8 +33,8 @@ def test_convert_to_each_format(tmp_path, capsys):
 def test_convert_refuses_to_overwrite_its_input(tmp_path, capsys):
     f = tmp_path / "a.json"
     f.write_bytes((SAMPLES / "alpaca.json").read_bytes())
-    assert cli_main(["data", "convert", str(f), "--to", "alpaca", str(f)]) == 3
-    assert "would overwrite the input" in capsys.readouterr().err
+    assert cli_main(["data", "convert", str(f), "--to", "alpaca", str(f)]) == 2
+    assert "is the input file" in capsys.readouterr().err
 
 
 def test_stats_table_and_histogram(tiny_model_dir, tmp_path, capsys):

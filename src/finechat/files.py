@@ -40,39 +40,86 @@ def same_file(a: str | Path, b: str | Path) -> bool:
         return False
 
 
-def check_output_path(out: str | Path, *inputs: str | Path) -> Path:
-    """Refuse an output path that is a folder or one of the inputs (by identity, not by spelling)."""
+def check_output_path(out: str | Path, *inputs: str | Path | None, force: bool = True) -> Path:
+    """Refuse an output path that is a folder, one of the inputs (by identity, not by spelling: a hard link or a
+    symlink to an input is the input), or, without ``force``, an existing file."""
     out = Path(out).expanduser()
     if out.is_dir():
         raise FinechatError(f"{out} is a folder; give a file name to write")
     for path in inputs:
-        if path is not None and same_file(out, path):
+        if path is not None and (same_file(out, path) or out.resolve() == Path(path).expanduser().resolve()):
             raise FinechatError(f"{out} is the input file {path}; choose another output path")
+    if not force and out.exists():
+        raise FinechatError(f"{out} exists; choose another name or pass --force to replace it")
     return out
 
 
+def check_output_folder(out: str | Path, *inputs: str | Path | None) -> Path:
+    """Refuse an output folder that is a file, or that is one of the inputs or holds one (replacing it would
+    delete the input); compared by identity, so a symlink or another spelling of the input is the input."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FinechatError(f"{out} is a file; give a folder to write")
+    if not out.exists():
+        return out
+    for path in inputs:
+        if path is None or not Path(path).expanduser().exists():
+            continue
+        path = Path(path).expanduser()
+        around = {q for p in (path.absolute(), path.resolve()) for q in (p, *p.parents)}
+        if any(same_file(out, p) for p in around):
+            raise FinechatError(f"{out} is the input {path} or holds it; choose another output folder")
+    return out
+
+
+def _write_error(path: Path, e: OSError) -> FinechatError:
+    """One line for a failed write: which output, why, and the file the system named when it is another."""
+    where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
+    return FinechatError(f"cannot write {path}: {e.strerror or e}{where}")
+
+
 @contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; on success flush it and rename it over ``path``."""
-    path = Path(path)
+def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8",
+                newline: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success flush it and rename it over ``path``.
+
+    Any OSError (full disk, read-only folder, a folder in the way) becomes a one-line FinechatError."""
+    path = Path(path).expanduser()
     if "b" in mode:
-        encoding = None
+        encoding = newline = None
+    if path.is_dir():
+        raise FinechatError(f"cannot write {path}: it is a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise FinechatError(f"cannot write {path}: {e.strerror or e}") from e
+        raise _write_error(path, e) from e
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, mode, encoding=encoding) as fh:
+        with os.fdopen(fd, mode, encoding=encoding, newline=newline) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        if path.exists():  # keep the old file's permissions (mkstemp makes 0600)
+            shutil.copymode(path, tmp)
+        else:
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as e:
-        raise FinechatError(f"cannot write {path}: {e.strerror or e}") from e
+        raise _write_error(path, e) from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (os.umask would change it for every thread meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -86,18 +133,25 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 def staged_folder(final: str | Path, staging: str | Path | None = None) -> Iterator[Path]:
     """A temporary folder beside ``final``; on success it is flushed and replaces ``final`` (an old one is
     removed only then), on error it is deleted and ``final`` stays as it was."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if staging is None:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    else:
-        tmp = Path(staging)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    final = Path(final).expanduser()
+    if final.exists() and not final.is_dir():
+        raise FinechatError(f"cannot write {final}: it is a file, not a folder")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if staging is None:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        else:
+            tmp = Path(staging)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+    except OSError as e:
+        raise _write_error(final, e) from e
     try:
         yield tmp
         publish_folder(tmp, final)
+    except OSError as e:
+        raise _write_error(final, e) from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

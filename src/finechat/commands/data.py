@@ -2,7 +2,7 @@
 
 Actions:
   finechat data convert IN --to sharegpt|openai|alpaca OUT
-  finechat data stats FILE [--model M] [--png FILE]
+  finechat data stats FILE [--model M] [--png FILE.png] [--force]
   finechat data preview FILE [-n 3] [--model M] [--template T]
   finechat data licenses [--kind dataset|model]
   finechat data generate adgen --n N --seed S --out FILE
@@ -24,7 +24,8 @@ from finechat.data.registry import DISCLAIMER, all_entries, registry_table
 from finechat.data.synthetic import write_adgen
 from finechat.data.templates import get_template
 from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, encode_conversation, tokenize_many
-from finechat.errors import ConfigError, DataError
+from finechat.errors import ConfigError
+from finechat.files import atomic_file, check_output_path
 from finechat.medical.kg import RELATIONS, KGSettings, from_kg
 
 DEFAULT_LENGTHS = "128,256,512,1024,2048"
@@ -69,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("input", nargs="+", help="data file(s)")
     p.add_argument("--lengths", default=DEFAULT_LENGTHS, help="count rows longer than each of these lengths")
     p.add_argument("--png", help="histogram file (default: <input stem>_lengths.png; 'none' for no plot)")
+    p.add_argument("--force", action="store_true", help="replace an existing histogram file")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of a table")
     _read_options(p)
     _model_options(p)
@@ -132,9 +134,8 @@ def _read(args: argparse.Namespace, paths: Any) -> Any:
 
 
 def convert(args: argparse.Namespace) -> int:
+    check_output_path(args.output, args.input)
     result = _read(args, args.input)
-    if Path(args.output).resolve() == Path(args.input).resolve():
-        raise DataError(f"{args.output}: the output would overwrite the input")
     unwritable: list | None = [] if args.on_bad_record == "skip" else None
     n = write_conversations(result.conversations, args.output, args.to, skipped=unwritable)
     if unwritable:
@@ -216,13 +217,18 @@ def stats(args: argparse.Namespace) -> int:
         lengths = sorted({int(x) for x in str(args.lengths).split(",") if x.strip()})
     except ValueError:
         raise ConfigError(f"--lengths: expected numbers like {DEFAULT_LENGTHS}, got {args.lengths!r}") from None
+    png = args.png or f"{Path(args.input[0]).stem}_lengths.png"
+    if png.lower() != "none":
+        if Path(png).suffix.lower() != ".png":
+            raise ConfigError(f"--png {png}: the histogram is a PNG image; give a file name ending in .png "
+                              "(or 'none')")
+        check_output_path(png, *args.input, force=args.force)
     result = _read(args, args.input)
     tokenizer, template = _tokenizer_and_template(args)
     s = length_stats(result.conversations, tokenizer, template, lengths)
     sizes = s.pop("_sizes")
     s["skipped_records"] = len(result.skipped)
     s["format"] = result.format
-    png = args.png or f"{Path(args.input[0]).stem}_lengths.png"
     if png.lower() != "none" and sizes:
         _histogram(sizes, lengths, png, title=", ".join(Path(p).name for p in args.input))
         s["histogram"] = png
@@ -260,9 +266,11 @@ def _histogram(sizes: list[int], lengths: list[int], path: str, title: str) -> N
     ax.set_ylabel("examples")
     ax.set_title(f"token lengths: {title}")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_file(path, "wb") as fh:
+            fig.savefig(fh, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
 
 def render_marked(tokenizer: Any, input_ids: list[int], labels: list[int], color: bool) -> str:
@@ -332,6 +340,7 @@ def licenses(args: argparse.Namespace) -> int:
 def generate(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ConfigError(f"--n must be at least 1, got {args.n}")
+    check_output_path(args.out)
     n = write_adgen(args.out, args.n, args.seed)
     print(f"wrote {n} ADGEN-like records (seed {args.seed}) to {args.out}")
     return 0

@@ -36,6 +36,7 @@ from typing import Any
 from finechat.data.conversation import Conversation, Turn
 from finechat.data.records import iter_json_records
 from finechat.errors import DataError
+from finechat.files import atomic_file
 
 FORMATS = ["alpaca", "chatglm-tuning", "prompt-response", "dolly", "sharegpt", "openai", "moss", "chatdoctor",
            "huatuo"]
@@ -531,11 +532,10 @@ def write_conversations(convs: Iterable[Conversation], path: str | Path, format:
                 raise
             skipped.append((c.source or "<data>", c.line or 0, "(turns)", str(e).split(": ", 2)[-1]))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".json":
-        path.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    else:
-        with path.open("w", encoding="utf-8") as f:
+    with atomic_file(path) as f:  # a full disk or a kill leaves the previous file, never a fragment
+        if path.suffix == ".json":
+            f.write(json.dumps(records, ensure_ascii=False, indent=1) + "\n")
+        else:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return len(records)

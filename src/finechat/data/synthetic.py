@@ -12,6 +12,8 @@ import json
 import random
 from pathlib import Path
 
+from finechat.files import atomic_file
+
 # Garment type -> the attribute keys it can carry (besides 类型).
 GARMENTS: dict[str, list[str]] = {
     "上衣": ["颜色", "风格", "图案", "材质", "衣样式", "衣领型", "袖长", "袖型"],
@@ -81,9 +83,7 @@ def generate_adgen(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 def write_adgen(path: str | Path, n: int, seed: int = 0) -> int:
     """Write ``n`` records as JSONL (AdvertiseGen's own layout: one object per line)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         for rec in generate_adgen(n, seed):
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     return n

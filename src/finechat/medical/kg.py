@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from finechat.data.records import json_lines
-from finechat.errors import DataError
+from finechat.errors import DataError, FinechatError
+from finechat.files import atomic_file, check_output_path, same_file
 
 # cMeKG field name -> our attribute. Only 中心词 is required.
 FIELDS = {
@@ -353,9 +354,8 @@ def generate_pairs(graph: KnowledgeGraph, settings: KGSettings) -> tuple[list[di
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    """Write one JSON object a line, through a temporary file renamed into place."""
+    with atomic_file(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
@@ -365,9 +365,7 @@ TABLE_COLUMNS = ("disease", "english_name", "department", "site", "symptoms", "t
 
 def write_disease_table(graph: KnowledgeGraph, path: str | Path) -> int:
     """The graph as a ChatDoctor-style disease table (CSV, lists joined with 、) for retrieval."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="") as f:
+    with atomic_file(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(TABLE_COLUMNS)
         for r in graph.records:
@@ -387,6 +385,12 @@ def from_kg(graph_path: str | Path, out: str | Path, settings: KGSettings, holdo
             table: str | Path | None = None) -> str:
     """Generate QA pairs from a graph file into ``out`` (held-out questions and a disease table too, when
     asked); returns what was made, ending in a table of pairs per relation."""
+    targets = [Path(out)] + ([Path(holdout_out or heldout_path(out))] if settings.holdout else []) \
+        + ([Path(table)] if table else [])
+    for i, target in enumerate(targets):  # checked before any work, so nothing is written when one is wrong
+        check_output_path(target, graph_path)
+        if any(target.resolve() == t.resolve() or same_file(target, t) for t in targets[:i]):
+            raise FinechatError(f"{target}: the QA pairs, held-out questions and disease table need three files")
     graph = load_graph(graph_path)
     train, held = generate_pairs(graph, settings)
     write_jsonl(train, out)

@@ -26,7 +26,7 @@ from typing import Any
 
 from finechat.data.templates import EOS, TEMPLATES
 from finechat.errors import FinechatError, ModelLoadError
-from finechat.files import staged_folder
+from finechat.files import check_output_folder, staged_folder
 from finechat.models.load import load_adapter, load_model_and_tokenizer, log, read_json, resolve_model_path
 
 EXPORT_FILE = "finechat_export.json"
@@ -60,15 +60,16 @@ def export_model(model: str, adapter: str | None, out: str | Path, quantization_
                  dtype: str = "auto", template: str | None = None, force: bool = False) -> dict:
     """Merge ``adapter`` into ``model`` and write ``out``; returns the export record (also in finechat_export.json)."""
 
-    out = Path(out).expanduser()
     if quantization_bit not in (None, 4, 8):
         raise FinechatError(f"--quantization-bit must be 8 or 4, got {quantization_bit}")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FinechatError(f"output folder {out} is not empty; choose another or pass --force")
     peft_type = adapter_type(adapter) if adapter else None
     if peft_type and peft_type not in MERGEABLE | PROMPT_LEARNING:
         raise FinechatError(f"adapter type {peft_type} is not supported by export")
-    _check_base_not_quantized(model)
+    base = _check_base_not_quantized(model)
+    # --force replaces the output folder: never when it is the base or the adapter (by identity, not spelling).
+    out = check_output_folder(out, base, adapter)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FinechatError(f"output folder {out} is not empty; choose another or pass --force")
     t0 = time.time()
     # Merge in float32 (bfloat16 rounding of W + BA would change greedy answers); the saved dtype is chosen below.
     hf_model, tokenizer, folder = load_model_and_tokenizer(model, dtype="float32", device="cpu")
