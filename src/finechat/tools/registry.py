@@ -11,7 +11,9 @@ Built-ins (``build_registry("calculator,solver,search,text2image", docs=DIR)``):
 (:mod:`finechat.tools.solver`), ``Search(query)`` (:mod:`finechat.tools.search`) and
 ``Text2Image(description)``, which answers "not configured" unless an image backend is plugged in.
 
-A call runs in a thread; one that runs past its time limit is abandoned (Python threads cannot be stopped).
+A call runs in a thread. A Python thread cannot be killed, so a tool marked ``stoppable`` (``Search``) gets a
+``stop`` event that is set at its time limit and ends at its next check; any other call past its limit is
+abandoned.
 A tool marked ``isolate`` (``Solve``: sympy can run for a very long time on a hard equation) runs in a
 forked process instead, which is killed at the limit.
 """
@@ -55,6 +57,7 @@ class Tool:
     capability: str | None = None
     timeout: float = DEFAULT_TIMEOUT
     isolate: bool = False  # run each call in a forked process that is killed at the time limit
+    stoppable: bool = False  # fn takes ``stop`` (a threading.Event set at the time limit) and returns soon after
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").isalnum() or not self.name[0].isalpha():
@@ -162,7 +165,7 @@ class ToolRegistry:
 
     def register(self, fn: Callable | None = None, *, name: str | None = None, description: str | None = None,
                  parameters: dict | None = None, timeout: float = DEFAULT_TIMEOUT, capability: str | None = None,
-                 isolate: bool = False):
+                 isolate: bool = False, stoppable: bool = False):
         """Register a Python function as a tool (also usable as a decorator).
 
         Without ``parameters`` the JSON schema comes from the signature; without ``description`` from
@@ -173,7 +176,7 @@ class ToolRegistry:
             doc = (inspect.getdoc(f) or "").split("\n")[0]
             self.add(Tool(name or f.__name__, description or doc or (name or f.__name__),
                           parameters or _schema_from_signature(f), f, capability=capability, timeout=timeout,
-                          isolate=isolate))
+                          isolate=isolate, stoppable=stoppable))
             return f
 
         return wrap(fn) if fn is not None else wrap
@@ -251,12 +254,18 @@ def _outcome(tool: Tool, args: dict) -> tuple[str, str]:
 
 
 def _in_thread(tool: Tool, args: dict, limit: float) -> tuple[str, str]:
-    """Run in a thread; past the limit the call is abandoned (a Python thread cannot be stopped)."""
+    """Run in a thread; past the limit a stoppable tool is told to stop, any other call is abandoned."""
     box: list = []
-    worker = threading.Thread(target=lambda: box.append(_outcome(tool, args)), name=f"tool-{tool.name}", daemon=True)
+    stop = threading.Event()
+    call_args = {**args, "stop": stop} if tool.stoppable else args
+    worker = threading.Thread(target=lambda: box.append(_outcome(tool, call_args)), name=f"tool-{tool.name}",
+                              daemon=True)
     worker.start()
     worker.join(limit)
-    return box[0] if box else ("timeout", "")
+    if box:
+        return box[0]
+    stop.set()
+    return "timeout", ""
 
 
 def _in_process(tool: Tool, args: dict, limit: float) -> tuple[str, str]:
@@ -318,7 +327,7 @@ def search_tool(docs: str | None = None, backend: Any = None, k: int = 3) -> Too
         backend = LocalSearch(docs)
     return Tool("Search", "Search the documents and return numbered snippets with their sources",
                 {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
-                make_search(backend, k), capability="Web search", timeout=15.0)
+                make_search(backend, k), capability="Web search", timeout=15.0, stoppable=True)
 
 
 def text2image_tool(backend: ImageBackend | None = None) -> Tool:

@@ -137,7 +137,12 @@ def parse_equations(text: str) -> list:
 
 
 def _show(value: Any) -> str:
-    text = str(value).replace("**", "^")
+    import sympy
+
+    if value.has(sympy.CRootOf) or value.has(sympy.Float):
+        # A root of a polynomial with no closed form (degree >= 5, Abel-Ruffini): its numeric value is the answer.
+        return f"≈ {_numeric(value)}"
+    text = "= " + str(value).replace("**", "^")
     if not value.is_Rational and value.is_number:
         try:
             approx = value.evalf(12)
@@ -162,19 +167,62 @@ def solve(equation: str) -> str:
     if len(unknowns) > MAX_UNKNOWNS:
         raise CalculationError(f"at most {MAX_UNKNOWNS} unknowns")
     try:
-        solutions = sympy.solve(equations, unknowns, dict=True)
+        # One equation goes in alone: sympy's system solver drops roots that have no closed form (it answers []
+        # for [x^5 - x + 1 = 0]), while the single-equation solver returns them as CRootOf.
+        solutions = sympy.solve(equations[0] if len(equations) == 1 else equations, unknowns, dict=True)
+        if not solutions and len(equations) > 1:
+            solutions = _polynomial_system(equations, unknowns)
     except NotImplementedError:
-        raise CalculationError("sympy cannot solve this equation in closed form") from None
+        solutions = _numeric_roots(equations, unknowns)
     except (ValueError, TypeError) as e:
         raise CalculationError(f"cannot solve: {e}") from None
     if not solutions:
         return "no solution"
     lines = []
     for sol in solutions:
-        parts = [f"{s} = {_show(sol[s])}" for s in unknowns if s in sol]
+        parts = [f"{s} {_show(sol[s])}" for s in unknowns if s in sol]
         free = [str(s) for s in unknowns if s not in sol]
         line = ", ".join(parts)
         if free:
             line += f" ({', '.join(free)} free)"
         lines.append(line)
     return "; ".join(lines)
+
+
+def _numeric(value: Any) -> str:
+    """A number to 15 significant digits."""
+    return str(value.evalf(15)).replace("**", "^")
+
+
+def _is_polynomial(equations: list, unknowns: list) -> bool:
+    return all((eq.lhs - eq.rhs).is_polynomial(*unknowns) for eq in equations)
+
+
+def _polynomial_system(equations: list, unknowns: list) -> list[dict]:
+    """A polynomial system sympy's solve answered [] for: [] only when it truly has no solution (its Groebner
+    basis is [1]); roots without a closed form come back as CRootOf through nonlinsolve."""
+    import sympy
+
+    if not _is_polynomial(equations, unknowns):
+        return []
+    polys = [eq.lhs - eq.rhs for eq in equations]
+    if list(sympy.groebner(polys, *unknowns, order="lex").exprs) == [1]:
+        return []
+    found = []
+    for values in sympy.nonlinsolve(polys, unknowns):
+        if all(v.is_number for v in values):  # nonlinsolve may hand back unsolved symbolic rows
+            found.append(dict(zip(unknowns, values)))
+    if not found:
+        raise CalculationError("sympy cannot solve this system in closed form")
+    # nonlinsolve answers a set: order it as solve does (real solutions first), so an answer repeats.
+    return sorted(found, key=lambda sol: (not all(v.is_real for v in sol.values()), str(sol)))
+
+
+def _numeric_roots(equations: list, unknowns: list) -> list[dict]:
+    """One polynomial equation sympy cannot solve symbolically: all its roots numerically (real ones first)."""
+    import sympy
+
+    if len(equations) != 1 or len(unknowns) != 1 or not _is_polynomial(equations, unknowns):
+        raise CalculationError("sympy cannot solve this equation in closed form")
+    roots = sympy.Poly(equations[0].lhs - equations[0].rhs, unknowns[0]).nroots(n=15)
+    return [{unknowns[0]: r} for r in sorted(roots, key=lambda r: not r.is_real)]
