@@ -172,6 +172,8 @@ def solve(equation: str) -> str:
         solutions = sympy.solve(equations[0] if len(equations) == 1 else equations, unknowns, dict=True)
         if not solutions and len(equations) > 1:
             solutions = _polynomial_system(equations, unknowns)
+        if any(v.has(sympy.CRootOf) for sol in solutions for v in sol.values()) and len(unknowns) == 1:
+            solutions = _numeric_roots(equations, unknowns)  # CRootOf.evalf takes seconds a root; nroots does not
     except NotImplementedError:
         solutions = _numeric_roots(equations, unknowns)
     except (ValueError, TypeError) as e:
