@@ -73,3 +73,20 @@ def test_medical_eval_command(tiny_model_dir, tmp_path, capsys):
     assert len((tmp_path / "eval" / "kg_predictions.jsonl").read_text(encoding="utf-8").splitlines()) == 2
     assert main(["medical", "eval", "--model", str(tiny_model_dir), "--questions", str(tmp_path / "nope.jsonl")]) != 0
     assert "nope.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_medical_eval_takes_the_options_every_command_takes(tiny_model_dir, tmp_path, capsys):
+    """--output-dir, key=value, --dtype / --device / --quantization-bit, as in finechat eval (--out still works)."""
+    from finechat.cli import main
+
+    _, held = generate_pairs(load_graph(GRAPH), KGSettings(seed=2, holdout=0.1, relations="department"))
+    write_jsonl(held[:3], tmp_path / "held.jsonl")
+    code = main(["medical", "eval", "--model", str(tiny_model_dir), "--questions", str(tmp_path / "held.jsonl"),
+                 "--dtype", "float32", "--device", "cpu", "--output-dir", str(tmp_path / "eval"),
+                 "max_new_tokens=2", "max_questions=2", "batch_size=1"])
+    assert code == 0 and "kg-acc" in capsys.readouterr().out
+    assert len((tmp_path / "eval" / "kg_predictions.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+    assert main(["medical", "eval", "--model", str(tiny_model_dir), "--quantization-bit", "3"]) == 2
+    assert "quantization_bit must be 4 or 8" in capsys.readouterr().err
+    assert main(["medical", "eval", "--model", str(tiny_model_dir), "batch_size=0"]) == 2
+    assert "batch_size must be >= 1" in capsys.readouterr().err

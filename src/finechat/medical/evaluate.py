@@ -21,6 +21,7 @@ from typing import Any
 
 from finechat.data.records import json_lines
 from finechat.errors import DataError
+from finechat.files import atomic_file, write_json_atomic
 from finechat.eval.metrics import compute_metrics, format_table
 from finechat.eval.predict import generate_answers, load_examples, predict
 from finechat.generate.load import load
@@ -146,12 +147,10 @@ def kg_eval(model: str, adapter: str | None, questions: list[dict], template: st
 
 def write_records(out_dir: Path, records: list[dict], metrics: dict) -> None:
     """kg_predictions.jsonl (one answer per question, with ``correct``) and kg_metrics.json."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "kg_predictions.jsonl", "w", encoding="utf-8") as fh:
+    with atomic_file(out_dir / "kg_predictions.jsonl") as fh:
         for r in records:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    (out_dir / "kg_metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n",
-                                             encoding="utf-8")
+    write_json_atomic(out_dir / "kg_metrics.json", metrics)
 
 
 def stages_output(config_file: str, overrides: list[str]) -> tuple[Any, list[str]]:
