@@ -98,13 +98,19 @@ def test_moss_tool_turns_masked(tok, tmp_path):
 
 
 def test_sharegpt_function_call_trained_observation_not(tok):
+    """The record's tools go into the system prompt and its call is trained as a <tool_call> block, as chat and
+    serve show and parse them (chatml has no tools slot)."""
+    from finechat.data.tool_prompt import FALLBACK_INSTRUCTIONS
+
     conv = read_conversations(SAMPLES / "sharegpt_tools.json").conversations[0]
     ex = tokenize_conversation(conv, tok, get_template("chatml"), TokenizeSettings())
-    assert trained_text(tok, ex) == (
-        '{"name": "get_time", "arguments": {"city": "Beijing"}}<|im_end|>北京现在是下午 2 点 05 分。<|im_end|>')
+    call = '<tool_call>{"name": "get_time", "arguments": {"city": "Beijing"}}</tool_call>'
+    assert trained_text(tok, ex) == call + "<|im_end|>北京现在是下午 2 点 05 分。<|im_end|>"
+    system = FALLBACK_INSTRUCTIONS + json.dumps(conv.tools, ensure_ascii=False)
     assert ex == expect(tok, [
-        ("<|im_start|>user\n北京现在几点？<|im_end|>\n<|im_start|>assistant\n", False),
-        ('{"name": "get_time", "arguments": {"city": "Beijing"}}<|im_end|>', True),
+        (f"<|im_start|>system\n{system}<|im_end|>\n"
+         "<|im_start|>user\n北京现在几点？<|im_end|>\n<|im_start|>assistant\n", False),
+        (call + "<|im_end|>", True),
         ('\n<|im_start|>tool\n{"time": "14:05"}<|im_end|>\n<|im_start|>assistant\n', False),
         ("北京现在是下午 2 点 05 分。<|im_end|>", True),
     ])

@@ -24,6 +24,7 @@ from finechat.data.registry import DISCLAIMER, all_entries, registry_table
 from finechat.data.synthetic import write_adgen
 from finechat.data.templates import get_template
 from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, encode_conversation, tokenize_many
+from finechat.data.tool_prompt import where_tools_go
 from finechat.errors import ConfigError
 from finechat.files import atomic_file, check_output_path
 from finechat.medical.kg import RELATIONS, KGSettings, from_kg
@@ -317,6 +318,8 @@ def preview(args: argparse.Namespace) -> int:
     for conv in convs:
         for example, status in encode_conversation(conv, tokenizer, template, settings):
             print(f"\n=== {conv.where} ({len(conv.turns)} turns) ===")
+            if conv.tools:
+                print(f"# tools: {where_tools_go(template, conv.tools)}")
             if example is None:
                 print(f"[skipped: {status}]")
                 continue

@@ -199,7 +199,12 @@ def _turns_from_list(items: Any, key: str, role_key: str, content_key: str, role
         if role is None:
             raise RecordError(f"{field}.{role_key}", f"unknown role {raw_role!r} (one of {', '.join(roles)})")
         content = item.get(content_key)
-        if content is None and item.get("tool_calls"):
+        if item.get("tool_calls"):
+            # A call is kept as its JSON text (finechat.data.tool_prompt reads it back); text beside it would be
+            # lost there, so it is refused rather than dropped.
+            if isinstance(content, str) and content.strip():
+                raise RecordError("tool_calls", "a message with both text and tool_calls is not supported; put "
+                                                "the text in a message of its own")
             content = json.dumps(item["tool_calls"], ensure_ascii=False)
         if isinstance(content, list):  # OpenAI content parts: keep the text parts
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):

@@ -32,10 +32,11 @@ from typing import Any
 from finechat.config import finechat_home
 from finechat.data.conversation import Conversation
 from finechat.data.formats import expand_paths, read_conversations
+from finechat.data.tool_prompt import conversation_messages, tool_prompt
 from finechat.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: tool-use conversations are rendered by data.tool_prompt, as chat and serve render them
 # Below this many conversations one process is faster than starting workers (measured: ~1 s start-up).
 PARALLEL_MIN_CONVERSATIONS = 2000
 # Batched encoding already runs on every core inside the Rust tokenizer; extra processes only pay off for
@@ -162,6 +163,8 @@ def _plans(conv: Conversation | list[dict], tokenizer: Any, template: Any, setti
            mark: list[int]) -> list[Plan | None]:
     """The rendered pieces of each example a conversation gives (before tokenization)."""
     messages, tools = _messages(conv)
+    if tools:  # exactly the prompt chat and serve build for these tools (finechat.data.tool_prompt)
+        messages, tools = tool_prompt(template, conversation_messages(messages), tools)
     only_last = (settings.last_turn_only or bool(mark)) and not settings.train_on_prompt
     if mark and not settings.last_turn_only and not settings.train_on_prompt:
         ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]

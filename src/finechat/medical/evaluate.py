@@ -21,9 +21,9 @@ from typing import Any
 
 from finechat.data.records import json_lines
 from finechat.errors import DataError
-from finechat.files import atomic_file, write_json_atomic
 from finechat.eval.metrics import compute_metrics, format_table
 from finechat.eval.predict import generate_answers, load_examples, predict
+from finechat.files import atomic_file, write_json_atomic
 from finechat.generate.load import load
 from finechat.generate.settings import GenerationSettings
 from finechat.models.load import log
