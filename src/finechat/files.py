@@ -111,6 +111,16 @@ def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         tmp.unlink(missing_ok=True)
 
 
+def write_jsonl_atomic(path: str | Path, rows: Any) -> int:
+    """Write one JSON object a line (UTF-8) atomically; returns the number of lines."""
+    count = 0
+    with atomic_file(path) as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
 def _umask() -> int:
     """The process umask, read without setting it (os.umask would change it for every thread meanwhile)."""
     try:

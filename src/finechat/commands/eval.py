@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from finechat.config import add_config_arguments, config_from_args, field
@@ -19,6 +18,7 @@ from finechat.errors import ConfigError
 from finechat.eval.compare import compare, resolve_entries, side_by_side
 from finechat.eval.metrics import format_table
 from finechat.eval.predict import load_examples, predict, rescore
+from finechat.files import write_json_atomic
 from finechat.generate.load import load as load_chat_model
 from finechat.generate.settings import GenerationSettings
 from finechat.models.load import ModelOptions
@@ -63,8 +63,7 @@ def main(args: argparse.Namespace) -> int:
         metrics = rescore(args.predictions)
         print(format_table({Path(args.predictions).name: metrics}, first="predictions"))
         if cfg.output_dir:
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            write_json_atomic(Path(cfg.output_dir) / "metrics.json", metrics)
         return 0
     settings = GenerationSettings.from_kwargs(None, **{f.name: getattr(cfg, f.name)
                                                        for f in dataclasses.fields(GenerationSettings)})

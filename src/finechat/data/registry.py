@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finechat.errors import ConfigError
+from finechat.files import write_json_atomic
 
 LICENCE_FILE = "finechat_licenses.json"
 RUN_FILE = "finechat_run.json"  # written by training runs (finechat.train), with a "licenses" summary
@@ -214,9 +215,7 @@ def write_licence_summary(output_dir: str | Path, model_name_or_path: str,
                           dataset_names: list[str] | None = None) -> dict[str, Any]:
     """Write ``finechat_licenses.json`` into a run's output folder and return the summary."""
     summary = licence_summary(model_name_or_path, dataset_names)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / LICENCE_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json_atomic(Path(output_dir) / LICENCE_FILE, summary)
     return summary
 
 

@@ -8,11 +8,10 @@ closings, so a model must learn the attribute -> phrase mapping rather than memo
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
-from finechat.files import atomic_file
+from finechat.files import write_jsonl_atomic
 
 # Garment type -> the attribute keys it can carry (besides 类型).
 GARMENTS: dict[str, list[str]] = {
@@ -83,7 +82,4 @@ def generate_adgen(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 def write_adgen(path: str | Path, n: int, seed: int = 0) -> int:
     """Write ``n`` records as JSONL (AdvertiseGen's own layout: one object per line)."""
-    with atomic_file(path) as f:
-        for rec in generate_adgen(n, seed):
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    return n
+    return write_jsonl_atomic(path, generate_adgen(n, seed))

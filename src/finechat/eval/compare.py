@@ -8,7 +8,6 @@ model). This is the "before / after" view of ChatGLM-6B's and ChatDoctor's write
 from __future__ import annotations
 
 import dataclasses
-import json
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from finechat.errors import FinechatError
 from finechat.eval.metrics import compute_metrics, format_table
 from finechat.eval.predict import predict, read_predictions, write_outputs
+from finechat.files import atomic_file, write_json_atomic
 from finechat.generate.load import load as load_chat_model
 
 
@@ -118,10 +118,9 @@ def compare(entries: list[Entry], examples: list | None, output_dir: str | Path 
     report = {"table": table, "examples": examples_text, "metrics": metrics_by_name,
               "entries": [dataclasses.asdict(e) for e in entries]}
     if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "compare.json").write_text(json.dumps({k: v for k, v in report.items() if k != "table"},
-                                                     indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (out / "compare.md").write_text(table + "\n\n```\n" + examples_text + "\n```\n", encoding="utf-8")
+        write_json_atomic(out / "compare.json", {k: v for k, v in report.items() if k != "table"})
+        with atomic_file(out / "compare.md") as fh:
+            fh.write(table + "\n\n```\n" + examples_text + "\n```\n")
     return report
 
 

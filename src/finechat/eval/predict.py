@@ -15,7 +15,6 @@ Files written (the same names ChatGLM-6B's ptuning and LLaMA-Factory use, so the
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from finechat.data.templates import Message
 from finechat.data.tokenize import TokenizeSettings, tokenize_conversation
 from finechat.errors import DataError
 from finechat.eval.metrics import compute_metrics, perplexity
+from finechat.files import write_json_atomic, write_jsonl_atomic
 from finechat.generate.engine import ChatModel
 from finechat.generate.sampling import generate_kwargs
 from finechat.generate.settings import GenerationSettings
@@ -194,11 +194,8 @@ def predict(bot: ChatModel, examples: list[EvalExample], output_dir: str | Path 
 
 def write_outputs(output_dir: str | Path, records: list[dict], metrics: dict) -> None:
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / PREDICTIONS_FILE, "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_jsonl_atomic(out / PREDICTIONS_FILE, records)
+    write_json_atomic(out / METRICS_FILE, metrics)
 
 
 # -- re-scoring a predictions file -------------------------------------------------------------------------

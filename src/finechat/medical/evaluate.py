@@ -23,7 +23,7 @@ from finechat.data.records import json_lines
 from finechat.errors import DataError
 from finechat.eval.metrics import compute_metrics, format_table
 from finechat.eval.predict import generate_answers, load_examples, predict
-from finechat.files import atomic_file, write_json_atomic
+from finechat.files import write_json_atomic, write_jsonl_atomic
 from finechat.generate.load import load
 from finechat.generate.settings import GenerationSettings
 from finechat.models.load import log
@@ -147,9 +147,7 @@ def kg_eval(model: str, adapter: str | None, questions: list[dict], template: st
 
 def write_records(out_dir: Path, records: list[dict], metrics: dict) -> None:
     """kg_predictions.jsonl (one answer per question, with ``correct``) and kg_metrics.json."""
-    with atomic_file(out_dir / "kg_predictions.jsonl") as fh:
-        for r in records:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_jsonl_atomic(out_dir / "kg_predictions.jsonl", records)
     write_json_atomic(out_dir / "kg_metrics.json", metrics)
 
 

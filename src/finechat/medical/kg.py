@@ -38,7 +38,7 @@ from typing import Any
 
 from finechat.data.records import json_lines
 from finechat.errors import DataError, FinechatError
-from finechat.files import atomic_file, check_output_path, same_file
+from finechat.files import atomic_file, check_output_path, same_file, write_jsonl_atomic
 
 # cMeKG field name -> our attribute. Only 中心词 is required.
 FIELDS = {
@@ -355,9 +355,7 @@ def generate_pairs(graph: KnowledgeGraph, settings: KGSettings) -> tuple[list[di
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
     """Write one JSON object a line, through a temporary file renamed into place."""
-    with atomic_file(path) as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl_atomic(path, rows)
 
 
 TABLE_COLUMNS = ("disease", "english_name", "department", "site", "symptoms", "tests", "drugs", "complications")
