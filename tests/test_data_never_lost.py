@@ -193,3 +193,25 @@ def test_check_output_helpers(tmp_path):
     assert check_output_folder(tmp_path / "out", tmp_path / "m") == tmp_path / "out"
     with pytest.raises(FinechatError, match="holds it"):
         check_output_folder(tmp_path, tmp_path / "m")
+
+
+def test_staged_folder_keeps_the_old_folder_when_a_writer_fails(tmp_path):
+    """safetensors' Rust writer wraps a full disk in its own error type; it is one line too, other errors pass."""
+    from finechat.files import staged_folder
+
+    final = tmp_path / "export"
+    final.mkdir()
+    (final / "model.safetensors").write_text("old weights")
+
+    class SafetensorError(Exception):
+        pass
+
+    with pytest.raises(FinechatError, match=r"cannot write .*export: No space left on device \(os error 28\)"):
+        with staged_folder(final) as tmp:
+            (tmp / "model.safetensors").write_text("half")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with pytest.raises(KeyError):
+        with staged_folder(final):
+            raise KeyError("a bug, not a disk")
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    assert (final / "model.safetensors").read_text() == "old weights"

@@ -162,6 +162,12 @@ def staged_folder(final: str | Path, staging: str | Path | None = None) -> Itera
         publish_folder(tmp, final)
     except OSError as e:
         raise _write_error(final, e) from e
+    except Exception as e:
+        # Writers in other languages wrap the OSError: safetensors raises SafetensorError("Error while
+        # serializing: I/O error: No space left on device (os error 28)").
+        if "I/O error" not in str(e) and "(os error" not in str(e):
+            raise
+        raise FinechatError(f"cannot write {final}: {str(e).rsplit('I/O error: ', 1)[-1]}") from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
