@@ -194,6 +194,14 @@ class MedicalAssistant:
         return getattr(self.bot, "compile_decoder", False)
 
     @property
+    def fast_decoder_cache(self) -> Any:
+        return self.bot.fast_decoder_cache  # the wrapped model's decoder: one static cache per model
+
+    @fast_decoder_cache.setter
+    def fast_decoder_cache(self, value: Any) -> None:
+        self.bot.fast_decoder_cache = value
+
+    @property
     def _lock(self) -> Any:
         # The scheduler's fast batch-1 path takes the engine's lock: it must be the wrapped model's, shared
         # with the engine's own generate_ids, so that the two never decode on the model at once.
