@@ -5,7 +5,8 @@ Actions:
   finechat data stats FILE [--model M] [--png FILE.png] [--force]
   finechat data preview FILE [-n 3] [--model M] [--template T]
   finechat data licenses [--kind dataset|model]
-  finechat data generate adgen --n N --seed S --out FILE
+  finechat data generate adgen|arithmetic --n N --seed S --out FILE
+  finechat data pairs SFT_FILE --rule auto|numbers|swap|truncate --out FILE   (preference pairs by a rule)
   finechat data from-kg GRAPH.json --out FILE --seed N
 """
 
@@ -20,6 +21,9 @@ from typing import Any
 
 from finechat.data.blank_infilling import preview_documents
 from finechat.data.formats import FORMATS, read_conversations, write_conversations
+from finechat.data.preference import PREFERENCE_FORMATS, is_preference_file
+from finechat.data.preference_generate import pairs_main, write_arithmetic
+from finechat.data.preference_report import convert_preferences, preference_stats, preview_preferences
 from finechat.data.registry import DISCLAIMER, all_entries, registry_table
 from finechat.data.synthetic import write_adgen
 from finechat.data.templates import get_template
@@ -33,7 +37,8 @@ DEFAULT_LENGTHS = "128,256,512,1024,2048"
 
 
 def _read_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="input format (default: detect)")
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS, *PREFERENCE_FORMATS],
+                   help="input format (default: detect)")
     p.add_argument("--on-bad-record", default="error", choices=["error", "skip"],
                    help="stop at a bad record (default) or skip it and list it")
     p.add_argument("--prompt-column", help="prompt-response: the prompt column (ADGEN: content)")
@@ -63,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("convert", help="convert a data file to sharegpt, openai or alpaca")
     p.add_argument("input", help="data file (any supported format)")
-    p.add_argument("--to", required=True, choices=["sharegpt", "openai", "alpaca"], help="output format")
+    p.add_argument("--to", required=True, choices=["sharegpt", "openai", "alpaca", "pref-prompt", "pref-alpaca", "kto"],
+                   help="output format (pref-prompt, pref-alpaca, kto: preference data)")
     p.add_argument("output", help="output file (.jsonl: one record a line; .json: one JSON array)")
     _read_options(p)
 
@@ -93,10 +99,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("generate", help="write synthetic sample data (deterministic by seed)")
-    p.add_argument("kind", choices=["adgen"], help="adgen: attribute strings -> Chinese advertising copy")
+    p.add_argument("kind", choices=["adgen", "arithmetic"],
+                   help="adgen: attribute strings -> Chinese advertising copy; arithmetic: small sums with answers")
     p.add_argument("--n", type=int, default=1000, help="number of records")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", required=True, help="output JSONL file")
+
+    p = sub.add_parser("pairs", help="build preference pairs from SFT data by a rule (known right side)")
+    p.add_argument("input", help="SFT data file (any supported format)")
+    p.add_argument("--rule", default="auto", choices=["auto", "numbers", "swap", "truncate"],
+                   help="how the rejected answer is made from the correct one")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", required=True, help="output file (.jsonl or .json), pref-prompt format")
+    _read_options(p)
 
     p = sub.add_parser("from-kg", help="build instruction QA data from a medical knowledge graph")
     p.add_argument("graph", help="knowledge graph: JSON array, JSON object with 'records', or JSONL")
@@ -116,7 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     actions = {"convert": convert, "stats": stats, "preview": preview, "licenses": licenses,
-               "licences": licenses, "generate": generate, "from-kg": kg_to_qa}
+               "licences": licenses, "generate": generate, "from-kg": kg_to_qa, "pairs": pairs}
     if not getattr(args, "action", None):
         args._parser.print_help()
         return 2
@@ -136,6 +151,8 @@ def _read(args: argparse.Namespace, paths: Any) -> Any:
 
 def convert(args: argparse.Namespace) -> int:
     check_output_path(args.output, args.input)
+    if is_preference_file(args.input, args.format):
+        return convert_preferences(args)
     result = _read(args, args.input)
     unwritable: list | None = [] if args.on_bad_record == "skip" else None
     n = write_conversations(result.conversations, args.output, args.to, skipped=unwritable)
@@ -218,6 +235,10 @@ def stats(args: argparse.Namespace) -> int:
         lengths = sorted({int(x) for x in str(args.lengths).split(",") if x.strip()})
     except ValueError:
         raise ConfigError(f"--lengths: expected numbers like {DEFAULT_LENGTHS}, got {args.lengths!r}") from None
+    if is_preference_file(args.input[0], args.format):
+        print(preference_stats(args.input, args.format, args.on_bad_record, *_tokenizer_and_template(args), lengths,
+                               as_json=args.json))
+        return 0
     png = args.png or f"{Path(args.input[0]).stem}_lengths.png"
     if png.lower() != "none":
         if Path(png).suffix.lower() != ".png":
@@ -307,6 +328,10 @@ def preview(args: argparse.Namespace) -> int:
         tokenizer, _ = _tokenizer_and_template(args)
         print(preview_documents(args.input, tokenizer, args.start, args.num))
         return 0
+    if is_preference_file(args.input, args.format):
+        print(preview_preferences(args.input, args.format, args.on_bad_record, *_tokenizer_and_template(args),
+                                  args.start, args.num))
+        return 0
     result = _read(args, args.input)
     tokenizer, template = _tokenizer_and_template(args)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
@@ -344,6 +369,9 @@ def generate(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ConfigError(f"--n must be at least 1, got {args.n}")
     check_output_path(args.out)
+    if args.kind == "arithmetic":
+        print(f"wrote {write_arithmetic(args.out, args.n, args.seed)} arithmetic records (seed {args.seed}) to {args.out}")
+        return 0
     n = write_adgen(args.out, args.n, args.seed)
     print(f"wrote {n} ADGEN-like records (seed {args.seed}) to {args.out}")
     return 0
@@ -353,4 +381,10 @@ def kg_to_qa(args: argparse.Namespace) -> int:
     settings = KGSettings(seed=args.seed, phrasings=args.phrasings, relations=args.relations or RELATIONS,
                           holdout=args.holdout or 0.0, holdout_by=args.holdout_by)
     print(from_kg(args.graph, args.out, settings, holdout_out=args.holdout_out, table=args.table))
+    return 0
+
+
+def pairs(args: argparse.Namespace) -> int:
+    result = _read(args, args.input)
+    print(pairs_main(result.conversations, args.rule, args.seed, args.out))
     return 0
