@@ -13,9 +13,9 @@ import argparse
 
 from finechat.config import add_config_arguments, config_from_args
 from finechat.errors import ConfigError
+from finechat.train.align import run_stage
 from finechat.train.config import TrainConfig
 from finechat.train.estimate import estimate_without_weights
-from finechat.train.recipe import run_training
 from finechat.train.stages import is_stages_file, main_stages, resolve_stages, stage_train_configs
 
 
@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
     if args.estimate:
         _print_estimate(cfg)
         return 0
-    result = run_training(cfg)
+    result = run_stage(cfg)  # sft / pretrain on the Trainer; dpo, rm, kto, orpo, simpo, grpo on TRL
     print(result.final_checkpoint or result.output_dir)
     return 0
 

@@ -128,11 +128,12 @@ def publish(staged: Path, final: Path, run_info: dict, extra_files: dict | None 
     publish_folder(staged, final)  # replaces the same step saved again (e.g. after resuming exactly there)
 
 
-def make_trainer_class():
-    """The Trainer subclass that saves atomically (built lazily: importing transformers is slow)."""
+def make_trainer_class(base: Any = None):
+    """The Trainer subclass (of ``base``, e.g. a TRL trainer; default transformers' Trainer) that saves atomically
+    (built lazily: importing transformers is slow)."""
     from transformers import Trainer
 
-    class AtomicCheckpointTrainer(Trainer):
+    class AtomicCheckpointTrainer(base or Trainer):
         """transformers' Trainer whose checkpoints appear only when complete (see the module docstring)."""
 
         def __init__(self, *args: Any, run_info: dict | None = None, keep_checkpoints: int | None = None,

@@ -24,8 +24,10 @@ class TrainConfig:
     method: Literal["lora", "ptuning", "full", "freeze", "qlora"] = field(
         "lora", help="lora, ptuning (P-Tuning v2), full, freeze (last layers only) or qlora (LoRA on a 4/8-bit base)"
     )
-    stage: Literal["sft", "pretrain"] = field(
-        "sft", help="sft: conversations with labels on answers; pretrain: plain text, every token is a target"
+    stage: Literal["sft", "pretrain", "dpo", "orpo", "simpo", "kto", "rm", "grpo"] = field(
+        "sft", help="sft: conversations with labels on answers; pretrain: plain text, every token is a target; "
+        "dpo / orpo / simpo: preference pairs; kto: answers labelled good or bad; rm: a reward model on pairs; "
+        "grpo: online RL with reward functions (finechat.train.align, on TRL)"
     )
     objective: str = field(
         "causal_lm", help="pretraining objective for stage pretrain: causal_lm (or blank_infilling for GLM)"
@@ -73,6 +75,18 @@ class TrainConfig:
         [], help="freeze: train only parameters whose names contain one of these (instead of the last layers)"
     )
     quantization_bit: int | None = field(None, help="load the base in 8 or 4 bits (bitsandbytes) for qlora / ptuning")
+
+    # -- preference and RL stages (TRL) -----------------------------------------------------------------
+    beta: float = field(0.1, help="dpo / kto / orpo / simpo: strength of the preference term (TRL's beta); grpo: KL "
+                        "coefficient (0: no reference model)")
+    loss: str = field("sigmoid", help="dpo: TRL's loss_type (sigmoid, ipo, hinge, robust, sigmoid_norm, ...)")
+    simpo_gamma: float = field(0.5, help="simpo: target reward margin")
+    rewards: list[str] = field(["correct", "format"], help="grpo: reward functions (correct, format, calculator, "
+                               "reward_model), see finechat.train.rewards")
+    reward_model: str | None = field(None, help="a stage-rm checkpoint: grpo's reward_model reward")
+    num_generations: int = field(4, help="grpo: answers sampled per prompt (the group)")
+    max_completion_length: int = field(64, help="grpo: longest sampled answer in tokens")
+    temperature: float = field(1.0, help="grpo: sampling temperature")
 
     # -- Trainer flags (same names and meanings as transformers' TrainingArguments) -----------------------
     output_dir: str = field("output", help="where checkpoints, logs and the loss curve go")

@@ -189,8 +189,8 @@ def load_data(cfg: TrainConfig, tokenizer: Any, template: Any, cache_dir: str | 
 # Trainer
 # ------------------------------------------------------------------------------------------------------------
 
-def training_arguments(cfg: TrainConfig, has_eval: bool, device: str) -> Any:
-    """transformers' TrainingArguments from the flags of the same names."""
+def training_arguments(cfg: TrainConfig, has_eval: bool, device: str, args_class: Any = None, **extra: Any) -> Any:
+    """transformers' TrainingArguments (or a TRL config, ``args_class``) from the flags of the same names."""
     from transformers import TrainingArguments
 
     eval_steps = cfg.eval_steps or cfg.save_steps
@@ -201,7 +201,7 @@ def training_arguments(cfg: TrainConfig, has_eval: bool, device: str) -> Any:
         except ImportError:
             log("tensorboard is not installed: no TensorBoard events (pip install 'finechat[train]')")
             report_to.remove("tensorboard")
-    return TrainingArguments(
+    settings = dict(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_eval_batch_size,
@@ -224,8 +224,8 @@ def training_arguments(cfg: TrainConfig, has_eval: bool, device: str) -> Any:
         fp16=cfg.fp16,
         bf16=cfg.bf16,
         # use_reentrant=False: a frozen base still passes gradients through checkpointed blocks
-        **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
-           if cfg.gradient_checkpointing else {}),
+        gradient_checkpointing=cfg.gradient_checkpointing,  # explicit: TRL's configs default to True
+        **({"gradient_checkpointing_kwargs": {"use_reentrant": False}} if cfg.gradient_checkpointing else {}),
         seed=cfg.seed,
         dataloader_num_workers=cfg.dataloader_num_workers,
         report_to=report_to or "none",
@@ -240,6 +240,7 @@ def training_arguments(cfg: TrainConfig, has_eval: bool, device: str) -> Any:
         use_cpu=device == "cpu",
         disable_tqdm=False,
     )
+    return (args_class or TrainingArguments)(**{**settings, **extra})
 
 
 def make_callback(cfg: TrainConfig, has_eval: bool):

@@ -41,9 +41,9 @@ from finechat.files import write_json_atomic
 from finechat.generate.load import load as load_chat_model
 from finechat.generate.settings import GenerationSettings
 from finechat.models.load import log
+from finechat.train.align import run_stage
 from finechat.train.config import TrainConfig
 from finechat.train.export import EXPORT_FILE, export_model
-from finechat.train.recipe import run_training
 
 STATE_FILE = "stages_state.json"
 SUMMARY_FILE = "stages_summary.json"
@@ -241,7 +241,7 @@ def run_stages(cfg: StagesConfig) -> dict:
         tcfg = resolve_config(TrainConfig, base=train)
         log(f"stage {i + 1}/{len(stages)} {stage.name}: {tcfg.method} on {model}"
             f"{' + adapter ' + adapter if adapter else ''}")
-        result = run_training(tcfg)
+        result = run_stage(tcfg)
         checkpoint = result.final_checkpoint
         if checkpoint is None:
             raise ConfigError(f"stage {stage.name} produced no checkpoint (save_steps larger than max_steps?)")

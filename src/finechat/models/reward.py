@@ -1,0 +1,37 @@
+"""A reward model: the same base with a one-score head (transformers' ``*ForSequenceClassification``).
+
+Built from an already loaded causal LM rather than with ``from_pretrained`` so that every way finechat loads a
+base (``default``, a folder, a GGUF file, a merged stage) gives its reward model too: the decoder weights
+move over as they are, and the score head starts from transformers' own initialisation.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from finechat.errors import ConfigError
+
+
+def reward_model_from(causal_lm: Any, pad_token_id: int | None) -> Any:
+    """A ``num_labels=1`` sequence classifier sharing ``causal_lm``'s decoder weights (copied by reference)."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(causal_lm.config)
+    config.num_labels = 1
+    config.pad_token_id = pad_token_id  # the score is read at the last token that is not padding
+    try:
+        model = AutoModelForSequenceClassification.from_config(config, dtype=causal_lm.dtype)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"stage rm: transformers has no sequence-classification class for model_type "
+                          f"{config.model_type!r} ({type(causal_lm).__name__}), so no reward model can be built on "
+                          "it; train the reward model on another base (e.g. default)") from e
+    body = getattr(model, model.base_model_prefix)
+    source = getattr(causal_lm, causal_lm.base_model_prefix, None)
+    if source is None:
+        raise ConfigError(f"stage rm: cannot find the decoder of {type(causal_lm).__name__}")
+    missing, unexpected = body.load_state_dict(source.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"stage rm: the decoder of {type(causal_lm).__name__} does not fit "
+                          f"{type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.to(next(causal_lm.parameters()).device)
