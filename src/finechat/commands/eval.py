@@ -3,6 +3,8 @@
   finechat eval --model M [--adapter A] --data FILE          generate, score, write predictions + metrics
   finechat eval --predictions generated_predictions.jsonl    re-score a file (ours, ChatGLM-6B's, LLaMA-Factory's)
   finechat eval --data FILE --compare base out/lora out/pt   one table side by side + example answers
+  finechat eval --reward-model out/rm/checkpoint-N --data PAIRS   the reward model's pairwise accuracy
+  finechat eval --reward-model RM --data FILE [--adapter A]      generate answers and score them with RM
 
 Rouge-1/2/L are computed on jieba words, BLEU-4 on characters (see finechat.eval.metrics).
 """
@@ -52,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictions", metavar="FILE",
                         help="re-score an existing predictions file ({predict, label} or {predict, labels}) "
                              "without loading a model")
+    parser.add_argument("--reward-model", metavar="DIR",
+                        help="a stage-rm checkpoint: pairwise accuracy on preference data, or the reward of the "
+                             "answers the model generates for --data")
     parser.add_argument("--compare", nargs="+", metavar="ENTRY",
                         help="compare several entries: 'base' (--model alone), adapter folders, model folders "
                              "or predictions files")
@@ -70,6 +75,11 @@ def main(args: argparse.Namespace) -> int:
     load_options = dict(dtype=cfg.dtype, device=cfg.device, template=cfg.template,
                         quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code,
                         compile=cfg.compile)
+    if args.reward_model:
+        from finechat.eval.reward_report import reward_eval
+
+        print(reward_eval(args.reward_model, cfg, settings, load_options))
+        return 0
     examples = None
     if cfg.data:
         examples = load_examples(cfg.data, cfg.format, cfg.max_samples)

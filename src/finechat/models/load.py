@@ -379,7 +379,11 @@ def _check_adapter_base(model: Any, path: Path, adapter_config: dict) -> None:
     run_file = path / "finechat_run.json"
     if not run_file.is_file():
         return
-    base = read_json(run_file).get("base_model", {})
+    run = read_json(run_file)
+    if run.get("stage") == "rm" and not getattr(model.config, "num_labels", 0) == 1:
+        raise ModelLoadError(f"{path} is a reward model (stage rm), not an adapter to chat with; score answers with "
+                             f"finechat eval --reward-model {path} --data FILE")
+    base = run.get("base_model", {})
     cfg = model.config
     for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
         want, have = base.get(key), getattr(cfg, key, None)

@@ -1,0 +1,140 @@
+"""Preference and RL stages on TRL with a tiny model: DPO learns the chosen side, the reward model ranks pairs,
+KTO / ORPO / SimPO / GRPO train and checkpoint, checkpoints load as adapters, bad setups fail clearly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finechat.cli import main as cli
+from finechat.data.preference import read_preferences
+from finechat.data.templates import get_template
+from finechat.errors import ConfigError, ModelLoadError
+from finechat.eval.preference import preference_accuracy
+from finechat.eval.reward import load_reward_model, pairwise_accuracy
+from finechat.train.align import run_stage
+from finechat.train.config import TrainConfig
+from finechat.train.rewards import answer_format, calculator, correct
+
+SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    """Eight pairs whose chosen side is one fixed, learnable answer style."""
+    folder = tmp_path_factory.mktemp("pairs")
+    path = folder / "pairs.jsonl"
+    rows = [{"prompt": f"What is {i} plus {i}?", "chosen": f"{i} + {i} = {2 * i}.", "rejected": "I do not know."}
+            for i in range(2, 10)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _cfg(tiny_model_dir, out, stage, data, **kw):
+    base = dict(model=str(tiny_model_dir), stage=stage, data=[str(data)], max_steps=12, save_steps=6,
+                logging_steps=1, per_device_train_batch_size=4, learning_rate=2e-2, lora_dropout=0.0, lora_rank=8,
+                output_dir=str(out), report_to=["none"], cutoff_len=64, seed=1, beta=0.5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _load_policy(tiny_model_dir, adapter):
+    from finechat.models.load import load_adapter, load_model_and_tokenizer
+
+    model, tokenizer, _ = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32", device="cpu")
+    return (load_adapter(model, adapter) if adapter else model), tokenizer
+
+
+def test_dpo_lora_raises_preference_accuracy_and_its_checkpoint_loads(tiny_model_dir, pairs_file, tmp_path):
+    pairs = read_preferences(pairs_file).records
+    model, tokenizer = _load_policy(tiny_model_dir, None)
+    template = get_template(None, tokenizer)
+    before = preference_accuracy(model, tokenizer, template, pairs)
+    assert before["preference accuracy"] == 0.5  # a model equal to its reference: chance
+
+    result = run_stage(_cfg(tiny_model_dir, tmp_path / "dpo", "dpo", pairs_file))
+    assert result.metrics["final_loss"] < result.metrics["first_loss"]
+    assert result.global_step == 12 and Path(result.loss_curve).is_file()
+    ckpt = Path(result.final_checkpoint)
+    run = json.loads((ckpt / "finechat_run.json").read_text())
+    assert run["stage"] == "dpo" and "LORA" in run["adapter_type"] and (ckpt / "finechat_licenses.json").is_file()
+
+    policy, _ = _load_policy(tiny_model_dir, str(ckpt))  # the --adapter path of chat / serve / eval
+    after = preference_accuracy(policy, tokenizer, template, pairs)  # reference: the adapter disabled
+    assert after["preference accuracy"] >= 0.8 and after["log-ratio margin"] > 0
+
+    import finechat
+
+    bot = finechat.load(str(tiny_model_dir), adapter=str(ckpt))
+    assert isinstance(bot.chat("What is 3 plus 3?", max_new_tokens=4)[0], str)
+
+
+def test_dpo_resumes_from_its_newest_checkpoint(tiny_model_dir, pairs_file, tmp_path):
+    first = run_stage(_cfg(tiny_model_dir, tmp_path / "r", "dpo", pairs_file, max_steps=2, save_steps=2,
+                           loss="ipo"))
+    assert first.global_step == 2
+    again = run_stage(_cfg(tiny_model_dir, tmp_path / "r", "dpo", pairs_file, max_steps=4, save_steps=2,
+                           loss="ipo", resume_from_checkpoint="auto"))
+    assert again.resumed_from and again.resumed_from.endswith("checkpoint-2") and again.global_step == 4
+
+
+def test_reward_model_learns_to_rank_pairs_and_loads_for_scoring(tiny_model_dir, pairs_file, tmp_path, capsys):
+    result = run_stage(_cfg(tiny_model_dir, tmp_path / "rm", "rm", pairs_file, max_steps=16, save_steps=8))
+    assert result.metrics["final_loss"] < result.metrics["first_loss"]
+    rm = load_reward_model(result.final_checkpoint)
+    scores = pairwise_accuracy(rm, read_preferences(pairs_file).records)
+    assert scores["rm accuracy"] >= 0.8 and scores["rm margin"] > 0
+    assert cli(["eval", "--reward-model", result.final_checkpoint, "--data", str(pairs_file),
+                "--output_dir", str(tmp_path / "rm-eval")]) == 0
+    assert "rm accuracy" in capsys.readouterr().out
+    with pytest.raises(ModelLoadError, match="is a reward model"):
+        _load_policy(tiny_model_dir, result.final_checkpoint)
+
+
+@pytest.mark.parametrize("stage", ["kto", "orpo", "simpo"])
+def test_other_preference_stages_train_and_checkpoint(stage, tiny_model_dir, pairs_file, tmp_path):
+    result = run_stage(_cfg(tiny_model_dir, tmp_path / stage, stage, pairs_file, max_steps=2, save_steps=2))
+    assert result.global_step == 2
+    assert json.loads((Path(result.final_checkpoint) / "finechat_run.json").read_text())["stage"] == stage
+    _load_policy(tiny_model_dir, result.final_checkpoint)
+
+
+def test_grpo_samples_scores_and_checkpoints(tiny_model_dir, tmp_path):
+    result = run_stage(_cfg(tiny_model_dir, tmp_path / "grpo", "grpo", SAMPLES / "preference" / "arithmetic_sft.jsonl",
+                            max_steps=1, save_steps=1, max_samples=8, num_generations=4, max_completion_length=8,
+                            rewards=["correct", "format", "calculator"]))
+    assert result.global_step == 1 and "first reward" in result.metrics
+    _load_policy(tiny_model_dir, result.final_checkpoint)
+
+
+def test_rule_rewards():
+    prompts = ["What is 17 plus 25?"] * 4
+    answers = ["17 + 25 = 42.", "17 + 25 = 43.", "It is 42", "I like cats."]
+    assert correct(prompts, answers, gold=["17 + 25 = 42."] * 4) == [1.0, 0.0, 1.0, 0.0]
+    assert answer_format(prompts, answers) == [1.0, 1.0, 1.0, 0.0]
+    # the calculator checks what the model wrote: right and grounded in the prompt, wrong, or nothing to check
+    assert calculator(prompts, answers) == [1.0, -1.0, 0.0, 0.0]
+    assert calculator(["计算 6 × 7 等于多少？"], ["6 × 7 = 42。"]) == [1.0]
+    assert calculator(prompts, ["1 + 1 = 2."]) == [0.0]  # right, but not the prompt's numbers
+
+
+def test_sft_data_for_dpo_names_the_missing_fields(tiny_model_dir, tmp_path, capsys):
+    code = cli(["train", f"model={tiny_model_dir}", "stage=dpo", f"data=[{SAMPLES / 'alpaca.json'}]",
+                f"output_dir={tmp_path / 'x'}", "max_steps=1"])
+    assert code == 3
+    assert "chosen, rejected: missing" in capsys.readouterr().err
+
+
+def test_ptuning_and_chatglm_limits_are_clear_errors(tiny_model_dir, pairs_file, tmp_path):
+    with pytest.raises(ConfigError, match="method ptuning"):
+        run_stage(_cfg(tiny_model_dir, tmp_path / "p", "dpo", pairs_file, method="ptuning"))
+    from chatglm_tiny import write_fake_chatglm
+
+    glm = write_fake_chatglm(tmp_path / "glm")
+    with pytest.raises(ConfigError, match="stage kto does not work with the native ChatGLM-6B"):
+        run_stage(_cfg(glm, tmp_path / "g", "kto", pairs_file))
+    # DPO's rows keep [gMASK]<sop> between prompt and answer, and the native model builds its mask from the ids
+    result = run_stage(_cfg(glm, tmp_path / "g", "dpo", pairs_file, max_steps=4, save_steps=4))
+    assert result.metrics["final_loss"] < result.metrics["first_loss"]
