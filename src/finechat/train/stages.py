@@ -42,10 +42,16 @@ from finechat.generate.load import load as load_chat_model
 from finechat.generate.settings import GenerationSettings
 from finechat.models.load import log
 from finechat.train.align import run_stage
+from finechat.train.alignment_eval import AlignmentEvalConfig, alignment_eval, reward_model_accuracy
 from finechat.train.config import TrainConfig
 from finechat.train.export import EXPORT_FILE, export_model
 
 STATE_FILE = "stages_state.json"
+# alignment_eval's numbers -> the summary's column names
+ALIGNMENT_NAMES = {"preference accuracy": "pref acc", "log-ratio margin": "reward margin", "logp accuracy": "logp acc",
+                   "rm accuracy": "rm acc", "rm score": "rm score", "correct": "correct", "calculator": "calculator"}
+
+
 SUMMARY_FILE = "stages_summary.json"
 MERGEABLE_METHODS = ("lora", "qlora", "full", "freeze")
 ADAPTER_METHODS = ("lora", "qlora", "ptuning")
@@ -93,6 +99,8 @@ class StagesConfig:
     defaults: dict = field({}, help="finechat train keys applied to every stage")
     stages: list[dict] = field([], help="the stages: each a mapping of finechat train keys plus name and mix")
     eval_general: dict = field({}, help="general set scored before and after: data, max_samples, max_new_tokens")
+    eval_alignment: dict = field({}, help="held-out pairs / prompts scored before and after each stage: pairs, "
+                                 "prompts, max_samples (finechat.train.alignment_eval)")
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -216,6 +224,12 @@ def run_stages(cfg: StagesConfig) -> dict:
     state = _read_state(out)
     state["config"] = to_dict(cfg)
     template = cfg.defaults.get("template")
+    acfg = resolve_config(AlignmentEvalConfig, base={"template": template, **cfg.eval_alignment}) \
+        if cfg.eval_alignment else None
+    if acfg is not None and "alignment_before" not in state:
+        log("Scoring the base model on the held-out pairs and prompts (before any stage) ...")
+        state["alignment_before"] = alignment_eval(cfg.model, None, None, acfg, out / "alignment_before", None)
+        _write_state(out, state)
     if gcfg is not None and "general_before" not in state:
         log("Scoring the base model on the general set (before any stage) ...")
         state["general_before"] = general_eval(cfg.model, None, gcfg, out / "general_before", template)
@@ -237,6 +251,9 @@ def run_stages(cfg: StagesConfig) -> dict:
             for k in ("prompt_column", "response_column", "history_column"):
                 train.pop(k, None)
             train["datasets"] = list(train.get("datasets") or []) + list(stage.mix.datasets)
+        if train.get("stage") == "grpo" and "reward_model" in (train.get("rewards") or []) \
+                and not train.get("reward_model"):
+            train["reward_model"] = state.get("reward_model")  # the reward model an earlier rm stage trained
         train.update(model=model, adapter=adapter, output_dir=str(stage_dir / "train"), resume_from_checkpoint="auto")
         tcfg = resolve_config(TrainConfig, base=train)
         log(f"stage {i + 1}/{len(stages)} {stage.name}: {tcfg.method} on {model}"
@@ -247,7 +264,10 @@ def run_stages(cfg: StagesConfig) -> dict:
             raise ConfigError(f"stage {stage.name} produced no checkpoint (save_steps larger than max_steps?)")
         is_adapter = tcfg.adapter_method in ("lora", "ptuning")
         last = i == len(stages) - 1
-        if not is_adapter:
+        if tcfg.stage == "rm":  # a reward model scores the policy; the policy chain goes on from before it
+            next_model, next_adapter = model, adapter
+            state["reward_model"] = checkpoint
+        elif not is_adapter:
             next_model, next_adapter = checkpoint, None  # a full / freeze checkpoint is a whole model
         elif cfg.continue_from == "adapter":
             next_model, next_adapter = model, checkpoint
@@ -264,9 +284,13 @@ def run_stages(cfg: StagesConfig) -> dict:
             "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))},
             "data": tcfg.data, "mix": mix_info, "licenses": licence_summary(cfg.model, tcfg.datasets),
         }
-        if gcfg is not None:
+        if gcfg is not None and tcfg.stage != "rm":
             log(f"stage {stage.name}: scoring on the general set ...")
             record["general"] = general_eval(next_model, next_adapter, gcfg, stage_dir / "general_eval", template)
+        if acfg is not None:
+            log(f"stage {stage.name}: scoring on the held-out pairs and prompts ...")
+            record["alignment"] = reward_model_accuracy(checkpoint, acfg) if tcfg.stage == "rm" else alignment_eval(
+                next_model, next_adapter, (model, adapter), acfg, stage_dir / "alignment_eval", state.get("reward_model"))
         state["stages"][stage.name] = record
         _write_state(out, state)
         model, adapter = next_model, next_adapter
@@ -287,24 +311,29 @@ def run_stages(cfg: StagesConfig) -> dict:
     return summary
 
 
+def alignment_columns(found: dict | None) -> dict:
+    """The summary columns of an alignment report (finechat.train.alignment_eval)."""
+    return {name: (found or {}).get(key) for key, name in ALIGNMENT_NAMES.items()}
+
+
 def summary_table(stages: list[Stage], state: dict) -> str:
     """One row per stage (and the base before training): loss, eval and general-set scores, data licences."""
-
     rows: dict[str, dict] = {}
-    if state.get("general_before"):
-        g = state["general_before"]
+    if state.get("general_before") or state.get("alignment_before"):
+        g = state.get("general_before") or {}
         rows["base (before)"] = {"general bleu-4": g.get("bleu-4"), "general rouge-l": g.get("rouge-l"),
-                                 "general loss": g.get("eval_loss")}
+                                 "general loss": g.get("eval_loss"), **alignment_columns(state.get("alignment_before"))}
     for i, s in enumerate(stages):
         r = state["stages"][s.name]
         m, g = r["metrics"], r.get("general") or {}
         row = {"method": r["method"], "steps": r["steps"], "train loss": m.get("final_loss"),
                "eval loss": m.get("eval_loss"), "bleu-4": m.get("predict_bleu-4"), "rouge-l": m.get("predict_rouge-l"),
                "general bleu-4": g.get("bleu-4"), "general rouge-l": g.get("rouge-l"), "general loss": g.get("eval_loss"),
+               **alignment_columns(r.get("alignment")),
                "data licences": ", ".join(f"{d['name']} ({d['license']})" for d in r["licenses"]["datasets"]) or "-"}
         rows[f"{i + 1}. {s.name}"] = row
-    columns = [c for c in ("method", "steps", "train loss", "eval loss", "bleu-4", "rouge-l", "general bleu-4",
-                           "general rouge-l", "general loss", "data licences")
+    columns = [c for c in ("method", "steps", "train loss", "eval loss", "bleu-4", "rouge-l", *ALIGNMENT_NAMES.values(),
+                           "general bleu-4", "general rouge-l", "general loss", "data licences")
                if any(r.get(c) is not None for r in rows.values())]
     return format_table(rows, columns, first="stage")
 
