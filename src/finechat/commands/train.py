@@ -10,10 +10,11 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from finechat.config import add_config_arguments, config_from_args
 from finechat.errors import ConfigError
-from finechat.train.align import run_stage
+from finechat.train.align import run_stage, sequences_per_example
 from finechat.train.config import TrainConfig
 from finechat.train.estimate import estimate_without_weights
 from finechat.train.stages import is_stages_file, main_stages, resolve_stages, stage_train_configs
@@ -56,7 +57,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _print_estimate(cfg: TrainConfig) -> None:
-    est = estimate_without_weights(cfg)
+    # a preference pair is two sequences (chosen and rejected); GRPO samples num_generations per prompt
+    batch = cfg.per_device_train_batch_size * sequences_per_example(cfg)
+    est = estimate_without_weights(dataclasses.replace(cfg, per_device_train_batch_size=batch))
     print(f"{cfg.method} on {cfg.model}, batch {cfg.per_device_train_batch_size} x {cfg.cutoff_len} tokens, "
           f"{'bf16' if cfg.bf16 else 'fp16' if cfg.fp16 else 'fp32'}"
           f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}")

@@ -84,6 +84,11 @@ def run_stage(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
     return run_training(cfg, cache_dir)
 
 
+def sequences_per_example(cfg: TrainConfig) -> int:
+    """Sequences one training example puts through the model: 2 for a pair, num_generations for GRPO."""
+    return 2 if cfg.stage in PAIR_STAGES else cfg.num_generations if cfg.stage == "grpo" else 1
+
+
 def check_supported(cfg: TrainConfig, model: Any) -> None:
     """A clear error for a method the model cannot be trained with."""
     model_type = getattr(model.config, "model_type", "")
@@ -324,7 +329,7 @@ def run_alignment(cfg: TrainConfig) -> TrainResult:
 
     transformers.set_seed(cfg.seed)
     model = prepare_reward_model(model, tokenizer, cfg) if cfg.stage == "rm" else prepare_model(model, cfg)
-    sequences = 2 if cfg.stage in PAIR_STAGES else cfg.num_generations if cfg.stage == "grpo" else 1
+    sequences = sequences_per_example(cfg)
     estimate = estimate_memory(model, dataclasses.replace(
         cfg, per_device_train_batch_size=cfg.per_device_train_batch_size * sequences), seq_len=cfg.cutoff_len,
         device=device.split(":")[0])
