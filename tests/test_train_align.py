@@ -138,3 +138,14 @@ def test_ptuning_and_chatglm_limits_are_clear_errors(tiny_model_dir, pairs_file,
     # DPO's rows keep [gMASK]<sop> between prompt and answer, and the native model builds its mask from the ids
     result = run_stage(_cfg(glm, tmp_path / "g", "dpo", pairs_file, max_steps=4, save_steps=4))
     assert result.metrics["final_loss"] < result.metrics["first_loss"]
+
+
+def test_published_layouts_train_with_every_record_kept(tiny_model_dir, tmp_path):
+    """HH-RLHF whole dialogues, UltraFeedback-binarized message lists, ShareGPT and alpaca pairs: nothing dropped."""
+    files = [SAMPLES / n for n in ("preference_hh.jsonl", "preference_prompt.jsonl", "preference_sharegpt.json",
+                                   "preference_alpaca.json")]
+    result = run_stage(_cfg(tiny_model_dir, tmp_path / "pub", "dpo", files[0], data=[str(f) for f in files],
+                            max_steps=2, save_steps=2, cutoff_len=512))
+    run = json.loads((Path(result.final_checkpoint) / "finechat_run.json").read_text())
+    assert run["data"]["records"] == 16 and run["data"]["train_rows"] == 16
+    assert run["data"]["skipped_records"] == 0 and run["data"]["no_room"] == 0
