@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,12 +111,6 @@ def _history(rec: dict, key: str) -> list[Turn]:
             raise RecordError(f"{key}[{i}]", "expected a [query, response] pair of texts")
         turns += [Turn("user", pair[0]), Turn("assistant", pair[1])]
     return turns
-
-
-def _need_object(rec: Any) -> dict:
-    if not isinstance(rec, dict):
-        raise RecordError("(record)", f"expected a JSON object, got {type(rec).__name__}")
-    return rec
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -436,15 +430,26 @@ def read_conversations(path: str | Path | Iterable[str | Path], format: str = "a
     return result
 
 
-def _read_one(path: str, format: str, on_bad_record: str, result: ReadResult, **columns: Any) -> None:
+def object_records(path: str) -> Iterator[tuple[int, Any, RecordError | None]]:
+    """``(line, record, error)`` of a data file: ``error`` says why a line holds no JSON object (the reader
+    raises or skips it as ``on_bad_record`` says)."""
     if not Path(path).is_file():
         raise DataError(f"{path}: no such data file")
-    fmt = None if format == "auto" else format
     for line, rec, error in iter_json_records(path):
+        if error:
+            yield line, None, RecordError("(encoding)" if error.startswith("not UTF-8") else "(json)", error)
+        elif not isinstance(rec, dict):
+            yield line, None, RecordError("(record)", f"expected a JSON object, got {type(rec).__name__}")
+        else:
+            yield line, rec, None
+
+
+def _read_one(path: str, format: str, on_bad_record: str, result: ReadResult, **columns: Any) -> None:
+    fmt = None if format == "auto" else format
+    for line, rec, error in object_records(path):
         try:
             if error:
-                raise RecordError("(encoding)" if error.startswith("not UTF-8") else "(json)", error)
-            rec = _need_object(rec)
+                raise error
             if fmt is None:
                 fmt = detect_format(rec, columns.get("prompt_column"))
                 if fmt is None:

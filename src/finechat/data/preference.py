@@ -39,11 +39,11 @@ from finechat.data.formats import (
     RecordError,
     _history,
     _join,
-    _need_object,
     _text,
     _turns_from_list,
     detect_format,
     expand_paths,
+    object_records,
 )
 from finechat.data.records import iter_json_records
 from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, encode_conversation, special_token_layout
@@ -58,12 +58,10 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
 @dataclasses.dataclass
-class PreferencePair:
-    """A prompt (turns ending on a user turn) with a preferred and a dispreferred answer."""
+class Prompted:
+    """Something answered to a prompt (turns ending on a user turn); ``where`` is the record's file:line."""
 
     prompt: Conversation
-    chosen: str
-    rejected: str
 
     @property
     def where(self) -> str:
@@ -71,16 +69,19 @@ class PreferencePair:
 
 
 @dataclasses.dataclass
-class LabelledAnswer:
+class PreferencePair(Prompted):
+    """A prompt with a preferred and a dispreferred answer."""
+
+    chosen: str = ""
+    rejected: str = ""
+
+
+@dataclasses.dataclass
+class LabelledAnswer(Prompted):
     """A prompt with one answer marked desirable (``label`` true) or undesirable: KTO's unpaired data."""
 
-    prompt: Conversation
-    completion: str
-    label: bool
-
-    @property
-    def where(self) -> str:
-        return self.prompt.where
+    completion: str = ""
+    label: bool = True
 
 
 @dataclasses.dataclass
@@ -289,14 +290,11 @@ def _not_preference(path: str, line: int, rec: dict, kind: str) -> DataError:
 
 
 def _read_one(path: str, format: str, on_bad_record: str, kind: str, result: PreferenceReadResult) -> None:
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such data file")
     fmt = None if format == "auto" else format
-    for line, rec, error in iter_json_records(path):
+    for line, rec, error in object_records(path):
         try:
             if error:
-                raise RecordError("(encoding)" if error.startswith("not UTF-8") else "(json)", error)
-            rec = _need_object(rec)
+                raise error
             if fmt is None:
                 fmt = detect_preference_format(rec)
                 if fmt is None:

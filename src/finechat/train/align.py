@@ -26,7 +26,6 @@ import dataclasses
 import json
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 from finechat.data.formats import read_conversations
@@ -43,18 +42,14 @@ from finechat.train import checkpoints
 from finechat.train.config import TrainConfig
 from finechat.train.estimate import estimate_memory
 from finechat.train.methods import default_lora_targets, prepare_model
-from finechat.train.plots import LOSS_PNG
 from finechat.train.recipe import (
-    SUMMARY_FILE,
     TrainResult,
-    licences,
-    load_base,
+    finish_run,
     make_callback,
-    resolve_resume,
     run_info,
     run_training,
     split_holdout,
-    summary_table,
+    start_run,
     training_arguments,
     world,
 )
@@ -308,15 +303,8 @@ def run_alignment(cfg: TrainConfig) -> TrainResult:
     if not cfg.data:
         raise ConfigError(f"stage {cfg.stage}: no training data: set data: [FILE, ...] (see data/samples/preference_*)")
     _, trl_config = _trl_classes(cfg.stage)
-    rank, _, world_size = world()
-    is_main = rank == 0
-    out = Path(cfg.output_dir)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    resume = resolve_resume(cfg, out, is_main)
-    licence = licences(cfg)
-    transformers.set_seed(cfg.seed)
-    model, tokenizer, _, device = load_base(cfg)
+    is_main = world()[0] == 0
+    out, resume, licence, model, tokenizer, device = start_run(cfg)
     check_supported(cfg, model)
     template = get_template(cfg.template, tokenizer, getattr(model.config, "model_type", None))
     if cfg.stage == "grpo":
@@ -350,20 +338,7 @@ def run_alignment(cfg: TrainConfig) -> TrainResult:
     metrics = collect_metrics(cfg.stage, trainer.state.log_history, dict(train_output.metrics))
     metrics["train_seconds_this_run"] = round(time.time() - t0, 2)
 
-    final = checkpoints.latest_checkpoint(out)
-    best = checkpoints.best_checkpoint(out)
-    png = out / LOSS_PNG
-    result = TrainResult(
-        output_dir=str(out), final_checkpoint=str(final) if final else None,
-        best_checkpoint=str(best) if best else None, metrics=metrics, global_step=trainer.state.global_step,
-        loss_curve=str(png) if png.is_file() else None, resumed_from=resume,
-        log_history=list(trainer.state.log_history),
-    )
-    if trainer.is_world_process_zero():
-        summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "log_history"}
-        write_json_atomic(out / SUMMARY_FILE, {**summary, "licenses": licence, "data": info["data"]})
-        log(summary_table(result, licence) + "\n" + stage_table(cfg.stage, metrics))
-    return result
+    return finish_run(out, trainer, metrics, resume, licence, info, stage_table(cfg.stage, metrics))
 
 
 def collect_metrics(stage: str, history: list[dict], metrics: dict) -> dict:

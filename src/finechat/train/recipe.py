@@ -335,6 +335,21 @@ def run_predict(cfg: TrainConfig, model: Any, tokenizer: Any, template: Any) -> 
     return predict_after_training(model, tokenizer, template, path, cfg.output_dir, cfg)
 
 
+def start_run(cfg: TrainConfig) -> tuple[Path, str | None, dict, Any, Any, str]:
+    """(output folder, checkpoint to resume from, licence summary, base model, tokenizer, device) of a run."""
+    import transformers
+
+    out = Path(cfg.output_dir)
+    is_main = world()[0] == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    resume = resolve_resume(cfg, out, is_main)
+    licence = licences(cfg)
+    transformers.set_seed(cfg.seed)
+    model, tokenizer, _, device = load_base(cfg)
+    return out, resume, licence, model, tokenizer, device
+
+
 def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
     """Train as ``cfg`` says, resumably; returns the final / best checkpoints and the metrics."""
     import transformers
@@ -343,14 +358,7 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
         raise ConfigError("no training data: set data: [FILE, ...] (see data/samples/)")
     rank, _, world_size = world()
     is_main = rank == 0
-    out = Path(cfg.output_dir)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    resume = resolve_resume(cfg, out, is_main)
-    licence = licences(cfg)
-    transformers.set_seed(cfg.seed)
-
-    model, tokenizer, folder, device = load_base(cfg)
+    out, resume, licence, model, tokenizer, device = start_run(cfg)
     template = get_template(cfg.template, tokenizer, getattr(model.config, "model_type", None))
     args = training_arguments(cfg, has_eval=cfg.do_eval and (cfg.val_size > 0 or bool(cfg.val_file)), device=device)
     with args.main_process_first(desc="tokenizing"):
@@ -400,6 +408,12 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
     if cfg.do_predict:
         metrics.update(run_predict(cfg, trainer.model, tokenizer, template))
 
+    return finish_run(out, trainer, metrics, resume, licence, info)
+
+
+def finish_run(out: Path, trainer: Any, metrics: dict, resume: str | None, licence: dict, info: dict,
+               report: str = "") -> TrainResult:
+    """The result of a finished run: final / best checkpoints, loss curve, the summary file and table."""
     final = checkpoints.latest_checkpoint(out)
     best = checkpoints.best_checkpoint(out)
     png = out / LOSS_PNG
@@ -412,7 +426,7 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
     if trainer.is_world_process_zero():
         summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "log_history"}
         write_json_atomic(out / SUMMARY_FILE, {**summary, "licenses": licence, "data": info["data"]})
-        log(summary_table(result, licence))
+        log(summary_table(result, licence) + (f"\n{report}" if report else ""))
     return result
 
 
