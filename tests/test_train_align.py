@@ -144,8 +144,9 @@ def test_published_layouts_train_with_every_record_kept(tiny_model_dir, tmp_path
     """HH-RLHF whole dialogues, UltraFeedback-binarized message lists, ShareGPT and alpaca pairs: nothing dropped."""
     files = [SAMPLES / n for n in ("preference_hh.jsonl", "preference_prompt.jsonl", "preference_sharegpt.json",
                                    "preference_alpaca.json")]
-    result = run_stage(_cfg(tiny_model_dir, tmp_path / "pub", "dpo", files[0], data=[str(f) for f in files],
-                            max_steps=2, save_steps=2, cutoff_len=512))
+    cfg = _cfg(tiny_model_dir, tmp_path / "pub", "dpo", files[0], max_steps=2, save_steps=2, cutoff_len=512)
+    cfg.data = [str(f) for f in files]
+    result = run_stage(cfg)
     run = json.loads((Path(result.final_checkpoint) / "finechat_run.json").read_text())
     assert run["data"]["records"] == 16 and run["data"]["train_rows"] == 16
     assert run["data"]["skipped_records"] == 0 and run["data"]["no_room"] == 0
