@@ -79,12 +79,8 @@ def run_case(case: str, model: str, steps: int, batch: int, cutoff_len: int) -> 
     else:
         args = training_arguments(cfg, False, device, args_class=__import__("trl").DPOConfig, label_names=[],
                                   **stage_settings(cfg))
-        trainer = make_trainer(cfg, policy, tokenizer, args, Dataset.from_list(rows), None, [Clock()], {}, {})
-        if reference is not None:  # what TRL does with a ref_model: a second model, prepared for evaluation
-            from trl.models.utils import add_fused_lm_head
-
-            add_fused_lm_head(reference)
-            trainer.ref_model = trainer.accelerator.prepare_model(reference, evaluation_mode=True)
+        trainer = make_trainer(cfg, policy, tokenizer, args, Dataset.from_list(rows), None, [Clock()], {}, {},
+                               ref_model=reference)
     trainer.train()
     per_step = (times[-1] - times[0]) / max(len(times) - 1, 1)
     return {"case": case, "peak_bytes": peak_bytes(), "steps_per_second": 1 / per_step if per_step else None,

@@ -258,8 +258,9 @@ def stage_settings(cfg: TrainConfig) -> dict:
 
 
 def make_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, args: Any, train: Any, evals: Any, callbacks: list,
-                 info: dict, licence: dict, reward_funcs: list | None = None) -> Any:
-    """TRL's trainer for the stage, saving atomically like every finechat run."""
+                 info: dict, licence: dict, reward_funcs: list | None = None, ref_model: Any = None) -> Any:
+    """TRL's trainer for the stage, saving atomically like every finechat run (``ref_model``: DPO's reference as
+    a separate model; by default a LoRA policy is its own reference with the adapter off)."""
     trainer_class, _ = _trl_classes(cfg.stage)
     base = checkpoints.make_trainer_class(trainer_class)
     if cfg.stage == "dpo":
@@ -277,6 +278,8 @@ def make_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, args: Any, train:
                                   keep_checkpoints=cfg.save_total_limit, extra_files={LICENCE_FILE: licence})
     if cfg.stage == "grpo":
         kwargs["reward_funcs"] = reward_funcs
+    if ref_model is not None:
+        kwargs["ref_model"] = ref_model
     return base(**kwargs)
 
 
