@@ -89,6 +89,11 @@ def test_reward_model_learns_to_rank_pairs_and_loads_for_scoring(tiny_model_dir,
     assert cli(["eval", "--reward-model", result.final_checkpoint, "--data", str(pairs_file),
                 "--output_dir", str(tmp_path / "rm-eval")]) == 0
     assert "rm accuracy" in capsys.readouterr().out
+    assert cli(["eval", "--reward-model", result.final_checkpoint, "--model", str(tiny_model_dir), "--data",
+                str(SAMPLES / "preference" / "arithmetic_heldout.jsonl"), "--max_samples", "2",
+                "--max_new_tokens", "4", "--output_dir", str(tmp_path / "rm-answers")]) == 0
+    scored = json.loads((tmp_path / "rm-answers" / "reward_scores.json").read_text())
+    assert scored["n"] == 2 and isinstance(scored["rm score"], float) and "rm score of labels" in scored
     with pytest.raises(ModelLoadError, match="is a reward model"):
         _load_policy(tiny_model_dir, result.final_checkpoint)
 
