@@ -107,7 +107,7 @@ def check_supported(cfg: TrainConfig, model: Any) -> None:
 # data
 # ------------------------------------------------------------------------------------------------------------
 
-def _text_rows(records: list, rows: list[dict], tokenizer: Any, prefix_len: int) -> list[dict]:
+def _text_rows(rows: list[dict], tokenizer: Any, prefix_len: int) -> list[dict]:
     """Token rows back to text for the trainers that tokenize themselves (TRL adds the tokenizer's own prefix)."""
     def text(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=False)
@@ -125,12 +125,13 @@ def _text_rows(records: list, rows: list[dict], tokenizer: Any, prefix_len: int)
 
 
 def _rows_for(stage: str, rows: list[dict], tokenizer: Any, template: Any) -> list[dict]:
+    """Tokenized pair / labelled rows in the layout the stage's TRL trainer takes."""
     if stage == "dpo":
         return rows
     if stage == "rm":  # whole sequences, scored at their last token
         return [{"chosen_ids": r["prompt_ids"] + r["chosen_ids"], "rejected_ids": r["prompt_ids"] + r["rejected_ids"]}
                 for r in rows]
-    return _text_rows([], rows, tokenizer, len(special_token_layout(tokenizer, template)[0]))
+    return _text_rows(rows, tokenizer, len(special_token_layout(tokenizer, template)[0]))
 
 
 def load_preference_data(cfg: TrainConfig, tokenizer: Any, template: Any) -> tuple[list[dict], list[dict], dict]:
