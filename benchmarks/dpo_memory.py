@@ -5,6 +5,8 @@ each case runs in its own process (so that its peak memory is its own) with fine
 LoRA preparation and pair tokenization (the SFT path), and TRL's trainers:
 
 - LoRA SFT on the same prompts and chosen answers, same batch size (the baseline of the goal);
+- LoRA SFT on chosen and rejected answers as separate rows, twice the batch: the sequences a DPO step
+  puts through the model, so the difference to DPO is what the reference and the pairwise loss cost;
 - DPO with LoRA, no reference model passed: TRL switches the adapter off for the reference log-probs
   (what ``finechat train stage=dpo method=lora`` does);
 - DPO with LoRA and a separate reference model (a second copy of the base weights in memory).
@@ -26,8 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "samples" / "preference" / "arithmetic_pairs.jsonl"
-CASES = {"sft": "LoRA SFT (baseline)", "dpo-adapter": "DPO LoRA, reference = adapter disabled",
-         "dpo-copy": "DPO LoRA, reference = separate copy"}
+CASES = {"sft": "LoRA SFT (baseline)", "sft-both": "LoRA SFT on chosen and rejected (2x sequences a step)",
+         "dpo-adapter": "DPO LoRA, reference = adapter disabled", "dpo-copy": "DPO LoRA, reference = separate copy"}
 
 
 def peak_bytes() -> int:
@@ -50,7 +52,7 @@ def run_case(case: str, model: str, steps: int, batch: int, cutoff_len: int) -> 
     from finechat.train.recipe import load_base, training_arguments
 
     out = Path("/tmp") / f"finechat-dpo-memory-{case}"
-    stage = "sft" if case == "sft" else "dpo"
+    stage = "sft" if case.startswith("sft") else "dpo"
     cfg = TrainConfig(model=model, stage="dpo", data=[str(DATA)], max_steps=steps, per_device_train_batch_size=batch,
                       cutoff_len=cutoff_len, save_steps=10 ** 6, logging_steps=1, report_to=["none"],
                       output_dir=str(out), overwrite_output_dir=True, lora_dropout=0.0)
@@ -70,8 +72,11 @@ def run_case(case: str, model: str, steps: int, batch: int, cutoff_len: int) -> 
         from finechat.data.tokenize import data_collator
         from finechat.train.checkpoints import make_trainer_class
 
-        sft_rows = [{"input_ids": r["prompt_ids"] + r["chosen_ids"],
-                     "labels": [-100] * len(r["prompt_ids"]) + r["chosen_ids"]} for r in rows]
+        sides = ("chosen_ids", "rejected_ids") if case == "sft-both" else ("chosen_ids",)
+        sft_rows = [{"input_ids": r["prompt_ids"] + r[side], "labels": [-100] * len(r["prompt_ids"]) + r[side]}
+                    for r in rows for side in sides]
+        if case == "sft-both":
+            cfg.per_device_train_batch_size = batch * 2
         args = training_arguments(cfg, False, device)
         trainer = make_trainer_class()(model=policy, args=args, train_dataset=sft_rows,
                                        data_collator=data_collator(tokenizer), processing_class=tokenizer,
