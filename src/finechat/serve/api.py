@@ -8,6 +8,8 @@ stop strings, post-processing) are those of ``chat``.
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (streaming as server-sent events ending with
 ``data: [DONE]``), ``POST /v1/completions``, ``POST /`` (ChatGLM-6B's api.py: ``{prompt, history, max_length,
 top_p, temperature}`` -> ``{response, history, status, time}``), ``GET /`` (the page), ``GET /health``.
+Log-probabilities (``logprobs``, ``echo``, ``top_logprobs``) are answered as OpenAI and vLLM do: see
+:mod:`finechat.serve.logprobs`.
 
 Errors always use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 malformed JSON or
 a prompt longer than the context, 401 missing / wrong key, 404 unknown model or route, 413 body too large,
@@ -33,7 +35,7 @@ from typing import Any
 from finechat.data.templates import history_to_messages
 from finechat.errors import FinechatError
 from finechat.generate.batching import BatchScheduler
-from finechat.serve import runs, tools_api
+from finechat.serve import logprobs, runs, tools_api
 from finechat.serve.guards import HostNames, RequestGuard
 from finechat.serve.schemas import (
     ApiError,
@@ -135,6 +137,9 @@ class Routes:
             return await tools_api.answer(request, self.agent, self.scheduler.submit, messages,
                                           self._generation(req, max_tokens), self.limit, max_tokens is not None,
                                           self.settings.model_name, req.stream, req.include_usage)
+        top_n = logprobs.chat_top_n(req, self.settings)
+        if top_n is not None:
+            logprobs.check_scorable(self.engine, "logprobs")
         messages, template_tools = toolcalls.prepare(self.engine, messages, tools, req.tool_choice)
         gen = self._generation(req, max_tokens)
         try:
@@ -148,8 +153,16 @@ class Routes:
         run = runs.start_text_run(self.engine, self.scheduler, messages, prompt_ids, gen)
         rid, model = "chatcmpl-" + uuid.uuid4().hex, self.settings.model_name
         use_tools = bool(tools) and req.tool_choice != "none"
+        scores = logprobs.AnswerScores(self.engine, prompt_ids, top_n, chat=True) if top_n is not None else None
+        if scores is not None:
+            try:
+                await scores.prompt()
+            except BaseException:
+                run.cancel()
+                raise
         if req.stream:
-            return runs.sse(request, run, runs.chat_chunks(run, rid, model, use_tools, req.include_usage))
+            return runs.sse(request, run, runs.chat_chunks(run, rid, model, use_tools, req.include_usage,
+                                                           scores.chat_delta if scores else None))
         text = await run.final(request)
         content, calls = toolcalls.parse(text) if use_tools else (text, [])
         message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -157,30 +170,14 @@ class Routes:
             message["tool_calls"] = calls
         finish = "tool_calls" if calls else run.stats["finish_reason"]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+                "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                             "logprobs": await scores.chat_delta(run.stats) if scores else None}],
                 "usage": run.usage()}
 
     async def completions(self, request: Any) -> Any:
         req = await self._parse(request, CompletionRequest)
         self._check_model(req.model)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if len(prompts) != 1:
-            raise ApiError(422, "prompt must be one string (batches of prompts are not supported)", param="prompt")
-        prompt = prompts[0]
-        gen = self._generation(req, req.max_tokens)
-        tokenizer = self.engine.tokenizer
-        prompt_ids = tokenizer(prompt)["input_ids"] if prompt else [tokenizer.bos_token_id or tokenizer.eos_token_id]
-        gen = self.limit.fit(prompt_ids, gen, req.max_tokens is not None)
-        run = runs.start_text_run(self.engine, self.scheduler, [], prompt_ids, gen)
-        rid, model = "cmpl-" + uuid.uuid4().hex, self.settings.model_name
-        prefix = prompt if req.echo else ""
-        if req.stream:
-            return runs.sse(request, run, runs.completion_chunks(run, rid, model, prefix, req.include_usage))
-        text = await run.final(request)
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-                "choices": [{"index": 0, "text": prefix + text, "finish_reason": run.stats["finish_reason"],
-                             "logprobs": None}],
-                "usage": run.usage()}
+        return await logprobs.completions(request, req, self)
 
     async def chatglm_api(self, request: Any) -> dict:
         """ChatGLM-6B's api.py, unchanged for its clients."""

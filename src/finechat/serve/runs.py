@@ -14,7 +14,7 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from finechat.errors import FinechatError
@@ -121,9 +121,15 @@ def start_text_run(engine: Any, scheduler: Any, messages: list[dict], prompt_ids
     stats = {"prompt_tokens": len(prompt_ids), "completion_tokens": 0, "finish_reason": "stop"}
     kwargs = generation_kwargs(gen)
 
+    def recorded(ids: list[int], settings: Any) -> Iterator[list[int]]:
+        # the answer's token ids, for log-probabilities (serve.logprobs)
+        tokens = stats.setdefault("token_ids", [])
+        for step in stream:
+            tokens.extend(step)
+            yield step
+
     def texts() -> Iterator[str]:
-        return engine.stream_text(messages, generate=lambda ids, settings: stream, stats=stats,
-                                  prompt_ids=prompt_ids, **kwargs)
+        return engine.stream_text(messages, generate=recorded, stats=stats, prompt_ids=prompt_ids, **kwargs)
 
     # closing the stream makes the scheduler drop the sequence before its next step
     return Run(texts, stats, on_cancel=stream.close, on_end=stream.close)
@@ -243,11 +249,12 @@ def chunk_builder(rid: str, model: str, include_usage: bool) -> Callable[..., di
     """A maker of one stream's ``chat.completion.chunk`` events (same id, creation time and model)."""
     created = int(time.time())
 
-    def chunk(delta: dict | None = None, finish: str | None = None, usage: dict | None = None) -> dict:
+    def chunk(delta: dict | None = None, finish: str | None = None, usage: dict | None = None,
+              logprobs: dict | None = None) -> dict:
         out: dict = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
         if usage is not None:  # the final usage chunk has no choices
             return {**out, "choices": [], "usage": usage}
-        out["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+        out["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]
         if include_usage:
             out["usage"] = None  # OpenAI sends usage only in the final chunk
         return out
@@ -255,13 +262,17 @@ def chunk_builder(rid: str, model: str, include_usage: bool) -> Callable[..., di
     return chunk
 
 
-async def chat_chunks(run: Run, rid: str, model: str, use_tools: bool, include_usage: bool) -> AsyncIterator[dict]:
-    """A text run as ``chat.completion.chunk`` events; with ``use_tools``, tool-call markup becomes ``tool_calls``."""
+async def chat_chunks(run: Run, rid: str, model: str, use_tools: bool, include_usage: bool,
+                      logprobs: Callable[[dict], Awaitable[dict]] | None = None) -> AsyncIterator[dict]:
+    """A text run as ``chat.completion.chunk`` events; with ``use_tools``, tool-call markup becomes ``tool_calls``.
+
+    ``logprobs(stats)``, when given, returns the log-probabilities of the tokens generated since its last call.
+    """
     chunk = chunk_builder(rid, model, include_usage)
     yield chunk({"role": "assistant", "content": ""})
     async for piece in _deltas(run, toolcalls.visible_prefix if use_tools else None):
         if piece:
-            yield chunk({"content": piece})
+            yield chunk({"content": piece}, logprobs=await logprobs(run.stats) if logprobs else None)
     finish = run.stats["finish_reason"]
     last_text = run.stats.get("text", "")
     content, calls = toolcalls.parse(last_text) if use_tools else (last_text, [])
@@ -280,25 +291,30 @@ async def chat_chunks(run: Run, rid: str, model: str, use_tools: bool, include_u
     if "error" in run.stats:
         yield chunk({"content": f"\n[error: {run.stats['error']}]"})
         finish = "error"
-    yield chunk({}, finish)
+    yield chunk({}, finish, logprobs=await logprobs(run.stats) if logprobs else None)
     if include_usage:
         yield chunk(usage=run.usage())
 
 
-async def completion_chunks(run: Run, rid: str, model: str, prefix: str, include_usage: bool) -> AsyncIterator[dict]:
-    """A text run as ``text_completion`` events, starting with the echoed ``prefix``."""
+async def completion_chunks(run: Run, rid: str, model: str, prefix: str, include_usage: bool,
+                            logprobs: Callable[[dict], Awaitable[dict]] | None = None,
+                            prefix_logprobs: dict | None = None) -> AsyncIterator[dict]:
+    """A text run as ``text_completion`` events, starting with the echoed ``prefix`` (and its ``prefix_logprobs``).
+
+    ``logprobs(stats)``, when given, returns the log-probabilities of the tokens generated since its last call.
+    """
     created = int(time.time())
 
-    def chunk(text: str, finish: str | None = None) -> dict:
+    def chunk(text: str, finish: str | None = None, block: dict | None = None) -> dict:
         return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": block}]}
 
     if prefix:
-        yield chunk(prefix)
+        yield chunk(prefix, block=prefix_logprobs)
     async for piece in _deltas(run):
         if piece:
-            yield chunk(piece)
-    yield chunk("", run.stats["finish_reason"])
+            yield chunk(piece, block=await logprobs(run.stats) if logprobs else None)
+    yield chunk("", run.stats["finish_reason"], await logprobs(run.stats) if logprobs else None)
     if include_usage:
         yield {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
                "usage": run.usage()}

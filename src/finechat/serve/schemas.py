@@ -38,13 +38,18 @@ class ServeSettings:
     cors_origins: list[str] = field([], help="origins allowed by CORS (empty: CORS off)")
     allowed_hosts: list[str] = field([], help="Host names accepted besides localhost, 127.0.0.1 and [::1] (DNS "
                                               "rebinding guard; the --host given is added; '*' accepts any)")
+    max_logprobs: int = field(20, help="most alternatives a request may ask for (logprobs / top_logprobs)")
+    max_echo_tokens: int = field(4096, help="longest prompt in tokens that echo scores (log-probabilities)")
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_body_bytes", "max_tokens_limit", "default_max_tokens"):
+        for name in ("max_batch_size", "max_body_bytes", "max_tokens_limit", "default_max_tokens",
+                     "max_echo_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
 
 
 class ApiError(Exception):
@@ -138,13 +143,17 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    logprobs: Any = None  # checked by serve.logprobs (a 400 naming the field, as OpenAI answers)
+    top_logprobs: Any = None
 
 
 class CompletionRequest(Sampling):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, texts, token ids or several lists of ids
     echo: bool = False
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
+    logprobs: Any = None  # checked by serve.logprobs (a 400 naming the field, as OpenAI answers)
 
 
 class GlmRequest(BaseModel):
