@@ -5,6 +5,8 @@
   finechat eval --data FILE --compare base out/lora out/pt   one table side by side + example answers
   finechat eval --reward-model out/rm/checkpoint-N --data PAIRS   the reward model's pairwise accuracy
   finechat eval --reward-model RM --data FILE [--adapter A]      generate answers and score them with RM
+  finechat eval --tasks mmlu,ceval-valid|TASK.yaml|FOLDER [--limit N] [--num-fewshot K]
+                                                            lm-evaluation-harness tasks (also with --compare)
 
 Rouge-1/2/L are computed on jieba words, BLEU-4 on characters (see finechat.eval.metrics).
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from finechat.config import add_config_arguments, config_from_args, field
 from finechat.errors import ConfigError
+from finechat.eval import harness
 from finechat.eval.compare import compare, resolve_entries, side_by_side
 from finechat.eval.metrics import format_table
 from finechat.eval.predict import load_examples, predict, rescore
@@ -38,6 +41,10 @@ class EvalConfig(GenerationSettings, ModelOptions):
                                               "(default: ADAPTER/eval, else output/eval)")
     loss: bool = field(True, help="also compute eval loss and perplexity on the labels")
     show_examples: int = field(2, help="example answers to print")
+    tasks: str | None = field(None, help="lm-evaluation-harness tasks: names (mmlu,ceval-valid,...), task .yaml "
+                                         "files or folders of them, comma-separated")
+    limit: float | None = field(None, help="with --tasks: the first N examples of each task (below 1: a fraction)")
+    num_fewshot: int | None = field(None, help="with --tasks: few-shot examples (default: each task's own)")
     # Evaluation defaults: greedy (scores repeat) and ChatGLM-6B ptuning's answer length for ADGEN.
     max_new_tokens: int = field(128, help="most tokens to generate for one answer")
     do_sample: bool = field(False, help="sample instead of greedy decoding (with temperature, top_p, seed)")
@@ -80,6 +87,8 @@ def main(args: argparse.Namespace) -> int:
 
         print(reward_eval(args.reward_model, cfg, settings, load_options))
         return 0
+    if cfg.tasks:
+        return _harness(cfg, args, load_options)
     examples = None
     if cfg.data:
         examples = load_examples(cfg.data, cfg.format, cfg.max_samples)
@@ -104,4 +113,28 @@ def main(args: argparse.Namespace) -> int:
         print()
         print(side_by_side({name: records}, cfg.show_examples))
     print(f"\nWrote {output_dir}/generated_predictions.jsonl and {output_dir}/metrics.json")
+    return 0
+
+
+def _harness(cfg: EvalConfig, args: argparse.Namespace, load_options: dict) -> int:
+    """``--tasks``: lm-eval's tasks on the model (or on each ``--compare`` entry), its table and JSON."""
+    tasks = harness.resolve_tasks(cfg.tasks)
+    options = dict(limit=cfg.limit, num_fewshot=cfg.num_fewshot, batch_size=cfg.batch_size)
+    if args.compare:
+        output_dir = cfg.output_dir or "output/eval-compare"
+        runs = harness.evaluate_entries(resolve_entries(args.compare, cfg.model), tasks, load_options, output_dir,
+                                        **options)
+        table = harness.compare_table(runs)
+        Path(output_dir, "lm_eval_compare.md").write_text(table + "\n", encoding="utf-8")
+        print(table)
+        print(f"\nWrote {output_dir}/lm_eval_compare.md and {output_dir}/NAME/lm_eval_results.json")
+        return 0
+    harness.check_tasks(tasks)  # a missing dataset fails before the model is loaded
+    output_dir = cfg.output_dir or (str(Path(cfg.adapter) / "eval") if cfg.adapter else "output/eval")
+    bot = load_chat_model(cfg.model, adapter=cfg.adapter, **load_options)
+    results = harness.evaluate(bot, tasks, check=False, **options)
+    print(harness.results_table(results))
+    path = harness.write_results(results, Path(output_dir) / "lm_eval_results.json",
+                                 {"model": cfg.model, "adapter": cfg.adapter, "tasks": cfg.tasks, **options})
+    print(f"Wrote {path}")
     return 0

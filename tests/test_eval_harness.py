@@ -1,0 +1,125 @@
+"""lm-evaluation-harness on finechat models (finechat eval --tasks) and against finechat serve.
+
+The numbers are checked against lm-eval's own transformers backend on the same folder (for an adapter: on its
+merged export), with the project's own offline task files.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from eval_helpers import make_adapter
+from serve_helpers import LiveServer
+
+from finechat.cli import main as cli
+from finechat.errors import ConfigError
+from finechat.eval import harness
+from finechat.serve.api import ServeSettings, create_app
+
+pytest.importorskip("lm_eval")
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ROOT / "data" / "tasks" / "finechat_mc"
+MC = f"{TASKS / 'finechat_mc_en.yaml'},{TASKS / 'finechat_mc_zh.yaml'}"
+LIMIT = 6
+
+
+def accuracies(results: dict) -> dict:
+    return {task: (round(v["acc,none"], 6), round(v["acc_norm,none"], 6)) for task, v in results["results"].items()}
+
+
+def loglikelihoods(results: dict) -> list[float]:
+    """Every scored (context, choice) of every task, in lm-eval's order."""
+    return [resp[0][0] for task in sorted(results["samples"]) for sample in results["samples"][task]
+            for resp in sample["resps"]]
+
+
+def hf_results(folder, tasks, limit=LIMIT) -> dict:
+    from lm_eval import simple_evaluate
+
+    return simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", device="cpu", tasks=tasks, limit=limit,
+                           log_samples=True, bootstrap_iters=0)
+
+
+def test_task_files_resolve_and_bad_ones_fail_with_one_line(tmp_path):
+    configs = harness.resolve_tasks(str(TASKS))
+    assert sorted(c["task"] for c in configs) == ["finechat_mc_en", "finechat_mc_zh", "finechat_qa_en"]
+    for config in configs:  # data files found from anywhere, made absolute
+        assert all(Path(p).is_file() for p in config["dataset_kwargs"]["data_files"].values())
+    with pytest.raises(ConfigError, match="no such task file"):
+        harness.resolve_tasks(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: bad\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: nowhere.jsonl\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: data file nowhere.jsonl not found"):
+        harness.resolve_tasks(str(bad))
+
+
+def test_a_task_without_its_data_offline_fails_with_one_line_naming_the_dataset(tiny_model_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run([sys.executable, "-m", "finechat.cli", "eval", "--tasks", "arc_easy", "--model",
+                          str(tiny_model_dir), "--limit", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 2, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert "arc_easy" in last and "allenai/ai2_arc" in last and "dataset_path: json" in last
+    assert "Traceback" not in run.stderr
+
+
+def test_finechat_eval_equals_lm_eval_cli_on_base_and_on_the_merged_adapter(tiny_model_dir, tmp_path):
+    adapter = make_adapter(tiny_model_dir, tmp_path / "lora")
+    merged = tmp_path / "merged"
+    assert cli(["export", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--out", str(merged)]) == 0
+    out = tmp_path / "cmp"
+    assert cli(["eval", "--tasks", MC, "--model", str(tiny_model_dir), "--compare", "base", str(adapter),
+                "--limit", str(LIMIT), "--batch-size", "4", "--output-dir", str(out)]) == 0
+    ours_base = json.loads((out / "base" / "lm_eval_results.json").read_text())
+    ours_lora = json.loads((out / "lora" / "lm_eval_results.json").read_text())
+    assert "finechat_mc_en acc" in (out / "lm_eval_compare.md").read_text()
+
+    # lm-eval's own command line on the merged export, from the repository root (where the task files point)
+    lm_out = tmp_path / "lm"
+    run = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                          f"pretrained={merged},dtype=float32", "--include_path", str(TASKS), "--tasks",
+                          "finechat_mc_en,finechat_mc_zh", "--limit", str(LIMIT), "--output_path", str(lm_out),
+                          "--bootstrap_iters", "0", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs_lora = json.loads(next(lm_out.rglob("results_*.json")).read_text())
+    assert accuracies(ours_lora) == accuracies(theirs_lora)
+    theirs_base = hf_results(tiny_model_dir, [c for c in harness.resolve_tasks(MC)])
+    assert accuracies(ours_base) == accuracies(theirs_base)
+    assert accuracies(ours_base) != accuracies(ours_lora) or True  # the adapter may or may not move accuracy
+
+
+def test_harness_loglikelihoods_equal_hf_backend(tiny_bot, tiny_model_dir):
+    tasks = harness.resolve_tasks(MC)
+    ours = harness.evaluate(tiny_bot, tasks, limit=LIMIT, batch_size=3)
+    theirs = hf_results(tiny_model_dir, tasks)
+    assert accuracies(ours) == accuracies(theirs)
+
+
+def test_lm_eval_against_finechat_serve_matches_the_hf_backend(tiny_bot, tiny_model_dir):
+    """local-completions (log-likelihoods, echo) and local-chat-completions (generation) on a live server."""
+    from lm_eval import simple_evaluate
+
+    tasks = harness.resolve_tasks(MC)
+    srv = LiveServer(create_app(tiny_bot, ServeSettings(model_name="tiny")))
+    try:
+        served = simple_evaluate(
+            model="local-completions", tasks=tasks, limit=LIMIT, log_samples=True, bootstrap_iters=0,
+            model_args=f"model=tiny,base_url={srv.url}/v1/completions,tokenizer_backend=huggingface,"
+                       f"tokenizer={tiny_model_dir},num_concurrent=2,max_retries=1")
+        qa = harness.resolve_tasks(str(TASKS / "finechat_qa_en.yaml"))
+        chat = simple_evaluate(
+            model="local-chat-completions", tasks=qa, limit=3, apply_chat_template=True, bootstrap_iters=0,
+            model_args=f"model=tiny,base_url={srv.url}/v1/chat/completions,num_concurrent=1,max_retries=1")
+    finally:
+        srv.stop()
+    theirs = hf_results(tiny_model_dir, tasks)
+    ours, reference = loglikelihoods(served), loglikelihoods(theirs)
+    assert len(ours) == len(reference) == 2 * LIMIT * 4
+    assert ours == pytest.approx(reference, abs=2e-3)
+    assert accuracies(served) == accuracies(theirs)
+    assert 0 <= chat["results"]["finechat_qa_en"]["exact_match,strip"] <= 1
