@@ -108,3 +108,26 @@ def test_three_stages_killed_mid_stage_resume_and_report(tiny_model_dir, tmp_pat
     # Finished: a second run skips every stage.
     assert cli(["train", str(path)]) == 0
     assert "already done" in capsys.readouterr().err
+
+
+def test_general_check_on_lm_eval_tasks_before_and_after(tiny_model_dir, tmp_path, capsys):
+    """eval_general: {tasks: [...]} scores the base and each stage on lm-evaluation-harness tasks."""
+    import pytest
+
+    pytest.importorskip("lm_eval")
+    task = os.path.join(os.path.dirname(__file__), "..", "data", "tasks", "finechat_mc", "finechat_mc_en.yaml")
+    path = write_config(tmp_path, tiny_model_dir)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["eval_general"] = {"tasks": [str(tmp_path / "missing.yaml")], "limit": 4, "batch_size": 4}
+    cfg["stages"] = cfg["stages"][:1]
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli(["train", str(path)]) == 2  # a task that cannot load is refused before training
+    assert "missing.yaml" in capsys.readouterr().err and not (tmp_path / "run" / "01-general").exists()
+    cfg["eval_general"]["tasks"] = [task]
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli(["train", str(path)]) == 0
+    summary = json.loads((tmp_path / "run" / "stages_summary.json").read_text())
+    before, after = summary["general_before"], summary["stages"][0]["general"]
+    assert 0 <= before["finechat_mc_en acc"] <= 1 and 0 <= after["finechat_mc_en acc"] <= 1
+    assert "general finechat_mc_en acc" in (tmp_path / "run" / "stages_summary.md").read_text()
+    assert (tmp_path / "run" / "01-general" / "general_eval" / "lm_eval_results.json").is_file()

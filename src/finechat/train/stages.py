@@ -8,6 +8,8 @@ its own data, method and hyperparameters (any ``finechat train`` key; ``defaults
     continue_from: merged          # or: adapter (the same LoRA / P-Tuning adapter keeps training)
     defaults: {method: lora, cutoff_len: 256, learning_rate: 1.0e-3}
     eval_general: {data: data/samples/alpaca.json, max_samples: 8}   # before / after: forgetting
+    # or on standard benchmarks (lm-evaluation-harness task names or task files), with or without data:
+    # eval_general: {tasks: [data/tasks/finechat_mc/finechat_mc_en.yaml, mmlu], limit: 50}
     stages:
       - {name: general, data: [data/samples/alpaca.json], max_steps: 20}
       - name: domain
@@ -35,6 +37,7 @@ from finechat.config import field, load_yaml, resolve_config, to_dict
 from finechat.data.formats import read_conversations, write_conversations
 from finechat.data.registry import licence_lines, licence_summary
 from finechat.errors import ConfigError
+from finechat.eval import harness
 from finechat.eval.metrics import format_table
 from finechat.eval.predict import load_examples, predict
 from finechat.files import write_json_atomic
@@ -84,6 +87,15 @@ class GeneralEvalConfig:
     max_samples: int | None = field(16, help="score only the first N examples")
     max_new_tokens: int = field(64, help="answer length limit")
     batch_size: int = field(8, help="examples generated together")
+    tasks: list[str] = field([], help="lm-evaluation-harness tasks (names, task .yaml files or folders)")
+    limit: float | None = field(None, help="with tasks: the first N examples of each task (below 1: a fraction)")
+    num_fewshot: int | None = field(None, help="with tasks: few-shot examples (default: each task's own)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, str):
+            self.tasks = [t for t in self.tasks.split(",") if t.strip()]
+        if not self.data and not self.tasks:
+            raise ValueError("eval_general: give data (a general set) and/or tasks (lm-eval tasks)")
 
 
 @dataclasses.dataclass
@@ -98,7 +110,8 @@ class StagesConfig:
     merge_final: bool = field(False, help="also merge the last stage's adapter into a plain model folder")
     defaults: dict = field({}, help="finechat train keys applied to every stage")
     stages: list[dict] = field([], help="the stages: each a mapping of finechat train keys plus name and mix")
-    eval_general: dict = field({}, help="general set scored before and after: data, max_samples, max_new_tokens")
+    eval_general: dict = field({}, help="general set scored before and after: data, max_samples, max_new_tokens; "
+                                        "and/or lm-eval tasks, limit, num_fewshot")
     eval_alignment: dict = field({}, help="held-out pairs / prompts scored before and after each stage: pairs, "
                                  "prompts, max_samples (finechat.train.alignment_eval)")
 
@@ -196,12 +209,23 @@ def mix_data(stage: Stage, stage_dir: Path, seed: int) -> tuple[list[str], str, 
 
 def general_eval(model: str, adapter: str | None, gcfg: GeneralEvalConfig, out_dir: Path, template: str | None
                  ) -> dict:
-    """BLEU-4 / Rouge / eval loss of one model on the general set."""
-    examples = load_examples(gcfg.data, gcfg.format, gcfg.max_samples)
+    """BLEU-4 / Rouge / eval loss of one model on the general set, and its lm-eval task scores (``TASK METRIC``)."""
     bot = load_chat_model(model, adapter=adapter, template=template)
-    metrics, _ = predict(bot, examples, out_dir, GenerationSettings(greedy=True, max_new_tokens=gcfg.max_new_tokens),
-                         gcfg.batch_size, with_loss=True)
-    return {k: metrics.get(k) for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "eval_loss", "perplexity", "n")}
+    out: dict[str, Any] = {}
+    if gcfg.data:
+        examples = load_examples(gcfg.data, gcfg.format, gcfg.max_samples)
+        metrics, _ = predict(bot, examples, out_dir, GenerationSettings(greedy=True,
+                                                                        max_new_tokens=gcfg.max_new_tokens),
+                             gcfg.batch_size, with_loss=True)
+        out.update({k: metrics.get(k) for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "eval_loss", "perplexity",
+                                                "n")})
+    if gcfg.tasks:
+        results = harness.evaluate(bot, harness.resolve_tasks(gcfg.tasks), limit=gcfg.limit,
+                                   num_fewshot=gcfg.num_fewshot, batch_size=gcfg.batch_size)
+        harness.write_results(results, out_dir / "lm_eval_results.json", {"model": model, "adapter": adapter})
+        for task, values in harness.scores(results).items():
+            out.update({f"{task} {metric}": value for metric, value in values.items()})
+    return out
 
 
 def merge(model: str, adapter: str, out: Path) -> str:
@@ -217,8 +241,8 @@ def run_stages(cfg: StagesConfig) -> dict:
 
     stages = parse_stages(cfg)
     gcfg = resolve_config(GeneralEvalConfig, base=cfg.eval_general) if cfg.eval_general else None
-    if gcfg is not None and not gcfg.data:
-        raise ConfigError("eval_general: data is missing")
+    if gcfg is not None and gcfg.tasks:
+        harness.check_tasks(harness.resolve_tasks(gcfg.tasks))  # a task without its data fails before training
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = _read_state(out)
@@ -331,11 +355,22 @@ def summary_table(stages: list[Stage], state: dict) -> str:
                "general bleu-4": g.get("bleu-4"), "general rouge-l": g.get("rouge-l"), "general loss": g.get("eval_loss"),
                **alignment_columns(r.get("alignment")),
                "data licences": ", ".join(f"{d['name']} ({d['license']})" for d in r["licenses"]["datasets"]) or "-"}
+        row.update(_task_columns(g))
         rows[f"{i + 1}. {s.name}"] = row
+    if state.get("general_before"):
+        rows["base (before)"].update(_task_columns(state["general_before"]))
+    task_columns = list(dict.fromkeys(c for r in rows.values() for c in r if c.startswith("general ") and
+                                      c not in ("general bleu-4", "general rouge-l", "general loss")))
     columns = [c for c in ("method", "steps", "train loss", "eval loss", "bleu-4", "rouge-l", *ALIGNMENT_NAMES.values(),
-                           "general bleu-4", "general rouge-l", "general loss", "data licences")
+                           "general bleu-4", "general rouge-l", "general loss", *task_columns, "data licences")
                if any(r.get(c) is not None for r in rows.values())]
     return format_table(rows, columns, first="stage")
+
+
+def _task_columns(general: dict) -> dict:
+    """The lm-eval scores of a general evaluation (``TASK METRIC`` keys) as ``general TASK METRIC`` columns."""
+    known = {"bleu-4", "rouge-1", "rouge-2", "rouge-l", "eval_loss", "perplexity", "n"}
+    return {f"general {k}": v for k, v in general.items() if k not in known}
 
 
 def is_stages_file(path: str | Path) -> bool:
