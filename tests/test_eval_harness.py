@@ -40,8 +40,8 @@ def loglikelihoods(results: dict) -> list[float]:
 def hf_results(folder, tasks, limit=LIMIT) -> dict:
     from lm_eval import simple_evaluate
 
-    return simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", device="cpu", tasks=tasks, limit=limit,
-                           log_samples=True, bootstrap_iters=0)
+    return simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", device="cpu", tasks=tasks,
+                           limit=limit, log_samples=True, bootstrap_iters=0)
 
 
 def test_task_files_resolve_and_bad_ones_fail_with_one_line(tmp_path):
@@ -84,20 +84,50 @@ def test_finechat_eval_equals_lm_eval_cli_on_base_and_on_the_merged_adapter(tiny
     run = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
                           f"pretrained={merged},dtype=float32", "--include_path", str(TASKS), "--tasks",
                           "finechat_mc_en,finechat_mc_zh", "--limit", str(LIMIT), "--output_path", str(lm_out),
-                          "--bootstrap_iters", "0", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                          "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     theirs_lora = json.loads(next(lm_out.rglob("results_*.json")).read_text())
     assert accuracies(ours_lora) == accuracies(theirs_lora)
     theirs_base = hf_results(tiny_model_dir, [c for c in harness.resolve_tasks(MC)])
     assert accuracies(ours_base) == accuracies(theirs_base)
-    assert accuracies(ours_base) != accuracies(ours_lora) or True  # the adapter may or may not move accuracy
+    assert accuracies(ours_base) != accuracies(ours_lora)  # the (seeded) adapter changes the answers
 
 
-def test_harness_loglikelihoods_equal_hf_backend(tiny_bot, tiny_model_dir):
+def test_harness_equals_hf_backend_on_loglikelihoods_and_generations(tiny_bot, tiny_model_dir):
+    from lm_eval import simple_evaluate
+
     tasks = harness.resolve_tasks(MC)
-    ours = harness.evaluate(tiny_bot, tasks, limit=LIMIT, batch_size=3)
+    model = harness.harness_model(tiny_bot, batch_size=3)
+    ours = simple_evaluate(model=model, tasks=tasks, limit=LIMIT, log_samples=True, bootstrap_iters=0)
     theirs = hf_results(tiny_model_dir, tasks)
+    assert loglikelihoods(ours) == pytest.approx(loglikelihoods(theirs), abs=2e-4)
     assert accuracies(ours) == accuracies(theirs)
+    qa = harness.resolve_tasks(str(TASKS / "finechat_qa_en.yaml"))
+    ours_qa = simple_evaluate(model=model, tasks=qa, limit=3, log_samples=True, bootstrap_iters=0)
+    theirs_qa = hf_results(tiny_model_dir, qa, limit=3)
+    texts = [[s["resps"] for s in r["samples"]["finechat_qa_en"]] for r in (ours_qa, theirs_qa)]
+    assert texts[0] == texts[1] and any(t[0][0] for t in texts[0])  # same greedy answers, not all empty
+
+
+def test_native_chatglm_scores_the_answer_after_sop(tmp_path):
+    """ChatGLM-6B is a prefix LM: the context ends with [gMASK]<sop>, the choice follows as an answer would."""
+    import torch
+    from chatglm_tiny import write_fake_chatglm
+
+    from finechat.generate.load import load
+
+    bot = load(str(write_fake_chatglm(tmp_path / "chatglm-6b")), dtype="float32")
+    model = harness.harness_model(bot)
+    context, choice = model._encode_pair("中国的首都是哪座城市？答案：", "北京")
+    tok = bot.tokenizer
+    assert context[-2:] == [tok.gmask_token_id, tok.bos_token_id] and tok.bos_token_id not in choice
+    (value, _), = model._loglikelihood_tokens([(None, context, choice)])
+    ids = context + choice
+    with torch.inference_mode():
+        rows = bot.model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    assert value == pytest.approx(sum(rows[i - 1, ids[i]].item() for i in range(len(context), len(ids))), abs=1e-5)
+    results = harness.evaluate(bot, harness.resolve_tasks(str(TASKS / "finechat_mc_zh.yaml")), limit=2)
+    assert 0 <= results["results"]["finechat_mc_zh"]["acc,none"] <= 1
 
 
 def test_lm_eval_against_finechat_serve_matches_the_hf_backend(tiny_bot, tiny_model_dir):
