@@ -153,3 +153,26 @@ def test_lm_eval_against_finechat_serve_matches_the_hf_backend(tiny_bot, tiny_mo
     assert ours == pytest.approx(reference, abs=2e-3)
     assert accuracies(served) == accuracies(theirs)
     assert 0 <= chat["results"]["finechat_qa_en"]["exact_match,strip"] <= 1
+
+
+@pytest.mark.slow
+def test_default_model_served_loglikelihoods_equal_hf_backend():
+    """The real default model: lm-eval's local-completions against finechat serve = its hf backend (2e-3)."""
+    from lm_eval import simple_evaluate
+
+    from finechat.generate.load import load
+    from finechat.models.load import default_model_dir
+
+    folder = default_model_dir()
+    tasks = harness.resolve_tasks(str(TASKS / "finechat_mc_en.yaml"))
+    srv = LiveServer(create_app(load(str(folder)), ServeSettings(model_name="default")))
+    try:
+        served = simple_evaluate(
+            model="local-completions", tasks=tasks, limit=4, log_samples=True, bootstrap_iters=0,
+            model_args=f"model=default,base_url={srv.url}/v1/completions,tokenizer_backend=huggingface,"
+                       f"tokenizer={folder},num_concurrent=2,max_retries=1")
+    finally:
+        srv.stop()
+    theirs = hf_results(folder, tasks, limit=4)
+    assert loglikelihoods(served) == pytest.approx(loglikelihoods(theirs), abs=2e-3)
+    assert accuracies(served) == accuracies(theirs)
