@@ -42,7 +42,7 @@ def lm_eval(args: list[str], out: Path) -> tuple[dict, dict, float]:
         task = path.name.split("_20")[0].removeprefix("samples_")
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         rows.sort(key=lambda r: r["doc_id"])
-        samples[task] = [resp[0][0] for r in rows for resp in r["resps"] if isinstance(resp[0], list)]
+        samples[task] = [float(resp[0][0]) for r in rows for resp in r["resps"] if isinstance(resp[0], list)]
     return results, samples, seconds
 
 
@@ -95,9 +95,11 @@ def main() -> int:
             key = f"{metric},none"
             print(f"| {task} | {metric} | {ours['results'][task][key]:.4f} | {hf['results'][task][key]:.4f} | "
                   f"{served['results'][task][key]:.4f} |")
-    qa = chat["results"]["finechat_qa_en"]
-    print(f"| finechat_qa_en | exact_match | - | - | {qa['exact_match,strip']:.4f} (local-chat-completions) |")
-    print(f"| wall time (s) | | {ours_seconds:.0f} | {hf_seconds:.0f} | {served_seconds:.0f} (+ {chat_seconds:.0f}) |")
+    qa, ours_qa = chat["results"]["finechat_qa_en"], ours["results"]["finechat_qa_en"]
+    print(f"| finechat_qa_en | exact_match | {ours_qa['exact_match,strip']:.4f} (plain prompt) | - | "
+          f"{qa['exact_match,strip']:.4f} (local-chat-completions: chat template) |")
+    print(f"\nwall time (s): finechat eval {ours_seconds:.0f} (all three tasks), hf {hf_seconds:.0f}, "
+          f"local-completions {served_seconds:.0f}, local-chat-completions {chat_seconds:.0f}")
     worst = max(abs(a - b) for task in hf_ll for a, b in zip(hf_ll[task], served_ll[task]))
     count = sum(len(v) for v in hf_ll.values())
     print(f"\nlargest |server - hf| log-likelihood over {count} scored choices: {worst:.2e} (goal <= 2e-3)")
