@@ -80,3 +80,10 @@ def test_page_shows_tool_calls_folded(tool_server):
         finally:
             context.close()
             shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_logprobs_with_server_side_tools_is_a_400_not_dropped(tool_server):
+    srv, _ = tool_server
+    body = {"messages": [{"role": "user", "content": "6 times 7?"}], "logprobs": True}
+    r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"

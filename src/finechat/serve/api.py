@@ -132,12 +132,15 @@ class Routes:
         messages = [message_dict(m, i) for i, m in enumerate(req.messages)]
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         max_tokens = req.max_completion_tokens or req.max_tokens
+        top_n = logprobs.chat_top_n(req, self.settings)
         if self.agent is not None and not tools:  # the server runs its own tools (finechat serve --tools)
+            if top_n is not None:  # several rounds of generation and tool results: no one token sequence to score
+                raise ApiError(400, "logprobs are not available when the server runs its own tools (--tools)",
+                               param="logprobs", code="logprobs_not_supported")
             tools_api.check_messages(messages)
             return await tools_api.answer(request, self.agent, self.scheduler.submit, messages,
                                           self._generation(req, max_tokens), self.limit, max_tokens is not None,
                                           self.settings.model_name, req.stream, req.include_usage)
-        top_n = logprobs.chat_top_n(req, self.settings)
         if top_n is not None:
             logprobs.check_scorable(self.engine, "logprobs")
         messages, template_tools = toolcalls.prepare(self.engine, messages, tools, req.tool_choice)
