@@ -1,16 +1,28 @@
-"""Merge a LoRA adapter into its base model and write a plain Hugging Face folder (optionally 8/4-bit)."""
+"""Merge a LoRA adapter into its base model and write a Hugging Face folder (optionally 8/4-bit) or a GGUF file.
+
+``--to gguf`` writes one GGUF file for llama.cpp / Ollama / LM Studio (``--outtype f16|bf16|q8_0|q4_1|...``)
+and an Ollama Modelfile beside it.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from finechat.errors import FinechatError
+from finechat.models.gguf_export import OUTTYPES
 from finechat.train.export import export_model
+from finechat.train.export_gguf import export_gguf
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="the base model: 'default', a folder or a .gguf file")
     parser.add_argument("--adapter", help="the adapter folder to merge (LoRA; P-Tuning is exported beside the base)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
+    parser.add_argument("--out", required=True, metavar="DIR|FILE.gguf", help="the folder (or, with --to gguf, the "
+                                                                               "GGUF file) to write")
+    parser.add_argument("--to", default="hf", choices=["hf", "gguf"],
+                        help="hf: a Hugging Face folder; gguf: one GGUF file for llama.cpp / Ollama (+ a Modelfile)")
+    parser.add_argument("--outtype", choices=list(OUTTYPES),
+                        help="GGUF weight type (default f16); q8_0 / q4_x are llama.cpp's block quantizations")
     parser.add_argument("--quantization-bit", type=int, choices=[8, 4],
                         help="quantize the merged weights with bitsandbytes (8-bit LLM.int8 or 4-bit NF4)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -20,6 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.to == "gguf":
+        if args.quantization_bit or args.dtype != "auto" or args.force:
+            raise FinechatError("--quantization-bit, --dtype and --force are for --to hf; "
+                                "with --to gguf choose the weight type with --outtype")
+        return _main_gguf(args)
+    if args.outtype:
+        raise FinechatError("--outtype is for --to gguf")
+
     record = export_model(args.model, args.adapter, args.out, quantization_bit=args.quantization_bit,
                           dtype=args.dtype, template=args.template, force=args.force)
     what = "merged model" if record["merged"] else ("base model + adapter" if record["adapter"] else "model")
@@ -30,4 +50,16 @@ def main(args: argparse.Namespace) -> int:
     print("Load it with plain transformers: AutoModelForCausalLM.from_pretrained("
           f"{str(args.out)!r}), or chat: finechat chat --model {args.out}"
           + (f" --adapter {args.out}/adapter" if record["adapter"] and not record["merged"] else ""))
+    return 0
+
+
+def _main_gguf(args: argparse.Namespace) -> int:
+    record = export_gguf(args.model, args.adapter, args.out, outtype=args.outtype or "f16", template=args.template)
+    what = "merged model" if record["merged"] else "model"
+    types = ", ".join(f"{n} {k}" for k, n in record["tensor_types"].items())
+    print(f"Wrote the {what} to {args.out} ({record['architecture']}, {record['outtype']}: {types} tensors; "
+          f"{record['bytes'] / 1e6:.1f} MB; tokenizer {record['tokenizer']}/{record['pre_tokenizer']}, "
+          f"{record['tokens']} tokens).")
+    print(f"Ollama:    ollama create NAME -f {record['modelfile']} && ollama run NAME")
+    print(f"llama.cpp: llama-cli -m {args.out}    finechat: finechat chat --model {args.out} --engine llama.cpp")
     return 0
