@@ -79,26 +79,24 @@ def _write_error(path: Path, e: OSError) -> FinechatError:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8",
-                newline: str | None = None) -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; on success flush it and rename it over ``path``.
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to (also for writers that open files by name, such as the
+    ``gguf`` package's); on success it is flushed and renamed over ``path``, on error it is removed.
 
     Any OSError (full disk, read-only folder, a folder in the way) becomes a one-line FinechatError."""
     path = Path(path).expanduser()
-    if "b" in mode:
-        encoding = newline = None
     if path.is_dir():
         raise FinechatError(f"cannot write {path}: it is a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     except OSError as e:
         raise _write_error(path, e) from e
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, mode, encoding=encoding, newline=newline) as fh:
-            yield fh
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         if path.exists():  # keep the old file's permissions (mkstemp makes 0600)
             shutil.copymode(path, tmp)
@@ -109,6 +107,18 @@ def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         raise _write_error(path, e) from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8",
+                newline: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success flush it and rename it over ``path``.
+
+    Any OSError (full disk, read-only folder, a folder in the way) becomes a one-line FinechatError."""
+    if "b" in mode:
+        encoding = newline = None
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding, newline=newline) as fh:
+        yield fh
 
 
 def write_jsonl_atomic(path: str | Path, rows: Any) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from finechat.errors import FinechatError
-from finechat.files import atomic_file
+from finechat.files import atomic_path
 
 # outtype -> (GGML type of 2-D weights, llama.cpp file type); 1-D tensors (norms, biases) stay F32 as in llama.cpp.
 OUTTYPES = {
@@ -246,9 +246,9 @@ def write_gguf(model: Any, tokenizer: Any, out: str | Path, outtype: str = "f16"
     tied = getattr(cfg, "tie_word_embeddings", False) or (
         "lm_head.weight" in state and state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr())
     type_counts: dict[str, int] = {}
-    # The writer opens the temporary file atomic_file made beside ``out`` by name; it is renamed only when complete.
-    with atomic_file(out, "wb") as staged:
-        writer = gguf.GGUFWriter(staged.name, gguf.MODEL_ARCH_NAMES[arch])
+    # The writer opens the temporary file atomic_path made beside ``out`` by name; it is renamed only when complete.
+    with atomic_path(out) as staged:
+        writer = gguf.GGUFWriter(staged, gguf.MODEL_ARCH_NAMES[arch])
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or out.stem)
         if description:
