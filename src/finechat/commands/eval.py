@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
                                                        for f in dataclasses.fields(GenerationSettings)})
     load_options = dict(dtype=cfg.dtype, device=cfg.device, template=cfg.template,
                         quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code,
-                        compile=cfg.compile)
+                        compile=cfg.compile, engine=cfg.engine)
     if args.reward_model:
         from finechat.eval.reward_report import reward_eval
 

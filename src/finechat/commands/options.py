@@ -52,4 +52,4 @@ def load_chat_model(options: ModelOptions) -> ChatModel:
     """The model ``options`` name with its adapter and template, ready to chat."""
     return load(options.model, adapter=options.adapter, dtype=options.dtype, device=options.device,
                 template=options.template, quantization_bit=options.quantization_bit,
-                trust_remote_code=options.trust_remote_code, compile=options.compile)
+                trust_remote_code=options.trust_remote_code, compile=options.compile, engine=options.engine)

@@ -90,6 +90,14 @@ def generate_answers(bot: ChatModel, prompts: list[list[Message]], settings: Gen
 
     settings = settings or GenerationSettings(greedy=True)
     tokenizer, model = bot.tokenizer, bot.model
+    if not isinstance(model, torch.nn.Module):  # an engine of its own (llama.cpp): one prompt at a time through it
+        bar = _progress(len(prompts), "Generating", progress)
+        answers = []
+        for messages in prompts:
+            answers.append(bot.chat_messages(messages, **dataclasses.asdict(settings)))
+            bar.update(1)
+        bar.close()
+        return answers
     encoded = [bot.encode_prompt(bot.build_prompt(m)) for m in prompts]
     stop_ids = bot.stop_token_ids()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
@@ -139,6 +147,9 @@ def eval_loss(bot: ChatModel, examples: list[EvalExample], batch_size: int = 8, 
     import torch
 
     model = bot.model
+    if not isinstance(model, torch.nn.Module):
+        log("eval loss: not measured, it needs the PyTorch model (this one runs on another engine)")
+        return None
     device = next(model.parameters()).device
     pairs = [p for p in (label_token_ids(bot, e.messages, e.label) for e in examples) if p[0]]
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))

@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from finechat.errors import ConfigError
 from finechat.generate.engine import ChatModel
+from finechat.generate.llamacpp import ENGINES, load_llamacpp
 from finechat.generate.settings import GenerationSettings
 from finechat.models.load import load_adapter, load_model_and_tokenizer, read_json
 
@@ -22,6 +24,7 @@ def load(
     quantization_bit: int | None = None,
     trust_remote_code: bool = False,
     compile: bool = False,
+    engine: str = "torch",
     **generation: Any,
 ) -> ChatModel:
     """Load a model (``default``, a Hugging Face folder or a .gguf file), an optional adapter and a template.
@@ -29,7 +32,12 @@ def load(
     Returns a :class:`finechat.generate.engine.ChatModel` with ``.model``, ``.tokenizer``, ``chat`` and
     ``stream_chat``. Extra keyword arguments set the default generation settings (``max_new_tokens``, ...).
     ``compile=True`` compiles the fast decoder's one-token step with ``torch.compile`` on first use.
+    ``engine="llama.cpp"`` runs a GGUF file through llama-cpp-python instead (:mod:`finechat.generate.llamacpp`).
     """
+    if engine != "torch":
+        if engine not in ENGINES:
+            raise ConfigError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+        return load_llamacpp(model, adapter=adapter, template=template, **generation)
     hf_model, tokenizer, folder = load_model_and_tokenizer(
         model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, quantization_bit=quantization_bit
     )

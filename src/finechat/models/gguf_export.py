@@ -70,8 +70,11 @@ def check_architecture(model_type: str | None) -> None:
                             f"{', '.join(ARCHITECTURES)}")
 
 
-def check_gguf_file(path: str | Path) -> None:
-    """Read a GGUF file's header and tensor table; a truncated or foreign file is one clear error."""
+def check_gguf_file(path: str | Path) -> dict:
+    """Read a GGUF file's header and tensor table; a truncated or foreign file is one clear error.
+
+    Returns what an engine needs before loading it: architecture, context length and end-of-turn token id.
+    """
     import gguf
 
     path = Path(path)
@@ -89,6 +92,13 @@ def check_gguf_file(path: str | Path) -> None:
         raise FinechatError(f"{path}: truncated GGUF file ({path.stat().st_size} bytes, its tensors need {end})")
     if not isinstance(arch, str):
         raise FinechatError(f"{path}: GGUF file without general.architecture")
+
+    def value(key: str) -> Any:
+        field = reader.fields.get(key)
+        return field.contents() if field is not None else None
+
+    return {"architecture": arch, "context_length": value(f"{arch}.context_length"),
+            "eot_token_id": value("tokenizer.ggml.eot_token_id")}
 
 
 def _rope_rows(weight, n_head: int):

@@ -16,7 +16,7 @@ from typing import Any
 from finechat.data.templates import get_template
 from finechat.errors import FinechatError
 from finechat.files import check_output_path
-from finechat.generate.engine import GenerationSettings
+from finechat.generate.settings import GenerationSettings
 from finechat.models.gguf_export import OUTTYPES, check_architecture, check_gguf_file, write_gguf
 from finechat.models.load import log, read_json, resolve_model_path
 from finechat.models.ollama import write_modelfile
