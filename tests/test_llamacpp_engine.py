@@ -167,3 +167,24 @@ def test_eval_runs_on_the_llama_cpp_engine(engines):
     assert [r["predict"] for r in records] == [torch_bot.chat(e.query, [], greedy=True, max_new_tokens=10)[0]
                                                for e in examples]
     assert metrics["eval_loss"] is None and set(want) <= set(metrics)
+
+
+@needs_llama_cpp
+def test_bench_adds_llama_cpp_rows(exported, capsys):
+    folder, _ = exported
+    assert cli(["bench", "--model", str(folder), "--engine", "llama.cpp", "--precisions", "fp32",
+                "--gguf-types", "f32,q8_0", "--new-tokens", "6", "--prompt-tokens", "12", "--rounds", "1",
+                "--ppl-tokens", "300", "--threads", "1"]) == 0
+    table = capsys.readouterr().out
+    rows = {line.split()[0] + (" " + line.split()[1] if line.startswith("llama.cpp") else ""): line.split()
+            for line in table.splitlines() if line.startswith(("fp32", "llama.cpp"))}
+    assert set(rows) == {"fp32", "llama.cpp f32", "llama.cpp q8_0"}
+    assert "x bare" in table and "bare llama.cpp tok/s" in table
+    assert rows["llama.cpp f32"][-4] == "yes"  # f32 llama.cpp greedy = transformers' generate in fp32
+
+
+def test_bench_engine_llama_cpp_needs_it_or_fp32(exported, capsys):
+    args = ["bench", "--model", str(exported[0]), "--engine", "llama.cpp", "--precisions", "int8"]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert ("keep fp32 in --precisions" in err) if HAVE_LLAMA_CPP else ("finechat[llamacpp]" in err)

@@ -196,6 +196,8 @@ class BenchRow:
     greedy_identical: bool | None
     fast_path: bool
     bandwidth_fraction: float | None = None
+    engine: str = "torch"
+    bare_decode_tok_s: float | None = None  # llama.cpp rows: bare llama-cpp-python on the same file
 
     @property
     def speedup(self) -> float:
@@ -226,10 +228,13 @@ def parse_precision(precision: str, group_size: int) -> tuple[int, int]:
 
 def bench_model(load_fp32: Any, precisions: tuple[str, ...] = PRECISIONS, new_tokens: int = 48,
                 prompt_tokens: int = 128, group_size: int | None = None, compile: bool = False,
-                ppl_tokens: int | None = None, log: Any = print, rounds: int = 5) -> list[BenchRow]:
+                ppl_tokens: int | None = None, log: Any = print, rounds: int = 5,
+                references: dict | None = None) -> list[BenchRow]:
     """Benchmark every precision; ``load_fp32()`` returns a fresh (model, tokenizer) in fp32.
 
     Decode speeds are the median over ``rounds`` alternating runs of ``generate`` and the fast path.
+    ``references``, when given, receives the held-out ids, the prompt and the fp32 row's top-1 predictions and
+    greedy tokens, for rows measured elsewhere (``finechat.generate.bench_llamacpp``).
     """
     group_size = group_size or DEFAULT_GROUP_SIZE
     rows: list[BenchRow] = []
@@ -278,6 +283,8 @@ def bench_model(load_fp32: Any, precisions: tuple[str, ...] = PRECISIONS, new_to
             fast_gap, identical = statistics.median(fast_gaps), fast_tokens == hf_tokens
         else:
             fast_gap, identical = hf_gap, None
+        if precision == "fp32" and references is not None:
+            references.update(text_ids=text_ids, prompt=prompt, top1=top1, hf_tokens=hf_tokens)
         total_bytes, params = weight_bytes(model)
         fraction = total_bytes / fast_gap / (bandwidth * 1e9) if bandwidth else None
         rows.append(BenchRow(precision, total_bytes, total_bytes / params, peak, prefill, 1 / fast_gap, 1 / hf_gap,
@@ -290,18 +297,26 @@ def format_table(rows: list[BenchRow], title: str = "") -> str:
     """The bench rows as one aligned text table (and the ratios the goals are stated in)."""
     fp32 = next((r for r in rows if r.precision == "fp32"), None)
     show_bw = any(r.bandwidth_fraction is not None for r in rows)
+    show_cpp = any(r.engine == "llama.cpp" for r in rows)
     header = ["precision", "weights MB", "bytes/param", "peak MB", "prefill tok/s", "decode tok/s",
               "HF generate tok/s", "x HF", "x HF fp32", "ppl", "ppl vs fp32", "top-1 agree", "greedy = HF"]
+    if show_cpp:
+        header += ["x fast fp32", "bare llama.cpp tok/s", "x bare"]
     if show_bw:
         header.append("of BW limit")
     table = [header]
     for r in rows:
+        cpp = r.engine == "llama.cpp"
         line = [r.precision, f"{r.weight_bytes / 1e6:.1f}", f"{r.bytes_per_param:.3f}",
                 "-" if r.peak_memory_mb is None else f"{r.peak_memory_mb:.0f}", f"{r.prefill_tok_s:.1f}",
-                f"{r.decode_tok_s:.1f}", f"{r.hf_decode_tok_s:.1f}", f"{r.speedup:.2f}",
+                f"{r.decode_tok_s:.1f}", "-" if cpp else f"{r.hf_decode_tok_s:.1f}", "-" if cpp else f"{r.speedup:.2f}",
                 f"{r.decode_tok_s / fp32.hf_decode_tok_s:.2f}" if fp32 else "-", f"{r.perplexity:.3f}",
                 f"{(r.perplexity / fp32.perplexity - 1) * 100:+.2f}%" if fp32 else "-", f"{r.top1_agreement:.3f}",
                 {True: "yes", False: "NO", None: "n/a"}[r.greedy_identical]]
+        if show_cpp:
+            line += [f"{r.decode_tok_s / fp32.decode_tok_s:.2f}" if fp32 else "-",
+                     f"{r.bare_decode_tok_s:.1f}" if cpp else "-",
+                     f"{r.decode_tok_s / r.bare_decode_tok_s:.3f}" if cpp else "-"]
         if show_bw:
             line.append("-" if r.bandwidth_fraction is None else f"{r.bandwidth_fraction * 100:.0f}%")
         table.append(line)
@@ -313,4 +328,8 @@ def format_table(rows: list[BenchRow], title: str = "") -> str:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("decode tok/s: fast path at batch 1 (median gap between tokens); x HF: vs generate on the same "
                  "model; x HF fp32: vs generate in fp32; int8/int4 keep the embedding and tied head in INT8.")
+    if show_cpp:
+        lines.append("llama.cpp rows: the model exported to GGUF, run by finechat's --engine llama.cpp (decode tok/s, "
+                     "through stream_text) and by bare llama-cpp-python on the same file (x bare = the wrapper's "
+                     "cost); x fast fp32: vs finechat's fast path in fp32; greedy = HF: vs generate in fp32.")
     return "\n".join(lines)
