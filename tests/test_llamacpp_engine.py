@@ -159,7 +159,7 @@ def test_eval_runs_on_the_llama_cpp_engine(engines):
     from finechat.eval.predict import EvalExample, predict
 
     torch_bot, bot = engines
-    examples = [EvalExample(messages=[{"role": "user", "content": q}], label="Paris", query=q)
+    examples = [EvalExample(messages=[{"role": "user", "content": q}], label="Paris")
                 for q in (QUESTION, "你好")]
     settings = GenerationSettings(greedy=True, max_new_tokens=10)
     metrics, records = predict(bot, examples, settings=settings, progress=False)
@@ -177,7 +177,7 @@ def test_bench_adds_llama_cpp_rows(exported, capsys):
                 "--ppl-tokens", "300", "--threads", "1"]) == 0
     table = capsys.readouterr().out
     rows = {line.split()[0] + (" " + line.split()[1] if line.startswith("llama.cpp") else ""): line.split()
-            for line in table.splitlines() if line.startswith(("fp32", "llama.cpp"))}
+            for line in table.splitlines() if line.startswith(("fp32 ", "llama.cpp f", "llama.cpp q"))}
     assert set(rows) == {"fp32", "llama.cpp f32", "llama.cpp q8_0"}
     assert "x bare" in table and "bare llama.cpp tok/s" in table
     assert rows["llama.cpp f32"][-4] == "yes"  # f32 llama.cpp greedy = transformers' generate in fp32
