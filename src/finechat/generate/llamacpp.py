@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import types
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,9 @@ def load_llamacpp(model: str = "default", adapter: str | None = None, template: 
     except ValueError as e:
         raise ModelLoadError(f"{path}: llama.cpp cannot load it: {e}") from e
     bot = LlamaCppChatModel(LlamaCppModel(llm, info), tokenizer, template, source=str(path))
+    # Free llama.cpp's model when the bot goes, and at the latest at exit while Python can still run the
+    # library's close (its own __del__ at interpreter shutdown fails with a traceback on stderr).
+    weakref.finalize(bot, llm.close)
     if generation:
         bot.generation = GenerationSettings.from_kwargs(bot.generation, **generation)
     return bot
