@@ -37,6 +37,13 @@ def load(
     if engine != "torch":
         if engine not in ENGINES:
             raise ConfigError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+        unused = [name for name, value, default in (("dtype", dtype, "auto"), ("device", device, "auto"),
+                                                    ("quantization_bit", quantization_bit, None),
+                                                    ("trust_remote_code", trust_remote_code, False),
+                                                    ("compile", compile, False)) if value != default]
+        if unused:  # nothing silently ignored: the GGUF's own weight types and llama.cpp's CPU kernels are used
+            raise ConfigError(f"{', '.join(unused)}: not used by the llama.cpp engine (it runs the GGUF as stored; "
+                              "choose the weight type when exporting: finechat export --to gguf --outtype ...)")
         return load_llamacpp(model, adapter=adapter, template=template, **generation)
     hf_model, tokenizer, folder = load_model_and_tokenizer(
         model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, quantization_bit=quantization_bit
