@@ -267,3 +267,16 @@ def test_an_int4_folder_does_not_take_other_bits(glm_folders):
     _, int4 = glm_folders
     with pytest.raises(ModelLoadError, match="already quantized to 4 bits"):
         load_quantized_chatglm(int4, AutoConfig.from_pretrained(int4), bits=8)
+
+
+def test_quantizing_in_row_chunks_gives_the_same_bits(monkeypatch):
+    import finechat.models.chatglm.quantization as quantization
+
+    torch.manual_seed(0)
+    weight = torch.randn(100, 64).half()
+    for bits in (4, 8):
+        whole = quantize_weight(weight, bits)
+        monkeypatch.setattr(quantization, "QUANTIZE_CHUNK_ROWS", 16)
+        chunked = quantize_weight(weight, bits)
+        monkeypatch.undo()
+        assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])

@@ -41,9 +41,12 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if weight.shape[0] > QUANTIZE_CHUNK_ROWS:  # row by row arithmetic: chunks give the same bits, less memory
-        parts = [quantize_weight(weight[i:i + QUANTIZE_CHUNK_ROWS], bits)
-                 for i in range(0, weight.shape[0], QUANTIZE_CHUNK_ROWS)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        q = torch.empty(weight.shape[0], weight.shape[1] * bits // 8, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(weight.shape[0], dtype=torch.float16, device=weight.device)
+        for i in range(0, weight.shape[0], QUANTIZE_CHUNK_ROWS):
+            q[i:i + QUANTIZE_CHUNK_ROWS], scale[i:i + QUANTIZE_CHUNK_ROWS] = quantize_weight(
+                weight[i:i + QUANTIZE_CHUNK_ROWS], bits)
+        return q, scale
     scale = (weight.abs().max(dim=-1).values / (2 ** (bits - 1) - 1)).half()
     q = torch.round(weight / scale[:, None]).to(torch.int8)
     return (pack_int4(q) if bits == 4 else q), scale
