@@ -13,6 +13,15 @@ those folders run on CPU and on CUDA with nothing compiled. The formulas, which 
 
 Neither bitsandbytes nor torchao reads this layout (and torchao's INT4 needs a kernel package absent on
 CPU), hence our own small module; the generic quantization of other models lives in finechat.models.quantize.
+
+On a CPU, dequantizing to fp16 every step made INT8 / INT4 slower than FP16 (fp16 products are slow on a
+CPU). Inference there runs through the packed kernels finechat.models.quantize already uses (same helpers):
+``torch._weight_int8pack_mm`` on the stored INT8 weight as it is, ``torch._weight_int4pack_mm_for_cpu`` on
+the INT4 weight repacked once into that kernel's layout (a bijection of the same bytes: ChatGLM's signed
+nibbles, high first, are the kernel's q + 8, low first). ChatGLM's scale is one per row, so the INT4 kernel
+gets unit scales over groups as wide as it takes and the exact fp16 scale multiplies the output. Measured
+per 4096 x 12288 product, one token, 2 shared cores: bf16 ``F.linear`` (oneDNN) ~2x the time of either
+kernel; ``benchmarks/chatglm_memory.py`` has the whole model.
 """
 
 from __future__ import annotations
