@@ -23,6 +23,7 @@ from typing import Any, Literal
 from finechat.config import field, finechat_home
 from finechat.errors import ModelLoadError
 from finechat.files import staged_folder
+from finechat.models.chatglm.loading import load_quantized_chatglm
 from finechat.models.chatglm.modeling_chatglm import is_ptuning_checkpoint
 from finechat.models.quantize import quantize_model, weight_bytes
 
@@ -273,8 +274,6 @@ def load_model_and_tokenizer(
         torch_dtype = pick_dtype("bfloat16", device)  # the packed INT8/INT4 CPU kernels compute in bf16
     try:
         if chatglm_bits and not model_kwargs:
-            from finechat.models.chatglm.loading import load_quantized_chatglm
-
             # never the FP16 model in memory: built quantized, filled (and quantized) tensor by tensor
             hf_model = load_quantized_chatglm(folder, config, quantization_bit, torch_dtype)
         elif quantized_folder:

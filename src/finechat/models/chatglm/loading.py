@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from finechat.errors import ModelLoadError
+from finechat.models.chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
 from finechat.models.chatglm.quantization import QuantizedLinear, quantize_weight
 
 SAFETENSORS_DTYPES = {
@@ -109,8 +110,6 @@ def load_quantized_chatglm(folder: str | Path, config: Any, bits: int | None = N
     """
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
-
-    from finechat.models.chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
 
     folder = Path(folder)
     stored_bits = config.quantization_bit or None
