@@ -24,7 +24,7 @@ from finechat.models.chatglm.quantization import (
     quantize_weight,
     unpack_int4,
 )
-from finechat.models.quantize import _learn_cpu_int4_slots, from_cpu_int4pack, to_cpu_int4pack
+from finechat.models.quantize import _learn_cpu_int4_slots, from_cpu_int4pack, pack_nibbles, to_cpu_int4pack
 
 BOS, EOS, MASK, GMASK, PAD = 290, 291, 292, 293, 3
 PROMPT = [11, 12, 13, 14, 15, GMASK, BOS]
@@ -82,10 +82,13 @@ def test_chatglm_nibbles_map_to_the_kernel_convention_and_back():
 
 
 @pytest.mark.parametrize("shape", [(48, 64), (256, 96)], ids=["untiled", "tiled"])
-def test_cpu_int4pack_round_trip(shape):
+def test_cpu_int4pack_round_trip(shape, monkeypatch):
+    import finechat.models.quantize as quantize
+
+    monkeypatch.setattr(quantize, "PACK_CHUNK_ROWS", 128)  # packed in two chunks where the tiles allow it
     torch.manual_seed(0)
     values = torch.randint(0, 16, shape, dtype=torch.uint8)
-    packed = to_cpu_int4pack(values)
+    packed = to_cpu_int4pack(pack_nibbles(values))
     assert torch.equal(packed, torch._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 1))
     assert torch.equal(from_cpu_int4pack(packed, *shape), values)
 
@@ -93,7 +96,7 @@ def test_cpu_int4pack_round_trip(shape):
 def test_tile_slot_map_equals_the_full_map():
     full = _learn_cpu_int4_slots(256, 64)
     values = torch.arange(256 * 64).reshape(256, 64) % 16
-    packed = to_cpu_int4pack(values.to(torch.uint8))
+    packed = to_cpu_int4pack(pack_nibbles(values.to(torch.uint8)))
     flat = torch.stack([packed & 0xF, packed >> 4], -1).reshape(-1)
     assert torch.equal(flat.long(), values.reshape(-1)[full])  # the map the tiles are checked against
 

@@ -196,17 +196,20 @@ def _cpu_int4_tile_slots(in_features: int) -> torch.Tensor | None:
     return two[:tile]
 
 
-def to_cpu_int4pack(values: torch.Tensor) -> torch.Tensor:
-    """[out, in] values 0..15 -> the layout of ``torch._weight_int4pack_mm_for_cpu`` ([out, in / 2] uint8).
+def to_cpu_int4pack(nibbles: torch.Tensor, convert: Any = None) -> torch.Tensor:
+    """[out, in / 2] nibbles (:func:`pack_nibbles`' layout) -> ``torch._weight_int4pack_mm_for_cpu``'s layout.
 
-    Packs :data:`PACK_CHUNK_ROWS` rows at a time (the packer wants int32, 4 bytes a weight); the layout is the
-    same as packing all rows at once since each block of rows is packed on its own.
+    Works :data:`PACK_CHUNK_ROWS` rows at a time (the packer wants int32, 4 bytes a weight) into one
+    preallocated result; the layout is the same as packing all rows at once since each block of rows is
+    packed on its own. ``convert``: applied to each chunk of bytes first (another nibble layout).
     """
-    out_features = values.shape[0]
-    if out_features % CPU_INT4_TILE_ROWS:
-        return torch._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 1)
-    return torch.cat([torch._convert_weight_to_int4pack_for_cpu(values[i:i + PACK_CHUNK_ROWS].to(torch.int32), 1)
-                      for i in range(0, out_features, PACK_CHUNK_ROWS)])
+    out_features = nibbles.shape[0]
+    step = PACK_CHUNK_ROWS if out_features % CPU_INT4_TILE_ROWS == 0 else out_features
+    packed = torch.empty(nibbles.shape, dtype=torch.uint8, device=nibbles.device)
+    for i in range(0, out_features, step):
+        chunk = nibbles[i:i + step] if convert is None else convert(nibbles[i:i + step])
+        packed[i:i + step] = torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(chunk).to(torch.int32), 1)
+    return packed
 
 
 def from_cpu_int4pack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -298,7 +301,7 @@ class Int4Linear(nn.Module):
     def to_kernel_layout(self) -> None:
         """Repack for the device the weights are on (CPU: the int4pack kernel's layout)."""
         if self.layout == "nibbles" and _uses_packed_kernels(self.weight_int4.device):
-            self.weight_int4 = to_cpu_int4pack(unpack_nibbles(self.weight_int4))
+            self.weight_int4 = to_cpu_int4pack(self.weight_int4)
             self.layout = "cpu"
 
     def canonical_weight(self) -> torch.Tensor:

@@ -38,10 +38,9 @@ from finechat.models.quantize import (
     layer_group_size,
     pack_nibbles,
     to_cpu_int4pack,
-    unpack_nibbles,
 )
 
-QUANTIZE_CHUNK_ROWS = 4096  # rows quantized at a time (the temporaries of a 130528-row head would be GBs)
+QUANTIZE_CHUNK_ROWS = 1024  # rows quantized at a time (the temporaries of a 130528-row head would be GBs)
 QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 
@@ -161,8 +160,7 @@ class QuantizedLinear(nn.Module):
     def to_kernel_layout(self) -> None:
         """INT4 on a CPU: repack the weight for the INT4 kernel, in place (INT8 is used as stored)."""
         if self.weight_bit_width == 4 and self.layout == "chatglm" and self.weight.device.type == "cpu":
-            values = unpack_nibbles(chatglm_to_nibbles(self.weight.data))
-            self.weight.data = to_cpu_int4pack(values).view(torch.int8)
+            self.weight.data = to_cpu_int4pack(self.weight.data, convert=chatglm_to_nibbles).view(torch.int8)
             self.layout = "cpu_int4pack"
 
     def stored_weight(self) -> torch.Tensor:
