@@ -19,7 +19,7 @@ CPU). Inference there runs through the packed kernels finechat.models.quantize a
 ``torch._weight_int8pack_mm`` on the stored INT8 weight as it is, ``torch._weight_int4pack_mm_for_cpu`` on
 the INT4 weight repacked once into that kernel's layout (a bijection of the same bytes: ChatGLM's signed
 nibbles, high first, are the kernel's q + 8, low first). ChatGLM's scale is one per row, so the INT4 kernel
-gets unit scales over groups as wide as it takes and the exact fp16 scale multiplies the output. Measured
+gets unit scales over groups as wide as it takes and the row scale multiplies the output. Measured
 per 4096 x 12288 product, one token, 2 shared cores: bf16 ``F.linear`` (oneDNN) ~2x the time of either
 kernel; ``benchmarks/chatglm_memory.py`` has the whole model.
 """
@@ -106,19 +106,14 @@ def _unit_scales(groups: int, out_features: int) -> torch.Tensor:
     return unit
 
 
-@functools.lru_cache(maxsize=16)
-def _unit_rows(out_features: int) -> torch.Tensor:
-    return torch.ones(out_features, dtype=KERNEL_DTYPE)
-
-
 class QuantizedLinear(nn.Module):
     """A Linear layer holding ChatGLM's int8 / packed-int4 ``weight``, fp16 ``weight_scale`` and ``bias``.
 
     Inference on a CPU (no gradient) runs through PyTorch's packed kernels with bfloat16 activations:
     ``torch._weight_int8pack_mm`` reads the INT8 weight as stored; INT4 is repacked once, at its first such use,
-    into ``torch._weight_int4pack_mm_for_cpu``'s layout (same bytes, in place; ``self.layout``). The kernels get
-    unit scales and the exact fp16 row scale is applied to their float32-promoted output, so the stored scales
-    are used as they are. The state dict always holds ChatGLM's layout, bit for bit. Anywhere else (CUDA,
+    into ``torch._weight_int4pack_mm_for_cpu``'s layout (same bytes, in place; ``self.layout``). The row scale
+    goes to the kernels in bf16 (the output is rounded to bf16 anyway: one more rounding of the same size);
+    the state dict always holds ChatGLM's layout and fp16 scales, bit for bit. Anywhere else (CUDA,
     training, widths the kernels refuse) the weight is dequantized in fp16 as the reference does.
     """
 
@@ -175,16 +170,28 @@ class QuantizedLinear(nn.Module):
             self.weight.data = self.stored_weight()
             self.layout = "chatglm"
 
+    def kernel_scale(self) -> torch.Tensor:
+        """The row scale in the kernels' dtype, kept while ``weight_scale`` stays the same tensor."""
+        key = (self.weight_scale.data_ptr(), self.weight_scale._version)
+        cached = self.__dict__.get("_kernel_scale")
+        if cached is None or cached[0] != key:
+            cached = (key, self.weight_scale.detach().to(KERNEL_DTYPE))
+            self.__dict__["_kernel_scale"] = cached
+        return cached[1]
+
     def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         self.to_kernel_layout()
         flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # [rows, in]
         if self.weight_bit_width == 8:
-            out = torch._weight_int8pack_mm(flat, self.weight, _unit_rows(self.out_features))
+            out = torch._weight_int8pack_mm(flat, self.weight, self.kernel_scale())
         else:
+            # unit scales over the groups (shared by all layers of a shape), the row scale after: one small op
             group = packed_kernel_group_size(self.in_features)
             out = torch._weight_int4pack_mm_for_cpu(flat, self.weight.view(torch.uint8), group,
                                                    _unit_scales(self.in_features // group, self.out_features))
-        out = out * self.weight_scale  # bf16 * fp16 -> float32: the exact stored scale  [rows, out]
+            out = torch.addcmul(self.bias, out, self.kernel_scale()) if self.bias is not None \
+                else out * self.kernel_scale()
+            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -234,20 +241,20 @@ class PackedHead(nn.Linear):
         if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) or self.in_features % 16:
             return nn.functional.linear(x, self.weight, self.bias)
         q, scale = self.int8_copy()
-        out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(KERNEL_DTYPE), q,
-                                        _unit_rows(self.out_features)) * scale
+        out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(KERNEL_DTYPE), q, scale)
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def int8_copy(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int8 [vocab, hidden], fp16 scale [vocab]) of the current weight, made once per weight version."""
+        """(int8 [vocab, hidden], scale [vocab] in the kernel's dtype) of the current weight, made once per version."""
         key = (self.weight.data_ptr(), self.weight._version, self.weight.device)
         cached = self.__dict__.get("_int8_copy")
         if cached is None or cached[0] != key:
             self.__dict__["_int8_copy"] = None  # free the old copy first
             with torch.no_grad():
-                cached = (key, *quantize_weight(self.weight.detach(), 8))
+                q, scale = quantize_weight(self.weight.detach(), 8)
+            cached = (key, q, scale.to(KERNEL_DTYPE))
             self.__dict__["_int8_copy"] = cached
         return cached[1], cached[2]
 
