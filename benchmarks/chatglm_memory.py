@@ -33,6 +33,16 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
+
+import finechat.models  # noqa: F401  registers ChatGLM with the Auto classes
+from finechat.generate.fast import generate_tokens
+from finechat.generate.settings import GenerationSettings
+from finechat.models.chatglm.configuration_chatglm import ChatGLMConfig
+from finechat.models.chatglm.loading import load_quantized_chatglm
+from finechat.models.chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
+from finechat.models.chatglm.quantization import PackedHead
+from finechat.models.fast_decoders import fast_decoder
 
 MODES = {"FP16": 0, "BF16": 0, "INT8": 8, "INT4": 4}
 README_GB = {"FP16": 13, "BF16": 13, "INT8": 8, "INT4": 6}
@@ -42,8 +52,6 @@ WEIGHT_STD = 0.02  # transformers' initializer_range, which the FP16 / BF16 rows
 
 
 def config(args: argparse.Namespace, bits: int = 0):
-    from finechat.models.chatglm.configuration_chatglm import ChatGLMConfig
-
     sizes = dict(TINY) if args.tiny else {}
     if args.layers:
         sizes["num_layers"] = args.layers
@@ -82,8 +90,6 @@ def reset_peak_rss() -> bool:
 # the published INT8 / INT4 layout, written with random weights
 def write_quantized_folder(args: argparse.Namespace, bits: int, folder: Path) -> None:
     """config.json + one pytorch_model.bin as chatglm-6b-int4 / -int8 lay them out, never holding float layers."""
-    from finechat.models.chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
-
     cfg = config(args, bits)
     with torch.device("meta"):
         shapes = {k: (v.shape, v.dtype) for k, v in ChatGLMForConditionalGeneration(cfg).state_dict().items()}
@@ -118,8 +124,6 @@ def write_quantized_folder(args: argparse.Namespace, bits: int, folder: Path) ->
 # one row
 def streamed_bytes(model) -> int:
     """Bytes of weights one decode step reads: every module's tensors but the embedding table (one row of it)."""
-    from finechat.models.chatglm.quantization import PackedHead
-
     seen: set[int] = set()
     total = 0
     embedding = model.transformer.word_embeddings
@@ -137,8 +141,6 @@ def streamed_bytes(model) -> int:
 
 
 def build_float(args: argparse.Namespace, dtype: torch.dtype):
-    from finechat.models.chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
-
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built directly in this dtype: no float32 copy of 6.2B parameters
@@ -150,12 +152,6 @@ def build_float(args: argparse.Namespace, dtype: torch.dtype):
 
 
 def run_row(args: argparse.Namespace, mode: str) -> dict:
-    from transformers import AutoConfig
-
-    import finechat.models  # noqa: F401  registers ChatGLM with the Auto classes
-    from finechat.generate.fast import fast_decoder
-    from finechat.models.chatglm.loading import load_quantized_chatglm
-
     cuda = args.device == "cuda"
     start = time.perf_counter()
     if MODES[mode]:
@@ -176,9 +172,9 @@ def run_row(args: argparse.Namespace, mode: str) -> dict:
     prompt = torch.randint(10, min(cfg.vocab_size, 20000), (30,), generator=generator).tolist()
     prompt += [cfg.gmask_token_id, cfg.bos_token_id]
     decoder = fast_decoder(model)
-    list(decoder.generate(prompt, 2))  # warm-up: INT4 repacks, the head makes its INT8 copy
-    times, tokens = [], []
-    for token in decoder.generate(prompt, args.tokens):
+    list(generate_tokens(decoder, prompt, GenerationSettings(greedy=True, max_new_tokens=2)))  # warm-up: INT4
+    times, tokens = [], []  # repacks, the head makes its INT8 copy
+    for token in generate_tokens(decoder, prompt, GenerationSettings(greedy=True, max_new_tokens=args.tokens)):
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter())

@@ -11,7 +11,8 @@ from chatglm_tiny import write_fake_chatglm
 from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 
-from finechat.generate.fast import fast_decoder
+from finechat.generate.fast import generate_tokens
+from finechat.generate.settings import GenerationSettings
 from finechat.models.chatglm.configuration_chatglm import ChatGLMConfig
 from finechat.models.chatglm.loading import load_quantized_chatglm
 from finechat.models.chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
@@ -24,6 +25,7 @@ from finechat.models.chatglm.quantization import (
     quantize_weight,
     unpack_int4,
 )
+from finechat.models.fast_decoders import fast_decoder
 from finechat.models.quantize import _learn_cpu_int4_slots, from_cpu_int4pack, pack_nibbles, to_cpu_int4pack
 
 BOS, EOS, MASK, GMASK, PAD = 290, 291, 292, 293, 3
@@ -259,7 +261,8 @@ def test_fast_path_greedy_tokens_equal_generate_on_the_packed_model(bits):
                              pad_token_id=PAD, eos_token_id=None, repetition_penalty=1.5)
     expected = out[0, len(PROMPT):].tolist()
     assert len(set(expected)) > 3
-    assert list(fast_decoder(model).generate(PROMPT, 10, repetition_penalty=1.5)) == expected
+    settings = GenerationSettings(greedy=True, max_new_tokens=10, repetition_penalty=1.5)
+    assert list(generate_tokens(fast_decoder(model), PROMPT, settings)) == expected
 
 
 def test_an_int4_folder_does_not_take_other_bits(glm_folders):
