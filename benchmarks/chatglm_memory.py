@@ -1,6 +1,6 @@
 """ChatGLM-6B at full size (random weights): memory, decode speed and the memory-bandwidth limit, FP16 to INT4.
 
-    python benchmarks/chatglm_memory.py --device cpu                       # FP16, BF16, INT8, INT4 (~15 min here)
+    python benchmarks/chatglm_memory.py --device cpu                       # FP16, BF16, INT8, INT4 (INT4 + INT8: ~6 min here)
     python benchmarks/chatglm_memory.py --device cpu --rows BF16 INT8 INT4  # leave out the slow FP16 row
     python benchmarks/chatglm_memory.py --device cuda                      # GPU memory, as ChatGLM-6B's README
     python benchmarks/chatglm_memory.py --layers 4 --device cpu            # full width, 4 of the 28 blocks

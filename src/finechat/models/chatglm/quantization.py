@@ -20,7 +20,7 @@ CPU). Inference there runs through the packed kernels finechat.models.quantize a
 the INT4 weight repacked once into that kernel's layout (a bijection of the same bytes: ChatGLM's signed
 nibbles, high first, are the kernel's q + 8, low first). ChatGLM's scale is one per row, so the INT4 kernel
 gets unit scales over groups as wide as it takes and the row scale multiplies the output. Measured
-per 4096 x 12288 product, one token, 2 shared cores: bf16 ``F.linear`` (oneDNN) ~2x the time of either
+per 4096 x 12288 product, one token, 2 cores: bf16 ``F.linear`` (oneDNN) 1.5-2x the time of either
 kernel; ``benchmarks/chatglm_memory.py`` has the whole model.
 """
 
