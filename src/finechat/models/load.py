@@ -23,6 +23,7 @@ from typing import Any, Literal
 from finechat.config import field, finechat_home
 from finechat.errors import ModelLoadError
 from finechat.files import staged_folder
+from finechat.models.chatglm.loading import load_quantized_chatglm
 from finechat.models.chatglm.modeling_chatglm import is_ptuning_checkpoint
 from finechat.models.quantize import quantize_model, weight_bytes
 
@@ -270,8 +271,14 @@ def load_model_and_tokenizer(
             check_safetensors_file(weights)
     file_config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     quantized_folder = file_config.get("finechat_quantization")
+    chatglm_bits = getattr(config, "model_type", None) == "chatglm" and (quantization_bit or config.quantization_bit)
+    if chatglm_bits and dtype == "auto" and device == "cpu":
+        torch_dtype = pick_dtype("bfloat16", device)  # the packed INT8/INT4 CPU kernels compute in bf16
     try:
-        if quantized_folder:
+        if chatglm_bits and not model_kwargs:
+            # never the FP16 model in memory: built quantized, filled (and quantized) tensor by tensor
+            hf_model = load_quantized_chatglm(folder, config, quantization_bit, torch_dtype)
+        elif quantized_folder:
             from finechat.models.quantize import load_quantized
 
             hf_model = load_quantized(folder, config, torch_dtype, **model_kwargs)

@@ -162,8 +162,12 @@ def tied_int8_head(embedding: Int8Embedding, bias: nn.Parameter | None = None) -
 # --------------------------------------------------------------------------------------------------------
 # INT4
 # --------------------------------------------------------------------------------------------------------
+CPU_INT4_TILE_ROWS = 64  # the CPU int4pack layout packs rows in blocks of 64 (AVX-512) or 32; 64 covers both
+PACK_CHUNK_ROWS = 1024  # rows packed per call: keeps the int32 copy the packer wants small (a multiple of the tile)
+
+
 @functools.lru_cache(maxsize=8)
-def _cpu_int4_slots(out_features: int, in_features: int) -> torch.Tensor:
+def _learn_cpu_int4_slots(out_features: int, in_features: int) -> torch.Tensor:
     """For each 4-bit slot of the CPU-packed tensor (low nibble first), the flat index ``row * in + col`` it holds.
 
     Learnt by packing the base-16 digits of every index with ``_convert_weight_to_int4pack_for_cpu``.
@@ -176,6 +180,51 @@ def _cpu_int4_slots(out_features: int, in_features: int) -> torch.Tensor:
         packed = torch._convert_weight_to_int4pack_for_cpu(values, 1).reshape(-1)
         slots |= torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(-1).to(torch.int64) << (4 * digit)
     return slots
+
+
+def _cpu_int4_tile_slots(in_features: int) -> torch.Tensor | None:
+    """The slot map of one tile of :data:`CPU_INT4_TILE_ROWS` rows, when PyTorch's layout repeats tile by tile.
+
+    A full-size map costs 8 bytes per weight (512 MB for a 16384 x 4096 layer); PyTorch packs each block of
+    rows on its own, so one tile's map serves every tile. Checked on two tiles; None if the layout ever stops
+    being tile-local (then the full map is used).
+    """
+    two = _learn_cpu_int4_slots(2 * CPU_INT4_TILE_ROWS, in_features)
+    tile = CPU_INT4_TILE_ROWS * in_features
+    if not torch.equal(two[tile:], two[:tile] + tile):
+        return None
+    return two[:tile]
+
+
+def to_cpu_int4pack(nibbles: torch.Tensor, convert: Any = None) -> torch.Tensor:
+    """[out, in / 2] nibbles (:func:`pack_nibbles`' layout) -> ``torch._weight_int4pack_mm_for_cpu``'s layout.
+
+    Works :data:`PACK_CHUNK_ROWS` rows at a time (the packer wants int32, 4 bytes a weight) into one
+    preallocated result; the layout is the same as packing all rows at once since each block of rows is
+    packed on its own. ``convert``: applied to each chunk of bytes first (another nibble layout).
+    """
+    out_features = nibbles.shape[0]
+    step = PACK_CHUNK_ROWS if out_features % CPU_INT4_TILE_ROWS == 0 else out_features
+    packed = torch.empty(nibbles.shape, dtype=torch.uint8, device=nibbles.device)
+    for i in range(0, out_features, step):
+        chunk = nibbles[i:i + step] if convert is None else convert(nibbles[i:i + step])
+        packed[i:i + step] = torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(chunk).to(torch.int32), 1)
+    return packed
+
+
+def from_cpu_int4pack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`to_cpu_int4pack`: [out, in] uint8 values 0..15 (the CPU layout is private to PyTorch)."""
+    tile = _cpu_int4_tile_slots(in_features) if out_features % CPU_INT4_TILE_ROWS == 0 else None
+    if tile is None:
+        slots, tiles = _learn_cpu_int4_slots(out_features, in_features), 1
+    else:
+        slots, tiles = tile, out_features // CPU_INT4_TILE_ROWS
+    packed = packed.cpu().view(torch.uint8).reshape(tiles, -1)
+    nibbles = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(tiles, -1)  # [tiles, tile rows * in]
+    values = torch.empty_like(nibbles)
+    values[:, slots] = nibbles
+    return values.reshape(out_features, in_features)
+
 
 def quantize_int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric group-wise INT4: (q [out, in] uint8 in 0..15, scales_and_zeros [in/g, out, 2] bf16).
@@ -252,8 +301,7 @@ class Int4Linear(nn.Module):
     def to_kernel_layout(self) -> None:
         """Repack for the device the weights are on (CPU: the int4pack kernel's layout)."""
         if self.layout == "nibbles" and _uses_packed_kernels(self.weight_int4.device):
-            values = unpack_nibbles(self.weight_int4).to(torch.int32)
-            self.weight_int4 = torch._convert_weight_to_int4pack_for_cpu(values, 1)
+            self.weight_int4 = to_cpu_int4pack(self.weight_int4)
             self.layout = "cpu"
 
     def canonical_weight(self) -> torch.Tensor:
@@ -261,12 +309,8 @@ class Int4Linear(nn.Module):
         if self.layout == "nibbles":
             return self.weight_int4
         # The CPU layout is private to PyTorch: undo it with the slot map learnt from PyTorch's own packer.
-        slots = _cpu_int4_slots(self.out_features, self.in_features)
-        packed = self.weight_int4.cpu().reshape(-1)
-        nibbles = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(-1)  # [out * in]
-        q = torch.empty_like(nibbles)
-        q[slots] = nibbles
-        return pack_nibbles(q.reshape(self.out_features, self.in_features)).to(self.weight_int4.device)
+        q = from_cpu_int4pack(self.weight_int4, self.out_features, self.in_features)
+        return pack_nibbles(q).to(self.weight_int4.device)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -331,7 +375,7 @@ def _is_tied(model: nn.Module) -> bool:
     return head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", 0)
 
 
-def _layer_group_size(in_features: int, group_size: int) -> int | None:
+def layer_group_size(in_features: int, group_size: int) -> int | None:
     """The largest kernel group size <= ``group_size`` that divides ``in_features`` (None: none does)."""
     return next((g for g in INT4_GROUP_SIZES[::-1] if g <= group_size and in_features % g == 0), None)
 
@@ -345,7 +389,7 @@ def plan_quantization(model: nn.Module, bits: int, group_size: int, include_embe
             continue
         if name == head_name and _is_tied(model):
             continue  # quantized together with the embedding
-        group = _layer_group_size(module.in_features, group_size)
+        group = layer_group_size(module.in_features, group_size)
         if bits == 4 and name != head_name and group:
             modules[name] = {"bits": 4, "group_size": group}
         else:  # the output head stays INT8 (it sets every logit); odd widths fall back to INT8

@@ -17,7 +17,8 @@ implementation of the published formulas) with parameter names unchanged, so ori
   masked row, as the reference tokenizer's ``_pad`` does.
 - P-Tuning v2 (``pre_seq_len``): a prefix encoder gives one (key, value) prefix per layer, not rotated,
   always visible; the rest of the model is frozen.
-- ``quantization_bit`` 4 / 8: ChatGLM's own weight-only format (see quantization.py).
+- ``quantization_bit`` 4 / 8: ChatGLM's own weight-only format, run on a CPU through PyTorch's packed
+  INT8 / INT4 kernels, the tied head through the INT8 one (see quantization.py).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from finechat.models.chatglm.configuration_chatglm import ChatGLMConfig
-from finechat.models.chatglm.quantization import quantize_layers
+from finechat.models.chatglm.quantization import PackedHead, linear_layer, quantize_layers
 from finechat.text import clean_chatglm_response
 
 # The reference builds every block with its default num_layers=28, so the residual scale is √56 even for
@@ -146,8 +147,9 @@ class SelfAttention(nn.Module):
         self.layer_id = layer_id
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        # with quantization_bit, the layers are built quantized and empty: no float weight for a quantized checkpoint
+        self.query_key_value = linear_layer(config.hidden_size, 3 * config.hidden_size, config.quantization_bit)
+        self.dense = linear_layer(config.hidden_size, config.hidden_size, config.quantization_bit)
 
     def forward(self, x: torch.Tensor, rotary: tuple, mask: torch.Tensor | None, cache: Any,
                 prefix: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -181,8 +183,8 @@ class SelfAttention(nn.Module):
 class GLU(nn.Module):
     def __init__(self, config: ChatGLMConfig):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
-        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+        self.dense_h_to_4h = linear_layer(config.hidden_size, config.inner_hidden_size, config.quantization_bit)
+        self.dense_4h_to_h = linear_layer(config.inner_hidden_size, config.hidden_size, config.quantization_bit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(gelu(self.dense_h_to_4h(x)))
@@ -225,8 +227,6 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.prefix_encoder = None
         if config.pre_seq_len is not None:
             self._add_prefix_encoder()
-        if config.quantization_bit:
-            quantize_layers(self.layers, config.quantization_bit, empty=True)
         self.post_init()
 
     def _add_prefix_encoder(self) -> None:
@@ -325,7 +325,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: ChatGLMConfig):
         super().__init__(config)
         self.transformer = ChatGLMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        head = PackedHead if config.quantization_bit else nn.Linear  # quantized models: an INT8 head on CPU
+        self.lm_head = head(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -474,6 +475,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             raise ValueError(f"the model is already quantized to {self.config.quantization_bit} bits")
         with torch.no_grad():
             quantize_layers(self.transformer.layers, bits)
+        if type(self.lm_head) is nn.Linear:
+            self.lm_head.__class__ = PackedHead  # same parameters (still tied): only inference on CPU changes
         self.config.quantization_bit = bits
         return self
 

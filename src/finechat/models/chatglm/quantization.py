@@ -13,13 +13,34 @@ those folders run on CPU and on CUDA with nothing compiled. The formulas, which 
 
 Neither bitsandbytes nor torchao reads this layout (and torchao's INT4 needs a kernel package absent on
 CPU), hence our own small module; the generic quantization of other models lives in finechat.models.quantize.
+
+On a CPU, dequantizing to fp16 every step made INT8 / INT4 slower than FP16 (fp16 products are slow on a
+CPU). Inference there runs through the packed kernels finechat.models.quantize already uses (same helpers):
+``torch._weight_int8pack_mm`` on the stored INT8 weight as it is, ``torch._weight_int4pack_mm_for_cpu`` on
+the INT4 weight repacked once into that kernel's layout (a bijection of the same bytes: ChatGLM's signed
+nibbles, high first, are the kernel's q + 8, low first). ChatGLM's scale is one per row, so the INT4 kernel
+gets unit scales over groups as wide as it takes and the row scale multiplies the output. Measured
+per 4096 x 12288 product, one token, 2 cores: bf16 ``F.linear`` (oneDNN) 1.5-2x the time of either
+kernel; ``benchmarks/chatglm_memory.py`` has the whole model.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
+from finechat.models.quantize import (
+    INT4_GROUP_SIZES,
+    KERNEL_DTYPE,
+    from_cpu_int4pack,
+    layer_group_size,
+    pack_nibbles,
+    to_cpu_int4pack,
+)
+
+QUANTIZE_CHUNK_ROWS = 1024  # rows quantized at a time (the temporaries of a 130528-row head would be GBs)
 QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 
@@ -27,6 +48,13 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     """[out, in] float weight -> (int8 [out, in * bits / 8] (packed for INT4), fp16 scale [out])."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if weight.shape[0] > QUANTIZE_CHUNK_ROWS:  # row by row arithmetic: chunks give the same bits, less memory
+        q = torch.empty(weight.shape[0], weight.shape[1] * bits // 8, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(weight.shape[0], dtype=torch.float16, device=weight.device)
+        for i in range(0, weight.shape[0], QUANTIZE_CHUNK_ROWS):
+            q[i:i + QUANTIZE_CHUNK_ROWS], scale[i:i + QUANTIZE_CHUNK_ROWS] = quantize_weight(
+                weight[i:i + QUANTIZE_CHUNK_ROWS], bits)
+        return q, scale
     scale = (weight.abs().max(dim=-1).values / (2 ** (bits - 1) - 1)).half()
     q = torch.round(weight / scale[:, None]).to(torch.int8)
     return (pack_int4(q) if bits == 4 else q), scale
@@ -55,15 +83,47 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> t
     return q.to(torch.float16) * scale.to(torch.float16)[:, None]
 
 
+def chatglm_to_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """ChatGLM's INT4 bytes -> finechat.models.quantize's nibble layout (and back: the map is its own inverse).
+
+    ChatGLM: signed nibbles, element 2j high; the kernels' layout: q + 8 in 0..15, element 2j low. Adding 8
+    to a 4-bit two's complement value flips its top bit, so the map is "swap the nibbles, xor 0x88".
+    """
+    u = packed.view(torch.uint8)
+    return ((u >> 4) | (u << 4)) ^ 0x88
+
+
+def packed_kernel_group_size(in_features: int) -> int | None:
+    """The INT4 kernel's group size for a row-scaled weight (the largest that divides the width; None: none)."""
+    return layer_group_size(in_features, max(INT4_GROUP_SIZES))
+
+
+@functools.lru_cache(maxsize=16)
+def _unit_scales(groups: int, out_features: int) -> torch.Tensor:
+    """scales_and_zeros of 1 and 0 for the INT4 kernel: it then returns x @ q^T and the row scale is applied after."""
+    unit = torch.zeros(groups, out_features, 2, dtype=KERNEL_DTYPE)
+    unit[..., 0] = 1
+    return unit
+
+
 class QuantizedLinear(nn.Module):
-    """A Linear layer holding ChatGLM's int8 / packed-int4 ``weight``, fp16 ``weight_scale`` and ``bias``."""
+    """A Linear layer holding ChatGLM's int8 / packed-int4 ``weight``, fp16 ``weight_scale`` and ``bias``.
+
+    Inference on a CPU (no gradient) runs through PyTorch's packed kernels with bfloat16 activations:
+    ``torch._weight_int8pack_mm`` reads the INT8 weight as stored; INT4 is repacked once, at its first such use,
+    into ``torch._weight_int4pack_mm_for_cpu``'s layout (same bytes, in place; ``self.layout``). The row scale
+    goes to the kernels in bf16 (the output is rounded to bf16 anyway: one more rounding of the same size);
+    the state dict always holds ChatGLM's layout and fp16 scales, bit for bit. Anywhere else (CUDA,
+    training, widths the kernels refuse) the weight is dequantized in fp16 as the reference does.
+    """
 
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = True, device=None,
-                 bias_dtype: torch.dtype = torch.float16):
+                 bias_dtype: torch.dtype | None = None):
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
         self.in_features, self.out_features, self.weight_bit_width = in_features, out_features, bits
+        self.layout = "chatglm"  # or "cpu_int4pack" once repacked for the INT4 kernel
         self.weight = nn.Parameter(
             torch.zeros(out_features, in_features * bits // 8, dtype=torch.int8, device=device), requires_grad=False
         )
@@ -83,21 +143,132 @@ class QuantizedLinear(nn.Module):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
+    # -- the packed CPU kernels ------------------------------------------------------------------------
+    def packed_kernels_apply(self, x: torch.Tensor) -> bool:
+        """Whether this call can use the packed kernels (CPU, no gradient through it, widths they accept)."""
+        if x.device.type != "cpu" or self.weight.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            return False
+        if self.weight_bit_width == 8:
+            return self.in_features % 16 == 0  # the INT8 kernel returns garbage for other widths (torch 2.13)
+        return self.out_features % 16 == 0 and packed_kernel_group_size(self.in_features) is not None
+
+    def to_kernel_layout(self) -> None:
+        """INT4 on a CPU: repack the weight for the INT4 kernel, in place (INT8 is used as stored)."""
+        if self.weight_bit_width == 4 and self.layout == "chatglm" and self.weight.device.type == "cpu":
+            self.weight.data = to_cpu_int4pack(self.weight.data, convert=chatglm_to_nibbles).view(torch.int8)
+            self.layout = "cpu_int4pack"
+
+    def stored_weight(self) -> torch.Tensor:
+        """The weight in ChatGLM's layout, whatever the in-memory one."""
+        if self.layout == "chatglm":
+            return self.weight
+        values = from_cpu_int4pack(self.weight.data, self.out_features, self.in_features)
+        return chatglm_to_nibbles(pack_nibbles(values)).view(torch.int8).to(self.weight.device)
+
+    def to_stored_layout(self) -> None:
+        if self.layout != "chatglm":
+            self.weight.data = self.stored_weight()
+            self.layout = "chatglm"
+
+    def kernel_scale(self) -> torch.Tensor:
+        """The row scale in the kernels' dtype, kept while ``weight_scale`` stays the same tensor."""
+        key = (self.weight_scale.data_ptr(), self.weight_scale._version)
+        cached = self.__dict__.get("_kernel_scale")
+        if cached is None or cached[0] != key:
+            cached = (key, self.weight_scale.detach().to(KERNEL_DTYPE))
+            self.__dict__["_kernel_scale"] = cached
+        return cached[1]
+
+    def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.to_kernel_layout()
+        flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # [rows, in]
+        if self.weight_bit_width == 8:
+            out = torch._weight_int8pack_mm(flat, self.weight, self.kernel_scale())
+        else:
+            # unit scales over the groups (shared by all layers of a shape), the row scale after: one small op
+            group = packed_kernel_group_size(self.in_features)
+            out = torch._weight_int4pack_mm_for_cpu(flat, self.weight.view(torch.uint8), group,
+                                                   _unit_scales(self.in_features // group, self.out_features))
+            out = torch.addcmul(self.bias, out, self.kernel_scale()) if self.bias is not None \
+                else out * self.kernel_scale()
+            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_kernels_apply(x):
+            return self._packed_forward(x)
+        self.to_stored_layout()
         # [..., in] -> [..., out]; the weight is rebuilt in fp16 (as the reference) and used in x's dtype
         weight = dequantize_weight(self.weight, self.weight_scale, self.weight_bit_width).to(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return nn.functional.linear(x, weight, bias)
 
+    # -- state dict and device moves: always ChatGLM's layout and fp16 scales --------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout != "chatglm":
+            destination[prefix + "weight"] = self.stored_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        self.to_stored_layout()  # the incoming tensors are in ChatGLM's layout
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001
+        probe = fn(torch.empty(0, dtype=torch.float16, device=self.weight.device))
+        if probe.device != self.weight.device:
+            self.to_stored_layout()  # the kernel layout is the CPU's alone
+        scale = self.weight_scale.data
+        result = super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float16:  # .half()/.bfloat16()/.float(): the scale is part of the format
+            self.weight_scale.data = scale.to(self.weight_scale.device)
+        return result
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.weight_bit_width}"
 
 
-def quantize_layers(layers: nn.ModuleList, bits: int, empty: bool = False) -> None:
-    """Replace the four Linear layers of every block with :class:`QuantizedLinear` (in place).
+class PackedHead(nn.Linear):
+    """The (tied) output head of a quantized ChatGLM: on a CPU, inference reads an INT8 copy through the INT8 kernel.
 
-    ``empty``: build zero-filled layers to be loaded from a quantized checkpoint instead of quantizing.
+    The head reads vocab x hidden weights a token (a bf16 head is a quarter of the bytes an INT4 model reads
+    a step); ChatGLM's own INT8 formula per row halves that. The copy is made at the first use, in memory
+    only: the state dict holds the tied weight as before, so checkpoints are unchanged.
     """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) or self.in_features % 16:
+            return nn.functional.linear(x, self.weight, self.bias)
+        q, scale = self.int8_copy()
+        out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(KERNEL_DTYPE), q, scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def int8_copy(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 [vocab, hidden], scale [vocab] in the kernel's dtype) of the current weight, made once per version."""
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.device)
+        cached = self.__dict__.get("_int8_copy")
+        if cached is None or cached[0] != key:
+            self.__dict__["_int8_copy"] = None  # free the old copy first
+            with torch.no_grad():
+                q, scale = quantize_weight(self.weight.detach(), 8)
+            cached = (key, q, scale.to(KERNEL_DTYPE))
+            self.__dict__["_int8_copy"] = cached
+        return cached[1], cached[2]
+
+
+def linear_layer(in_features: int, out_features: int, bits: int | None) -> nn.Module:
+    """A block's Linear layer: ``nn.Linear``, or an empty :class:`QuantizedLinear` to load a quantized checkpoint
+    into (no float weight is ever built for it)."""
+    if bits:
+        return QuantizedLinear(in_features, out_features, bits)
+    return nn.Linear(in_features, out_features)
+
+
+def quantize_layers(layers: nn.ModuleList, bits: int) -> None:
+    """Quantize the four Linear layers of every block to :class:`QuantizedLinear` (in place, one at a time)."""
     for block in layers:
         for path in QUANTIZED_LINEARS:
             parent_name, name = path.split(".")
@@ -107,9 +278,4 @@ def quantize_layers(layers: nn.ModuleList, bits: int, empty: bool = False) -> No
                 if linear.weight_bit_width != bits:
                     raise ValueError(f"the model is already quantized to {linear.weight_bit_width} bits")
                 continue
-            if empty:
-                new = QuantizedLinear(linear.in_features, linear.out_features, bits, bias=linear.bias is not None,
-                                      device=linear.weight.device, bias_dtype=linear.weight.dtype)
-            else:
-                new = QuantizedLinear.from_linear(linear, bits)
-            setattr(parent, name, new)
+            setattr(parent, name, QuantizedLinear.from_linear(linear, bits))
