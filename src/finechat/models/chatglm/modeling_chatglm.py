@@ -555,8 +555,9 @@ def chat_prompt(query: str, history: list) -> str:
 
 
 def _answer(text: str) -> str:
-    """The decoded answer up to a new round the model starts itself, cleaned as the reference does."""
-    return clean_chatglm_response(text.split(NEXT_ROUND, 1)[0])
+    """The decoded answer up to a new round the model starts itself, cleaned as the reference does; a character
+    cut in half by the token budget is dropped (U+FFFD), as finechat's engine does."""
+    return clean_chatglm_response(text.split(NEXT_ROUND, 1)[0].rstrip("\ufffd"))
 
 
 class _StopWhen(StoppingCriteria):
