@@ -32,6 +32,33 @@ class LiveServer:
         self.thread.join(timeout=10)
 
 
+def healthy(url: str) -> bool:
+    """Whether a server at ``url`` answers /health (a refused or hung connection is "not yet")."""
+    import httpx
+
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_cli_server(args: list[str], announce: str, env: dict):
+    """Start ``finechat ARGS`` and wait until the address it announces (regex group 1) answers /health."""
+    import re
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "finechat", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, env=env)
+    line = process.stdout.readline()
+    match = re.search(announce, line)
+    if not match or not wait_until(lambda: healthy(match.group(1)), timeout=60):
+        process.terminate()
+        process.wait(timeout=30)
+        raise AssertionError(f"the server did not come up: {line!r}")
+    return process, match.group(1)
+
+
 def wait_until(condition, timeout: float = 5.0) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -1,34 +1,21 @@
 """``finechat serve`` / ``finechat web`` as a user runs them: a real process on 127.0.0.1."""
 
 import os
-import re
 import subprocess
 import sys
 
 import httpx
 import pytest
-from serve_helpers import wait_until
+from serve_helpers import start_cli_server
 
 from finechat.cli import main
 
 
 def test_web_prints_the_address_and_serves_with_the_env_key(tiny_model_dir, tmp_path):
     env = {**os.environ, "FINECHAT_API_KEY": "from-env", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "finechat", "web", "--model", str(tiny_model_dir), "--port", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    process, url = start_cli_server(["web", "--model", str(tiny_model_dir), "--port", "0"],
+                                    r"open (http://127\.0\.0\.1:\d+)/ in a browser", env)
     try:
-        line = process.stdout.readline()
-        match = re.search(r"open (http://127\.0\.0\.1:\d+)/ in a browser", line)
-        assert match, line
-        url = match.group(1)
-
-        def up():
-            try:
-                return httpx.get(url + "/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        assert wait_until(up, timeout=60)
         assert "<title>finechat</title>" in httpx.get(url + "/").text
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
         assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 401
@@ -61,22 +48,9 @@ def test_serve_reads_the_api_key_from_a_file_kept_out_of_ps(tiny_model_dir, tmp_
     key_file = tmp_path / "key"
     key_file.write_text("from-file\n")
     env = {k: v for k, v in os.environ.items() if k != "FINECHAT_API_KEY"} | {"OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "finechat", "serve", "--model", str(tiny_model_dir), "--port",
-                                "0", "--api-key-file", str(key_file)],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    process, url = start_cli_server(["serve", "--model", str(tiny_model_dir), "--port", "0", "--api-key-file",
+                                     str(key_file)], r"OpenAI API at (http://127\.0\.0\.1:\d+)/v1 \(API key required\)", env)
     try:
-        line = process.stdout.readline()
-        match = re.search(r"OpenAI API at (http://127\.0\.0\.1:\d+)/v1 \(API key required\)", line)
-        assert match, line
-        url = match.group(1)
-
-        def up():
-            try:
-                return httpx.get(url + "/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        assert wait_until(up, timeout=60)
         assert b"from-file" not in open(f"/proc/{process.pid}/cmdline", "rb").read()
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
         assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 401

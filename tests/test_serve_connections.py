@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import LiveServer, ScriptedChat, wait_until
+from serve_helpers import LiveServer, ScriptedChat, healthy, wait_until
 
 import finechat
 from finechat.commands.serve import free_port
@@ -138,13 +138,7 @@ def test_sigterm_ends_running_requests_cleanly():
     url = f"http://127.0.0.1:{port}"
     results = {}
     try:
-        def up():
-            try:
-                return httpx.get(url + "/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        assert wait_until(up, timeout=120)
+        assert wait_until(lambda: healthy(url), timeout=120)
         body = {"messages": USER, "max_tokens": 400}  # 400 tokens at 50 ms: 20 s, past the 3 s shutdown timeout
 
         def stream():
