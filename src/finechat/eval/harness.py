@@ -1,9 +1,10 @@
 """lm-evaluation-harness on finechat models: standard benchmarks (MMLU, C-Eval, CMMLU, GSM8K, ...) and task files.
 
 lm-eval loads models through its own backends; a fine-tune is judged on the model finechat loaded (base, peft
-adapter, quantized, native ChatGLM-6B), so :func:`harness_model` hands lm-eval a model object: a subclass of
-lm-eval's ``TemplateLM`` whose ``loglikelihood`` scores context + continuation with
-:mod:`finechat.generate.logprobs` (right-padded batches of ``batch_size``), ``loglikelihood_rolling`` scores
+adapter, quantized, native ChatGLM-6B, a GGUF on the llama.cpp engine), so :func:`harness_model` hands lm-eval
+a model object: a subclass of lm-eval's ``TemplateLM`` whose ``loglikelihood`` scores context + continuation with
+the engine's ``score_batch`` (PyTorch: :mod:`finechat.generate.logprobs`, right-padded batches of
+``batch_size``; llama.cpp: :mod:`finechat.generate.llamacpp_logprobs`), ``loglikelihood_rolling`` scores
 lm-eval's rolling windows, and ``generate_until`` decodes greedily with ``ChatModel.generate_ids`` (the fast
 path where there is one) up to the task's stop strings. Tokenization follows lm-eval's ``hf`` backend (the
 tokenizer's own special tokens unless the text already starts with BOS; the BOS, else EOS, token as the
@@ -28,7 +29,6 @@ from finechat.errors import ConfigError, FinechatError
 from finechat.eval.metrics import format_table
 from finechat.generate.engine import GenerationSettings
 from finechat.generate.load import load as load_chat_model
-from finechat.generate.logprobs import score_batch
 
 MISSING_EXTRA = "lm-evaluation-harness is not installed: pip install 'finechat[bench]'"
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's hf backend's default when the config names no context length
@@ -108,8 +108,8 @@ def _model_class() -> type:
             results: list[Any] = [None] * len(items)
             batches = [order[i:i + size] for i in range(0, len(order), size)]
             for batch in tqdm(batches, desc="log-likelihoods", disable=disable_tqdm):
-                scores = score_batch(self.chat.model, [items[i][1] for i in batch], [items[i][2] for i in batch],
-                                     pad_id=pad)
+                scores = self.chat.score_batch([items[i][1] for i in batch], [items[i][2] for i in batch],
+                                               pad_id=pad)
                 for i, token_scores in zip(batch, scores):
                     result = (float(sum(s.logprob for s in token_scores)), all(s.greedy for s in token_scores))
                     results[i] = result

@@ -20,6 +20,7 @@ from typing import Any
 
 from finechat.data.templates import Message, get_template, history_to_messages
 from finechat.generate.fast import fast_decoder_for, generate_tokens
+from finechat.generate.logprobs import Scorer, TokenScore, score_batch
 from finechat.generate.sampling import generate_kwargs
 from finechat.generate.settings import GenerationSettings
 
@@ -113,6 +114,16 @@ class ChatModel:
             if s in vocab:
                 ids.append(vocab[s])
         return list(dict.fromkeys(ids))
+
+    # -- scores (log-probabilities) --------------------------------------------------------------------
+    # Every engine has these two (the server and the lm-eval glue ask for them by name, not by class).
+    def scorer(self, top_n: int = 0) -> Scorer | None:
+        """A scorer of one growing sequence (``extend(ids)``: a ``TokenScore`` per id), or None without a PyTorch model."""
+        return Scorer(self.model, top_n) if hasattr(self.model, "parameters") else None
+
+    def score_batch(self, sequences: list[list[int]], starts: list[int], pad_id: int = 0) -> list[list[TokenScore]]:
+        """Scores of ``sequences[i][starts[i]:]``, each token given the tokens before it (lm-eval's log-likelihoods)."""
+        return score_batch(self.model, sequences, starts, pad_id=pad_id)
 
     # -- token generation ----------------------------------------------------------------------------
     def generate_ids(self, input_ids: list[int], settings: GenerationSettings) -> Iterator[list[int]]:

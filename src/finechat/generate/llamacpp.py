@@ -11,11 +11,14 @@ and closing the token iterator stops llama.cpp at the next token (cancellation).
 Sampling maps one to one (temperature 0 / greedy is llama.cpp's greedy sampler, ``seed`` its ``dist``
 seed); where llama.cpp differs, it is said once per model (see ``_differences``): it applies top_p before
 the temperature, and its repetition penalty counts the answer's tokens only, not the prompt's.
+Log-probabilities (the server's ``logprobs`` / ``echo``, lm-eval's log-likelihoods through ``finechat eval
+--tasks``) come from a second, lazily opened llama.cpp context: :mod:`finechat.generate.llamacpp_logprobs`.
 llama-cpp-python is an optional extra (``pip install 'finechat[llamacpp]'``; it compiles llama.cpp).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import types
@@ -26,6 +29,8 @@ from typing import Any
 
 from finechat.errors import FinechatError, ModelLoadError
 from finechat.generate.engine import ChatModel
+from finechat.generate.llamacpp_logprobs import LlamaCppScorer, ScoringContext, score_batch
+from finechat.generate.logprobs import TokenScore
 from finechat.generate.settings import GenerationSettings
 from finechat.models.gguf_export import check_gguf_file
 from finechat.models.load import default_gguf_path, log, resolve_model_path
@@ -72,9 +77,21 @@ class LlamaCppChatModel(ChatModel):
 
     engine = "llama.cpp"
 
-    def __init__(self, model: LlamaCppModel, tokenizer: Any, template: Any = None, source: str | None = None):
+    def __init__(self, model: LlamaCppModel, tokenizer: Any, template: Any = None, source: str | None = None,
+                 scoring: ScoringContext | None = None):
         super().__init__(model, tokenizer, template, source=source)
         self._said: set[str] = set()
+        self.scoring = scoring  # a second context with logits_all, opened on the first request for scores
+
+    def scorer(self, top_n: int = 0) -> LlamaCppScorer | None:
+        """A scorer of one growing sequence on llama.cpp's scoring context (see ``generate.llamacpp_logprobs``)."""
+        return None if self.scoring is None else LlamaCppScorer(self.scoring, top_n)
+
+    def score_batch(self, sequences: list[list[int]], starts: list[int], pad_id: int = 0) -> list[list[TokenScore]]:
+        """Scores of ``sequences[i][starts[i]:]`` from llama.cpp (one sequence at a time; no padding needed)."""
+        if self.scoring is None:
+            raise FinechatError("this llama.cpp engine has no scoring context")
+        return score_batch(self.scoring, sequences, starts)
 
     def stop_token_ids(self) -> list[int]:
         ids = super().stop_token_ids()
@@ -146,13 +163,19 @@ def load_llamacpp(model: str = "default", adapter: str | None = None, template: 
     threads = n_threads or len(os.sched_getaffinity(0))
     log(f"Loading {path.name} into llama.cpp (context {context}, {threads} threads) ...")
     try:
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_threads=threads, n_threads_batch=threads,
-                              last_n_tokens_size=context, verbose=False)
+        open_context = functools.partial(llama_cpp.Llama, model_path=str(path), n_ctx=context, n_threads=threads,
+                                         n_threads_batch=threads, last_n_tokens_size=context, verbose=False)
+        llm = open_context()
     except ValueError as e:
         raise ModelLoadError(f"{path}: llama.cpp cannot load it: {e}") from e
-    bot = LlamaCppChatModel(LlamaCppModel(llm, info), tokenizer, template, source=str(path))
+    # the scoring context keeps its KV cache in f32 (llama.cpp's default f16 moves log-probs by ~1e-2): an f32
+    # GGUF then scores as the PyTorch engine does, to ~1e-5
+    f32 = llama_cpp.GGML_TYPE_F32
+    scoring = ScoringContext(functools.partial(open_context, logits_all=True, type_k=f32, type_v=f32))
+    bot = LlamaCppChatModel(LlamaCppModel(llm, info), tokenizer, template, source=str(path), scoring=scoring)
     # Free llama.cpp's model when the bot goes, and at the latest at exit while Python can still run the
     # library's close (its own __del__ at interpreter shutdown fails with a traceback on stderr).
+    weakref.finalize(bot, scoring.close)
     weakref.finalize(bot, llm.close)
     if generation:
         bot.generation = GenerationSettings.from_kwargs(bot.generation, **generation)

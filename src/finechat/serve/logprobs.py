@@ -12,7 +12,8 @@ tokens generated since the previous one.
 
 The numbers are the model's own distribution before any sampling setting: ``log_softmax`` of the raw logits
 at temperature 1, with no top-p / top-k and no repetition / presence / frequency penalty, whatever the request
-samples with (see :mod:`finechat.generate.logprobs`). A stop token that ended the answer is included in a text
+samples with, from the engine's own ``scorer(top_n)`` (PyTorch: :mod:`finechat.generate.logprobs`; llama.cpp:
+:mod:`finechat.generate.llamacpp_logprobs`). A stop token that ended the answer is included in a text
 completion's tokens (vLLM does the same; lm-eval relies on one generated token after the echo) and left out of
 a chat answer's. Limits: N up to ``max_logprobs``, echo with log-probabilities up to ``max_echo_tokens``
 prompt tokens; beyond them, and for ``top_logprobs`` without ``logprobs``, a 400 naming the field.
@@ -25,7 +26,7 @@ import time
 import uuid
 from typing import Any
 
-from finechat.generate.logprobs import Scorer, TokenScore
+from finechat.generate.logprobs import TokenScore
 from finechat.serve import runs
 from finechat.serve.schemas import ApiError, CompletionRequest, ServeSettings
 
@@ -58,9 +59,9 @@ def chat_top_n(req: Any, settings: ServeSettings) -> int | None:
 
 
 def check_scorable(engine: Any, param: str) -> None:
-    """A 400 when the engine has no PyTorch model to score with (a scripted double, an external engine)."""
-    model = getattr(engine, "model", None)
-    if model is None or not hasattr(model, "parameters"):
+    """A 400 when the engine cannot score tokens (a scripted double without a model); asks ``engine.scorer``."""
+    make = getattr(engine, "scorer", None)
+    if make is None or make(0) is None:
         raise ApiError(400, "this server's engine does not give log-probabilities", param=param,
                        code="logprobs_not_supported")
 
@@ -116,7 +117,7 @@ class AnswerScores:
 
     def __init__(self, engine: Any, prompt_ids: list[int], top_n: int, chat: bool):
         self.tokenizer, self.prompt_ids, self.chat = engine.tokenizer, list(prompt_ids), chat
-        self.scorer = Scorer(engine.model, top_n)
+        self.scorer = engine.scorer(top_n)
         self.stop_ids = set(engine.stop_token_ids()) if chat else set()
         self.done = 0  # answer tokens already scored
         self.offset = 0
