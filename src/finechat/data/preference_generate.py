@@ -22,6 +22,7 @@ from typing import Any
 from finechat.data.conversation import Conversation
 from finechat.data.preference import PreferencePair
 from finechat.errors import DataError
+from finechat.files import atomic_file
 
 RULES = ("auto", "numbers", "swap", "truncate")
 _NUMBER = re.compile(r"\d+")
@@ -108,8 +109,8 @@ def write_arithmetic(path: str, n: int, seed: int) -> int:
     from pathlib import Path
 
     records = arithmetic_records(n, seed)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    with atomic_file(Path(path)) as fh:
+        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return len(records)
 
 

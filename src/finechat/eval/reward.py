@@ -9,7 +9,6 @@ for ``method: full / freeze``. Texts are rendered with the training template and
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from finechat.data.preference import PreferencePair
 from finechat.data.templates import get_template
 from finechat.data.tokenize import TokenizeSettings, encode_conversation, special_token_layout
 from finechat.errors import ModelLoadError
+from finechat.files import write_json_atomic
 from finechat.models.load import load_adapter, load_model_and_tokenizer, log, read_json
 from finechat.models.reward import reward_model_from
 
@@ -119,6 +119,5 @@ def score_answers(rm: RewardModel, prompts: list[list[dict]], answers: list[str]
 def write_scores(output_dir: str | Path, scores: dict) -> Path:
     """``reward_scores.json`` in ``output_dir``."""
     path = Path(output_dir) / "reward_scores.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json_atomic(path, scores)
     return path
