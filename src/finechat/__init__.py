@@ -16,19 +16,14 @@ from finechat.config import VERSION as __version__
 __all__ = ["load", "ChatModel", "__version__"]
 
 
-def load(*args: Any, **kwargs: Any):
-    """Load a model (``default``, a Hugging Face folder or a .gguf file), an optional adapter and a template.
+def __getattr__(name: str) -> Any:
+    # Imported on first use: `import finechat` stays light (no torch) for the CLI and tools that only need a name.
+    if name == "load":  # finechat.load(model="default", adapter=None, ...) -> ChatModel
+        from finechat.generate.load import load
 
-    See :func:`finechat.generate.load.load` for the arguments; returns a :class:`ChatModel`.
-    """
-    from finechat.generate.load import load as _load
-
-    return _load(*args, **kwargs)
-
-
-def __getattr__(name: str):
+        return load
     if name == "ChatModel":
         from finechat.generate.engine import ChatModel
 
         return ChatModel
-    raise AttributeError(name)
+    raise AttributeError(f"module 'finechat' has no attribute {name!r}")
