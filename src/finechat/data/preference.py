@@ -48,7 +48,7 @@ from finechat.data.formats import (
 from finechat.data.records import iter_json_records
 from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, encode_conversation, special_token_layout
 from finechat.errors import DataError
-from finechat.files import atomic_file
+from finechat.files import atomic_file, write_jsonl_atomic
 
 PAIR_FORMATS = ["pref-alpaca", "pref-sharegpt", "pref-prompt"]
 PREFERENCE_FORMATS = [*PAIR_FORMATS, "kto"]
@@ -426,11 +426,10 @@ def write_preferences(items: Iterable, path: str | Path, format: str) -> int:
     """Write pairs / labelled answers as JSONL (``.jsonl``) or a JSON array (``.json``)."""
     records = [to_record(i, format) for i in items]
     path = Path(path)
+    if path.suffix != ".json":
+        return write_jsonl_atomic(path, records)
     with atomic_file(path) as fh:  # a crash or a full disk never leaves half a file
-        if path.suffix == ".json":
-            fh.write(json.dumps(records, ensure_ascii=False, indent=1) + "\n")
-        else:
-            fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        fh.write(json.dumps(records, ensure_ascii=False, indent=1) + "\n")
     return len(records)
 
 

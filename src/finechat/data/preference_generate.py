@@ -22,7 +22,7 @@ from typing import Any
 from finechat.data.conversation import Conversation
 from finechat.data.preference import PreferencePair
 from finechat.errors import DataError
-from finechat.files import atomic_file
+from finechat.files import write_jsonl_atomic
 
 RULES = ("auto", "numbers", "swap", "truncate")
 _NUMBER = re.compile(r"\d+")
@@ -105,13 +105,7 @@ def grpo_prompts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_arithmetic(path: str, n: int, seed: int) -> int:
     """``finechat data generate arithmetic``: write ``n`` arithmetic records as JSONL."""
-    import json
-    from pathlib import Path
-
-    records = arithmetic_records(n, seed)
-    with atomic_file(Path(path)) as fh:
-        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return len(records)
+    return write_jsonl_atomic(path, arithmetic_records(n, seed))
 
 
 def pairs_main(convs: list[Conversation], rule: str, seed: int, out: str) -> str:
