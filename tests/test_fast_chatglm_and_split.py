@@ -12,7 +12,13 @@ from finechat.models.chatglm.fast_chatglm import ChatGLMFastDecoder
 from finechat.models.chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
 from finechat.models.fast_decoder import FastDecoder
 from finechat.models.fast_decoders import fast_decoder, unsupported_reason
-from finechat.models.row_split import RowSplitLinear, split_linear, split_linear_layers, unsplit_linear_layers
+from finechat.models.row_split import (
+    RowSplitLinear,
+    aten_single_row_products,
+    split_linear,
+    split_linear_layers,
+    unsplit_linear_layers,
+)
 
 BOS, EOS, MASK, GMASK, PAD = 290, 291, 292, 293, 3
 
@@ -225,3 +231,41 @@ def test_chatglm_with_a_lora_adapter_matches_its_generate():
     decoder = fast_decoder(model)
     assert isinstance(decoder, ChatGLMFastDecoder)
     assert greedy(decoder, prompt, 12) == out[0, len(prompt):].tolist()
+
+
+def test_aten_single_row_products_switch_is_scoped():
+    before = torch._C._get_mkldnn_enabled()
+    with aten_single_row_products(1, torch.bfloat16, torch.device("cpu")):
+        assert not torch._C._get_mkldnn_enabled()
+    assert torch._C._get_mkldnn_enabled() == before
+    with pytest.raises(RuntimeError), aten_single_row_products(1, torch.bfloat16, torch.device("cpu")):
+        raise RuntimeError("a failing step")
+    assert torch._C._get_mkldnn_enabled() == before  # restored on error too
+    for rows, dtype in ((4, torch.bfloat16), (1, torch.float32), (1, torch.float16)):
+        with aten_single_row_products(rows, dtype, torch.device("cpu")):
+            assert torch._C._get_mkldnn_enabled() == before  # only one bf16 row is switched
+
+
+@pytest.mark.parametrize("family", ["chatglm", "llama"])
+def test_bf16_decode_steps_use_atens_kernel_and_match_generate(family):
+    """A one-token bf16 step runs without oneDNN (its single-row bf16 product is the slow one), the prompt with
+    it; greedy tokens stay generate's."""
+    seen: list[tuple[int, bool]] = []
+    if family == "chatglm":
+        model = chatglm(3).to(torch.bfloat16)
+        prompt = [11, 12, 13, 14, GMASK, BOS]
+        expected = hf_greedy(model, prompt, 12)
+        layer = model.transformer.layers[0]
+    else:
+        model = _llama().to(torch.bfloat16)
+        prompt = [5, 6, 7, 8, 9]
+        expected = None  # transformers' generate keeps oneDNN for its steps: the last bits may differ
+        layer = model.model.layers[0].mlp.down_proj  # a hook makes the decoder call the module itself
+    layer.register_forward_pre_hook(
+        lambda module, args: seen.append((args[0].shape[1], torch._C._get_mkldnn_enabled())))
+    tokens = greedy(fast_decoder(model), prompt, 12)
+    if expected is not None:
+        assert tokens == expected
+    enabled = torch._C._get_mkldnn_enabled()
+    assert enabled and seen[0] == (len(prompt), True)  # the prompt: oneDNN, restored afterwards
+    assert [on for rows, on in seen[1:]] == [False] * (len(tokens) - 1)

@@ -9,6 +9,8 @@ thresholds' reasons: docs/results/decode.md ("Why the fast decoder looks as it d
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -47,6 +49,27 @@ def split_linear(module: Any, x: torch.Tensor) -> torch.Tensor:
     return out if module.bias is None else out + module.bias
 
 
+@contextlib.contextmanager
+def aten_single_row_products(rows: int, dtype: torch.dtype, device: torch.device) -> Iterator[None]:
+    """Within: bf16 CPU products of a single row run on ATen's own kernel rather than oneDNN's.
+
+    Why: for one row oneDNN's bf16 matmul streams the weight at ~60% of ATen's matrix-vector kernel
+    (4096 x 12288, 2 cores: 19.5 vs 32.6 GB/s; 130528 x 4096: 19 vs 32), while from a few rows up oneDNN is
+    many times faster, so the choice is per step: decoding one token of one sequence. torch offers no per-call
+    choice, only its process-wide ``mkldnn`` switch: it is turned off for the step and restored after (also on
+    error); a product of another thread during that window takes ATen's kernel too (same values up to the order
+    of the additions). fp32 and fp16 products are not affected (neither goes to oneDNN for one row).
+    """
+    if rows != 1 or dtype != torch.bfloat16 or device.type != "cpu" or not torch._C._get_mkldnn_enabled():
+        yield
+        return
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(True)
+
+
 def plain_module(module: Any) -> bool:
     """No hooks and no per-instance forward (accelerate's offloading wraps ``forward`` on the instance)."""
     return not module._forward_hooks and not module._forward_pre_hooks and "forward" not in module.__dict__
@@ -65,7 +88,8 @@ def split_linear_layers(model: Any) -> int:
 
     Weights are untouched (no copy, tied weights stay tied, saving is unchanged). peft's adapter matrices,
     hooked or accelerate-wrapped modules and weights under :data:`MIN_SPLIT_WEIGHTS` entries are left as they are.
-    bf16 is left alone too: its CPU matmul is compute-bound and splitting made it slower.
+    bf16 is left alone too: splitting made it slower; its one-row products go to ATen's kernel instead
+    (:func:`aten_single_row_products`).
     """
     changed = 0
     for name, module in model.named_modules():
