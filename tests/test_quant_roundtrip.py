@@ -116,3 +116,17 @@ def test_bench_on_a_chatglm_folder_runs_the_fast_path_with_generate_s_tokens(tmp
                  "--prompt-tokens", "16", "--ppl-tokens", "64", "--rounds", "1", "--group-size", "32"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("fp32 ", "int8 "))]
     assert len(rows) == 2 and all(row[-1] == "yes" for row in rows), rows  # greedy = HF on every row
+
+
+@pytest.mark.parametrize("in_features", [24, 40, 64])
+def test_int8_linear_is_right_for_widths_the_kernel_refuses(in_features):
+    """torch's INT8 kernel returns garbage for input widths that are not a multiple of 16: those layers take the
+    dequantized product instead."""
+    from finechat.models.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, 32)
+    layer = Int8Linear.from_linear(linear)
+    x = torch.randn(3, in_features)
+    expected = torch.nn.functional.linear(x, layer.dequantized_weight(torch.float32), linear.bias)
+    torch.testing.assert_close(layer(x), expected, atol=0.05, rtol=0.05)

@@ -67,6 +67,7 @@ CONFIG_KEY = "finechat_quantization"
 FORMAT_VERSION = 1
 KERNEL_DTYPE = torch.bfloat16  # what the CPU int8/int4 kernels are fast in
 DEFAULT_GROUP_SIZE = 32
+INT8_KERNEL_WIDTH = 16  # the INT8 kernel's input width must be a multiple: other widths give garbage (torch 2.13)
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4pack kernels accept
 CLIP_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # INT4 range shrink factors tried per group
 
@@ -111,7 +112,7 @@ class Int8Linear(nn.Module):
         return self.weight_int8.to(dtype) * self.scales.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
-        if _uses_packed_kernels(x.device):
+        if _uses_packed_kernels(x.device) and self.in_features % INT8_KERNEL_WIDTH == 0:
             flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)
             out = torch._weight_int8pack_mm(flat, self.weight_int8, self.scales.to(KERNEL_DTYPE))
             out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

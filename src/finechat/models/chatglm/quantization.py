@@ -33,6 +33,7 @@ from torch import nn
 
 from finechat.models.quantize import (
     INT4_GROUP_SIZES,
+    INT8_KERNEL_WIDTH,
     KERNEL_DTYPE,
     from_cpu_int4pack,
     layer_group_size,
@@ -149,7 +150,7 @@ class QuantizedLinear(nn.Module):
         if x.device.type != "cpu" or self.weight.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
             return False
         if self.weight_bit_width == 8:
-            return self.in_features % 16 == 0  # the INT8 kernel returns garbage for other widths (torch 2.13)
+            return self.in_features % INT8_KERNEL_WIDTH == 0
         return self.out_features % 16 == 0 and packed_kernel_group_size(self.in_features) is not None
 
     def to_kernel_layout(self) -> None:
@@ -238,7 +239,8 @@ class PackedHead(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) or self.in_features % 16:
+        if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) \
+                or self.in_features % INT8_KERNEL_WIDTH:
             return nn.functional.linear(x, self.weight, self.bias)
         q, scale = self.int8_copy()
         out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(KERNEL_DTYPE), q, scale)
