@@ -173,7 +173,8 @@ def test_decoder_splits_fp32_cpu_layers_unless_asked_not_to():
     assert type(model.model.layers[0].self_attn.q_proj) is RowSplitLinear
     bf16 = _llama().to(torch.bfloat16)
     FastDecoder(bf16)
-    assert type(bf16.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # bf16 matmul gains nothing here
+    q_proj = bf16.model.layers[0].self_attn.q_proj
+    assert type(q_proj) is RowSplitLinear and q_proj.row_chunks == 1  # not split: one row goes to ATen's kernel
 
 
 def test_weights_that_stay_in_cache_are_not_split(monkeypatch):
@@ -247,25 +248,26 @@ def test_aten_single_row_products_switch_is_scoped():
 
 
 @pytest.mark.parametrize("family", ["chatglm", "llama"])
-def test_bf16_decode_steps_use_atens_kernel_and_match_generate(family):
-    """A one-token bf16 step runs without oneDNN (its single-row bf16 product is the slow one), the prompt with
-    it; greedy tokens stay generate's."""
+def test_bf16_one_row_products_use_atens_kernel_and_match_generate(family, monkeypatch):
+    """A bf16 Linear product of one row runs without oneDNN (its single-row bf16 product is the slow one); the
+    prompt's products and everything else keep it; greedy tokens stay generate's (the same modules)."""
     seen: list[tuple[int, bool]] = []
+    real_linear = torch.nn.functional.linear
+
+    def spy(x, weight, bias=None):
+        seen.append((x.numel() // x.shape[-1], torch._C._get_mkldnn_enabled()))
+        return real_linear(x, weight, bias)
+
     if family == "chatglm":
-        model = chatglm(3).to(torch.bfloat16)
-        prompt = [11, 12, 13, 14, GMASK, BOS]
-        expected = hf_greedy(model, prompt, 12)
-        layer = model.transformer.layers[0]
+        model, prompt = chatglm(3).to(torch.bfloat16), [11, 12, 13, 14, GMASK, BOS]
     else:
-        model = _llama().to(torch.bfloat16)
-        prompt = [5, 6, 7, 8, 9]
-        expected = None  # transformers' generate keeps oneDNN for its steps: the last bits may differ
-        layer = model.model.layers[0].mlp.down_proj  # a hook makes the decoder call the module itself
-    layer.register_forward_pre_hook(
-        lambda module, args: seen.append((args[0].shape[1], torch._C._get_mkldnn_enabled())))
-    tokens = greedy(fast_decoder(model), prompt, 12)
-    if expected is not None:
-        assert tokens == expected
-    enabled = torch._C._get_mkldnn_enabled()
-    assert enabled and seen[0] == (len(prompt), True)  # the prompt: oneDNN, restored afterwards
-    assert [on for rows, on in seen[1:]] == [False] * (len(tokens) - 1)
+        model, prompt = _llama().to(torch.bfloat16), [5, 6, 7, 8, 9]
+    decoder = fast_decoder(model)
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    tokens = greedy(decoder, prompt, 12)
+    assert torch._C._get_mkldnn_enabled()
+    assert {on for rows, on in seen if rows == 1} == {False} and {on for rows, on in seen if rows > 1} == {True}
+    seen.clear()
+    expected = hf_greedy(model, prompt, 12) if family == "chatglm" else \
+        model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
+    assert tokens == expected and {on for rows, on in seen if rows == 1} == {False}

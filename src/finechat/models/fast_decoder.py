@@ -18,13 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from finechat.models.row_split import (
-    RowSplitLinear,
-    aten_single_row_products,
-    plain_module,
-    split_linear,
-    split_linear_layers,
-)
+from finechat.models.row_split import RowSplitLinear, plain_module, split_linear, split_linear_layers
 
 
 def base_causal_lm(model: Any) -> Any:
@@ -240,8 +234,7 @@ class FastDecoder(StaticCacheDecoder):
         """Feed one token per row [b, 1] at ``position``; returns the next-token logits [b, vocab]."""
         self._check_position(position)
         if not self.compile:
-            with aten_single_row_products(token.numel(), self.dtype, self.device):
-                return self._forward(token, position)
+            return self._forward(token, position)
         if self._compiled_step is None:
             self._compiled_step = self._compile(self._compiled_forward)
         return self._after_compiled(self._compiled_step(token, torch.tensor(position, device=token.device)))

@@ -34,10 +34,14 @@ class RowSplitLinear(torch.nn.Linear):
 
 
 def split_linear(module: Any, x: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; up to :data:`MAX_SPLIT_ROWS` rows as one batched product over row chunks."""
+    """``F.linear(x, weight, bias)``: fp32, up to :data:`MAX_SPLIT_ROWS` rows as one batched product over row
+    chunks; bf16, one row on ATen's matrix-vector kernel (:func:`aten_single_row_products`)."""
     weight = module.weight
     in_features = weight.shape[-1]
     rows = x.numel() // in_features if in_features else 0
+    if rows == 1 and weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16:
+        with aten_single_row_products(rows, x.dtype, x.device):
+            return F.linear(x, weight, module.bias)
     if not 0 < rows <= MAX_SPLIT_ROWS or x.dtype != torch.float32 or weight.dtype != torch.float32 \
             or weight.device.type != "cpu" or x.device.type != "cpu" or not weight.is_contiguous() \
             or torch.get_num_threads() < 2:
@@ -55,10 +59,10 @@ def aten_single_row_products(rows: int, dtype: torch.dtype, device: torch.device
 
     Why: for one row oneDNN's bf16 matmul streams the weight at ~60% of ATen's matrix-vector kernel
     (4096 x 12288, 2 cores: 19.5 vs 32.6 GB/s; 130528 x 4096: 19 vs 32), while from a few rows up oneDNN is
-    many times faster, so the choice is per step: decoding one token of one sequence. torch offers no per-call
-    choice, only its process-wide ``mkldnn`` switch: it is turned off for the step and restored after (also on
-    error); a product of another thread during that window takes ATen's kernel too (same values up to the order
-    of the additions). fp32 and fp16 products are not affected (neither goes to oneDNN for one row).
+    many times faster, so the choice is per product. torch offers no per-call choice, only its process-wide
+    ``mkldnn`` switch: it is turned off for the one product and restored after (also on error); a product of
+    another thread during that window takes ATen's kernel too (same values up to the order of the additions).
+    Only Linear layers use it: ATen's bf16 batched products (attention) are slower than oneDNN's even for one row.
     """
     if rows != 1 or dtype != torch.bfloat16 or device.type != "cpu" or not torch._C._get_mkldnn_enabled():
         yield
@@ -84,22 +88,23 @@ def _row_chunks(out_features: int) -> int:
 
 
 def split_linear_layers(model: Any) -> int:
-    """Make every plain fp32 CPU ``nn.Linear`` of ``model`` a :class:`RowSplitLinear`, in place; returns how many.
+    """Make every plain fp32 / bf16 CPU ``nn.Linear`` of ``model`` a :class:`RowSplitLinear`, in place; returns
+    how many.
 
     Weights are untouched (no copy, tied weights stay tied, saving is unchanged). peft's adapter matrices,
     hooked or accelerate-wrapped modules and weights under :data:`MIN_SPLIT_WEIGHTS` entries are left as they are.
-    bf16 is left alone too: splitting made it slower; its one-row products go to ATen's kernel instead
-    (:func:`aten_single_row_products`).
+    bf16 layers are not split (splitting made them slower): their one-row products go to ATen's kernel instead.
     """
     changed = 0
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if type(module) is not torch.nn.Linear or "lora_" in name or weight is None or not plain_module(module):
             continue
-        if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.numel() < MIN_SPLIT_WEIGHTS:
+        if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) \
+                or weight.numel() < MIN_SPLIT_WEIGHTS:
             continue
-        chunks = _row_chunks(weight.shape[0])
-        if chunks < 2:
+        chunks = _row_chunks(weight.shape[0]) if weight.dtype == torch.float32 else 1
+        if chunks < 2 and weight.dtype == torch.float32:
             continue
         module.__class__ = RowSplitLinear
         module.row_chunks = chunks

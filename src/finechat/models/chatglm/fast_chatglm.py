@@ -19,7 +19,6 @@ from finechat.models.chatglm.modeling_chatglm import (
     rotary_cos_sin,
 )
 from finechat.models.fast_decoder import StaticCacheDecoder
-from finechat.models.row_split import aten_single_row_products
 
 
 class _GLMStaticCache:
@@ -79,11 +78,10 @@ class ChatGLMFastDecoder(StaticCacheDecoder):
         rotary = (rotary_cos_sin(position_ids[:, 0], rot_dim, hidden.dtype),
                   rotary_cos_sin(position_ids[:, 1], rot_dim, hidden.dtype))
         self._cache.start = start
-        with aten_single_row_products(input_ids.numel(), hidden.dtype, hidden.device):  # as the model's forward
-            for layer in self.layers:
-                hidden = layer(hidden, rotary, mask, self._cache, None)
-            hidden = self.final_norm(hidden[:, -1:])
-            logits = self.causal_lm.lm_head(hidden)[:, -1].float()
+        for layer in self.layers:
+            hidden = layer(hidden, rotary, mask, self._cache, None)
+        hidden = self.final_norm(hidden[:, -1:])
+        logits = self.causal_lm.lm_head(hidden)[:, -1].float()
         return InvalidScoreLogitsProcessor()(input_ids, logits)  # the reference's fp16 overflow guard, as generate
 
     @torch.inference_mode()

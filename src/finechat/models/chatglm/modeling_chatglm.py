@@ -40,7 +40,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from finechat.models.chatglm.configuration_chatglm import ChatGLMConfig
 from finechat.models.chatglm.quantization import PackedHead, linear_layer, quantize_layers
-from finechat.models.row_split import aten_single_row_products
 from finechat.text import clean_chatglm_response
 
 # The reference builds every block with its default num_layers=28, so the residual scale is √56 even for
@@ -350,18 +349,15 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         past_key_values: Any = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        norm = self.transformer.final_layernorm.weight  # the activations' dtype (the embedding may be quantized)
-        rows = (input_ids if input_ids is not None else inputs_embeds[..., 0]).numel()
-        with aten_single_row_products(rows, norm.dtype, norm.device):  # a bf16 decode step on a CPU
-            out = self.transformer(
-                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
-                use_cache=use_cache, output_hidden_states=output_hidden_states,
-            )
-            hidden = out.last_hidden_state
-            if logits_to_keep and labels is None:
-                hidden = hidden[:, -logits_to_keep:]
-            logits = self.lm_head(hidden)  # [b, s, vocab]
+        out = self.transformer(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+            cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, output_hidden_states=output_hidden_states,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep and labels is None:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)  # [b, s, vocab]
         loss = None
         if labels is not None:
             # Tokens < n predict n, in float32, as the reference computes its loss.
