@@ -138,8 +138,8 @@ def test_ptuning_and_chatglm_limits_are_clear_errors(tiny_model_dir, pairs_file,
     from chatglm_tiny import write_fake_chatglm
 
     glm = write_fake_chatglm(tmp_path / "glm")
-    with pytest.raises(ConfigError, match="stage kto does not work with the native ChatGLM-6B"):
-        run_stage(_cfg(glm, tmp_path / "g", "kto", pairs_file))
+    with pytest.raises(ConfigError, match="stage rm does not work with the native ChatGLM-6B"):
+        run_stage(_cfg(glm, tmp_path / "g", "rm", pairs_file))
     # DPO's rows keep [gMASK]<sop> between prompt and answer, and the native model builds its mask from the ids
     result = run_stage(_cfg(glm, tmp_path / "g", "dpo", pairs_file, max_steps=4, save_steps=4))
     assert result.metrics["final_loss"] < result.metrics["first_loss"]

@@ -15,9 +15,11 @@ trainer, which is TRL's (the field's library for these losses; nothing here re-i
 - ``grpo``: TRL's GRPOTrainer, sampling ``num_generations`` answers per prompt and scoring them with the
   reward functions of :mod:`finechat.train.rewards` against the data's reference answers.
 
-DPO and RM rows are tokenized here, through the SFT path (``finechat.data.preference``), so the template,
-special tokens and masking are SFT's; the DPO subclass only tells TRL that rows arrive tokenized. KTO, ORPO,
-SimPO and GRPO take the prompt and answers as text rendered by the same template, tokenized by TRL.
+Every stage's rows are tokenized here, through the SFT path (``finechat.data.preference``,
+``preference.split_answer`` for GRPO's prompts), so the template, special tokens and masking are SFT's; each
+TRL trainer gets them in the layout its own tokenizing step would produce, and a narrow subclass tells it
+they arrive tokenized (:func:`_takes_finechat_rows`). TRL re-tokenizing decoded text instead could merge BPE
+tokens across the prompt / answer boundary or add BOS / EOS the template never wrote.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ import random
 import time
 from typing import Any
 
+from finechat.data.conversation import Conversation
 from finechat.data.formats import read_conversations
-from finechat.data.preference import PreferenceStats, read_preferences, tokenize_preferences
+from finechat.data.preference import PreferenceStats, read_preferences, split_answer, tokenize_preferences
 from finechat.data.registry import LICENCE_FILE
 from finechat.data.templates import get_template
-from finechat.data.tokenize import special_token_layout
+from finechat.data.tokenize import IGNORE_INDEX, special_token_layout
 from finechat.errors import ConfigError
 from finechat.eval.reward import load_reward_model
 from finechat.files import write_json_atomic
@@ -58,9 +61,9 @@ from finechat.train.rewards import get_rewards
 ALIGN_STAGES = ("dpo", "orpo", "simpo", "kto", "rm", "grpo")
 PAIR_STAGES = ("dpo", "orpo", "simpo", "rm")
 # Stages the native ChatGLM-6B runs: its forward builds the GLM mask and 2D positions from the ids itself,
-# which DPO's pre-tokenized rows keep; the others tokenize text with the tokenizer (whose [gMASK]<sop> lands at
-# the end of prompt + answer), need a sequence-classification head, or generate through TRL's own loop.
-CHATGLM_STAGES = ("dpo",)
+# which the SFT path's rows keep ([gMASK]<sop> between prompt and answer); rm needs a sequence-classification
+# head and grpo generates through TRL's own loop.
+CHATGLM_STAGES = ("dpo", "orpo", "simpo", "kto")
 STAGE_METRICS = {  # what each stage's TRL trainer logs, as the summary names it
     "dpo": {"rewards/accuracies": "preference accuracy", "rewards/margins": "reward margin"},
     "orpo": {"rewards/accuracies": "preference accuracy", "rewards/margins": "reward margin"},
@@ -88,11 +91,11 @@ def check_supported(cfg: TrainConfig, model: Any) -> None:
     """A clear error for a method the model cannot be trained with."""
     model_type = getattr(model.config, "model_type", "")
     if model_type == "chatglm" and cfg.stage not in CHATGLM_STAGES:
-        raise ConfigError(f"stage {cfg.stage} does not work with the native ChatGLM-6B: TRL's {cfg.stage} "
-                          "trainer tokenizes prompt + answer as one text (ChatGLM needs [gMASK]<sop> between "
-                          "them for its GLM mask and 2D positions), builds a classification head or generates "
-                          f"through its own loop; stages that work with it: {', '.join(CHATGLM_STAGES)} "
-                          "(and sft)")
+        why = ("transformers has no sequence-classification class for it" if cfg.stage == "rm"
+               else f"TRL's {cfg.stage} trainer generates through its own loop, without ChatGLM's GLM mask and 2D "
+               "positions")
+        raise ConfigError(f"stage {cfg.stage} does not work with the native ChatGLM-6B: {why}; stages that work "
+                          f"with it: {', '.join(CHATGLM_STAGES)} (and sft)")
     if cfg.adapter_method == "ptuning":
         raise ConfigError(f"stage {cfg.stage} with method ptuning: TRL's trainers need the adapter to switch off "
                           "for the reference model; use lora, qlora, full or freeze")
@@ -107,31 +110,25 @@ def check_supported(cfg: TrainConfig, model: Any) -> None:
 # data
 # ------------------------------------------------------------------------------------------------------------
 
-def _text_rows(rows: list[dict], tokenizer: Any, prefix_len: int) -> list[dict]:
-    """Token rows back to text for the trainers that tokenize themselves (TRL adds the tokenizer's own prefix)."""
-    def text(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=False)
-
-    out = []
-    for row in rows:
-        item = {"prompt": text(row["prompt_ids"][prefix_len:])}
-        for key in ("chosen", "rejected", "completion"):
-            if f"{key}_ids" in row:
-                item[key] = text(row[f"{key}_ids"])
-        if "label" in row:
-            item["label"] = row["label"]
-        out.append(item)
+def _pair_row(row: dict) -> dict:
+    """A tokenized pair in the layout TRL's ORPO / CPO ``tokenize_row`` produces (labels -100 on the prompt)."""
+    prompt = row["prompt_ids"]
+    out = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+    for side in ("chosen", "rejected"):
+        ids = prompt + row[f"{side}_ids"]
+        out.update({f"{side}_input_ids": ids, f"{side}_attention_mask": [1] * len(ids),
+                    f"{side}_labels": [IGNORE_INDEX] * len(prompt) + row[f"{side}_ids"]})
     return out
 
 
-def _rows_for(stage: str, rows: list[dict], tokenizer: Any, template: Any) -> list[dict]:
-    """Tokenized pair / labelled rows in the layout the stage's TRL trainer takes."""
-    if stage == "dpo":
-        return rows
+def _rows_for(stage: str, rows: list[dict]) -> list[dict]:
+    """Tokenized pair / labelled rows in the layout the stage's TRL trainer has after its own tokenizing step."""
+    if stage in ("orpo", "simpo"):
+        return [_pair_row(r) for r in rows]
     if stage == "rm":  # whole sequences, scored at their last token
         return [{"chosen_ids": r["prompt_ids"] + r["chosen_ids"], "rejected_ids": r["prompt_ids"] + r["rejected_ids"]}
                 for r in rows]
-    return _text_rows(rows, tokenizer, len(special_token_layout(tokenizer, template)[0]))
+    return rows  # dpo: {prompt_ids, chosen_ids, rejected_ids}; kto: {prompt_ids, completion_ids, label}
 
 
 def load_preference_data(cfg: TrainConfig, tokenizer: Any, template: Any) -> tuple[list[dict], list[dict], dict]:
@@ -156,20 +153,23 @@ def load_preference_data(cfg: TrainConfig, tokenizer: Any, template: Any) -> tup
     info = {"stage": cfg.stage, "format": result.format, "summary": stats.summary(), "records": stats.records,
             "skipped_records": len(result.skipped), "no_room": len(stats.no_room) + len(eval_stats.no_room),
             "truncated": stats.truncated, "train_rows": len(train), "eval_rows": len(held)}
-    return _rows_for(cfg.stage, train, tokenizer, template), _rows_for(cfg.stage, held, tokenizer, template), info
+    return _rows_for(cfg.stage, train), _rows_for(cfg.stage, held), info
 
 
 def load_prompt_data(cfg: TrainConfig, tokenizer: Any, template: Any) -> tuple[list[dict], list[dict], dict]:
-    """GRPO rows ``{prompt, gold}`` from SFT data: the prompt rendered for generation, its reference answer."""
+    """GRPO rows from SFT data: the prompt's SFT ids (``prompt_ids``) and text, its reference answer (``gold``)."""
+    layout = special_token_layout(tokenizer, template)
+
     def rows(convs: list) -> list[dict]:
-        prefix = len(special_token_layout(tokenizer, template)[0])
         out = []
         for conv in convs:
             messages = conv.messages()
-            text = template.render(messages[:-1], getattr(tokenizer, "eos_token", "") or "",
-                                   add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-            out.append({"prompt": tokenizer.decode(ids[prefix:], skip_special_tokens=False),
+            # generation starts from the ids SFT gives this prompt (special tokens included, each once), not from
+            # TRL re-tokenizing text; the text, those ids decoded, is what the reward functions read
+            prompt = Conversation(conv.turns[:-1], system=conv.system, tools=conv.tools, source=conv.source,
+                                  line=conv.line)
+            prompt_ids, _ = split_answer(prompt, messages[-1]["content"], tokenizer, template, layout)
+            out.append({"prompt": tokenizer.decode(prompt_ids, skip_special_tokens=False), "prompt_ids": prompt_ids,
                         "gold": messages[-1]["content"], "prompt_messages": json.dumps(messages[:-1])})
         return out
 
@@ -258,6 +258,56 @@ def stage_settings(cfg: TrainConfig) -> dict:
             "max_completion_length": cfg.max_completion_length, "log_completions": False}
 
 
+def _takes_finechat_rows(stage: str, base: type) -> type:
+    """``base`` (a TRL trainer) told that KTO / ORPO / SimPO / GRPO rows arrive tokenized by the SFT path.
+
+    Each override skips only TRL's own tokenizing, which would re-tokenize decoded text and so could merge BPE
+    tokens across the prompt / answer boundary, add BOS / EOS the template did not write, or truncate by other rules.
+    """
+    if stage == "kto":
+        class FinechatKTOTrainer(base):
+            def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+                if "prompt_ids" not in dataset.column_names:
+                    return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+                if not self.calculate_KL:
+                    return dataset
+
+                # What TRL does after tokenizing: KL's mismatched pairs give each prompt the answer before it in
+                # its batch of per_device_train_batch_size rows (the first takes the last)
+                def rotate(batch: dict) -> dict:
+                    batch["KL_completion_ids"] = batch["completion_ids"][-1:] + batch["completion_ids"][:-1]
+                    return batch
+
+                return dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size)
+
+        return FinechatKTOTrainer
+    if stage in ("orpo", "simpo"):
+        class FinechatPairTrainer(base):
+            def tokenize_row(self, feature: dict, model: Any = None) -> dict:
+                if "chosen_labels" in feature:
+                    return feature
+                return super().tokenize_row(feature, model)
+
+        return FinechatPairTrainer
+    if stage == "grpo":
+        class FinechatGRPOTrainer(base):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self.sft_prompt_ids = {}  # prompt text -> its ids
+                for data in (self.train_dataset, self.eval_dataset):
+                    if "prompt_ids" in getattr(data, "column_names", ()):
+                        self.sft_prompt_ids.update(zip(data["prompt"], data["prompt_ids"]))
+
+            def _tokenize_prompts(self, prompts: list) -> tuple:
+                # The rows' prompt text is for the reward functions; generation starts from its SFT ids
+                if all(isinstance(p, str) and p in self.sft_prompt_ids for p in prompts):
+                    return [self.sft_prompt_ids[p] for p in prompts], None, {}
+                return super()._tokenize_prompts(prompts)
+
+        return FinechatGRPOTrainer
+    return base
+
+
 def make_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, args: Any, train: Any, evals: Any, callbacks: list,
                  info: dict, licence: dict, reward_funcs: list | None = None, ref_model: Any = None) -> Any:
     """TRL's trainer for the stage, saving atomically like every finechat run (``ref_model``: DPO's reference as
@@ -274,6 +324,7 @@ def make_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, args: Any, train:
                 return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
         base = FinechatDPOTrainer
+    base = _takes_finechat_rows(cfg.stage, base)
     kwargs: dict[str, Any] = dict(model=model, args=args, train_dataset=train, eval_dataset=evals,
                                   processing_class=tokenizer, callbacks=callbacks, run_info=info,
                                   keep_checkpoints=cfg.save_total_limit, extra_files={LICENCE_FILE: licence})
