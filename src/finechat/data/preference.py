@@ -3,11 +3,13 @@
 Formats, detected from the first record's keys or given as ``format=NAME``:
 
 ==================  =========================================================================================
-``pref-alpaca``     ``{instruction, input, chosen, rejected}`` (+ optional ``system``, ``history``)
+``pref-alpaca``     ``{instruction, input, chosen, rejected}`` (+ optional ``system``, ``history``); MedicalGPT's
+                    ``{question, response_chosen, response_rejected}`` (+ ``system``, ``history``) too
 ``pref-sharegpt``   ``{conversations: [{from, value}], chosen: {from, value}, rejected: {from, value}}``
                     (the answers may also be plain strings)
-``pref-prompt``     ``{prompt, chosen, rejected}`` with strings or message lists (UltraFeedback-binarized:
-                    ``chosen``/``rejected`` repeat the prompt's messages), or only ``{chosen, rejected}``
+``pref-prompt``     ``{prompt, chosen, rejected}`` (+ optional ``system``) with strings or message lists
+                    (UltraFeedback-binarized: ``chosen``/``rejected`` repeat the prompt's messages), or only
+                    ``{chosen, rejected}``
                     holding whole dialogues (HH-RLHF: ``"\\n\\nHuman: ... \\n\\nAssistant: ..."``), whose
                     shared beginning is the prompt
 ``kto``             ``{messages, label}`` (the last assistant message is the answer) or
@@ -144,13 +146,18 @@ def _messages_prompt(value: Any, field: str) -> Conversation:
     return Conversation(turns, system=system)
 
 
+# MedicalGPT's reward and DPO files (its medical reward set, DPO-En-Zh-20k-Preference) name alpaca's fields so.
+MEDICALGPT_FIELDS = {"instruction": "question", "chosen": "response_chosen", "rejected": "response_rejected"}
+
+
 def parse_pref_alpaca(rec: dict) -> PreferencePair:
-    instruction = _text(rec, "instruction")
+    key = {ours: theirs if ours not in rec and theirs in rec else ours for ours, theirs in MEDICALGPT_FIELDS.items()}
+    instruction = _text(rec, key["instruction"])
     query = _join(instruction, _text(rec, "input", required=False))
     turns = _history(rec, "history") + [Turn("user", query)]
     system = _text(rec, "system", required=False) or None
-    return _check_pair(Conversation(turns, system=system), _answer(rec.get("chosen"), "chosen"),
-                       _answer(rec.get("rejected"), "rejected"))
+    return _check_pair(Conversation(turns, system=system), _answer(rec.get(key["chosen"]), key["chosen"]),
+                       _answer(rec.get(key["rejected"]), key["rejected"]))
 
 
 def parse_pref_sharegpt(rec: dict) -> PreferencePair:
@@ -204,6 +211,11 @@ def parse_pref_prompt(rec: dict) -> PreferencePair:
     for key, side in (("chosen", chosen), ("rejected", rejected)):
         if isinstance(side, list) and len(side) > 1:
             raise RecordError(key, f"expected one answer after the prompt, got {len(side)} messages")
+    system = _text(rec, "system", required=False)
+    if system.strip():  # a system column beside the prompt (e.g. Chinese-dpo-pairs)
+        if prompt.system and prompt.system != system:
+            raise RecordError("system", "differs from the system message inside the prompt")
+        prompt.system = system
     return _check_pair(prompt, _answer(chosen, "chosen"), _answer(rejected, "rejected"))
 
 
@@ -240,6 +252,8 @@ def detect_preference_format(rec: Any) -> str | None:
     keys = set(rec)
     if "label" in keys and ("messages" in keys or "completion" in keys):
         return "kto"
+    if "response_chosen" in keys or "response_rejected" in keys:
+        return "pref-alpaca"
     if "chosen" in keys or "rejected" in keys:
         if "conversations" in keys:
             return "pref-sharegpt"

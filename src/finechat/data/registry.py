@@ -35,14 +35,16 @@ class Entry:
     format: str = ""  # data format name (finechat.data.formats), or model family
     fields: str = ""
     note: str = ""
+    source: str = ""  # where the licence (and layout) was read, for entries checked that way
 
     @property
     def commercial_text(self) -> str:
         return {True: "yes", False: "no", None: "unknown"}[self.commercial]
 
 
-def _d(name: str, fmt: str, license: str, commercial: bool | None, where: str, fields: str, note: str = "") -> Entry:
-    return Entry(name, "dataset", license, commercial, where, fmt, fields, note)
+def _d(name: str, fmt: str, license: str, commercial: bool | None, where: str, fields: str, note: str = "",
+       source: str = "") -> Entry:
+    return Entry(name, "dataset", license, commercial, where, fmt, fields, note, source)
 
 
 def _m(name: str, family: str, license: str, commercial: bool | None, where: str, note: str = "") -> Entry:
@@ -91,6 +93,38 @@ DATASETS: dict[str, Entry] = {e.name: e for e in [
        "HuggingFaceH4's ultrafeedback_binarized (the data of Zephyr-7B-beta), split train_prefs / test_prefs",
        "prompt, chosen [messages], rejected [messages], score_chosen, score_rejected",
        "built from UltraFeedback; the same model-provider note applies"),
+    # Chinese (and Chinese + English) preference sets; data/samples/published/ holds one record layout of each.
+    _d("dpo-en-zh-20k", "pref-sharegpt", "Apache-2.0", True,
+       "hiyouga's DPO-En-Zh-20k (also published as llamafactory's), files dpo_zh.json and dpo_en.json",
+       "conversations [{from, value}], chosen {from, value}, rejected {from, value}",
+       "10K Chinese + 10K English pairs drawn from other public preference sets (the list is on the card of its "
+       "copy DPO-En-Zh-20k-Preference: argilla's capybara / orca / ultrafeedback DPO sets and Chinese-dpo-pairs); "
+       "their terms may also apply",
+       "licence: the dataset card's metadata (license: apache-2.0); layout: LLaMA-Factory's data/dataset_info.json "
+       "(dpo_mix_zh / dpo_mix_en: sharegpt formatting, columns conversations, chosen, rejected)"),
+    _d("dpo-en-zh-20k-preference", "pref-alpaca", "Apache-2.0", True,
+       "shibing624's DPO-En-Zh-20k-Preference (MedicalGPT's layout of DPO-En-Zh-20k), dpo_zh.jsonl and dpo_en.jsonl",
+       "system, history [[query, answer]], question, response_chosen, response_rejected",
+       "the same pairs as dpo-en-zh-20k; its card lists the sources (argilla's capybara, orca and ultrafeedback DPO "
+       "sets, wenbopan's Chinese-dpo-pairs), whose terms may also apply",
+       "licence and fields: the dataset card's metadata (license: apache-2.0, dataset_info features)"),
+    _d("chinese-dpo-pairs", "pref-prompt", "MIT", True, "wenbopan's Chinese-dpo-pairs (10K pairs, parquet: export "
+       "to JSONL)", "prompt, system, chosen, rejected (strings), source, id",
+       "GPT-3.5 translations of ultrafeedback-binarized-preferences-cleaned, Intel's orca_dpo_pairs and truthy-dpo "
+       "(as its card says): OpenAI's terms and those sets' terms may also apply",
+       "licence and fields: the dataset card (license: mit; features prompt, system, chosen, rejected)"),
+    _d("medical-reward-zh", "pref-alpaca", "Apache-2.0", True,
+       "shibing624's medical data set, folder reward/ (train.json: 4,000 pairs; valid.json, test.json)",
+       "question, response_chosen, response_rejected (one JSON object a line)",
+       "questions and chosen (doctors') answers from Toyhom's Chinese-medical-dialogue-data (MIT, its LICENSE "
+       "file); the rejected answers are a model's (a copy of the set names Huatuo-Llama-Med-Chinese, LLaMA-based). "
+       "Medical text: not medical advice",
+       "licence: the dataset card (license: apache-2.0, 'available under the Apache 2.0'); fields: its README"),
+    _d("rlhf-reward-single-round-zh", "pref-prompt", "unknown", None,
+       "beyond's rlhf-reward-single-round-trans_chinese (Chinese translation of single-round HH-RLHF pairs, parquet)",
+       "prompt, chosen, rejected (strings)",
+       "the card states no licence; the English original (hh-rlhf) is MIT",
+       "the dataset card: features prompt, chosen, rejected and no license field"),
     _d("finechat-samples", "all", "Apache-2.0", True, "this project: data/samples/",
        "one small file per format", "written for finechat"),
     _d("adgen-synthetic", "prompt-response", "Apache-2.0", True,
