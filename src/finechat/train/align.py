@@ -42,6 +42,7 @@ from finechat.files import write_json_atomic
 from finechat.models.load import log
 from finechat.models.reward import reward_model_from
 from finechat.train import checkpoints
+from finechat.train.compact_head import compact_log_prob_head
 from finechat.train.config import TrainConfig
 from finechat.train.estimate import estimate_memory
 from finechat.train.methods import default_lora_targets, prepare_model
@@ -316,7 +317,15 @@ def make_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, args: Any, train:
     base = checkpoints.make_trainer_class(trainer_class)
     if cfg.stage == "dpo":
         class FinechatDPOTrainer(base):
-            """DPO on rows finechat tokenized with the SFT template (TRL would otherwise re-tokenize text)."""
+            """DPO on rows finechat tokenized with the SFT template (TRL would otherwise re-tokenize text), with
+            the LM head projecting answer positions only on a CPU (:mod:`finechat.train.compact_head`)."""
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+                for m in (policy, self.ref_model):
+                    if m is not None:
+                        compact_log_prob_head(m)
 
             def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
                 if "prompt_ids" in dataset.column_names:

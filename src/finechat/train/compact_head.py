@@ -1,0 +1,69 @@
+"""DPO's per-token log-probabilities on a CPU, projected through the LM head only where an answer token is.
+
+TRL (1.16) gives the model its preference trainers train a fused, chunked log-probability head
+(``trl.trainer.utils.add_fused_lm_head``): no ``[batch, seq, vocab]`` logits. With Triton (CUDA, XPU) that head
+projects only the positions whose label counts; on every other device it projects *every* position of the
+batch, prompt and padding included (on compiled devices a changing row count would recompile), and its torch
+fallback holds about nine float32 copies of a ``[positions, 32768]`` vocabulary tile at once in the backward
+(measured: +518 MiB over the step's graph for 464 positions).
+A DPO batch holds chosen and rejected (twice SFT's sequences), so on the default model and the arithmetic
+pairs that head alone added ~500 MiB to a step's peak on a CPU, most of the gap to LoRA SFT
+(benchmarks/dpo_memory.py). A CPU compiles nothing, so here the head projects only the answer positions,
+through TRL's own kernel (same math, same output fields), in narrower vocabulary tiles. Heads TRL scales
+(logit soft-capping, logit multipliers) and MoE models keep TRL's own head: this is the plain case only.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+# config fields that make TRL scale the head's logits (then its own head is kept)
+SCALED_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                      "logits_scaling")
+# every per-token field TRL's trainers read from the head (cheap on answer positions only)
+OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+COMPILED_DEVICES = ("cuda", "xpu")  # where TRL's head already projects answer positions only
+# vocabulary columns a tile holds (TRL: 32768): the fallback keeps ~9 float32 copies of a [rows, VOCAB_TILE] tile,
+# so 4,096 rows (its row tile) cost ~0.6 GiB at this width, not ~4.5 GiB
+VOCAB_TILE = 4096
+
+
+def compact_log_prob_head(model: Any) -> bool:
+    """Make ``model`` (already given TRL's fused head) project only labelled positions on non-Triton devices.
+
+    Returns False, leaving TRL's head as it is, for heads TRL scales and for MoE models.
+    """
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if any(getattr(config, name, None) is not None for name in SCALED_HEAD_FIELDS) \
+            or getattr(config, "output_router_logits", False):
+        return False
+    trl_forward = model.forward
+
+    @functools.wraps(trl_forward)
+    def forward(*args: Any, fused_lm_head: bool = False, labels: Any = None, shift_labels: Any = None,
+                **kwargs: Any) -> Any:
+        if not fused_lm_head or labels is None or shift_labels is not None \
+                or labels.device.type in COMPILED_DEVICES:
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                               **kwargs)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        kwargs["use_cache"] = False
+        hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1]  # [batch, seq - 1, hidden]
+        targets = labels[:, 1:].to(hidden.device)
+        mask = targets != -100  # answer positions: the only ones any DPO loss reads
+        head = model.get_output_embeddings()
+        per_token = ChunkedLogProbFunction.apply(hidden[mask], head.weight, head.bias, targets[mask], 1.0,
+                                                 VOCAB_TILE, None, 1.0, OUTPUTS)
+        # back to [batch, seq - 1], zero where there is no label (what TRL's head returns)
+        log_probs, entropy, log_sum_sq, mean_logits, is_top1 = (x.new_zeros(mask.shape).masked_scatter(mask, x)
+                                                                for x in per_token)
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items is None else num_items)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq,
+                                   mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
+
+    model.forward = forward
+    return True
