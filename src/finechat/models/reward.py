@@ -20,6 +20,8 @@ def reward_model_from(causal_lm: Any, pad_token_id: int | None) -> Any:
     config = copy.deepcopy(causal_lm.config)
     config.num_labels = 1
     config.pad_token_id = pad_token_id  # the score is read at the last token that is not padding
+    if getattr(causal_lm, "hf_quantizer", None) is not None:
+        return _quantized_reward_model(causal_lm, config)
     try:
         model = AutoModelForSequenceClassification.from_config(config, dtype=causal_lm.dtype)
     except (ValueError, KeyError) as e:
@@ -35,3 +37,31 @@ def reward_model_from(causal_lm: Any, pad_token_id: int | None) -> Any:
         raise ConfigError(f"stage rm: the decoder of {type(causal_lm).__name__} does not fit "
                           f"{type(model).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.to(next(causal_lm.parameters()).device)
+
+
+def _quantized_reward_model(causal_lm: Any, config: Any) -> Any:
+    """The classifier over a bitsandbytes-quantized base (QLoRA): its decoder module itself, not a copy.
+
+    Packed 4/8-bit weights do not load into a float decoder, and building one first would hold the full-precision
+    weights QLoRA exists to avoid: the classifier is built on the meta device, takes the quantized decoder and the
+    base's quantization marks (so peft and the Trainer treat it as quantized), and only the new head is created.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(config, dtype=causal_lm.dtype)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"stage rm: transformers has no sequence-classification class for model_type "
+                          f"{config.model_type!r}, so no reward model can be built on it") from e
+    setattr(model, model.base_model_prefix, getattr(causal_lm, causal_lm.base_model_prefix))
+    device = next(causal_lm.parameters()).device
+    for module in model.modules():  # the head: still on the meta device, initialised as transformers does
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            module.to_empty(device=device, recurse=False)
+            model._init_weights(module)
+    for mark in ("hf_quantizer", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if hasattr(causal_lm, mark):
+            setattr(model, mark, getattr(causal_lm, mark))
+    return model

@@ -45,7 +45,7 @@ from finechat.train import checkpoints
 from finechat.train.compact_head import compact_log_prob_head
 from finechat.train.config import TrainConfig
 from finechat.train.estimate import estimate_memory
-from finechat.train.methods import default_lora_targets, prepare_model
+from finechat.train.methods import default_lora_targets, prepare_model, trainable_to_float32
 from finechat.train.recipe import (
     TrainResult,
     finish_run,
@@ -341,7 +341,10 @@ def make_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, args: Any, train:
         kwargs["reward_funcs"] = reward_funcs
     if ref_model is not None:
         kwargs["ref_model"] = ref_model
-    return base(**kwargs)
+    trainer = base(**kwargs)
+    if cfg.quantization_bit:  # TRL puts a quantized model's trainable weights in bf16; finechat's rule is float32
+        trainable_to_float32(trainer.model)
+    return trainer
 
 
 def grpo_rewards(cfg: TrainConfig) -> list:

@@ -134,7 +134,6 @@ def apply_ptuning(model: Any, cfg: TrainConfig) -> Any:
 
 def prepare_model(model: Any, cfg: TrainConfig) -> Any:
     """Apply ``cfg.method`` to a loaded base model; returns the model to hand to the Trainer."""
-    import torch
 
     if cfg.quantization_bit:
         from peft import prepare_model_for_kbit_training
@@ -162,11 +161,19 @@ def prepare_model(model: Any, cfg: TrainConfig) -> Any:
     elif cfg.adapter_method == "full":
         for p in model.parameters():
             p.requires_grad = True
+    trainable_to_float32(model)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # no KV cache while training (and it conflicts with checkpointing)
+    return model
+
+
+def trainable_to_float32(model: Any) -> Any:
+    """Every trainable parameter in float32 (the dtype rule above); frozen and quantized weights stay as they are."""
+    import torch
+
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False  # no KV cache while training (and it conflicts with checkpointing)
     return model
 
 
