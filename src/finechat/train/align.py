@@ -7,7 +7,9 @@ trainer, which is TRL's (the field's library for these losses; nothing here re-i
 
 - ``dpo``: TRL's DPOTrainer with ``loss`` = its ``loss_type`` (sigmoid, ipo, hinge, ...) and ``beta``. With
   LoRA the model is a peft model and no reference model is passed, so TRL computes the reference log-probs
-  with the adapter disabled: the base weights are held once (see benchmarks/dpo_memory.py).
+  through the same base weights with a frozen copy of the starting adapter ("ref"; for a new adapter, the base
+  itself): the base weights are held once. On a CPU the LM head projects answer positions only
+  (:mod:`finechat.train.compact_head`; see benchmarks/dpo_memory.py).
 - ``rm``: TRL's RewardTrainer on the base with a one-score head (:mod:`finechat.models.reward`); LoRA uses
   peft's SEQ_CLS task so the head is trained and saved with the adapter. Scored by pairwise accuracy.
 - ``kto``: TRL's KTOTrainer on answers labelled desirable / undesirable (pairs count as one of each).

@@ -4,13 +4,12 @@ TRL (1.16) gives the model its preference trainers train a fused, chunked log-pr
 (``trl.trainer.utils.add_fused_lm_head``): no ``[batch, seq, vocab]`` logits. With Triton (CUDA, XPU) that head
 projects only the positions whose label counts; on every other device it projects *every* position of the
 batch, prompt and padding included (on compiled devices a changing row count would recompile), and its torch
-fallback holds about nine float32 copies of a ``[positions, 32768]`` vocabulary tile at once in the backward
-(measured: +518 MiB over the step's graph for 464 positions).
-A DPO batch holds chosen and rejected (twice SFT's sequences), so on the default model and the arithmetic
-pairs that head alone added ~500 MiB to a step's peak on a CPU, most of the gap to LoRA SFT
-(benchmarks/dpo_memory.py). A CPU compiles nothing, so here the head projects only the answer positions,
-through TRL's own kernel (same math, same output fields), in narrower vocabulary tiles. Heads TRL scales
-(logit soft-capping, logit multipliers) and MoE models keep TRL's own head: this is the plain case only.
+fallback holds about nine float32 copies of a ``[positions, 32768]`` vocabulary tile at once in the backward.
+A DPO batch holds chosen and rejected, twice SFT's sequences: on the default model and the arithmetic pairs on a
+CPU that head added ~520 MiB to the backward's peak and ~280 MiB to the forward's (8 x 64 positions, under 100 of them
+answer tokens), most of the gap to LoRA SFT (benchmarks/dpo_memory.py). A CPU compiles nothing, so here the
+head projects only the answer positions, through TRL's own kernel: the same math and output fields, the same
+numbers. Heads TRL scales (logit soft-capping, logit multipliers) and MoE models keep TRL's own head.
 """
 
 from __future__ import annotations
@@ -24,9 +23,9 @@ SCALED_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "output_multipli
 # every per-token field TRL's trainers read from the head (cheap on answer positions only)
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 COMPILED_DEVICES = ("cuda", "xpu")  # where TRL's head already projects answer positions only
-# vocabulary columns a tile holds (TRL: 32768): the fallback keeps ~9 float32 copies of a [rows, VOCAB_TILE] tile,
-# so 4,096 rows (its row tile) cost ~0.6 GiB at this width, not ~4.5 GiB
-VOCAB_TILE = 4096
+# vocabulary columns a tile holds: TRL's own width, so the numbers are TRL's bit for bit; narrower tiles were
+# slower here (4,096: ~3x the head's time) and answer rows alone keep the tiles small
+VOCAB_TILE = 32768
 
 
 def compact_log_prob_head(model: Any) -> bool:
