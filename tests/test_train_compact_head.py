@@ -46,7 +46,8 @@ def test_compact_head_gives_trls_numbers_from_answer_positions_only(tiny_model_d
     rows: list[int] = []
     spy = types.SimpleNamespace(apply=lambda hidden, *rest: rows.append(len(hidden)) or real.apply(hidden, *rest))
     monkeypatch.setattr(trl.kernels, "ChunkedLogProbFunction", spy)
-    monkeypatch.setattr(compact_head, "VOCAB_TILE", 64)  # several vocabulary tiles on the tiny vocabulary
+    monkeypatch.setattr(compact_head, "MIN_VOCAB_TILE", 64)  # several vocabulary tiles on the tiny vocabulary
+    monkeypatch.setattr(compact_head, "TILE_VALUES", 1)
     model = _model(tiny_model_dir)
     assert compact_head.compact_log_prob_head(model)
     out, grads = _run(model, ids, labels)
@@ -59,6 +60,12 @@ def test_compact_head_gives_trls_numbers_from_answer_positions_only(tiny_model_d
     assert torch.allclose(grads, trl_grads, atol=1e-4, rtol=1e-4)
     # without fused_lm_head the model is the plain causal LM (generation is unchanged)
     assert model(input_ids=ids).logits.shape == (4, 20, model.config.vocab_size)
+
+
+def test_vocabulary_tiles_narrow_with_the_rows():
+    from finechat.train.compact_head import vocab_tile
+
+    assert vocab_tile(8) == 32768 and vocab_tile(95) == 8192 and vocab_tile(4096) == 4096
 
 
 def test_heads_trl_scales_keep_trls_own(tiny_model_dir):

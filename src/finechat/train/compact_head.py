@@ -5,11 +5,12 @@ TRL (1.16) gives the model its preference trainers train a fused, chunked log-pr
 projects only the positions whose label counts; on every other device it projects *every* position of the
 batch, prompt and padding included (on compiled devices a changing row count would recompile), and its torch
 fallback holds about nine float32 copies of a ``[positions, 32768]`` vocabulary tile at once in the backward.
-A DPO batch holds chosen and rejected, twice SFT's sequences: on the default model and the arithmetic pairs on a
-CPU that head added ~520 MiB to the backward's peak and ~280 MiB to the forward's (8 x 64 positions, under 100 of them
-answer tokens), most of the gap to LoRA SFT (benchmarks/dpo_memory.py). A CPU compiles nothing, so here the
-head projects only the answer positions, through TRL's own kernel: the same math and output fields, the same
-numbers. Heads TRL scales (logit soft-capping, logit multipliers) and MoE models keep TRL's own head.
+A DPO batch holds chosen and rejected, twice SFT's sequences: on the default model and the arithmetic pairs on
+a CPU that head added ~520 MiB to the backward's peak and ~280 MiB to the forward's (8 x 64 positions, under
+100 of them answer tokens), most of the gap to LoRA SFT (benchmarks/dpo_memory.py). A CPU compiles nothing, so
+here the head projects only the answer positions, through TRL's own kernel (the same math and output fields),
+in vocabulary tiles narrowed to the number of rows. Heads TRL scales (logit soft-capping, logit multipliers)
+and MoE models keep TRL's own head.
 """
 
 from __future__ import annotations
@@ -23,9 +24,20 @@ SCALED_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "output_multipli
 # every per-token field TRL's trainers read from the head (cheap on answer positions only)
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 COMPILED_DEVICES = ("cuda", "xpu")  # where TRL's head already projects answer positions only
-# vocabulary columns a tile holds: TRL's own width, so the numbers are TRL's bit for bit; narrower tiles were
-# slower here (4,096: ~3x the head's time) and answer rows alone keep the tiles small
-VOCAB_TILE = 32768
+# Vocabulary columns a tile holds: TRL's 32,768 halved (down to 4,096) until a tile holds at most TILE_VALUES
+# float32 values, since the fallback keeps ~9 copies of it. Measured on the default model's head, 95 answer rows:
+# peak 130 MiB at 32,768 and 27 MiB at 8,192, the same time on one thread (0.25-0.3 s); on two threads of a busy
+# machine each tile's ops wait for the second thread (0.8 s at 32,768, 1.8 s at 8,192).
+MAX_VOCAB_TILE, MIN_VOCAB_TILE = 32768, 4096
+TILE_VALUES = 2 ** 20  # 4 MiB a copy
+
+
+def vocab_tile(rows: int) -> int:
+    """Vocabulary columns of one tile for ``rows`` projected positions (see TILE_VALUES)."""
+    width = MAX_VOCAB_TILE
+    while width > MIN_VOCAB_TILE and rows * width > TILE_VALUES:
+        width //= 2
+    return width
 
 
 def compact_log_prob_head(model: Any) -> bool:
@@ -55,8 +67,9 @@ def compact_log_prob_head(model: Any) -> bool:
         targets = labels[:, 1:].to(hidden.device)
         mask = targets != -100  # answer positions: the only ones any DPO loss reads
         head = model.get_output_embeddings()
-        per_token = ChunkedLogProbFunction.apply(hidden[mask], head.weight, head.bias, targets[mask], 1.0,
-                                                 VOCAB_TILE, None, 1.0, OUTPUTS)
+        rows = hidden[mask]  # [answer tokens, hidden]
+        per_token = ChunkedLogProbFunction.apply(rows, head.weight, head.bias, targets[mask], 1.0,
+                                                 vocab_tile(len(rows)), None, 1.0, OUTPUTS)
         # back to [batch, seq - 1], zero where there is no label (what TRL's head returns)
         log_probs, entropy, log_sum_sq, mean_logits, is_top1 = (x.new_zeros(mask.shape).masked_scatter(mask, x)
                                                                 for x in per_token)
