@@ -52,3 +52,13 @@ def test_qlora_reward_model_trains_and_loads_for_scoring(tiny_model_dir, pairs_f
     rm = load_reward_model(_qlora(tiny_model_dir, tmp_path, "rm", pairs_file))
     scores = pairwise_accuracy(rm, read_preferences(pairs_file).records)
     assert scores["pairs"] == 8 and math.isfinite(scores["rm margin"])
+
+
+def test_qlora_dpo_on_the_native_chatglm(tmp_path, pairs_file):
+    from chatglm_tiny import write_fake_chatglm
+
+    glm = write_fake_chatglm(tmp_path / "glm")
+    ckpt = _qlora(glm, tmp_path, "dpo", pairs_file)
+    policy, _ = _load_policy(glm, str(ckpt))
+    with torch.no_grad():
+        assert torch.isfinite(policy(input_ids=IDS).logits).all()
