@@ -8,14 +8,16 @@ import math
 from pathlib import Path
 
 import pytest
+import test_train_align
 import torch
-from test_train_align import SAMPLES, _cfg, _load_policy, pairs_file  # noqa: F401  (pairs_file is a fixture)
+from test_train_align import SAMPLES, _cfg, _load_policy
 
 from finechat.data.preference import read_preferences
 from finechat.eval.reward import load_reward_model, pairwise_accuracy
 from finechat.train.align import run_stage
 
 pytest.importorskip("bitsandbytes")
+pairs_file = test_train_align.pairs_file  # the same eight pairs (a module fixture)
 IDS = torch.tensor([[5, 17, 33, 80, 120, 7]])
 
 

@@ -314,7 +314,7 @@ def _takes_finechat_rows(stage: str, base: type) -> type:
 def make_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, args: Any, train: Any, evals: Any, callbacks: list,
                  info: dict, licence: dict, reward_funcs: list | None = None, ref_model: Any = None) -> Any:
     """TRL's trainer for the stage, saving atomically like every finechat run (``ref_model``: DPO's reference as
-    a separate model; by default a LoRA policy is its own reference with the adapter off)."""
+    a separate model; by default a LoRA policy is its own reference: TRL keeps a frozen copy of its starting adapter)."""
     trainer_class, _ = _trl_classes(cfg.stage)
     base = checkpoints.make_trainer_class(trainer_class)
     if cfg.stage == "dpo":
