@@ -13,21 +13,26 @@ from typing import Any
 from finechat.errors import ConfigError
 
 
-def reward_model_from(causal_lm: Any, pad_token_id: int | None) -> Any:
-    """A ``num_labels=1`` sequence classifier sharing ``causal_lm``'s decoder weights (copied by reference)."""
+def _classifier(causal_lm: Any, config: Any) -> Any:
+    """transformers' sequence classifier for ``config`` (on the current default device), or a ConfigError."""
     from transformers import AutoModelForSequenceClassification
 
+    try:
+        return AutoModelForSequenceClassification.from_config(config, dtype=causal_lm.dtype)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"stage rm: transformers has no sequence-classification class for model_type "
+                          f"{config.model_type!r} ({type(causal_lm).__name__}), so no reward model can be built on "
+                          "it; train the reward model on another base (e.g. default)") from e
+
+
+def reward_model_from(causal_lm: Any, pad_token_id: int | None) -> Any:
+    """A ``num_labels=1`` sequence classifier sharing ``causal_lm``'s decoder weights (copied by reference)."""
     config = copy.deepcopy(causal_lm.config)
     config.num_labels = 1
     config.pad_token_id = pad_token_id  # the score is read at the last token that is not padding
     if getattr(causal_lm, "hf_quantizer", None) is not None:
         return _quantized_reward_model(causal_lm, config)
-    try:
-        model = AutoModelForSequenceClassification.from_config(config, dtype=causal_lm.dtype)
-    except (ValueError, KeyError) as e:
-        raise ConfigError(f"stage rm: transformers has no sequence-classification class for model_type "
-                          f"{config.model_type!r} ({type(causal_lm).__name__}), so no reward model can be built on "
-                          "it; train the reward model on another base (e.g. default)") from e
+    model = _classifier(causal_lm, config)
     body = getattr(model, model.base_model_prefix)
     source = getattr(causal_lm, causal_lm.base_model_prefix, None)
     if source is None:
@@ -47,14 +52,9 @@ def _quantized_reward_model(causal_lm: Any, config: Any) -> Any:
     base's quantization marks (so peft and the Trainer treat it as quantized), and only the new head is created.
     """
     import torch
-    from transformers import AutoModelForSequenceClassification
 
-    try:
-        with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(config, dtype=causal_lm.dtype)
-    except (ValueError, KeyError) as e:
-        raise ConfigError(f"stage rm: transformers has no sequence-classification class for model_type "
-                          f"{config.model_type!r}, so no reward model can be built on it") from e
+    with torch.device("meta"):
+        model = _classifier(causal_lm, config)
     setattr(model, model.base_model_prefix, getattr(causal_lm, causal_lm.base_model_prefix))
     device = next(causal_lm.parameters()).device
     for module in model.modules():  # the head: still on the meta device, initialised as transformers does

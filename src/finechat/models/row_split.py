@@ -1,4 +1,4 @@
-"""Row-split fp32 Linear layers for CPU decoding: a product over a few rows runs as one batched product.
+"""Linear layers for CPU decoding: fp32 products over a few rows as one batched product, bf16 rows on ATen.
 
 Why: at batch 1 every Linear layer is a matrix-vector product; ``F.linear`` hands it to MKL's
 matrix-vector kernel, which runs on one core, while ``torch.bmm`` over row chunks of the same weight (a
@@ -39,7 +39,7 @@ def split_linear(module: Any, x: torch.Tensor) -> torch.Tensor:
     weight = module.weight
     in_features = weight.shape[-1]
     rows = x.numel() // in_features if in_features else 0
-    if rows == 1 and weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16:
+    if weight.dtype == torch.bfloat16:  # not split; one row on ATen's kernel
         with aten_single_row_products(rows, x.dtype, x.device):
             return F.linear(x, weight, module.bias)
     if not 0 < rows <= MAX_SPLIT_ROWS or x.dtype != torch.float32 or weight.dtype != torch.float32 \

@@ -262,11 +262,29 @@ def stage_settings(cfg: TrainConfig) -> dict:
 
 
 def _takes_finechat_rows(stage: str, base: type) -> type:
-    """``base`` (a TRL trainer) told that KTO / ORPO / SimPO / GRPO rows arrive tokenized by the SFT path.
+    """``base`` (a TRL trainer) told that the stage's rows arrive tokenized by the SFT path.
 
     Each override skips only TRL's own tokenizing, which would re-tokenize decoded text and so could merge BPE
     tokens across the prompt / answer boundary, add BOS / EOS the template did not write, or truncate by other rules.
     """
+    if stage == "dpo":
+        class FinechatDPOTrainer(base):
+            """DPO on rows finechat tokenized with the SFT template (TRL would otherwise re-tokenize text), with
+            the LM head projecting answer positions only on a CPU (:mod:`finechat.train.compact_head`)."""
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+                for m in (policy, self.ref_model):
+                    if m is not None:
+                        compact_log_prob_head(m)
+
+            def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+                if "prompt_ids" in dataset.column_names:
+                    return dataset
+                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+        return FinechatDPOTrainer
     if stage == "kto":
         class FinechatKTOTrainer(base):
             def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
@@ -316,26 +334,7 @@ def make_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, args: Any, train:
     """TRL's trainer for the stage, saving atomically like every finechat run (``ref_model``: DPO's reference as
     a separate model; by default a LoRA policy is its own reference: TRL keeps a frozen copy of its starting adapter)."""
     trainer_class, _ = _trl_classes(cfg.stage)
-    base = checkpoints.make_trainer_class(trainer_class)
-    if cfg.stage == "dpo":
-        class FinechatDPOTrainer(base):
-            """DPO on rows finechat tokenized with the SFT template (TRL would otherwise re-tokenize text), with
-            the LM head projecting answer positions only on a CPU (:mod:`finechat.train.compact_head`)."""
-
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, **kwargs)
-                policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-                for m in (policy, self.ref_model):
-                    if m is not None:
-                        compact_log_prob_head(m)
-
-            def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
-                if "prompt_ids" in dataset.column_names:
-                    return dataset
-                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-        base = FinechatDPOTrainer
-    base = _takes_finechat_rows(cfg.stage, base)
+    base = _takes_finechat_rows(cfg.stage, checkpoints.make_trainer_class(trainer_class))
     kwargs: dict[str, Any] = dict(model=model, args=args, train_dataset=train, eval_dataset=evals,
                                   processing_class=tokenizer, callbacks=callbacks, run_info=info,
                                   keep_checkpoints=cfg.save_total_limit, extra_files={LICENCE_FILE: licence})

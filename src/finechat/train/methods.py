@@ -134,7 +134,6 @@ def apply_ptuning(model: Any, cfg: TrainConfig) -> Any:
 
 def prepare_model(model: Any, cfg: TrainConfig) -> Any:
     """Apply ``cfg.method`` to a loaded base model; returns the model to hand to the Trainer."""
-
     if cfg.quantization_bit:
         from peft import prepare_model_for_kbit_training
 
