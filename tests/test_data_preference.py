@@ -118,6 +118,53 @@ def test_pairs_from_sft_rule_numbers_corrupts_only_the_result():
     assert pairs_from_sft(convs, "numbers", seed=0)[0][0].rejected == pairs[0].rejected  # deterministic
 
 
+def test_pairs_rule_operands_miscopies_the_question_with_right_arithmetic_and_mixed_alternates():
+    from fractions import Fraction
+
+    from finechat.data.formats import parse_alpaca
+    from finechat.tools.calculator import evaluate
+
+    convs = [parse_alpaca(r) for r in arithmetic_records(20, seed=3)]
+    pairs, left_out = pairs_from_sft(convs, "operands", seed=0)
+    assert len(pairs) == 20 and left_out == []
+    for p in pairs:
+        question, result = p.rejected.rstrip("。.").split(" = ")
+        assert question != p.chosen.split(" = ")[0]  # another question ...
+        assert Fraction(evaluate(question.replace("×", "*"))) == Fraction(result)  # ... worked out right
+    mixed, _ = pairs_from_sft(convs, "mixed", seed=0)
+    kinds = ["operands" if p.rejected.split(" = ")[0] != p.chosen.split(" = ")[0] else "numbers" for p in mixed]
+    assert kinds == ["numbers", "operands"] * 10
+    no_statement = [parse_alpaca({"instruction": "Say hi", "output": "Hi there, 3 times."})]
+    assert pairs_from_sft(no_statement, "operands")[1][0][1] == "no 'a op b = c' in the answer for rule operands"
+
+
+def test_arithmetic_questions_are_distinct_and_never_a_held_out_one(tmp_path, capsys):
+    held = SAMPLES / "preference" / "arithmetic_heldout.jsonl"
+    held_questions = {json.loads(line)["instruction"] for line in held.read_text(encoding="utf-8").splitlines()}
+    out = tmp_path / "sums.jsonl"
+    # seed 2 is the seed the held-out set was written with: without --exclude it starts with the same questions
+    assert cli_main(["data", "generate", "arithmetic", "--n", "40", "--seed", "2", "--out", str(out),
+                     "--exclude", str(held)]) == 0
+    assert "none of the 64 questions" in capsys.readouterr().out
+    questions = [json.loads(line)["instruction"] for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(questions) == len(set(questions)) == 40 and not set(questions) & held_questions
+    assert {r["instruction"] for r in arithmetic_records(64, seed=2)} == held_questions
+    with pytest.raises(DataError, match="different arithmetic questions"):
+        arithmetic_records(30, seed=0, max_operand=2)  # 26 questions exist with first operands of 2
+
+
+def test_shipped_held_out_prompts_are_not_in_the_training_files():
+    folder = SAMPLES / "preference"
+
+    def questions(name: str) -> set[str]:
+        rows = [json.loads(line) for line in (folder / name).read_text(encoding="utf-8").splitlines()]
+        return {r["instruction"] if "instruction" in r else r["prompt"][-1]["content"] for r in rows}
+
+    held = questions("arithmetic_heldout.jsonl") | questions("arithmetic_pairs_heldout.jsonl")
+    for name in ("arithmetic_sft.jsonl", "arithmetic_pairs.jsonl"):
+        assert not questions(name) & held, name
+
+
 def test_cli_convert_preview_stats_and_pairs(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "hh.json"
     assert cli_main(["data", "convert", str(SAMPLES / "preference_hh.jsonl"), "--to", "pref-alpaca", str(out)]) == 0

@@ -71,6 +71,24 @@ def test_dpo_lora_raises_preference_accuracy_and_its_checkpoint_loads(tiny_model
     assert isinstance(bot.chat("What is 3 plus 3?", max_new_tokens=4)[0], str)
 
 
+def test_dpo_sft_weight_adds_the_chosen_answer_likelihood(tiny_model_dir, pairs_file, tmp_path):
+    """RPO: DPO plus the chosen answer's NLL; the chosen side's likelihood rises further than with DPO alone."""
+    from finechat.eval.preference import pair_logps
+
+    pairs = read_preferences(pairs_file).records
+    chosen = {}
+    for weight in (0.0, 1.0):
+        ckpt = run_stage(_cfg(tiny_model_dir, tmp_path / f"w{weight}", "dpo", pairs_file, max_steps=6, save_steps=6,
+                              learning_rate=1e-2, sft_weight=weight)).final_checkpoint
+        policy, tokenizer = _load_policy(tiny_model_dir, ckpt)
+        logps = pair_logps(policy, tokenizer, get_template(None, tokenizer), pairs)
+        chosen[weight] = sum(logps[0]) / len(pairs)
+        assert preference_accuracy(policy, tokenizer, get_template(None, tokenizer), pairs)["preference accuracy"] >= 0.8
+    assert chosen[1.0] > chosen[0.0]
+    with pytest.raises(ConfigError, match="sft_weight: 1.0 for stage rm"):
+        run_stage(_cfg(tiny_model_dir, tmp_path / "bad", "rm", pairs_file, sft_weight=1.0))
+
+
 def test_dpo_resumes_from_its_newest_checkpoint(tiny_model_dir, pairs_file, tmp_path):
     first = run_stage(_cfg(tiny_model_dir, tmp_path / "r", "dpo", pairs_file, max_steps=2, save_steps=2,
                            loss="ipo"))

@@ -5,8 +5,8 @@ Actions:
   finechat data stats FILE [--model M] [--png FILE.png] [--force]
   finechat data preview FILE [-n 3] [--model M] [--template T]
   finechat data licenses [--kind dataset|model]
-  finechat data generate adgen|arithmetic --n N --seed S --out FILE
-  finechat data pairs SFT_FILE --rule auto|numbers|swap|truncate --out FILE   (preference pairs by a rule)
+  finechat data generate adgen|arithmetic --n N --seed S --out FILE [--exclude HELDOUT_FILE]
+  finechat data pairs SFT_FILE --rule auto|numbers|operands|mixed|swap|truncate --out FILE   (pairs by a rule)
   finechat data from-kg GRAPH.json --out FILE --seed N
 """
 
@@ -21,7 +21,8 @@ from typing import Any
 
 from finechat.data.blank_infilling import preview_documents
 from finechat.data.formats import FORMATS, read_conversations, write_conversations
-from finechat.data.preference import PREFERENCE_FORMATS, is_preference_file
+from finechat.data.preference import PREFERENCE_FORMATS, is_preference_file, read_preferences
+from finechat.data.preference_generate import RULES as PAIR_RULES
 from finechat.data.preference_generate import pairs_main, write_arithmetic
 from finechat.data.preference_report import convert_preferences, preference_stats, preview_preferences
 from finechat.data.registry import DISCLAIMER, all_entries, registry_table
@@ -104,10 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=1000, help="number of records")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", required=True, help="output JSONL file")
+    p.add_argument("--exclude", action="append", default=[], metavar="FILE",
+                   help="arithmetic: never ask a question that a prompt of FILE asks (a held-out set; repeatable)")
 
     p = sub.add_parser("pairs", help="build preference pairs from SFT data by a rule (known right side)")
     p.add_argument("input", help="SFT data file (any supported format)")
-    p.add_argument("--rule", default="auto", choices=["auto", "numbers", "swap", "truncate"],
+    p.add_argument("--rule", default="auto", choices=list(PAIR_RULES),
                    help="how the rejected answer is made from the correct one")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", required=True, help="output file (.jsonl or .json), pref-prompt format")
@@ -365,13 +368,32 @@ def licenses(args: argparse.Namespace) -> int:
     return 0
 
 
+def _questions(paths: list[str]) -> set[str]:
+    """The last user message of every prompt in data files (SFT or preference data)."""
+    found: set[str] = set()
+    for path in paths:
+        if is_preference_file(path):
+            prompts = [p.prompt for p in read_preferences(path).records]
+        else:
+            prompts = read_conversations(path).conversations
+        found |= {next(t.content for t in reversed(c.turns) if t.role == "user") for c in prompts
+                  if any(t.role == "user" for t in c.turns)}
+    return found
+
+
 def generate(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ConfigError(f"--n must be at least 1, got {args.n}")
     check_output_path(args.out)
     if args.kind == "arithmetic":
-        print(f"wrote {write_arithmetic(args.out, args.n, args.seed)} arithmetic records (seed {args.seed}) to {args.out}")
+        held = _questions(args.exclude)
+        n = write_arithmetic(args.out, args.n, args.seed, held)
+        print(f"wrote {n} arithmetic records (seed {args.seed}"
+              + (f", none of the {len(held)} questions of {', '.join(args.exclude)}" if args.exclude else "")
+              + f") to {args.out}")
         return 0
+    if args.exclude:
+        raise ConfigError("--exclude works with arithmetic only")
     n = write_adgen(args.out, args.n, args.seed)
     print(f"wrote {n} ADGEN-like records (seed {args.seed}) to {args.out}")
     return 0

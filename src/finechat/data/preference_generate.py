@@ -3,13 +3,19 @@
 A demo of preference training needs pairs where we *know* which answer is better. The rules here make the
 rejected answer from the correct one:
 
-- ``numbers``: every number in the answer changed (17 + 25 = 42 -> 17 + 25 = 45): correct vs corrupted;
+- ``numbers``: the result changed (17 + 25 = 42 -> 17 + 25 = 45): correct vs a wrong result;
+- ``operands``: the question copied wrong, with right arithmetic on it (17 + 25 = 42 -> 17 + 28 = 45), for
+  answers that state ``a op b = c``;
+- ``mixed``: ``numbers`` and ``operands`` alternately: both ways small models get arithmetic wrong.
+  (A 135M reward model learns to catch the second within a CPU budget, not the first, which needs the sum
+  worked out again: see the README's pipeline section.)
 - ``swap``: the answer of another record (a fluent answer to the wrong question);
 - ``truncate``: the answer cut off after its first third (an unfinished answer);
 - ``auto``: ``numbers`` where the answer holds a number, else ``swap``.
 
 ``arithmetic_records`` writes small addition / subtraction / multiplication questions in English and Chinese
-with their exact answers (the data of the GRPO demo, whose reward checks answers with the calculator tool).
+with their exact answers (the data of the GRPO demo, whose reward checks answers with the calculator tool), each
+question once and none from a held-out set given as ``exclude``.
 All of it is deterministic by seed.
 """
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Collection
 from typing import Any
 
 from finechat.data.conversation import Conversation
@@ -24,16 +31,27 @@ from finechat.data.preference import PreferencePair
 from finechat.errors import DataError
 from finechat.files import write_jsonl_atomic
 
-RULES = ("auto", "numbers", "swap", "truncate")
+RULES = ("auto", "numbers", "operands", "mixed", "swap", "truncate")
 _NUMBER = re.compile(r"\d+")
+_STATEMENT = re.compile(r"(\d+) ([-+×*]) (\d+) = (\d+)")
 _OPS = {"+": ("plus", "加"), "-": ("minus", "减"), "*": ("times", "乘以")}
 
 
-def arithmetic_records(n: int, seed: int = 0, chinese_share: float = 0.5, max_operand: int = 50) -> list[dict]:
-    """``n`` alpaca records ``{instruction, input, output, answer}``: a small sum and its exact result."""
+def arithmetic_records(n: int, seed: int = 0, chinese_share: float = 0.5, max_operand: int = 50,
+                       exclude: Collection[str] = ()) -> list[dict]:
+    """``n`` alpaca records ``{instruction, input, output, answer}``: a small sum and its exact result.
+
+    Every question is different, and none is in ``exclude`` (the questions of a held-out set, so that training
+    data never repeats one)."""
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
+    out: list[dict] = []
+    seen = set(exclude)
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 50 * n + 10_000:
+            raise DataError(f"only {len(out)} different arithmetic questions of the {n} asked for could be made "
+                            f"(operands up to {max_operand}, {len(exclude)} excluded); ask for fewer")
         op = rng.choice(list(_OPS))
         a, b = rng.randint(2, max_operand), rng.randint(2, max_operand if op != "*" else 12)
         if op == "-" and b > a:
@@ -46,6 +64,9 @@ def arithmetic_records(n: int, seed: int = 0, chinese_share: float = 0.5, max_op
         else:
             question = f"What is {a} {_OPS[op][0]} {b}?"
             answer = f"{a} {symbol} {b} = {result}."
+        if question in seen:
+            continue
+        seen.add(question)
         out.append({"instruction": question, "input": "", "output": answer, "answer": str(result)})
     return out
 
@@ -59,6 +80,26 @@ def _corrupt_numbers(text: str, rng: random.Random) -> str:
     if wrong < 0 or wrong == value:
         wrong = value + rng.randint(1, 9)
     return text[: m.start()] + str(wrong) + text[m.end():]
+
+
+def _miscopy_operands(text: str, rng: random.Random) -> str | None:
+    """Change one operand of ``a op b = c`` and give the right result for the changed question (None: no such
+    statement in the answer)."""
+    m = _STATEMENT.search(text)
+    if m is None:
+        return None
+    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+    for _ in range(100):
+        if rng.random() < 0.5:
+            new_a, new_b = a + rng.choice([-1, 1]) * rng.randint(1, 9), b
+        else:
+            new_a, new_b = a, b + rng.choice([-1, 1]) * rng.randint(1, 3 if op in "×*" else 9)
+        if new_a >= 0 and new_b >= 0 and (new_a, new_b) != (a, b) and (op != "-" or new_a >= new_b):
+            break
+    else:
+        return None
+    result = new_a + new_b if op == "+" else new_a - new_b if op == "-" else new_a * new_b
+    return text[: m.start()] + f"{new_a} {op} {new_b} = {result}" + text[m.end():]
 
 
 def pairs_from_sft(convs: list[Conversation], rule: str = "auto", seed: int = 0) -> tuple[list[PreferencePair],
@@ -77,7 +118,14 @@ def pairs_from_sft(convs: list[Conversation], rule: str = "auto", seed: int = 0)
         use = rule
         if rule == "auto":
             use = "numbers" if _NUMBER.search(chosen) else "swap"
-        if use == "numbers":
+        elif rule == "mixed":
+            use = "operands" if i % 2 else "numbers"  # exactly half each, not half on average
+        if use == "operands":
+            rejected = _miscopy_operands(chosen, rng)
+            if rejected is None:
+                left_out.append((conv.where, "no 'a op b = c' in the answer for rule operands"))
+                continue
+        elif use == "numbers":
             if not _NUMBER.search(chosen):
                 left_out.append((conv.where, "no number in the answer for rule numbers"))
                 continue
@@ -103,9 +151,10 @@ def grpo_prompts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"prompt": [{"role": "user", "content": r["instruction"]}], "answer": r["answer"]} for r in records]
 
 
-def write_arithmetic(path: str, n: int, seed: int) -> int:
-    """``finechat data generate arithmetic``: write ``n`` arithmetic records as JSONL."""
-    return write_jsonl_atomic(path, arithmetic_records(n, seed))
+def write_arithmetic(path: str, n: int, seed: int, exclude: Collection[str] = ()) -> int:
+    """``finechat data generate arithmetic``: write ``n`` arithmetic records as JSONL (none asking an excluded
+    question)."""
+    return write_jsonl_atomic(path, arithmetic_records(n, seed, exclude=exclude))
 
 
 def pairs_main(convs: list[Conversation], rule: str, seed: int, out: str) -> str:

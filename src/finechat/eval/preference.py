@@ -40,26 +40,41 @@ def answer_logps(model: Any, rows: list[tuple[list[int], list[int]]], batch_size
     return out
 
 
-def _disabled_adapter(model: Any):
+def disabled_adapter(model: Any):
+    """A context in which ``model`` runs without its adapter (its base), or as it is when it has none."""
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+def pair_logps(model: Any, tokenizer: Any, template: Any, pairs: list[PreferencePair], batch_size: int = 8
+               ) -> tuple[list[float], list[float]]:
+    """(chosen, rejected) answer log-probabilities of ``model`` for each pair, one forward pass over both sides."""
+    layout = special_token_layout(tokenizer, template)
+    rows = [split_answer(p.prompt, p.chosen, tokenizer, template, layout) for p in pairs]
+    rows += [split_answer(p.prompt, p.rejected, tokenizer, template, layout) for p in pairs]
+    logps = answer_logps(model, rows, batch_size)
+    return logps[: len(pairs)], logps[len(pairs):]
+
+
+def preference_scores(policy: tuple[list[float], list[float]], reference: tuple[list[float], list[float]]
+                      ) -> dict[str, float]:
+    """Accuracy and mean log-ratio margin from (chosen, rejected) log-probabilities of a policy and its reference."""
+    (policy_c, policy_r), (ref_c, ref_r) = policy, reference
+    margins = [(pc - rc) - (pr - rr) for pc, rc, pr, rr in zip(policy_c, ref_c, policy_r, ref_r)]
+    wins = sum(1.0 if m > 1e-6 else 0.5 if abs(m) <= 1e-6 else 0.0 for m in margins)
+    raw = sum(1.0 if c > r else 0.0 for c, r in zip(policy_c, policy_r))
+    n = max(len(margins), 1)
+    return {"pairs": len(margins), "preference accuracy": wins / n, "log-ratio margin": sum(margins) / n,
+            "logp accuracy": raw / n}
 
 
 def preference_accuracy(model: Any, tokenizer: Any, template: Any, pairs: list[PreferencePair],
                         reference: Any = None, batch_size: int = 8) -> dict[str, float]:
     """Accuracy and mean log-ratio margin of ``model`` against ``reference`` (default: ``model`` with its adapter
     off; a model without an adapter and no reference is its own reference and scores 0.5)."""
-    layout = special_token_layout(tokenizer, template)
-    chosen = [split_answer(p.prompt, p.chosen, tokenizer, template, layout) for p in pairs]
-    rejected = [split_answer(p.prompt, p.rejected, tokenizer, template, layout) for p in pairs]
-    policy_c, policy_r = answer_logps(model, chosen, batch_size), answer_logps(model, rejected, batch_size)
+    policy = pair_logps(model, tokenizer, template, pairs, batch_size)
     if reference is not None:
-        ref_c, ref_r = answer_logps(reference, chosen, batch_size), answer_logps(reference, rejected, batch_size)
+        ref = pair_logps(reference, tokenizer, template, pairs, batch_size)
     else:
-        with _disabled_adapter(model):
-            ref_c, ref_r = answer_logps(model, chosen, batch_size), answer_logps(model, rejected, batch_size)
-    margins = [(pc - rc) - (pr - rr) for pc, rc, pr, rr in zip(policy_c, ref_c, policy_r, ref_r)]
-    wins = sum(1.0 if m > 1e-6 else 0.5 if abs(m) <= 1e-6 else 0.0 for m in margins)
-    raw = sum(1.0 if c > r else 0.0 for c, r in zip(policy_c, policy_r))
-    n = max(len(pairs), 1)
-    return {"pairs": len(pairs), "preference accuracy": wins / n, "log-ratio margin": sum(margins) / n,
-            "logp accuracy": raw / n}
+        with disabled_adapter(model):
+            ref = pair_logps(model, tokenizer, template, pairs, batch_size)
+    return preference_scores(policy, ref)

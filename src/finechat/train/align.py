@@ -5,7 +5,8 @@ base loading, methods (LoRA / full / freeze / QLoRA through :func:`finechat.trai
 atomic self-describing checkpoints, loss PNG, JSONL log and TensorBoard. What changes is the data and the
 trainer, which is TRL's (the field's library for these losses; nothing here re-implements one):
 
-- ``dpo``: TRL's DPOTrainer with ``loss`` = its ``loss_type`` (sigmoid, ipo, hinge, ...) and ``beta``. With
+- ``dpo``: TRL's DPOTrainer with ``loss`` = its ``loss_type`` (sigmoid, ipo, hinge, ...) and ``beta``, plus TRL's
+  ``sft`` loss on the chosen answer weighted by ``sft_weight`` when that is set (RPO). With
   LoRA the model is a peft model and no reference model is passed, so TRL computes the reference log-probs
   through the same base weights with a frozen copy of the starting adapter ("ref"; for a new adapter, the base
   itself): the base weights are held once. On a CPU the LM head projects answer positions only
@@ -102,6 +103,9 @@ def check_supported(cfg: TrainConfig, model: Any) -> None:
     if cfg.adapter_method == "ptuning":
         raise ConfigError(f"stage {cfg.stage} with method ptuning: TRL's trainers need the adapter to switch off "
                           "for the reference model; use lora, qlora, full or freeze")
+    if cfg.sft_weight < 0 or (cfg.sft_weight and cfg.stage != "dpo"):
+        raise ConfigError(f"sft_weight: {cfg.sft_weight} for stage {cfg.stage}; it is the weight (0 or more) of "
+                          "DPO's chosen-answer likelihood term, for stage dpo only")
     if cfg.stage == "grpo" and (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps) \
             % cfg.num_generations:
         raise ConfigError(f"stage grpo: per_device_train_batch_size x gradient_accumulation_steps "
@@ -245,7 +249,10 @@ def _trl_classes(stage: str) -> tuple[Any, Any]:
 def stage_settings(cfg: TrainConfig) -> dict:
     """The TRL config fields of a stage (beyond the Trainer flags every stage shares)."""
     if cfg.stage == "dpo":
-        return {"beta": cfg.beta, "loss_type": [cfg.loss], "max_length": cfg.cutoff_len}
+        losses = {"loss_type": [cfg.loss]}
+        if cfg.sft_weight:
+            losses = {"loss_type": [cfg.loss, "sft"], "loss_weights": [1.0, cfg.sft_weight]}
+        return {"beta": cfg.beta, **losses, "max_length": cfg.cutoff_len}
     if cfg.stage == "rm":
         return {"max_length": cfg.cutoff_len}
     if cfg.stage == "kto":

@@ -14,16 +14,15 @@ stage, and before the first one for the base model:
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from finechat.config import field
 from finechat.data.preference import read_preferences
-from finechat.data.templates import get_template
 from finechat.eval.predict import generate_answers, load_examples
-from finechat.eval.preference import preference_accuracy
-from finechat.eval.reward import load_reward_model, pairwise_accuracy, score_answers
+from finechat.eval.preference import disabled_adapter, pair_logps, preference_scores
+from finechat.eval.reward import RewardModel, load_reward_model, pairwise_accuracy, score_answers
+from finechat.files import write_jsonl_atomic
 from finechat.generate.engine import ChatModel, GenerationSettings
 from finechat.models.load import load_adapter, load_model_and_tokenizer, log
 from finechat.train.rewards import answer_format, calculator, correct
@@ -41,51 +40,74 @@ class AlignmentEvalConfig:
     template: str | None = field(None, help="prompt template (default: the tokenizer's)")
 
 
-def _load(model: str, adapter: str | None) -> tuple[Any, Any]:
-    policy, tokenizer, _ = load_model_and_tokenizer(model, dtype="float32")
-    return (load_adapter(policy, adapter) if adapter else policy), tokenizer
+Key = tuple[str, str | None]  # (model, adapter) of a scored model
 
 
-def alignment_eval(model: str, adapter: str | None, started_from: tuple[str, str | None] | None,
-                   acfg: AlignmentEvalConfig, out_dir: Path, reward_model: str | None) -> dict:
-    """The report of ``model`` (+ ``adapter``) against the model it started from (None: itself)."""
-    policy, tokenizer = _load(model, adapter)
-    template = get_template(acfg.template, tokenizer, getattr(policy.config, "model_type", None))
-    out: dict[str, Any] = {}
-    if acfg.pairs:
-        pairs = read_preferences(acfg.pairs).records[: acfg.max_samples or None]
-        if started_from is None:
-            reference = policy  # the base: its own reference, so exactly chance
-        elif started_from == (model, None) and adapter:
-            reference = None  # the same base under the adapter: switch the adapter off
-        else:
-            reference = _load(*started_from)[0]
-        out.update(preference_accuracy(policy, tokenizer, template, pairs, reference=reference))
-        del reference
-    if acfg.prompts:
-        examples = load_examples(acfg.prompts, "auto", acfg.max_samples)
-        bot = ChatModel(policy, tokenizer, template)
-        prompts = [e.messages for e in examples]
-        answers = generate_answers(bot, prompts, GenerationSettings(greedy=True, max_new_tokens=acfg.max_new_tokens),
-                                   acfg.batch_size, progress=False)
-        texts = [e.query for e in examples]
-        out["correct"] = sum(correct(texts, answers, gold=[e.label for e in examples])) / len(answers)
-        out["calculator"] = sum(calculator(texts, answers)) / len(answers)
-        out["format"] = sum(answer_format(texts, answers)) / len(answers)
-        if reward_model:
-            rm = load_reward_model(reward_model)
-            out["rm score"] = score_answers(rm, prompts, answers, batch_size=acfg.batch_size)["rm score"]
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "answers.jsonl", "w", encoding="utf-8") as fh:
-            for e, a in zip(examples, answers):
-                fh.write(json.dumps({"prompt": e.query, "predict": a, "label": e.label}, ensure_ascii=False) + "\n")
-    log("alignment eval: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))
-    return out
+class AlignmentScorer:
+    """The held-out data of a pipeline, read once, and what scoring it needs from stage to stage.
 
+    Each stage's reference is the model it started from, which the row before it scored already: the answer
+    log-probabilities of every scored model are kept, so a reference is neither loaded nor run again. The reward
+    model is loaded once for all the rows that use it.
+    """
 
-def reward_model_accuracy(reward_model: str, acfg: AlignmentEvalConfig) -> dict:
-    """A stage-rm checkpoint's pairwise accuracy and margin on the held-out pairs."""
-    if not acfg.pairs:
-        return {}
-    pairs = read_preferences(acfg.pairs).records[: acfg.max_samples or None]
-    return pairwise_accuracy(load_reward_model(reward_model), pairs, acfg.batch_size)
+    def __init__(self, acfg: AlignmentEvalConfig):
+        self.acfg = acfg
+        self.pairs = read_preferences(acfg.pairs).records[: acfg.max_samples or None] if acfg.pairs else []
+        self.examples = load_examples(acfg.prompts, "auto", acfg.max_samples) if acfg.prompts else []
+        self.logps: dict[Key, tuple[list[float], list[float]]] = {}
+        self._reward_model: tuple[str, RewardModel] | None = None
+
+    def reward_model(self, folder: str) -> RewardModel:
+        """The stage-rm checkpoint ``folder``, loaded on first use."""
+        if self._reward_model is None or self._reward_model[0] != folder:
+            self._reward_model = (folder, load_reward_model(folder))
+        return self._reward_model[1]
+
+    def _reference_logps(self, bot: ChatModel, key: Key, started_from: Key) -> tuple[list[float], list[float]]:
+        if started_from in self.logps:
+            return self.logps[started_from]
+        if started_from == (key[0], None) and key[1]:  # the same base under the adapter: switch the adapter off
+            with disabled_adapter(bot.model):
+                found = pair_logps(bot.model, bot.tokenizer, bot.template, self.pairs, self.acfg.batch_size)
+        else:  # a resumed run: the row that scored the reference ran before the restart
+            reference, tokenizer, _ = load_model_and_tokenizer(started_from[0], dtype="float32")
+            if started_from[1]:
+                reference = load_adapter(reference, started_from[1])
+            found = pair_logps(reference, tokenizer, bot.template, self.pairs, self.acfg.batch_size)
+        self.logps[started_from] = found
+        return found
+
+    def score(self, bot: ChatModel, key: Key, started_from: Key | None, out_dir: Path,
+              reward_model: str | None) -> dict:
+        """The report of ``bot`` (the model ``key``) against the model it started from (None: itself)."""
+        acfg = self.acfg
+        out: dict[str, Any] = {}
+        if self.pairs:
+            policy = pair_logps(bot.model, bot.tokenizer, bot.template, self.pairs, acfg.batch_size)
+            self.logps[key] = policy
+            reference = policy if started_from is None else self._reference_logps(bot, key, started_from)
+            out.update(preference_scores(policy, reference))
+        if self.examples:
+            prompts = [e.messages for e in self.examples]
+            answers = generate_answers(bot, prompts, GenerationSettings(greedy=True,
+                                                                        max_new_tokens=acfg.max_new_tokens),
+                                       acfg.batch_size, progress=False)
+            texts, gold = [e.query for e in self.examples], [e.label for e in self.examples]
+            out["correct"] = sum(correct(texts, answers, gold=gold)) / len(answers)
+            out["calculator"] = sum(calculator(texts, answers)) / len(answers)
+            out["format"] = sum(answer_format(texts, answers)) / len(answers)
+            if reward_model:
+                rm = self.reward_model(reward_model)
+                out["rm score"] = score_answers(rm, prompts, answers, batch_size=acfg.batch_size)["rm score"]
+            write_jsonl_atomic(out_dir / "answers.jsonl", [{"prompt": t, "predict": a, "label": g}
+                                                           for t, a, g in zip(texts, answers, gold)])
+        log("alignment eval: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in out.items()))
+        return out
+
+    def reward_model_accuracy(self, reward_model: str) -> dict:
+        """A stage-rm checkpoint's pairwise accuracy and margin on the held-out pairs."""
+        if not self.pairs:
+            return {}
+        return pairwise_accuracy(self.reward_model(reward_model), self.pairs, self.acfg.batch_size)

@@ -80,6 +80,9 @@ class TrainConfig:
     beta: float = field(0.1, help="dpo / kto / orpo / simpo: strength of the preference term (TRL's beta); grpo: KL "
                         "coefficient (0: no reference model)")
     loss: str = field("sigmoid", help="dpo: TRL's loss_type (sigmoid, ipo, hinge, robust, sigmoid_norm, ...)")
+    sft_weight: float = field(0.0, help="dpo: weight of a negative log-likelihood term on the chosen answer added to "
+                              "the preference loss (RPO; TRL's loss_type 'sft'), which keeps DPO from lowering the "
+                              "chosen answers' likelihood too; 0: off")
     simpo_gamma: float = field(0.5, help="simpo: target reward margin")
     rewards: list[str] = field(["correct", "format"], help="grpo: reward functions (correct, format, calculator, "
                                "reward_model), see finechat.train.rewards")

@@ -45,7 +45,7 @@ from finechat.generate.load import load as load_chat_model
 from finechat.generate.settings import GenerationSettings
 from finechat.models.load import log
 from finechat.train.align import run_stage
-from finechat.train.alignment_eval import AlignmentEvalConfig, alignment_eval, reward_model_accuracy
+from finechat.train.alignment_eval import AlignmentEvalConfig, AlignmentScorer
 from finechat.train.config import TrainConfig
 from finechat.train.export import EXPORT_FILE, export_model
 
@@ -207,10 +207,9 @@ def mix_data(stage: Stage, stage_dir: Path, seed: int) -> tuple[list[str], str, 
     return [str(path)], "openai", info
 
 
-def general_eval(model: str, adapter: str | None, gcfg: GeneralEvalConfig, out_dir: Path, template: str | None
-                 ) -> dict:
-    """BLEU-4 / Rouge / eval loss of one model on the general set, and its lm-eval task scores (``TASK METRIC``)."""
-    bot = load_chat_model(model, adapter=adapter, template=template)
+def general_eval(bot: Any, gcfg: GeneralEvalConfig, out_dir: Path, source: tuple[str, str | None]) -> dict:
+    """BLEU-4 / Rouge / eval loss of one loaded model on the general set, and its lm-eval task scores
+    (``TASK METRIC``); ``source``: its (model, adapter), recorded with the task results."""
     out: dict[str, Any] = {}
     if gcfg.data:
         examples = load_examples(gcfg.data, gcfg.format, gcfg.max_samples)
@@ -222,7 +221,7 @@ def general_eval(model: str, adapter: str | None, gcfg: GeneralEvalConfig, out_d
     if gcfg.tasks:
         results = harness.evaluate(bot, harness.resolve_tasks(gcfg.tasks), limit=gcfg.limit,
                                    num_fewshot=gcfg.num_fewshot, batch_size=gcfg.batch_size)
-        harness.write_results(results, out_dir / "lm_eval_results.json", {"model": model, "adapter": adapter})
+        harness.write_results(results, out_dir / "lm_eval_results.json", {"model": source[0], "adapter": source[1]})
         for task, values in harness.scores(results).items():
             out.update({f"{task} {metric}": value for metric, value in values.items()})
     return out
@@ -250,13 +249,16 @@ def run_stages(cfg: StagesConfig) -> dict:
     template = cfg.defaults.get("template")
     acfg = resolve_config(AlignmentEvalConfig, base={"template": template, **cfg.eval_alignment}) \
         if cfg.eval_alignment else None
-    if acfg is not None and "alignment_before" not in state:
-        log("Scoring the base model on the held-out pairs and prompts (before any stage) ...")
-        state["alignment_before"] = alignment_eval(cfg.model, None, None, acfg, out / "alignment_before", None)
-        _write_state(out, state)
-    if gcfg is not None and "general_before" not in state:
-        log("Scoring the base model on the general set (before any stage) ...")
-        state["general_before"] = general_eval(cfg.model, None, gcfg, out / "general_before", template)
+    scorer = AlignmentScorer(acfg) if acfg is not None else None
+    need = [k for k, c in (("alignment_before", scorer), ("general_before", gcfg)) if c is not None and k not in state]
+    if need:
+        log("Scoring the base model on the held-out and general sets (before any stage) ...")
+        bot = load_chat_model(cfg.model, dtype="float32", template=template)  # one load for both reports
+        if scorer is not None and "alignment_before" in need:
+            state["alignment_before"] = scorer.score(bot, (cfg.model, None), None, out / "alignment_before", None)
+        if gcfg is not None and "general_before" in need:
+            state["general_before"] = general_eval(bot, gcfg, out / "general_before", (cfg.model, None))
+        del bot
         _write_state(out, state)
 
     model, adapter = cfg.model, None
@@ -308,13 +310,21 @@ def run_stages(cfg: StagesConfig) -> dict:
             "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))},
             "data": tcfg.data, "mix": mix_info, "licenses": licence_summary(cfg.model, tcfg.datasets),
         }
-        if gcfg is not None and tcfg.stage != "rm":
-            log(f"stage {stage.name}: scoring on the general set ...")
-            record["general"] = general_eval(next_model, next_adapter, gcfg, stage_dir / "general_eval", template)
-        if acfg is not None:
-            log(f"stage {stage.name}: scoring on the held-out pairs and prompts ...")
-            record["alignment"] = reward_model_accuracy(checkpoint, acfg) if tcfg.stage == "rm" else alignment_eval(
-                next_model, next_adapter, (model, adapter), acfg, stage_dir / "alignment_eval", state.get("reward_model"))
+        if tcfg.stage == "rm":
+            if scorer is not None:
+                log(f"stage {stage.name}: scoring the reward model on the held-out pairs ...")
+                record["alignment"] = scorer.reward_model_accuracy(checkpoint)
+        elif gcfg is not None or scorer is not None:
+            # one load for both reports (float32: log-ratios of nearly equal models are small differences)
+            bot = load_chat_model(next_model, adapter=next_adapter, dtype="float32", template=template)
+            if gcfg is not None:
+                log(f"stage {stage.name}: scoring on the general set ...")
+                record["general"] = general_eval(bot, gcfg, stage_dir / "general_eval", (next_model, next_adapter))
+            if scorer is not None:
+                log(f"stage {stage.name}: scoring on the held-out pairs and prompts ...")
+                record["alignment"] = scorer.score(bot, (next_model, next_adapter), (model, adapter),
+                                                   stage_dir / "alignment_eval", state.get("reward_model"))
+            del bot
         state["stages"][stage.name] = record
         _write_state(out, state)
         model, adapter = next_model, next_adapter
@@ -381,20 +391,25 @@ def is_stages_file(path: str | Path) -> bool:
 def resolve_stages(config_file: str, overrides: list[str]) -> tuple[StagesConfig, list[str]]:
     """The StagesConfig of ``STAGES.yaml key=value ...`` and the overrides that were not ``defaults.KEY``.
 
-    Overrides are top-level keys, or ``defaults.KEY=VALUE`` for all stages.
+    Overrides are top-level keys, or ``defaults.KEY=VALUE`` for all stages: given on the command line, it also
+    replaces the value a stage sets itself (``defaults.max_steps=2`` makes every stage a quick try).
     """
     import yaml
 
     base = load_yaml(config_file)
     defaults = dict(base.get("defaults") or {})
+    given: dict[str, Any] = {}
     plain = []
     for item in overrides:
         key, _, raw = item.partition("=")
         if key.startswith("defaults."):
-            defaults[key[len("defaults."):]] = yaml.safe_load(raw) if raw else ""
+            given[key[len("defaults."):]] = yaml.safe_load(raw) if raw else ""
         else:
             plain.append(item)
-    base["defaults"] = defaults
+    base["defaults"] = {**defaults, **given}
+    if isinstance(base.get("stages"), list):
+        base["stages"] = [{**stage, **{k: v for k, v in given.items() if k in stage}} if isinstance(stage, dict)
+                          else stage for stage in base["stages"]]
     try:
         return resolve_config(StagesConfig, base=base, overrides=plain), plain
     except ConfigError as e:
