@@ -172,7 +172,12 @@ class SelfAttention(nn.Module):
 
         coeff = float(self.layer_id + 1)
         q = q / (math.sqrt(self.head_dim) * coeff)
-        scores = torch.matmul(q, k.transpose(-1, -2))  # [b, heads, s, keys]
+        if s == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
+            # one query row on a CPU (a decode step): ATen's bf16 / fp16 product against the transposed cache is
+            # ~3x slower than the float32 one, conversions included; the scores are then float32, as softmax takes them
+            scores = torch.matmul(q.float(), k.float().transpose(-1, -2))
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2))  # [b, heads, s, keys]
         if mask is not None and mask.any():
             scores = scores.masked_fill(mask, MASKED_SCORE)
         probs = F.softmax(scores.float() * coeff, dim=-1).to(v.dtype)
