@@ -62,7 +62,7 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """The tanh approximation of GeLU with the reference's constants."""
-    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
+    return F.gelu(x, approximate="tanh")  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), one operation
 
 
 def rotary_cos_sin(positions: torch.Tensor, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,16 +155,14 @@ class SelfAttention(nn.Module):
                 prefix: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         b, s, _ = x.shape
         mixed = self.query_key_value(x).view(b, s, self.num_heads, 3 * self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in mixed.split(self.head_dim, dim=-1))  # [b, heads, s, head_dim]
-        (cos_p, sin_p), (cos_b, sin_b) = rotary
-
-        def rotate(t: torch.Tensor) -> torch.Tensor:
-            t1, t2 = t.chunk(2, dim=-1)  # position half, block-position half
-            t1 = t1 * cos_p + rotate_half(t1) * sin_p
-            t2 = t2 * cos_b + rotate_half(t2) * sin_b
-            return torch.cat((t1, t2), dim=-1)
-
-        q, k = rotate(q), rotate(k)
+        # q and k rotated together (half the small operations of a decode step): [b, heads, s, 2, head_dim]
+        qk = mixed[..., : 2 * self.head_dim].unflatten(-1, (2, self.head_dim)).transpose(1, 2)
+        v = mixed[..., 2 * self.head_dim:].transpose(1, 2)  # [b, heads, s, head_dim]
+        (cos_p, sin_p), (cos_b, sin_b) = ((c.unsqueeze(-2), t.unsqueeze(-2)) for c, t in rotary)
+        qk1, qk2 = qk.chunk(2, dim=-1)  # position half, block-position half
+        qk1 = qk1 * cos_p + rotate_half(qk1) * sin_p
+        qk2 = qk2 * cos_b + rotate_half(qk2) * sin_b
+        q, k = torch.cat((qk1, qk2), dim=-1).unbind(-2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_id)  # [b, heads, past + s, head_dim]
         if prefix is not None:
@@ -206,9 +204,9 @@ class GLMBlock(GradientCheckpointingLayer):
     def forward(self, x: torch.Tensor, rotary: tuple, mask: torch.Tensor | None, cache: Any = None,
                 prefix: tuple | None = None) -> torch.Tensor:
         a = self.input_layernorm(x)
-        h = a * RESIDUAL_ALPHA + self.attention(a, rotary, mask, cache, prefix)
+        h = torch.add(self.attention(a, rotary, mask, cache, prefix), a, alpha=RESIDUAL_ALPHA)
         m = self.post_attention_layernorm(h)
-        return m * RESIDUAL_ALPHA + self.mlp(m)
+        return torch.add(self.mlp(m), m, alpha=RESIDUAL_ALPHA)
 
 
 class ChatGLMPreTrainedModel(PreTrainedModel):
