@@ -1,4 +1,4 @@
-"""A `stages:` file running SFT -> reward model -> DPO -> GRPO on a tiny model, with the alignment table."""
+"""A `stages:` file running SFT -> reward model -> GRPO -> DPO on a tiny model, with the alignment table."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_chatgpt_pipeline_recipe_runs_every_stage_and_prints_one_table(tiny_mode
     table = capsys.readouterr().out
     for column in ("pref acc", "reward margin", "rm acc", "rm score", "correct", "general rouge-l"):
         assert column in table
-    assert "| base (before)" in table and "| 4. grpo" in table
+    assert "| base (before)" in table and "| 3. grpo" in table and "| 4. dpo" in table
     state = json.loads((tmp_path / "pipe" / "stages_state.json").read_text())
     assert state["alignment_before"]["preference accuracy"] == 0.5  # the base against itself: chance
     rm = state["stages"]["reward-model"]
