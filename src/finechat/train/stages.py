@@ -254,9 +254,9 @@ def run_stages(cfg: StagesConfig) -> dict:
     if need:
         log("Scoring the base model on the held-out and general sets (before any stage) ...")
         bot = load_chat_model(cfg.model, dtype="float32", template=template)  # one load for both reports
-        if scorer is not None and "alignment_before" in need:
+        if "alignment_before" in need:
             state["alignment_before"] = scorer.score(bot, (cfg.model, None), None, out / "alignment_before", None)
-        if gcfg is not None and "general_before" in need:
+        if "general_before" in need:
             state["general_before"] = general_eval(bot, gcfg, out / "general_before", (cfg.model, None))
         del bot
         _write_state(out, state)
