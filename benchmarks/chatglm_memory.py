@@ -2,6 +2,7 @@
 
     python benchmarks/chatglm_memory.py --device cpu                       # FP16, BF16, INT8, INT4 (INT4 + INT8: ~6 min here)
     python benchmarks/chatglm_memory.py --device cpu --rows BF16 INT8 INT4  # leave out the slow FP16 row
+    python benchmarks/chatglm_memory.py --device cpu --rows INT4 INT4-torch  # finechat's INT4 kernel vs PyTorch's
     python benchmarks/chatglm_memory.py --device cuda                      # GPU memory, as ChatGLM-6B's README
     python benchmarks/chatglm_memory.py --layers 4 --device cpu            # full width, 4 of the 28 blocks
     python benchmarks/chatglm_memory.py --tiny --device cpu                # a smoke run of the same code
@@ -12,7 +13,9 @@ in a process of its own, so that its peak resident memory is its own:
 - FP16 / BF16: the model built with random weights in that dtype;
 - INT8 / INT4: a folder in the published ``chatglm-6b-int8`` / ``-int4`` layout (one pytorch_model.bin: int8
   weights, fp16 row scales, fp16 embedding) is written first by another process, then loaded the way finechat
-  loads such a folder (never the FP16 model; bf16 activations on a CPU).
+  loads such a folder (never the FP16 model; bf16 activations on a CPU). On a CPU, INT4 runs finechat's own
+  INT4 x INT8 kernel (finechat.models.int4_kernel) where it builds; INT4-torch is the same folder through
+  PyTorch's INT4 kernel (FINECHAT_INT4_KERNEL=torch), the library baseline side by side.
 
 Per row: the peak resident memory (VmHWM) while loading and, reset after loading, while decoding; decode
 tokens/s on the fast path (``--tokens`` greedy tokens after a 32-token prompt, the prefill not counted) and in
@@ -38,14 +41,15 @@ from transformers import AutoConfig
 import finechat.models  # noqa: F401  registers ChatGLM with the Auto classes
 from finechat.generate.fast import generate_tokens
 from finechat.generate.settings import GenerationSettings
+from finechat.models import int4_kernel
 from finechat.models.chatglm.configuration_chatglm import ChatGLMConfig
 from finechat.models.chatglm.loading import load_quantized_chatglm
 from finechat.models.chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
-from finechat.models.chatglm.quantization import PackedHead
+from finechat.models.chatglm.quantization import PackedHead, QuantizedLinear
 from finechat.models.fast_decoders import fast_decoder
 
-MODES = {"FP16": 0, "BF16": 0, "INT8": 8, "INT4": 4}
-README_GB = {"FP16": 13, "BF16": 13, "INT8": 8, "INT4": 6}
+MODES = {"FP16": 0, "BF16": 0, "INT8": 8, "INT4": 4, "INT4-torch": 4}
+README_GB = {"FP16": 13, "BF16": 13, "INT8": 8, "INT4": 6, "INT4-torch": 6}
 TINY = dict(hidden_size=256, num_layers=2, num_attention_heads=8, vocab_size=1024, mask_token_id=1000,
             gmask_token_id=1001, bos_token_id=1004, eos_token_id=1005)
 WEIGHT_STD = 0.02  # transformers' initializer_range, which the FP16 / BF16 rows are built with
@@ -196,6 +200,7 @@ def run_row(args: argparse.Namespace, mode: str) -> dict:
         "peak_load": load_peak, "peak_decode": status_kib("VmHWM") * 1024 if decode_peak_is_own else float("nan"),
         "fast_tok_s": fast_rate, "generate_tok_s": (args.tokens - 1) / max(full - one, 1e-9),
         "same_tokens": tokens == expected, "tokens": tokens,
+        "layouts": sorted({m.layout for m in model.modules() if isinstance(m, QuantizedLinear)}),
     }
     if cuda:
         row["peak_decode"] = torch.cuda.max_memory_allocated()
@@ -247,14 +252,17 @@ def main() -> None:
                 folder = Path(tmp) / f"chatglm-6b-{mode.lower()}"
                 subprocess.run(child(args, "--write", str(MODES[mode]), "--folder", str(folder)), check=True)
                 extra += ["--folder", str(folder)]
-            out = subprocess.run(child(args, *extra), check=True, stdout=subprocess.PIPE, text=True).stdout
+            env = dict(os.environ, **({int4_kernel.ENV: "torch"} if mode == "INT4-torch" else {}))
+            out = subprocess.run(child(args, *extra), check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
             r = json.loads(next(line for line in out.splitlines() if line.startswith("ROW "))[4:])
             if MODES[mode]:
                 (folder / "pytorch_model.bin").unlink()
             limit = bandwidth / r["streamed"]
             memory = f"{r['peak_decode'] / gib:.2f}" if args.device == "cuda" else \
                 f"{r['peak_load'] / gib:.2f} / {r['peak_decode'] / gib:.2f}"
-            print(f"| {r['mode']} | {r['weights'] / gib:.2f} | {r['streamed'] / gib:.2f} | {memory} | "
+            kernel = {"int4_blocks": " (finechat kernel)", "cpu_int4pack": " (PyTorch kernel)"}.get(
+                ",".join(r["layouts"]), "") if MODES[mode] == 4 else ""
+            print(f"| {r['mode'].split('-')[0]}{kernel} | {r['weights'] / gib:.2f} | {r['streamed'] / gib:.2f} | {memory} | "
                   f"{README_GB[r['mode']]} | {r['fast_tok_s']:.2f} | {limit:.1f} | {r['fast_tok_s'] / limit:.0%} | "
                   f"{r['generate_tok_s']:.2f} | {'yes' if r['same_tokens'] else 'NO'} |", flush=True)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")

@@ -1,5 +1,6 @@
-"""ChatGLM's INT8 / INT4 through PyTorch's packed CPU kernels: same logits as the dequantized reference,
-the stored format untouched, and quantized folders loaded without any float copy of the block weights."""
+"""ChatGLM's INT8 / INT4 through the packed CPU kernels (PyTorch's, and finechat's own INT4 kernel where it
+builds): same logits as the dequantized reference, the stored format untouched, and quantized folders loaded
+without any float copy of the block weights."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from finechat.generate.fast import generate_tokens
 from finechat.generate.settings import GenerationSettings
+from finechat.models import int4_kernel
 from finechat.models.chatglm.configuration_chatglm import ChatGLMConfig
 from finechat.models.chatglm.loading import load_quantized_chatglm
 from finechat.models.chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
@@ -57,9 +59,23 @@ def reference_logits(model, ids, monkeypatch) -> torch.Tensor:
             return model(ids).logits.float()
 
 
+@pytest.fixture(params=["own", "torch"])
+def int4_kernel_choice(request, monkeypatch) -> str:
+    """Runs a test with finechat's INT4 kernel (skipped where it does not build) and with PyTorch's."""
+    if request.param == "own" and not int4_kernel.available():
+        pytest.skip("finechat's INT4 kernel does not build here")
+    if request.param == "torch":
+        monkeypatch.setenv(int4_kernel.ENV, "torch")
+    return request.param
+
+
+def int4_layout(kernel: str, in_features: int) -> str:
+    return "int4_blocks" if kernel == "own" and in_features % int4_kernel.BLOCK == 0 else "cpu_int4pack"
+
+
 def count_kernel_calls(monkeypatch) -> dict:
-    calls = {"int8": 0, "int4": 0}
-    int8, int4 = torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu
+    calls = {"int8": 0, "int4": 0, "own int4": 0}
+    int8, int4, own = torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu, int4_kernel.matmul
 
     def counted_int8(*args):
         calls["int8"] += 1
@@ -69,6 +85,11 @@ def count_kernel_calls(monkeypatch) -> dict:
         calls["int4"] += 1
         return int4(*args)
 
+    def counted_own(*args):
+        calls["own int4"] += 1
+        return own(*args)
+
+    monkeypatch.setattr(int4_kernel, "matmul", counted_own)
     monkeypatch.setattr(torch, "_weight_int8pack_mm", counted_int8)
     monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", counted_int4)
     return calls
@@ -107,14 +128,16 @@ def test_tile_slot_map_equals_the_full_map():
 # the packed path against the dequantized reference
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_packed_path_logits_match_the_dequantized_reference(bits, dtype, monkeypatch):
-    model = tiny_glm(1).quantize(bits).to(dtype)
+def test_packed_path_logits_match_the_dequantized_reference(bits, dtype, int4_kernel_choice, monkeypatch):
+    hidden = 128 if bits == 4 and int4_kernel_choice == "own" else 64  # every width a multiple of 128
+    model = tiny_glm(1, hidden=hidden).quantize(bits).to(dtype)
     ids = torch.tensor([PROMPT])
     expected = reference_logits(model, ids, monkeypatch)
     calls = count_kernel_calls(monkeypatch)
     with torch.no_grad():
         packed = model(ids).logits.float()
-    assert calls["int4" if bits == 4 else "int8"] >= 8  # the 4 layers x 2 blocks went through the kernel
+    kernel = "int8" if bits == 8 else "own int4" if int4_kernel_choice == "own" else "int4"
+    assert calls[kernel] >= 8  # the 4 layers x 2 blocks went through the kernel
     assert calls["int8"] >= 1  # and the head
     error = (packed - expected).abs().max().item()
     assert error <= LOGIT_TOLERANCE * expected.abs().max().item(), error
@@ -123,7 +146,7 @@ def test_packed_path_logits_match_the_dequantized_reference(bits, dtype, monkeyp
         == torch.float16  # .to(dtype) kept the format's fp16 scales
 
 
-def test_one_layer_matches_the_reference_formula():
+def test_one_layer_matches_the_reference_formula(int4_kernel_choice):
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 96)
     x = torch.randn(3, 256)
@@ -133,18 +156,19 @@ def test_one_layer_matches_the_reference_formula():
                                                layer.bias)
         with torch.no_grad():
             out = layer(x)
-        assert layer.layout == ("cpu_int4pack" if bits == 4 else "chatglm")
+        assert layer.layout == (int4_layout(int4_kernel_choice, 256) if bits == 4 else "chatglm")
         assert (out - reference).abs().max() <= 0.01 * reference.abs().max()
+        assert torch.equal(layer.stored_weight(), QuantizedLinear.from_linear(linear, bits).weight)
 
 
-def test_int4_goes_back_to_the_stored_layout_for_gradients(monkeypatch):
-    model = tiny_glm(2).quantize(4)
+def test_int4_goes_back_to_the_stored_layout_for_gradients(int4_kernel_choice, monkeypatch):
+    model = tiny_glm(2, hidden=128).quantize(4)
     ids = torch.tensor([PROMPT])
     expected = reference_logits(model, ids, monkeypatch)
     with torch.no_grad():
         model(ids)
     qkv = model.transformer.layers[0].attention.query_key_value
-    assert qkv.layout == "cpu_int4pack"
+    assert qkv.layout == int4_layout(int4_kernel_choice, 128)
     assert model.transformer.word_embeddings.weight.requires_grad
     logits = model(ids).logits  # gradients on: the reference arithmetic
     logits.sum().backward()
@@ -156,12 +180,14 @@ def test_int4_goes_back_to_the_stored_layout_for_gradients(monkeypatch):
 # ------------------------------------------------------------------------------------------------------
 # the stored format
 @pytest.mark.parametrize("bits", [4, 8])
-def test_save_pretrained_after_repacking_is_byte_identical(bits, tmp_path):
+def test_save_pretrained_after_repacking_is_byte_identical(bits, int4_kernel_choice, tmp_path):
     model = tiny_glm(3).quantize(bits)
     model.save_pretrained(tmp_path / "before")
     with torch.no_grad():
         model(torch.tensor([PROMPT]))  # repacks INT4, makes the head's INT8 copy
-    assert model.transformer.layers[0].mlp.dense_4h_to_h.layout == ("cpu_int4pack" if bits == 4 else "chatglm")
+    layers = model.transformer.layers[0]
+    assert layers.mlp.dense_4h_to_h.layout == (int4_layout(int4_kernel_choice, 128) if bits == 4 else "chatglm")
+    assert layers.mlp.dense_h_to_4h.layout == (int4_layout(int4_kernel_choice, 64) if bits == 4 else "chatglm")
     model.save_pretrained(tmp_path / "after")
     before = (tmp_path / "before" / "model.safetensors").read_bytes()
     assert (tmp_path / "after" / "model.safetensors").read_bytes() == before
@@ -250,11 +276,14 @@ def test_quantizing_at_load_equals_quantizing_the_loaded_model(glm_folders):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_fast_path_greedy_tokens_equal_generate_on_the_packed_model(bits):
-    model = tiny_glm(0, hidden=64)
+def test_fast_path_greedy_tokens_equal_generate_on_the_packed_model(bits, int4_kernel_choice):
+    if bits == 8 and int4_kernel_choice == "own":
+        pytest.skip("INT8 has one kernel")
+    hidden = 128 if bits == 4 else 64  # widths of 128: finechat's INT4 kernel takes every layer
+    model = tiny_glm(0, hidden=hidden)
     with torch.no_grad():  # a wide initialisation, and a repetition penalty: a tiny random model repeats itself
         for p in model.parameters():
-            p.normal_(0, 0.5)
+            p.normal_(0, {64: 0.5, 128: 0.2}[hidden])
     model = model.quantize(bits).to(torch.bfloat16)
     with torch.inference_mode():
         out = model.generate(torch.tensor([PROMPT]), max_new_tokens=10, min_new_tokens=10, do_sample=False,

@@ -15,13 +15,15 @@ Neither bitsandbytes nor torchao reads this layout (and torchao's INT4 needs a k
 CPU), hence our own small module; the generic quantization of other models lives in finechat.models.quantize.
 
 On a CPU, dequantizing to fp16 every step made INT8 / INT4 slower than FP16 (fp16 products are slow on a
-CPU). Inference there runs through the packed kernels finechat.models.quantize already uses (same helpers):
-``torch._weight_int8pack_mm`` on the stored INT8 weight as it is, ``torch._weight_int4pack_mm_for_cpu`` on
-the INT4 weight repacked once into that kernel's layout (a bijection of the same bytes: ChatGLM's signed
-nibbles, high first, are the kernel's q + 8, low first). ChatGLM's scale is one per row, so the INT4 kernel
-gets unit scales over groups as wide as it takes and the row scale multiplies the output. Measured
-per 4096 x 12288 product, one token, 2 cores: bf16 ``F.linear`` (oneDNN) 1.5-2x the time of either
-kernel; ``benchmarks/chatglm_memory.py`` has the whole model.
+CPU). Inference there runs through packed kernels: ``torch._weight_int8pack_mm`` on the stored INT8 weight
+as it is; for INT4, finechat's own INT4 x INT8 kernel (finechat.models.int4_kernel: x86, compiled with gcc
+at first use; about 1.8x the bandwidth PyTorch's INT4 kernel reaches on 2 cores) on the weight repacked once
+into its blocks of 128, else ``torch._weight_int4pack_mm_for_cpu`` (same helpers as
+finechat.models.quantize) on the weight repacked into that kernel's layout. Both repackings are bijections
+of the same bytes (ChatGLM's signed nibbles, high first, are the kernels' codes q + 8). ChatGLM's scale is
+one per row, so PyTorch's INT4 kernel gets unit scales over groups as wide as it takes and the row scale
+multiplies the output. Measured per 4096 x 12288 product, one token, 2 cores: bf16 ``F.linear`` (oneDNN)
+1.5-2x the time of PyTorch's kernels; ``benchmarks/chatglm_memory.py`` has the whole model.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import functools
 import torch
 from torch import nn
 
+from finechat.models import int4_kernel
 from finechat.models.quantize import (
     INT4_GROUP_SIZES,
     INT8_KERNEL_WIDTH,
@@ -110,10 +113,12 @@ def _unit_scales(groups: int, out_features: int) -> torch.Tensor:
 class QuantizedLinear(nn.Module):
     """A Linear layer holding ChatGLM's int8 / packed-int4 ``weight``, fp16 ``weight_scale`` and ``bias``.
 
-    Inference on a CPU (no gradient) runs through PyTorch's packed kernels with bfloat16 activations:
-    ``torch._weight_int8pack_mm`` reads the INT8 weight as stored; INT4 is repacked once, at its first such use,
-    into ``torch._weight_int4pack_mm_for_cpu``'s layout (same bytes, in place; ``self.layout``). The row scale
-    goes to the kernels in bf16 (the output is rounded to bf16 anyway: one more rounding of the same size);
+    Inference on a CPU (no gradient) runs through packed kernels: ``torch._weight_int8pack_mm`` (bfloat16
+    activations) reads the INT8 weight as stored; INT4 is repacked once, at its first such use, in place
+    (``self.layout``), into finechat's INT4 kernel's blocks (``int4_blocks``, float32 activations rounded to
+    int8 per block of 128, where that kernel builds and the width is a multiple of 128) or else into
+    ``torch._weight_int4pack_mm_for_cpu``'s layout (``cpu_int4pack``, bfloat16 activations). The row scale
+    goes to PyTorch's kernels in bf16 (the output is rounded to bf16 anyway: one more rounding of the same size);
     the state dict always holds ChatGLM's layout and fp16 scales, bit for bit. Anywhere else (CUDA,
     training, widths the kernels refuse) the weight is dequantized in fp16 as the reference does.
     """
@@ -124,7 +129,7 @@ class QuantizedLinear(nn.Module):
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
         self.in_features, self.out_features, self.weight_bit_width = in_features, out_features, bits
-        self.layout = "chatglm"  # or "cpu_int4pack" once repacked for the INT4 kernel
+        self.layout = "chatglm"  # or "int4_blocks" / "cpu_int4pack" once repacked for an INT4 kernel
         self.weight = nn.Parameter(
             torch.zeros(out_features, in_features * bits // 8, dtype=torch.int8, device=device), requires_grad=False
         )
@@ -151,18 +156,34 @@ class QuantizedLinear(nn.Module):
             return False
         if self.weight_bit_width == 8:
             return self.in_features % INT8_KERNEL_WIDTH == 0
+        if self.layout == "int4_blocks" or (self.layout == "chatglm" and self.own_int4_kernel()):
+            return True
         return self.out_features % 16 == 0 and packed_kernel_group_size(self.in_features) is not None
+
+    def own_int4_kernel(self) -> bool:
+        """Whether INT4 runs through finechat.models.int4_kernel here (else through PyTorch's INT4 kernel)."""
+        return self.weight_bit_width == 4 and int4_kernel.supports(self.in_features) and int4_kernel.available()
 
     def to_kernel_layout(self) -> None:
         """INT4 on a CPU: repack the weight for the INT4 kernel, in place (INT8 is used as stored)."""
         if self.weight_bit_width == 4 and self.layout == "chatglm" and self.weight.device.type == "cpu":
-            self.weight.data = to_cpu_int4pack(self.weight.data, convert=chatglm_to_nibbles).view(torch.int8)
-            self.layout = "cpu_int4pack"
+            if self.own_int4_kernel():
+                codes = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8)
+                for i in range(0, self.out_features, QUANTIZE_CHUNK_ROWS):  # ChatGLM's q -> code q + 8
+                    rows = self.weight.data[i:i + QUANTIZE_CHUNK_ROWS]
+                    codes[i:i + QUANTIZE_CHUNK_ROWS] = int4_kernel.to_blocks((unpack_int4(rows) + 8).to(torch.uint8))
+                self.weight.data = codes.view(torch.int8)
+                self.layout = "int4_blocks"
+            else:
+                self.weight.data = to_cpu_int4pack(self.weight.data, convert=chatglm_to_nibbles).view(torch.int8)
+                self.layout = "cpu_int4pack"
 
     def stored_weight(self) -> torch.Tensor:
         """The weight in ChatGLM's layout, whatever the in-memory one."""
         if self.layout == "chatglm":
             return self.weight
+        if self.layout == "int4_blocks":
+            return pack_int4(int4_kernel.from_blocks(self.weight.data).to(torch.int8) - 8).to(self.weight.device)
         values = from_cpu_int4pack(self.weight.data, self.out_features, self.in_features)
         return chatglm_to_nibbles(pack_nibbles(values)).view(torch.int8).to(self.weight.device)
 
@@ -171,17 +192,26 @@ class QuantizedLinear(nn.Module):
             self.weight.data = self.stored_weight()
             self.layout = "chatglm"
 
-    def kernel_scale(self) -> torch.Tensor:
-        """The row scale in the kernels' dtype, kept while ``weight_scale`` stays the same tensor."""
-        key = (self.weight_scale.data_ptr(), self.weight_scale._version)
-        cached = self.__dict__.get("_kernel_scale")
+    def kernel_scale(self, dtype: torch.dtype = KERNEL_DTYPE) -> torch.Tensor:
+        """The row scale in a kernel's dtype, kept while ``weight_scale`` stays the same tensor."""
+        return self._converted("weight_scale", dtype)
+
+    def _converted(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        tensor = getattr(self, name)
+        key = (tensor.data_ptr(), tensor._version, dtype)
+        cached = self.__dict__.get("_kernel_" + name)
         if cached is None or cached[0] != key:
-            cached = (key, self.weight_scale.detach().to(KERNEL_DTYPE))
-            self.__dict__["_kernel_scale"] = cached
+            cached = (key, tensor.detach().to(dtype))
+            self.__dict__["_kernel_" + name] = cached
         return cached[1]
 
     def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         self.to_kernel_layout()
+        if self.layout == "int4_blocks":
+            bias = self._converted("bias", torch.float32) if self.bias is not None else None
+            out = int4_kernel.matmul(x.reshape(-1, self.in_features), self.weight.view(torch.uint8),
+                                     self.kernel_scale(torch.float32), bias)
+            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # [rows, in]
         if self.weight_bit_width == 8:
             out = torch._weight_int8pack_mm(flat, self.weight, self.kernel_scale())
