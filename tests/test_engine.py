@@ -116,3 +116,18 @@ def test_a_budget_that_ends_inside_a_character_leaves_no_replacement_mark(tiny_b
     answer, _ = bot.chat("q", max_new_tokens=len(ids) - 1)
     assert answer == tok.decode(ids[:-1]).rstrip("\ufffd") and "\ufffd" not in answer
     assert bot.chat("q", max_new_tokens=len(ids))[0] == text
+
+
+def test_a_seeded_answer_leaves_the_callers_random_state(tiny_bot):
+    import torch
+
+    from finechat.eval.predict import generate_answers
+    from finechat.generate.settings import GenerationSettings
+
+    before = torch.random.get_rng_state()
+    a, _ = tiny_bot.chat("hi", do_sample=True, temperature=1.0, seed=3, max_new_tokens=8)
+    settings = GenerationSettings(do_sample=True, temperature=1.0, seed=3, max_new_tokens=8)
+    batch = generate_answers(tiny_bot, [[{"role": "user", "content": "hi"}]], settings, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), before)  # seeding did not reseed the process
+    assert batch == generate_answers(tiny_bot, [[{"role": "user", "content": "hi"}]], settings, progress=False)
+    assert tiny_bot.chat("hi", do_sample=True, temperature=1.0, seed=3, max_new_tokens=8)[0] == a

@@ -27,7 +27,7 @@ from finechat.errors import DataError
 from finechat.eval.metrics import compute_metrics, perplexity
 from finechat.files import write_json_atomic, write_jsonl_atomic
 from finechat.generate.engine import ChatModel
-from finechat.generate.sampling import generate_kwargs
+from finechat.generate.sampling import generate_kwargs, seeded_global_rng
 from finechat.generate.settings import GenerationSettings
 from finechat.models.load import log
 
@@ -105,30 +105,29 @@ def generate_answers(bot: ChatModel, prompts: list[list[Message]], settings: Gen
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     answers: list[str] = [""] * len(encoded)
-    if settings.seed is not None:
-        torch.manual_seed(settings.seed)
     bar = _progress(len(encoded), "Generating", progress)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
-        # Left padding: every prompt ends at the same column, so new tokens line up. [batch, width]
-        input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in rows], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in rows],
-                                      device=device)
-        kwargs = generate_kwargs(settings, width, stop_ids, pad_id)
-        kwargs.update(input_ids=input_ids, attention_mask=attention_mask)
-        with torch.inference_mode():
-            output = model.generate(**kwargs)  # [batch, width + new]
-        for row, i in enumerate(rows):
-            new_ids = output[row, width:].tolist()
-            ended = next((k for k, t in enumerate(new_ids) if t in stop_ids), None)
-            text = tokenizer.decode(new_ids if ended is None else new_ids[:ended], skip_special_tokens=True)
-            if ended is None:
-                text = text.rstrip("\ufffd")  # the token budget ended inside a multi-byte character
-            cut = min((text.find(s) for s in stops if s and s in text), default=None)
-            text = text if cut is None else text[:cut]
-            answers[i] = bot.postprocess(text.rstrip("\ufffd"))  # a character cut in half by max_new_tokens
-        bar.update(len(rows))
+    with seeded_global_rng(settings.seed, device):  # sampling from a seed; the caller's random state kept
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            # Left padding: every prompt ends at the same column, so new tokens line up. [batch, width]
+            input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in rows], device=device)
+            attention_mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in rows],
+                                          device=device)
+            kwargs = generate_kwargs(settings, width, stop_ids, pad_id)
+            kwargs.update(input_ids=input_ids, attention_mask=attention_mask)
+            with torch.inference_mode():
+                output = model.generate(**kwargs)  # [batch, width + new]
+            for row, i in enumerate(rows):
+                new_ids = output[row, width:].tolist()
+                ended = next((k for k, t in enumerate(new_ids) if t in stop_ids), None)
+                text = tokenizer.decode(new_ids if ended is None else new_ids[:ended], skip_special_tokens=True)
+                if ended is None:
+                    text = text.rstrip("\ufffd")  # the token budget ended inside a multi-byte character
+                cut = min((text.find(s) for s in stops if s and s in text), default=None)
+                text = text if cut is None else text[:cut]
+                answers[i] = bot.postprocess(text.rstrip("\ufffd"))  # a character cut in half by max_new_tokens
+            bar.update(len(rows))
     bar.close()
     return answers
 

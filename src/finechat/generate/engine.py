@@ -21,7 +21,7 @@ from typing import Any
 from finechat.data.templates import Message, get_template, history_to_messages
 from finechat.generate.fast import fast_decoder_for, generate_tokens
 from finechat.generate.logprobs import Scorer, TokenScore, score_batch
-from finechat.generate.sampling import generate_kwargs
+from finechat.generate.sampling import generate_kwargs, seeded_global_rng
 from finechat.generate.settings import GenerationSettings
 
 __all__ = ["ChatModel", "GenerationSettings"]
@@ -156,9 +156,7 @@ class ChatModel:
 
         def work() -> None:
             try:
-                with torch.inference_mode():
-                    if settings.seed is not None:
-                        torch.manual_seed(settings.seed)
+                with torch.inference_mode(), seeded_global_rng(settings.seed, device):
                     self.model.generate(**kwargs)
             except BaseException as e:  # noqa: BLE001  handed to the consumer
                 error.append(e)

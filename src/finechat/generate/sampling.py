@@ -9,6 +9,8 @@ as keyword arguments for ``generate``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -94,6 +96,19 @@ def make_generator(device: torch.device | str, seed: int | None) -> torch.Genera
     else:
         generator.manual_seed(seed)
     return generator
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int | None, device: torch.device | str) -> Iterator[None]:
+    """Seeds torch's global random generator (the one transformers' ``generate`` samples from) for the block and
+    puts its state back afterwards, so a seeded request leaves the caller's random state as it was."""
+    if seed is None:
+        yield
+        return
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        torch.manual_seed(seed)
+        yield
 
 
 def generate_kwargs(settings: GenerationSettings, prompt_length: int, stop_token_ids: list[int],
