@@ -93,3 +93,12 @@ def test_command_line_defaults_replace_what_each_stage_sets(tmp_path):
     assert [s.train["max_steps"] for s in stages] == [2, 2]
     assert [s.train["learning_rate"] for s in stages] == [1e-3, 5e-4]  # keys not given stay as the file says
     assert plain == ["output_dir=out"] and cfg.output_dir == "out"
+
+
+def test_reward_model_pairs_default_to_the_pairs_and_are_not_capped(pairs_path, tmp_path):
+    scorer = AlignmentScorer(AlignmentEvalConfig(pairs=str(pairs_path), max_samples=2))
+    assert scorer.rm_pairs == scorer.pairs and len(scorer.pairs) == 2
+    more = tmp_path / "more.jsonl"
+    more.write_text("".join(json.dumps(r) + "\n" for r in PAIRS * 3), encoding="utf-8")
+    scorer = AlignmentScorer(AlignmentEvalConfig(pairs=str(pairs_path), rm_pairs=str(more), max_samples=2))
+    assert len(scorer.pairs) == 2 and len(scorer.rm_pairs) == 3 * len(PAIRS)

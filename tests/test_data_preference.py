@@ -160,7 +160,8 @@ def test_shipped_held_out_prompts_are_not_in_the_training_files():
         rows = [json.loads(line) for line in (folder / name).read_text(encoding="utf-8").splitlines()]
         return {r["instruction"] if "instruction" in r else r["prompt"][-1]["content"] for r in rows}
 
-    held = questions("arithmetic_heldout.jsonl") | questions("arithmetic_pairs_heldout.jsonl")
+    held = questions("arithmetic_heldout.jsonl") | questions("arithmetic_pairs_heldout.jsonl") \
+        | questions("arithmetic_pairs_rm_heldout.jsonl")
     for name in ("arithmetic_sft.jsonl", "arithmetic_pairs.jsonl", "arithmetic_prompts.jsonl"):
         assert not questions(name) & held, name
 

@@ -22,6 +22,7 @@ def test_chatgpt_pipeline_recipe_runs_every_stage_and_prints_one_table(tiny_mode
     cfg["defaults"].update(save_steps=1, cutoff_len=64)
     cfg["eval_general"].update(data=str(ROOT / cfg["eval_general"]["data"]), max_samples=2, max_new_tokens=4)
     cfg["eval_alignment"].update(pairs=str(ROOT / cfg["eval_alignment"]["pairs"]),
+                                 rm_pairs=str(ROOT / cfg["eval_alignment"]["rm_pairs"]),
                                  prompts=str(ROOT / cfg["eval_alignment"]["prompts"]), max_samples=4,
                                  max_new_tokens=4)
     path = tmp_path / "pipe.yaml"
@@ -36,4 +37,5 @@ def test_chatgpt_pipeline_recipe_runs_every_stage_and_prints_one_table(tiny_mode
     rm = state["stages"]["reward-model"]
     assert rm["next_model"] == state["stages"]["sft"]["next_model"]  # the reward model does not continue the chain
     assert state["reward_model"] == rm["checkpoint"] and "rm accuracy" in rm["alignment"]
+    assert rm["alignment"]["pairs"] == 512  # the reward model on all of its larger held-out set, not max_samples
     assert "rm score" in state["stages"]["grpo"]["alignment"]

@@ -33,6 +33,9 @@ class AlignmentEvalConfig:
     """Held-out data scored after every stage of a preference pipeline."""
 
     pairs: str | None = field(None, help="held-out preference pairs (preference accuracy)")
+    rm_pairs: str | None = field(None, help="held-out pairs for the reward model's accuracy, all of them (default: "
+                                            "pairs); a reward model scores a pair in one pass, so this set can be "
+                                            "larger and its accuracy less noisy")
     prompts: str | None = field(None, help="held-out prompts with reference answers (rm score, rule rewards)")
     max_samples: int | None = field(32, help="score only the first N pairs / prompts")
     max_new_tokens: int = field(48, help="answer length limit")
@@ -54,6 +57,7 @@ class AlignmentScorer:
     def __init__(self, acfg: AlignmentEvalConfig):
         self.acfg = acfg
         self.pairs = read_preferences(acfg.pairs).records[: acfg.max_samples or None] if acfg.pairs else []
+        self.rm_pairs = read_preferences(acfg.rm_pairs).records if acfg.rm_pairs else self.pairs
         self.examples = load_examples(acfg.prompts, "auto", acfg.max_samples) if acfg.prompts else []
         self.logps: dict[Key, tuple[list[float], list[float]]] = {}
         self._reward_model: tuple[str, RewardModel] | None = None
@@ -107,7 +111,7 @@ class AlignmentScorer:
         return out
 
     def reward_model_accuracy(self, reward_model: str) -> dict:
-        """A stage-rm checkpoint's pairwise accuracy and margin on the held-out pairs."""
-        if not self.pairs:
+        """A stage-rm checkpoint's pairwise accuracy and margin on the held-out pairs (``rm_pairs`` if given)."""
+        if not self.rm_pairs:
             return {}
-        return pairwise_accuracy(self.reward_model(reward_model), self.pairs, self.acfg.batch_size)
+        return pairwise_accuracy(self.reward_model(reward_model), self.rm_pairs, self.acfg.batch_size)
