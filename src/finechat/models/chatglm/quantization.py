@@ -4,7 +4,8 @@ The published chatglm-6b-int4 / -int8 folders store, for ``query_key_value``, ``
 and ``dense_4h_to_h`` of every block, an int8 ``weight`` and an fp16 ``weight_scale`` (one per output row),
 plus the fp16 ``bias``. The reference code quantizes and dequantizes with CUDA kernels (cpm_kernels) or C
 code compiled with gcc at run time; this module does the same arithmetic with torch operations so that
-those folders run on CPU and on CUDA with nothing compiled. The formulas, which must stay bit-exact:
+those folders run on CPU and on CUDA with nothing compiled (on x86 CPUs, INT4 inference also compiles a small
+kernel of our own when gcc is there, for speed only: below). The formulas, which must stay bit-exact:
 
 - scale = fp16(absmax(row) / (2^(bits-1) - 1)); q = int8(round(w / scale)) (w in its own dtype, so an fp16
   model divides in fp16 exactly like the reference);
