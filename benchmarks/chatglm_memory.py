@@ -43,10 +43,10 @@ from finechat.generate.fast import generate_tokens
 from finechat.generate.settings import GenerationSettings
 from finechat.models import int4_kernel
 from finechat.models.chatglm.configuration_chatglm import ChatGLMConfig
-from finechat.models.chatglm.loading import load_quantized_chatglm
 from finechat.models.chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
 from finechat.models.chatglm.quantization import PackedHead, QuantizedLinear
-from finechat.models.fast_decoders import fast_decoder
+from finechat.models.chatglm.quantized_checkpoint import load_quantized_chatglm
+from finechat.models.decoder_table import fast_decoder
 
 MODES = {"FP16": 0, "BF16": 0, "INT8": 8, "INT4": 4, "INT4-torch": 4}
 README_GB = {"FP16": 13, "BF16": 13, "INT8": 8, "INT4": 6, "INT4-torch": 6}

@@ -29,7 +29,7 @@ def main() -> int:
     from finechat.data.synthetic import write_adgen
     from finechat.data.templates import get_template
     from finechat.data.tokenize import TokenizeSettings, build_dataset
-    from finechat.models.load import default_model_dir
+    from finechat.models.resolve import default_model_dir
 
     folder = default_model_dir() if args.model == "default" else Path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))

@@ -9,7 +9,7 @@ with the fraction of the memory-bandwidth limit on CUDA (bytes read per token / 
 bandwidth of a large device copy measured in the same run). ``--llama-layers 2`` shrinks it for a smoke
 test on a CPU.
 
-Runs ``finechat bench``'s measurements (finechat.generate.benchmark) side by side with transformers'
+Runs ``finechat bench``'s measurements (finechat.commands._bench_report) side by side with transformers'
 ``generate`` in the same process. On the default model batch-1 decoding is bound by memory traffic; on the
 tiny config (2 layers, hidden 128, the default model's tokenizer) it is bound by the work done per token
 outside the matmuls, which is what the fast path removes. Timings on a shared machine are noisy: compare
@@ -27,8 +27,9 @@ import sys
 
 import torch
 
-from finechat.generate.benchmark import PRECISIONS, bench_model, format_table
-from finechat.models.load import load_model_and_tokenizer, log
+from finechat.commands._bench_report import PRECISIONS, bench_model, format_table
+from finechat.console import log
+from finechat.models.resolve import load_model_and_tokenizer
 
 
 def load_default():
@@ -39,7 +40,7 @@ def load_default():
 def load_tiny():
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from finechat.models.load import default_model_dir
+    from finechat.models.resolve import default_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     torch.manual_seed(0)
@@ -51,7 +52,7 @@ def load_tiny():
 def load_llama_1b(device: str, layers: int):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from finechat.models.load import default_model_dir
+    from finechat.models.resolve import default_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     torch.manual_seed(0)

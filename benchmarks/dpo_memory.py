@@ -74,9 +74,9 @@ def run_case(case: str, model: str, steps: int, batch: int, cutoff_len: int) -> 
 
     from finechat.data.templates import get_template
     from finechat.train.align import load_preference_data, make_trainer, stage_settings
-    from finechat.train.config import TrainConfig
     from finechat.train.methods import prepare_model
     from finechat.train.recipe import load_base, training_arguments
+    from finechat.train.train_config import TrainConfig
 
     out = Path("/tmp") / f"finechat-dpo-memory-{case}"
     cfg = TrainConfig(model=model, stage="dpo", data=[str(DATA)], max_steps=steps, per_device_train_batch_size=batch,

@@ -21,10 +21,11 @@ import sys
 
 import torch
 
-from finechat.generate.bench_llamacpp import _bare_decode, bench_llamacpp
-from finechat.generate.benchmark import bench_model, format_table
+from finechat.commands._bench_llamacpp import _bare_decode, bench_llamacpp
+from finechat.commands._bench_report import bench_model, format_table
+from finechat.console import log
 from finechat.generate.llamacpp import import_llama_cpp
-from finechat.models.load import default_gguf_path, load_model_and_tokenizer, log
+from finechat.models.resolve import default_gguf_path, load_model_and_tokenizer
 
 
 def shipped_q4_1(prompt: list[int], new_tokens: int, rounds: int, threads: int) -> float:

@@ -53,7 +53,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
-    from finechat.models.load import default_model_dir
+    from finechat.models.resolve import default_model_dir
 
     folder = Path(args.model or default_model_dir())
     limit = ["--limit", str(args.limit)] if args.limit else []

@@ -8,7 +8,7 @@ from tiny import make_tokenizer
 
 from finechat.cli import main as cli_main
 from finechat.data.formats import read_conversations
-from finechat.data.preference import (
+from finechat.data.pairs import (
     PreferencePair,
     read_preferences,
     split_answer,

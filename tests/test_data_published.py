@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from finechat.cli import main as cli
-from finechat.data.preference import read_preferences
-from finechat.data.registry import DATASETS, check_commercial
+from finechat.data.catalog import DATASETS, check_commercial
+from finechat.data.pairs import read_preferences
 from finechat.errors import ConfigError
 from finechat.train.align import run_stage
-from finechat.train.config import TrainConfig
+from finechat.train.train_config import TrainConfig
 
 PUBLISHED = Path(__file__).resolve().parent.parent / "data" / "samples" / "published"
 LAYOUTS = {  # registry name -> a file in that set's layout, and its number of pairs

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from finechat.cli import main as cli_main
-from finechat.data.registry import (
+from finechat.data.catalog import (
     DATASETS,
     LICENCE_FILE,
     MODELS,

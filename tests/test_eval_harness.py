@@ -114,7 +114,7 @@ def test_native_chatglm_scores_the_answer_after_sop(tmp_path):
     import torch
     from chatglm_tiny import write_fake_chatglm
 
-    from finechat.generate.load import load
+    from finechat.generate.chat_loader import load
 
     bot = load(str(write_fake_chatglm(tmp_path / "chatglm-6b")), dtype="float32")
     model = harness.harness_model(bot)
@@ -160,8 +160,8 @@ def test_default_model_served_loglikelihoods_equal_hf_backend():
     """The real default model: lm-eval's local-completions against finechat serve = its hf backend (2e-3)."""
     from lm_eval import simple_evaluate
 
-    from finechat.generate.load import load
-    from finechat.models.load import default_model_dir
+    from finechat.generate.chat_loader import load
+    from finechat.models.resolve import default_model_dir
 
     folder = default_model_dir()
     tasks = harness.resolve_tasks(str(TASKS / "finechat_mc_en.yaml"))

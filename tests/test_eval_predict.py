@@ -99,8 +99,8 @@ def test_eval_needs_data(capsys):
 
 
 def test_do_predict_at_the_end_of_training(tiny_model_dir, tmp_path):
-    from finechat.train.config import TrainConfig
     from finechat.train.recipe import run_training
+    from finechat.train.train_config import TrainConfig
 
     data = write_alpaca(tmp_path / "train.jsonl")
     cfg = TrainConfig(model=str(tiny_model_dir), method="lora", data=[str(data)], output_dir=str(tmp_path / "run"),

@@ -11,7 +11,7 @@ from serve_helpers import LiveServer, ScriptedChat, wait_until
 
 from finechat.serve.api import ServeSettings, create_app
 from finechat.serve.guards import HostNames
-from finechat.tools.registry import build_registry
+from finechat.tools.toolbox import build_registry
 
 USER = [{"role": "user", "content": "hi"}]
 LONG = [{"role": "user", "content": "hello " * 1500}]

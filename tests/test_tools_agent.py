@@ -11,7 +11,7 @@ from tools_helpers import ScriptedModel, moss_script
 from finechat.generate.engine import ChatModel
 from finechat.serve.terminal import run_terminal_chat
 from finechat.tools.agent import Agent, parse_commands
-from finechat.tools.registry import build_registry
+from finechat.tools.toolbox import build_registry
 
 
 @pytest.fixture(scope="module")

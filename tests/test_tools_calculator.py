@@ -6,7 +6,7 @@ import time
 import pytest
 
 from finechat.tools.calculator import CalculationError, calculate
-from finechat.tools.registry import build_registry
+from finechat.tools.toolbox import build_registry
 
 
 def _within(seconds, fn, *args):

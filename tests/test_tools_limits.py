@@ -8,9 +8,9 @@ import time
 import pytest
 
 from finechat.errors import DataError
-from finechat.tools.registry import build_registry
 from finechat.tools.search import LocalSearch
 from finechat.tools.solver import solve
+from finechat.tools.toolbox import build_registry
 
 
 @pytest.mark.parametrize("equation, real_root", [

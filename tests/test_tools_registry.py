@@ -7,9 +7,9 @@ import pytest
 
 from finechat.errors import ConfigError, DataError
 from finechat.tools.calculator import CalculationError
-from finechat.tools.registry import Tool, ToolRegistry, build_registry
 from finechat.tools.search import LocalSearch
 from finechat.tools.solver import solve
+from finechat.tools.toolbox import Tool, ToolRegistry, build_registry
 
 
 @pytest.mark.parametrize("equation, expected", [

@@ -13,7 +13,7 @@ from tiny import make_tokenizer
 from tools_helpers import ScriptedModel, moss_script
 
 from finechat.serve.api import ServeSettings, create_app
-from finechat.tools.registry import build_registry
+from finechat.tools.toolbox import build_registry
 
 CHROMIUM = "/usr/bin/chromium"
 

@@ -72,7 +72,7 @@ def test_the_runtime_prompt_matches_the_training_layout(tokenizer):
     """What the tool runtime feeds the model after a command is what training put before the answer."""
     from finechat.generate.engine import ChatModel
     from finechat.tools.agent import Agent
-    from finechat.tools.registry import build_registry
+    from finechat.tools.toolbox import build_registry
 
     class Echo(ChatModel):
         prompts = []

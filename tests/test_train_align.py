@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from finechat.cli import main as cli
-from finechat.data.preference import read_preferences
+from finechat.data.pairs import read_preferences
 from finechat.data.templates import get_template
 from finechat.errors import ConfigError, ModelLoadError
-from finechat.eval.preference import preference_accuracy
-from finechat.eval.reward import load_reward_model, pairwise_accuracy
+from finechat.eval.pair_accuracy import preference_accuracy
+from finechat.eval.reward_scoring import load_reward_model, pairwise_accuracy
 from finechat.train.align import run_stage
-from finechat.train.config import TrainConfig
-from finechat.train.rewards import answer_format, calculator, correct
+from finechat.train.grpo_rewards import answer_format, calculator, correct
+from finechat.train.train_config import TrainConfig
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
 
@@ -41,7 +41,7 @@ def _cfg(tiny_model_dir, out, stage, data, **kw):
 
 
 def _load_policy(tiny_model_dir, adapter):
-    from finechat.models.load import load_adapter, load_model_and_tokenizer
+    from finechat.models.resolve import load_adapter, load_model_and_tokenizer
 
     model, tokenizer, _ = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32", device="cpu")
     return (load_adapter(model, adapter) if adapter else model), tokenizer
@@ -73,7 +73,7 @@ def test_dpo_lora_raises_preference_accuracy_and_its_checkpoint_loads(tiny_model
 
 def test_dpo_sft_weight_adds_the_chosen_answer_likelihood(tiny_model_dir, pairs_file, tmp_path):
     """RPO: DPO plus the chosen answer's NLL; the chosen side's likelihood rises further than with DPO alone."""
-    from finechat.eval.preference import pair_logps
+    from finechat.eval.pair_accuracy import pair_logps
 
     pairs = read_preferences(pairs_file).records
     chosen = {}

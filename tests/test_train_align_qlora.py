@@ -12,8 +12,8 @@ import test_train_align
 import torch
 from test_train_align import SAMPLES, _cfg, _load_policy
 
-from finechat.data.preference import read_preferences
-from finechat.eval.reward import load_reward_model, pairwise_accuracy
+from finechat.data.pairs import read_preferences
+from finechat.eval.reward_scoring import load_reward_model, pairwise_accuracy
 from finechat.train.align import run_stage
 
 pytest.importorskip("bitsandbytes")

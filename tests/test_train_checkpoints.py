@@ -16,8 +16,8 @@ import yaml
 
 from finechat.errors import ConfigError
 from finechat.train import checkpoints
-from finechat.train.config import TrainConfig
 from finechat.train.recipe import run_training
+from finechat.train.train_config import TrainConfig
 
 
 def fake_checkpoint(out: Path, step: int, history: list[dict]) -> Path:

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from finechat.cli import main as cli
-from finechat.train.config import TrainConfig
 from finechat.train.recipe import run_training
+from finechat.train.train_config import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from finechat.errors import ConfigError, ModelLoadError
-from finechat.train.config import TrainConfig
 from finechat.train.recipe import run_training
+from finechat.train.train_config import TrainConfig
 
 PRODUCTS = ["上衣", "裙", "外套", "裤"]
 COLORS = ["白色", "黑色", "红色", "蓝色"]

@@ -10,7 +10,7 @@ import pytest
 from eval_helpers import greedy_by_generate, train_log_losses
 
 from finechat.config import resolve_config
-from finechat.train.config import TrainConfig
+from finechat.train.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ["alpaca-lora", "adgen-ptuning", "adgen-lora", "adgen-full"]

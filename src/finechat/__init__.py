@@ -19,7 +19,7 @@ __all__ = ["load", "ChatModel", "__version__"]
 def __getattr__(name: str) -> Any:
     # Imported on first use: `import finechat` stays light (no torch) for the CLI and tools that only need a name.
     if name == "load":  # finechat.load(model="default", adapter=None, ...) -> ChatModel
-        from finechat.generate.load import load
+        from finechat.generate.chat_loader import load
 
         return load
     if name == "ChatModel":

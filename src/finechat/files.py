@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from finechat.errors import FinechatError
+from finechat.errors import FinechatError, ModelLoadError
 
 
 def fsync_tree(folder: Path) -> None:
@@ -193,3 +193,10 @@ def publish_folder(staged: Path, final: Path) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
     else:
         os.replace(staged, final)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: cannot read JSON: {e}") from e

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 
+from finechat.commands._bench_llamacpp import bench_llamacpp
+from finechat.commands._bench_report import PRECISIONS, bench_model, format_table, parse_precision
+from finechat.console import log
 from finechat.errors import FinechatError
-from finechat.generate.bench_llamacpp import bench_llamacpp
-from finechat.generate.benchmark import PRECISIONS, bench_model, format_table, parse_precision
 from finechat.generate.llamacpp import import_llama_cpp
-from finechat.models.gguf_export import OUTTYPES
-from finechat.models.load import load_model_and_tokenizer, log, torch_threads
-from finechat.models.quantize import DEFAULT_GROUP_SIZE
+from finechat.models.device import torch_threads
+from finechat.models.gguf_writer import OUTTYPES
+from finechat.models.resolve import load_model_and_tokenizer
+from finechat.models.weight_only import DEFAULT_GROUP_SIZE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

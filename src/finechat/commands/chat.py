@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from finechat.commands.options import Assistant, AssistantOptions, load_chat_model
+from finechat.commands._options import Assistant, AssistantOptions, load_chat_model
 from finechat.config import add_config_arguments, config_from_args, field, load_yaml
+from finechat.console import log
 from finechat.generate.settings import GenerationSettings
-from finechat.models.load import ModelOptions, log
+from finechat.models.options import ModelOptions
 from finechat.serve.terminal import run_terminal_chat
 from finechat.tools.agent import Agent
 

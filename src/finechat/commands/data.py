@@ -19,13 +19,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finechat.commands._data_pairs_report import convert_preferences, preference_stats, preview_preferences
 from finechat.data.blank_infilling import preview_documents
+from finechat.data.catalog import DISCLAIMER, all_entries, registry_table
 from finechat.data.formats import FORMATS, read_conversations, write_conversations
-from finechat.data.preference import PREFERENCE_FORMATS, is_preference_file, read_preferences
+from finechat.data.pairs import PREFERENCE_FORMATS, is_preference_file, read_preferences
 from finechat.data.preference_generate import RULES as PAIR_RULES
 from finechat.data.preference_generate import pairs_main, write_arithmetic
-from finechat.data.preference_report import convert_preferences, preference_stats, preview_preferences
-from finechat.data.registry import DISCLAIMER, all_entries, registry_table
 from finechat.data.synthetic import write_adgen
 from finechat.data.templates import get_template
 from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, encode_conversation, tokenize_many
@@ -177,7 +177,7 @@ def _tokenizer_and_template(args: argparse.Namespace) -> tuple[Any, Any]:
     if model in (None, "", "default"):
         # Lazy, as torch is: importing finechat.models registers ChatGLM-6B with transformers (seconds), which
         # convert, licenses, generate and from-kg do not need.
-        from finechat.models.load import default_model_dir
+        from finechat.models.resolve import default_model_dir
 
         folder = default_model_dir()
     else:

@@ -24,9 +24,9 @@ from finechat.eval.compare import compare, resolve_entries, side_by_side
 from finechat.eval.metrics import format_table
 from finechat.eval.predict import load_examples, predict, rescore
 from finechat.files import write_json_atomic
-from finechat.generate.load import load as load_chat_model
+from finechat.generate.chat_loader import load as load_chat_model
 from finechat.generate.settings import GenerationSettings
-from finechat.models.load import ModelOptions
+from finechat.models.options import ModelOptions
 
 
 @dataclasses.dataclass
@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
                         quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code,
                         compile=cfg.compile, engine=cfg.engine)
     if args.reward_model:
-        from finechat.eval.reward_report import reward_eval
+        from finechat.commands._eval_reward_report import reward_eval
 
         print(reward_eval(args.reward_model, cfg, settings, load_options))
         return 0

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 
 from finechat.errors import FinechatError
-from finechat.models.gguf_export import OUTTYPES
+from finechat.models.gguf_writer import OUTTYPES
 from finechat.train.export import export_model
-from finechat.train.export_gguf import export_gguf
+from finechat.train.export_llamacpp import export_gguf
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

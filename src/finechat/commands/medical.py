@@ -17,9 +17,9 @@ from pathlib import Path
 
 from finechat.config import add_config_arguments, config_from_args, field
 from finechat.errors import ConfigError
-from finechat.generate.load import load
+from finechat.generate.chat_loader import load
 from finechat.medical import evaluate as medical
-from finechat.models.load import ModelOptions
+from finechat.models.options import ModelOptions
 
 DEFAULT_QUESTIONS = "data/samples/medical/kg_qa.heldout.jsonl"
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from finechat.console import log
 from finechat.errors import FinechatError
-from finechat.models.load import load_adapter, load_model_and_tokenizer, log
-from finechat.models.quantize import (
+from finechat.models.resolve import load_adapter, load_model_and_tokenizer
+from finechat.models.weight_only import (
     DEFAULT_GROUP_SIZE,
     INT4_GROUP_SIZES,
     copy_extra_files,

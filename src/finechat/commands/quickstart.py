@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import argparse
 
+from finechat.console import log
 from finechat.data.synthetic import write_adgen
 from finechat.errors import ConfigError
 from finechat.eval.compare import Entry, run_entry, side_by_side
 from finechat.eval.metrics import format_table
 from finechat.eval.predict import load_examples
 from finechat.generate.settings import GenerationSettings
-from finechat.models.load import log, torch_threads
-from finechat.train.config import TrainConfig
+from finechat.models.device import torch_threads
 from finechat.train.recipe import run_training
+from finechat.train.train_config import TrainConfig
 
 DEFAULT_MODEL_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -10,10 +10,11 @@ import socket
 import sys
 from pathlib import Path
 
-from finechat.commands.options import Assistant, AssistantOptions, load_chat_model
+from finechat.commands._options import Assistant, AssistantOptions, load_chat_model
 from finechat.config import add_config_arguments, config_from_args, field
+from finechat.console import log
 from finechat.errors import ConfigError
-from finechat.models.load import ModelOptions, log
+from finechat.models.options import ModelOptions
 from finechat.serve.api import create_app
 from finechat.serve.schemas import ServeSettings
 from finechat.serve.server import ConnectionLimits, serve

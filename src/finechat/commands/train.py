@@ -15,9 +15,9 @@ import dataclasses
 from finechat.config import add_config_arguments, config_from_args
 from finechat.errors import ConfigError
 from finechat.train.align import run_stage, sequences_per_example
-from finechat.train.config import TrainConfig
 from finechat.train.estimate import estimate_without_weights
 from finechat.train.stages import is_stages_file, main_stages, resolve_stages, stage_train_configs
+from finechat.train.train_config import TrainConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Collection
 from typing import Any
 
 from finechat.data.conversation import Conversation
-from finechat.data.preference import PreferencePair
+from finechat.data.pairs import PreferencePair
 from finechat.errors import DataError
 from finechat.files import write_jsonl_atomic
 
@@ -159,7 +159,7 @@ def write_arithmetic(path: str, n: int, seed: int, exclude: Collection[str] = ()
 
 def pairs_main(convs: list[Conversation], rule: str, seed: int, out: str) -> str:
     """``finechat data pairs``: write pairs built by ``rule``; returns the report (left-out records listed)."""
-    from finechat.data.preference import write_preferences
+    from finechat.data.pairs import write_preferences
 
     pairs, left_out = pairs_from_sft(convs, rule, seed)
     n = write_preferences(pairs, out, "pref-prompt")

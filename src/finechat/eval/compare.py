@@ -16,7 +16,7 @@ from finechat.errors import FinechatError
 from finechat.eval.metrics import compute_metrics, format_table
 from finechat.eval.predict import predict, read_predictions, write_outputs
 from finechat.files import atomic_file, write_json_atomic
-from finechat.generate.load import load as load_chat_model
+from finechat.generate.chat_loader import load as load_chat_model
 
 
 @dataclasses.dataclass

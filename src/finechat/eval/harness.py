@@ -3,7 +3,7 @@
 lm-eval loads models through its own backends; a fine-tune is judged on the model finechat loaded (base, peft
 adapter, quantized, native ChatGLM-6B, a GGUF on the llama.cpp engine), so :func:`harness_model` hands lm-eval
 a model object: a subclass of lm-eval's ``TemplateLM`` whose ``loglikelihood`` scores context + continuation with
-the engine's ``score_batch`` (PyTorch: :mod:`finechat.generate.logprobs`, right-padded batches of
+the engine's ``score_batch`` (PyTorch: :mod:`finechat.generate.scoring`, right-padded batches of
 ``batch_size``; llama.cpp: :mod:`finechat.generate.llamacpp_logprobs`), ``loglikelihood_rolling`` scores
 lm-eval's rolling windows, and ``generate_until`` decodes greedily with ``ChatModel.generate_ids`` (the fast
 path where there is one) up to the task's stop strings. Tokenization follows lm-eval's ``hf`` backend (the
@@ -27,8 +27,8 @@ from typing import Any
 
 from finechat.errors import ConfigError, FinechatError
 from finechat.eval.metrics import format_table
+from finechat.generate.chat_loader import load as load_chat_model
 from finechat.generate.engine import GenerationSettings
-from finechat.generate.load import load as load_chat_model
 
 MISSING_EXTRA = "lm-evaluation-harness is not installed: pip install 'finechat[bench]'"
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's hf backend's default when the config names no context length

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finechat.console import log
 from finechat.data.formats import read_conversations
 from finechat.data.records import json_lines
 from finechat.data.templates import Message
@@ -29,7 +30,6 @@ from finechat.files import write_json_atomic, write_jsonl_atomic
 from finechat.generate.engine import ChatModel
 from finechat.generate.sampling import generate_kwargs, seeded_global_rng
 from finechat.generate.settings import GenerationSettings
-from finechat.models.load import log
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 METRICS_FILE = "metrics.json"

@@ -20,8 +20,8 @@ from typing import Any
 
 from finechat.data.templates import Message, get_template, history_to_messages
 from finechat.generate.fast import fast_decoder_for, generate_tokens
-from finechat.generate.logprobs import Scorer, TokenScore, score_batch
 from finechat.generate.sampling import generate_kwargs, seeded_global_rng
+from finechat.generate.scoring import Scorer, TokenScore, score_batch
 from finechat.generate.settings import GenerationSettings
 
 __all__ = ["ChatModel", "GenerationSettings"]

@@ -17,8 +17,8 @@ import torch
 
 from finechat.generate.sampling import make_generator, next_token
 from finechat.generate.settings import GenerationSettings
+from finechat.models.decoder_table import fast_decoder, is_supported
 from finechat.models.fast_decoder import StaticCacheDecoder
-from finechat.models.fast_decoders import fast_decoder, is_supported
 
 
 def generate_tokens(decoder: StaticCacheDecoder, input_ids: list[int], settings: GenerationSettings,

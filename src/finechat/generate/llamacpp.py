@@ -27,13 +27,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from finechat.console import log
 from finechat.errors import FinechatError, ModelLoadError
 from finechat.generate.engine import ChatModel
 from finechat.generate.llamacpp_logprobs import LlamaCppScorer, ScoringContext, score_batch
-from finechat.generate.logprobs import TokenScore
+from finechat.generate.scoring import TokenScore
 from finechat.generate.settings import GenerationSettings
-from finechat.models.gguf_export import check_gguf_file
-from finechat.models.load import default_gguf_path, log, resolve_model_path
+from finechat.models.gguf_writer import check_gguf_file
+from finechat.models.resolve import default_gguf_path, resolve_model_path
 
 ENGINES = ("torch", "llama.cpp")
 MISSING = ("the llama.cpp engine needs llama-cpp-python: pip install 'finechat[llamacpp]' (or make llamacpp; "

@@ -22,7 +22,7 @@ import threading
 from typing import Any
 
 from finechat.errors import FinechatError
-from finechat.generate.logprobs import TokenScore, token_scores
+from finechat.generate.scoring import TokenScore, token_scores
 
 
 class ScoringContext:

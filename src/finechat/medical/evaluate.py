@@ -19,14 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finechat.console import log
 from finechat.data.records import json_lines
 from finechat.errors import DataError
 from finechat.eval.metrics import compute_metrics, format_table
 from finechat.eval.predict import generate_answers, load_examples, predict
 from finechat.files import write_json_atomic, write_jsonl_atomic
-from finechat.generate.load import load
+from finechat.generate.chat_loader import load
 from finechat.generate.settings import GenerationSettings
-from finechat.models.load import log
 from finechat.train.stages import STATE_FILE, main_stages, resolve_stages
 
 # Relations shown as their own accuracy column, in this order, with short column names.

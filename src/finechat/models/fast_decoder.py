@@ -8,7 +8,7 @@ over a KV cache allocated once, in the gpt-fast style: :meth:`prefill` for the p
 same ``scaled_dot_product_attention`` call over exactly the cached positions, float32 logits of the last
 position). The loop that samples and stops is ``finechat.generate.fast``'s; each architecture's decoder
 lives beside it (``finechat.models.chatglm.fast_chatglm`` for ChatGLM-6B) and ``FAST_DECODERS`` in
-``finechat.models.fast_decoders`` says which model types have one. Measurements: docs/results/decode.md.
+``finechat.models.decoder_table`` says which model types have one. Measurements: docs/results/decode.md.
 """
 
 from __future__ import annotations

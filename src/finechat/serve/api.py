@@ -9,7 +9,7 @@ Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (streaming as server-s
 ``data: [DONE]``), ``POST /v1/completions``, ``POST /`` (ChatGLM-6B's api.py: ``{prompt, history, max_length,
 top_p, temperature}`` -> ``{response, history, status, time}``), ``GET /`` (the page), ``GET /health``.
 Log-probabilities (``logprobs``, ``echo``, ``top_logprobs``) are answered as OpenAI and vLLM do: see
-:mod:`finechat.serve.logprobs`.
+:mod:`finechat.serve.completions`.
 
 Errors always use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 malformed JSON or
 a prompt longer than the context, 401 missing / wrong key, 404 unknown model or route, 413 body too large,
@@ -35,7 +35,7 @@ from typing import Any
 from finechat.data.templates import history_to_messages
 from finechat.errors import FinechatError
 from finechat.generate.batching import BatchScheduler
-from finechat.serve import logprobs, runs, tools_api
+from finechat.serve import completions, runs, tools_api
 from finechat.serve.guards import HostNames, RequestGuard
 from finechat.serve.schemas import (
     ApiError,
@@ -71,7 +71,7 @@ __all__ = ["ApiError", "ServeSettings", "create_app"]
 def create_app(engine: Any, settings: ServeSettings | None = None, scheduler: Any = None, tools: Any = None):
     """A FastAPI app serving ``engine`` (a :class:`finechat.generate.engine.ChatModel`).
 
-    ``tools`` (a :class:`finechat.tools.registry.ToolRegistry`) runs those tools inside the server for chat
+    ``tools`` (a :class:`finechat.tools.toolbox.ToolRegistry`) runs those tools inside the server for chat
     requests that bring no ``tools`` of their own (see :mod:`finechat.serve.tools_api`).
     """
     from fastapi import FastAPI
@@ -132,7 +132,7 @@ class Routes:
         messages = [message_dict(m, i) for i, m in enumerate(req.messages)]
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         max_tokens = req.max_completion_tokens or req.max_tokens
-        top_n = logprobs.chat_top_n(req, self.settings)
+        top_n = completions.chat_top_n(req, self.settings)
         if self.agent is not None and not tools:  # the server runs its own tools (finechat serve --tools)
             if top_n is not None:  # several rounds of generation and tool results: no one token sequence to score
                 raise ApiError(400, "logprobs are not available when the server runs its own tools (--tools)",
@@ -142,7 +142,7 @@ class Routes:
                                           self._generation(req, max_tokens), self.limit, max_tokens is not None,
                                           self.settings.model_name, req.stream, req.include_usage)
         if top_n is not None:
-            logprobs.check_scorable(self.engine, "logprobs")
+            completions.check_scorable(self.engine, "logprobs")
         messages, template_tools = toolcalls.prepare(self.engine, messages, tools, req.tool_choice)
         gen = self._generation(req, max_tokens)
         try:
@@ -156,7 +156,7 @@ class Routes:
         run = runs.start_text_run(self.engine, self.scheduler, messages, prompt_ids, gen)
         rid, model = "chatcmpl-" + uuid.uuid4().hex, self.settings.model_name
         use_tools = bool(tools) and req.tool_choice != "none"
-        scores = logprobs.AnswerScores(self.engine, prompt_ids, top_n, chat=True) if top_n is not None else None
+        scores = completions.AnswerScores(self.engine, prompt_ids, top_n, chat=True) if top_n is not None else None
         if scores is not None:
             try:
                 await scores.prompt()
@@ -180,7 +180,7 @@ class Routes:
     async def completions(self, request: Any) -> Any:
         req = await self._parse(request, CompletionRequest)
         self._check_model(req.model)
-        return await logprobs.completions(request, req, self)
+        return await completions.completions(request, req, self)
 
     async def chatglm_api(self, request: Any) -> dict:
         """ChatGLM-6B's api.py, unchanged for its clients."""

@@ -1,7 +1,7 @@
 """The tool runtime: generate, detect a tool call, run it, inject the result, continue -- a small state machine.
 
 :class:`Agent` wraps a :class:`~finechat.generate.engine.ChatModel` and a
-:class:`~finechat.tools.registry.ToolRegistry` and answers a conversation while yielding :class:`AgentEvent`
+:class:`~finechat.tools.toolbox.ToolRegistry` and answers a conversation while yielding :class:`AgentEvent`
 objects (answer text as it streams, inner thoughts, each tool call and each result), so that the terminal,
 the web page and the API show the same thing. Three protocols, picked from the template (``protocol="auto"``):
 
@@ -41,7 +41,7 @@ from finechat.data.templates import (
 from finechat.errors import ConfigError
 from finechat.generate.engine import _held_back
 from finechat.tools import toolcalls
-from finechat.tools.registry import MAX_ARGUMENT_CHARS, ToolRegistry, ToolResult
+from finechat.tools.toolbox import MAX_ARGUMENT_CHARS, ToolRegistry, ToolResult
 
 # MOSS's section markers.
 THOUGHTS, END_THOUGHTS = "<|Inner Thoughts|>:", "<eot>"

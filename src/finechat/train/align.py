@@ -11,14 +11,14 @@ trainer, which is TRL's (the field's library for these losses; nothing here re-i
   through the same base weights with a frozen copy of the starting adapter ("ref"; for a new adapter, the base
   itself): the base weights are held once. On a CPU the LM head projects answer positions only
   (:mod:`finechat.train.compact_head`; see benchmarks/dpo_memory.py).
-- ``rm``: TRL's RewardTrainer on the base with a one-score head (:mod:`finechat.models.reward`); LoRA uses
+- ``rm``: TRL's RewardTrainer on the base with a one-score head (:mod:`finechat.models.reward_head`); LoRA uses
   peft's SEQ_CLS task so the head is trained and saved with the adapter. Scored by pairwise accuracy.
 - ``kto``: TRL's KTOTrainer on answers labelled desirable / undesirable (pairs count as one of each).
 - ``orpo`` / ``simpo``: TRL's ORPOTrainer and CPOTrainer (``loss_type="simpo"``) from ``trl.experimental``.
 - ``grpo``: TRL's GRPOTrainer, sampling ``num_generations`` answers per prompt and scoring them with the
-  reward functions of :mod:`finechat.train.rewards` against the data's reference answers.
+  reward functions of :mod:`finechat.train.grpo_rewards` against the data's reference answers.
 
-Every stage's rows are tokenized here, through the SFT path (``finechat.data.preference``,
+Every stage's rows are tokenized here, through the SFT path (``finechat.data.pairs``,
 ``preference.split_answer`` for GRPO's prompts), so the template, special tokens and masking are SFT's; each
 TRL trainer gets them in the layout its own tokenizing step would produce, and a narrow subclass tells it
 they arrive tokenized (:func:`_takes_finechat_rows`). TRL re-tokenizing decoded text instead could merge BPE
@@ -33,21 +33,21 @@ import random
 import time
 from typing import Any
 
+from finechat.console import log
+from finechat.data.catalog import LICENCE_FILE
 from finechat.data.conversation import Conversation
 from finechat.data.formats import read_conversations
-from finechat.data.preference import PreferenceStats, read_preferences, split_answer, tokenize_preferences
-from finechat.data.registry import LICENCE_FILE
+from finechat.data.pairs import PreferenceStats, read_preferences, split_answer, tokenize_preferences
 from finechat.data.templates import get_template
 from finechat.data.tokenize import IGNORE_INDEX, special_token_layout
 from finechat.errors import ConfigError
-from finechat.eval.reward import load_reward_model
+from finechat.eval.reward_scoring import load_reward_model
 from finechat.files import write_json_atomic
-from finechat.models.load import log
-from finechat.models.reward import reward_model_from
+from finechat.models.reward_head import reward_model_from
 from finechat.train import checkpoints
 from finechat.train.compact_head import compact_log_prob_head
-from finechat.train.config import TrainConfig
 from finechat.train.estimate import estimate_memory
+from finechat.train.grpo_rewards import get_rewards
 from finechat.train.methods import default_lora_targets, prepare_model, trainable_to_float32
 from finechat.train.recipe import (
     TrainResult,
@@ -60,7 +60,7 @@ from finechat.train.recipe import (
     training_arguments,
     world,
 )
-from finechat.train.rewards import get_rewards
+from finechat.train.train_config import TrainConfig
 
 ALIGN_STAGES = ("dpo", "orpo", "simpo", "kto", "rm", "grpo")
 PAIR_STAGES = ("dpo", "orpo", "simpo", "rm")

@@ -4,10 +4,10 @@ Used by multi-stage runs (``eval_alignment:`` in a ``stages:`` file, see finecha
 stage, and before the first one for the base model:
 
 - ``preference accuracy``: share of held-out pairs where the model's log-ratio against the model the stage
-  started from prefers the chosen answer (finechat.eval.preference; 0.5 = chance, the base scores exactly
+  started from prefers the chosen answer (finechat.eval.pair_accuracy; 0.5 = chance, the base scores exactly
   that); ``logp accuracy``: share where the model itself gives the chosen answer the higher log-probability;
 - ``rm score``: the stage-rm reward model's mean score of the model's greedy answers to held-out prompts;
-- ``correct`` / ``calculator``: the GRPO rule rewards of those answers (finechat.train.rewards): right against
+- ``correct`` / ``calculator``: the GRPO rule rewards of those answers (finechat.train.grpo_rewards): right against
   the reference answer, and arithmetic that the calculator tool confirms.
 """
 
@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from finechat.config import field
-from finechat.data.preference import read_preferences
+from finechat.console import log
+from finechat.data.pairs import read_preferences
+from finechat.eval.pair_accuracy import disabled_adapter, pair_logps, preference_scores
 from finechat.eval.predict import generate_answers, load_examples
-from finechat.eval.preference import disabled_adapter, pair_logps, preference_scores
-from finechat.eval.reward import RewardModel, load_reward_model, pairwise_accuracy, score_answers
+from finechat.eval.reward_scoring import RewardModel, load_reward_model, pairwise_accuracy, score_answers
 from finechat.files import write_jsonl_atomic
 from finechat.generate.engine import ChatModel, GenerationSettings
-from finechat.models.load import load_adapter, load_model_and_tokenizer, log
-from finechat.train.rewards import answer_format, calculator, correct
+from finechat.models.resolve import load_adapter, load_model_and_tokenizer
+from finechat.train.grpo_rewards import answer_format, calculator, correct
 
 
 @dataclasses.dataclass

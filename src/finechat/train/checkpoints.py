@@ -30,7 +30,7 @@ PREFIX = "checkpoint-"
 
 
 def base_model_identity(model: Any, cfg: Any, model_path: str) -> dict:
-    """What an adapter needs from its base: checked by ``finechat.models.load`` before loading it."""
+    """What an adapter needs from its base: checked by ``finechat.models.resolve`` before loading it."""
     config = model.config
     ident = {
         "path": model_path,

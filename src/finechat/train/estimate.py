@@ -18,9 +18,10 @@ import dataclasses
 import os
 from typing import Any
 
-from finechat.models.load import pick_device, resolve_model_path
-from finechat.train.config import TrainConfig
+from finechat.models.device import pick_device
+from finechat.models.resolve import resolve_model_path
 from finechat.train.methods import count_parameters, prepare_model
+from finechat.train.train_config import TrainConfig
 
 GiB = 1024**3
 OPTIMIZER_BYTES = {"adamw": 8, "adam": 8, "adafactor": 4, "sgd": 0, "lion": 4}

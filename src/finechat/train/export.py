@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finechat.console import log
 from finechat.data.templates import EOS, TEMPLATES
 from finechat.errors import FinechatError, ModelLoadError
-from finechat.files import check_output_folder, staged_folder
-from finechat.models.load import load_adapter, load_model_and_tokenizer, log, read_json, resolve_model_path
+from finechat.files import check_output_folder, read_json, staged_folder
+from finechat.models.resolve import load_adapter, load_model_and_tokenizer, resolve_model_path
 
 EXPORT_FILE = "finechat_export.json"
 # peft tuner types whose weights fold into the base (merge_and_unload); the prompt-learning ones cannot.

@@ -20,10 +20,11 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from finechat.console import log
 from finechat.errors import ConfigError
-from finechat.models.load import load_adapter, log
 from finechat.models.peft_compat import fix_prefix_generation
-from finechat.train.config import TrainConfig
+from finechat.models.resolve import load_adapter
+from finechat.train.train_config import TrainConfig
 
 
 def base_dtype(cfg: TrainConfig, device: str):

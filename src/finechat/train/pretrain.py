@@ -22,7 +22,7 @@ from finechat.data.blank_infilling import BlankInfillingCollator, blank_infillin
 from finechat.data.documents import read_documents
 from finechat.data.tokenize import pack_examples
 from finechat.errors import ConfigError
-from finechat.train.config import TrainConfig
+from finechat.train.train_config import TrainConfig
 
 __all__ = ["OBJECTIVES", "Objective", "get_objective", "read_documents", "register_objective"]
 

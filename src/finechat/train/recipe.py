@@ -20,18 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from finechat.config import VERSION, to_dict
-from finechat.data.registry import LICENCE_FILE, check_commercial, licence_lines, licence_summary
+from finechat.console import log
+from finechat.data.catalog import LICENCE_FILE, check_commercial, licence_lines, licence_summary
 from finechat.data.templates import get_template
 from finechat.data.tokenize import TokenizeSettings, build_dataset, data_collator, pack_examples
 from finechat.errors import ConfigError
 from finechat.files import atomic_file, write_json_atomic
-from finechat.models.load import load_model_and_tokenizer, log, pick_device
+from finechat.models.device import pick_device
+from finechat.models.resolve import load_model_and_tokenizer
 from finechat.train import checkpoints
-from finechat.train.config import TrainConfig
 from finechat.train.estimate import estimate_memory
 from finechat.train.methods import base_dtype, prepare_model, quantization_config
 from finechat.train.plots import LOSS_PNG, plot_loss
 from finechat.train.pretrain import get_objective, read_documents
+from finechat.train.train_config import TrainConfig
 
 SUMMARY_FILE = "train_results.json"
 LOG_FILE = "train_log.jsonl"

@@ -34,20 +34,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from finechat.config import field, load_yaml, resolve_config, to_dict
+from finechat.console import log
+from finechat.data.catalog import licence_lines, licence_summary
 from finechat.data.formats import read_conversations, write_conversations
-from finechat.data.registry import licence_lines, licence_summary
 from finechat.errors import ConfigError
 from finechat.eval import harness
 from finechat.eval.metrics import format_table
 from finechat.eval.predict import load_examples, predict
 from finechat.files import write_json_atomic
-from finechat.generate.load import load as load_chat_model
+from finechat.generate.chat_loader import load as load_chat_model
 from finechat.generate.settings import GenerationSettings
-from finechat.models.load import log
 from finechat.train.align import run_stage
 from finechat.train.alignment_eval import AlignmentEvalConfig, AlignmentScorer
-from finechat.train.config import TrainConfig
 from finechat.train.export import EXPORT_FILE, export_model
+from finechat.train.train_config import TrainConfig
 
 STATE_FILE = "stages_state.json"
 # alignment_eval's numbers -> the summary's column names

@@ -13,14 +13,14 @@ kernel of our own when gcc is there, for speed only: below). The formulas, which
 - dequantization: fp16(q) * scale, in fp16; the matmul then runs in the activations' dtype.
 
 Neither bitsandbytes nor torchao reads this layout (and torchao's INT4 needs a kernel package absent on
-CPU), hence our own small module; the generic quantization of other models lives in finechat.models.quantize.
+CPU), hence our own small module; the generic quantization of other models lives in finechat.models.weight_only.
 
 On a CPU, dequantizing to fp16 every step made INT8 / INT4 slower than FP16 (fp16 products are slow on a
 CPU). Inference there runs through packed kernels: ``torch._weight_int8pack_mm`` on the stored INT8 weight
 as it is; for INT4, finechat's own INT4 x INT8 kernel (finechat.models.int4_kernel: x86, compiled with gcc
 at first use; about 1.8x the bandwidth PyTorch's INT4 kernel reaches on 2 cores) on the weight repacked once
 into its blocks of 128, else ``torch._weight_int4pack_mm_for_cpu`` (same helpers as
-finechat.models.quantize) on the weight repacked into that kernel's layout. Both repackings are bijections
+finechat.models.weight_only) on the weight repacked into that kernel's layout. Both repackings are bijections
 of the same bytes (ChatGLM's signed nibbles, high first, are the kernels' codes q + 8). ChatGLM's scale is
 one per row, so PyTorch's INT4 kernel gets unit scales over groups as wide as it takes and the row scale
 multiplies the output. Measured per 4096 x 12288 product, one token, 2 cores: bf16 ``F.linear`` (oneDNN)
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from finechat.models import int4_kernel
-from finechat.models.quantize import (
+from finechat.models.weight_only import (
     INT4_GROUP_SIZES,
     INT8_KERNEL_WIDTH,
     KERNEL_DTYPE,
@@ -89,7 +89,7 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> t
 
 
 def chatglm_to_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """ChatGLM's INT4 bytes -> finechat.models.quantize's nibble layout (and back: the map is its own inverse).
+    """ChatGLM's INT4 bytes -> finechat.models.weight_only's nibble layout (and back: the map is its own inverse).
 
     ChatGLM: signed nibbles, element 2j high; the kernels' layout: q + 8 in 0..15, element 2j low. Adding 8
     to a 4-bit two's complement value flips its top bit, so the map is "swap the nibbles, xor 0x88".

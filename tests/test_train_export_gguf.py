@@ -224,7 +224,7 @@ def test_adapter_for_another_base_and_chatglm_are_refused(wide_llama, tmp_path, 
 def test_a_crash_mid_write_leaves_nothing(wide_llama, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finechat.models.gguf_export import write_gguf
+    from finechat.models.gguf_writer import write_gguf
 
     model = AutoModelForCausalLM.from_pretrained(wide_llama)
     tok = AutoTokenizer.from_pretrained(wide_llama)

@@ -38,9 +38,9 @@ import torch
 
 from finechat.generate.fast import generate_tokens
 from finechat.generate.settings import GenerationSettings
-from finechat.models.fast_decoders import fast_decoder, is_supported
-from finechat.models.quantize import DEFAULT_GROUP_SIZE, quantize_model, weight_bytes
+from finechat.models.decoder_table import fast_decoder, is_supported
 from finechat.models.row_split import split_linear_layers, unsplit_linear_layers
+from finechat.models.weight_only import DEFAULT_GROUP_SIZE, quantize_model, weight_bytes
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 
@@ -234,7 +234,7 @@ def bench_model(load_fp32: Any, precisions: tuple[str, ...] = PRECISIONS, new_to
 
     Decode speeds are the median over ``rounds`` alternating runs of ``generate`` and the fast path.
     ``references``, when given, receives the held-out ids, the prompt and the fp32 row's top-1 predictions and
-    greedy tokens, for rows measured elsewhere (``finechat.generate.bench_llamacpp``).
+    greedy tokens, for rows measured elsewhere (``finechat.commands._bench_llamacpp``).
     """
     group_size = group_size or DEFAULT_GROUP_SIZE
     rows: list[BenchRow] = []

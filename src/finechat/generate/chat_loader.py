@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from finechat.errors import ConfigError
+from finechat.files import read_json
 from finechat.generate.engine import ChatModel
 from finechat.generate.llamacpp import ENGINES, load_llamacpp
 from finechat.generate.settings import GenerationSettings
-from finechat.models.load import load_adapter, load_model_and_tokenizer, read_json
+from finechat.models.resolve import load_adapter, load_model_and_tokenizer
 
 
 def load(

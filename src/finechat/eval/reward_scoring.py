@@ -2,7 +2,7 @@
 
 A reward-model checkpoint describes itself (``finechat_run.json``: base model, method, template), so
 ``load_reward_model(DIR)`` rebuilds it the way it was trained: the base's decoder with a one-score head
-(:func:`finechat.models.reward.reward_model_from`) plus the LoRA adapter, or the whole fine-tuned classifier
+(:func:`finechat.models.reward_head.reward_model_from`) plus the LoRA adapter, or the whole fine-tuned classifier
 for ``method: full / freeze``. Texts are rendered with the training template and scored at their last token.
 """
 
@@ -12,14 +12,15 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from finechat.console import log
 from finechat.data.formats import Conversation, Turn
-from finechat.data.preference import PreferencePair
+from finechat.data.pairs import PreferencePair
 from finechat.data.templates import get_template
 from finechat.data.tokenize import TokenizeSettings, encode_conversation, special_token_layout
 from finechat.errors import ModelLoadError
-from finechat.files import write_json_atomic
-from finechat.models.load import load_adapter, load_model_and_tokenizer, log, read_json
-from finechat.models.reward import reward_model_from
+from finechat.files import read_json, write_json_atomic
+from finechat.models.resolve import load_adapter, load_model_and_tokenizer
+from finechat.models.reward_head import reward_model_from
 
 RUN_FILE = "finechat_run.json"
 

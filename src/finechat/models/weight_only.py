@@ -3,7 +3,7 @@
 ``quantize_model(model, bits)`` swaps every ``nn.Linear`` (and, with ``include_embedding=True``, the token
 embedding and a tied ``lm_head``) for a module that keeps integer weights and dequantizes inside the matmul.
 ``save_quantized`` writes a folder whose ``config.json`` carries a ``finechat_quantization`` key;
-``load_quantized`` rebuilds the model from it (``finechat.models.load`` calls it for such folders).
+``load_quantized`` rebuilds the model from it (``finechat.models.resolve`` calls it for such folders).
 
 Why our own modules over PyTorch's packed kernels rather than a library (default model, this 2-core
 AVX-512 CPU, ms/token for the 210 Linear layers alone, shared machine; benchmarks/decode.py for the whole

@@ -7,7 +7,7 @@ import torch
 from tiny import make_tiny_llama, make_tokenizer
 
 from finechat.cli import main
-from finechat.models.quantize import (
+from finechat.models.weight_only import (
     Int4Linear,
     Int8Linear,
     load_quantized,
@@ -122,7 +122,7 @@ def test_bench_on_a_chatglm_folder_runs_the_fast_path_with_generate_s_tokens(tmp
 def test_int8_linear_is_right_for_widths_the_kernel_refuses(in_features):
     """torch's INT8 kernel returns garbage for input widths that are not a multiple of 16: those layers take the
     dequantized product instead."""
-    from finechat.models.quantize import Int8Linear
+    from finechat.models.weight_only import Int8Linear
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(in_features, 32)

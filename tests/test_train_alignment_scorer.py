@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finechat.eval.preference import preference_accuracy
-from finechat.generate.load import load as load_chat_model
+from finechat.eval.pair_accuracy import preference_accuracy
+from finechat.generate.chat_loader import load as load_chat_model
 from finechat.train import alignment_eval
 from finechat.train.alignment_eval import AlignmentEvalConfig, AlignmentScorer
 from finechat.train.stages import parse_stages, resolve_stages
@@ -25,7 +25,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from finechat.models.load import load_model_and_tokenizer
+    from finechat.models.resolve import load_model_and_tokenizer
 
     model, _, _ = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32", device="cpu")
     torch.manual_seed(3)

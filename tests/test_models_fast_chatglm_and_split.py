@@ -10,8 +10,8 @@ from finechat.generate.settings import GenerationSettings
 from finechat.models.chatglm.configuration_chatglm import ChatGLMConfig
 from finechat.models.chatglm.fast_chatglm import ChatGLMFastDecoder
 from finechat.models.chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
+from finechat.models.decoder_table import fast_decoder, unsupported_reason
 from finechat.models.fast_decoder import FastDecoder
-from finechat.models.fast_decoders import fast_decoder, unsupported_reason
 from finechat.models.row_split import (
     RowSplitLinear,
     aten_single_row_products,
@@ -200,7 +200,7 @@ def test_lora_adapter_still_saves_after_splitting(tmp_path):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_chatglm_with_finechat_quantization_and_int8_head(bits):
     """finechat's own INT8/INT4 (embedding and tied head included: the head has no .weight any more)."""
-    from finechat.models.quantize import quantize_model
+    from finechat.models.weight_only import quantize_model
 
     model = quantize_model(chatglm(0), bits, group_size=32, include_embedding=True)
     prompt = [11, 12, 13, 14, 15, GMASK, BOS]

@@ -9,7 +9,7 @@ import finechat
 from finechat.cli import main as cli
 from finechat.generate.engine import GenerationSettings
 from finechat.generate.llamacpp import MISSING
-from finechat.models.load import default_model_dir
+from finechat.models.resolve import default_model_dir
 
 pytestmark = pytest.mark.slow
 QUESTIONS = ["What is the capital of France?", "Write a haiku about autumn.", "用一句话介绍北京。"]

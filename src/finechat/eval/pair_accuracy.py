@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from finechat.data.preference import PreferencePair, split_answer
+from finechat.data.pairs import PreferencePair, split_answer
 from finechat.data.tokenize import special_token_layout
 
 

@@ -1,7 +1,7 @@
 """``finechat bench --engine llama.cpp``: rows for the model exported to GGUF and run by llama.cpp.
 
 For each GGUF type (f16, q8_0, q4_1, ...) the benched fp32 model is written with
-:func:`finechat.models.gguf_export.write_gguf` to a temporary folder and measured in the same process as the
+:func:`finechat.models.gguf_writer.write_gguf` to a temporary folder and measured in the same process as the
 PyTorch rows, on the same prompt and held-out text:
 
 * file size and bytes per parameter; peak RSS while the row runs (llama.cpp's mmap'd weights included);
@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from finechat.generate.benchmark import BenchRow, _release_memory, peak_memory_mb, reset_peak_memory
+from finechat.commands._bench_report import BenchRow, _release_memory, peak_memory_mb, reset_peak_memory
 from finechat.generate.engine import GenerationSettings
 from finechat.generate.llamacpp import LlamaCppChatModel, LlamaCppModel, import_llama_cpp
-from finechat.models.gguf_export import OUTTYPES, check_gguf_file, write_gguf
+from finechat.models.gguf_writer import OUTTYPES, check_gguf_file, write_gguf
 
 
 def _bare_decode(llm: Any, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:

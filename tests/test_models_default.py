@@ -19,7 +19,7 @@ def test_piped_chat_says_paris():
 
 
 def test_converted_folder_describes_itself():
-    from finechat.models.load import default_model_dir
+    from finechat.models.resolve import default_model_dir
 
     folder = default_model_dir()
     source = json.loads((folder / "finechat_source.json").read_text())
@@ -43,7 +43,7 @@ def test_python_api_history_and_stream():
 
 def test_gguf_file_loads_directly():
     import finechat
-    from finechat.models.load import default_gguf_path
+    from finechat.models.resolve import default_gguf_path
 
     bot = finechat.load(str(default_gguf_path()))
     r, _ = bot.chat("What is the capital of France?", greedy=True, max_new_tokens=24)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from finechat.data.formats import expand_paths
-from finechat.data.preference import (
+from finechat.data.pairs import (
     PreferenceStats,
     detect_preference_format,
     preview_pair,

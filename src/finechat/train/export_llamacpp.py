@@ -2,7 +2,7 @@
 
 ``finechat export --to gguf``: load the base (a folder, ``default`` or a GGUF), merge a LoRA adapter into
 it in float32 (as the Hugging Face export does), pick the chat template the adapter was trained with, and
-hand model + tokenizer to :func:`finechat.models.gguf_export.write_gguf` (the ``gguf`` package's writer
+hand model + tokenizer to :func:`finechat.models.gguf_writer.write_gguf` (the ``gguf`` package's writer
 and quantizers). Every check that can fail on the user's input runs before the model is loaded, and the
 file is only renamed into place once complete, so a bad input never leaves half a GGUF behind.
 """
@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finechat.console import log
 from finechat.data.templates import get_template
 from finechat.errors import FinechatError
-from finechat.files import check_output_path
+from finechat.files import check_output_path, read_json
 from finechat.generate.settings import GenerationSettings
-from finechat.models.gguf_export import OUTTYPES, check_architecture, check_gguf_file, write_gguf
-from finechat.models.load import log, read_json, resolve_model_path
+from finechat.models.gguf_writer import OUTTYPES, check_architecture, check_gguf_file, write_gguf
 from finechat.models.ollama import write_modelfile
+from finechat.models.resolve import resolve_model_path
 from finechat.train.export import MERGEABLE, PROMPT_LEARNING, adapter_type, builtin_template_jinja
 
 # finechat's sampling setting -> (key under general.sampling.* in GGUF, Ollama PARAMETER name)
@@ -42,7 +43,7 @@ def _check_paths(model: str, out: Path) -> None:
 def export_gguf(model: str, adapter: str | None, out: str | Path, outtype: str = "f16", template: str | None = None,
                 progress: bool = True) -> dict:
     """Write ``out`` (GGUF) and ``out``'s ``.Modelfile`` from ``model`` + ``adapter``; returns the export record."""
-    from finechat.models.load import load_adapter, load_model_and_tokenizer
+    from finechat.models.resolve import load_adapter, load_model_and_tokenizer
 
     out = Path(out).expanduser()
     if outtype not in OUTTYPES:

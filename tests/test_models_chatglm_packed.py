@@ -16,7 +16,6 @@ from finechat.generate.fast import generate_tokens
 from finechat.generate.settings import GenerationSettings
 from finechat.models import int4_kernel
 from finechat.models.chatglm.configuration_chatglm import ChatGLMConfig
-from finechat.models.chatglm.loading import load_quantized_chatglm
 from finechat.models.chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
 from finechat.models.chatglm.quantization import (
     PackedHead,
@@ -27,8 +26,14 @@ from finechat.models.chatglm.quantization import (
     quantize_weight,
     unpack_int4,
 )
-from finechat.models.fast_decoders import fast_decoder
-from finechat.models.quantize import _learn_cpu_int4_slots, from_cpu_int4pack, pack_nibbles, to_cpu_int4pack
+from finechat.models.chatglm.quantized_checkpoint import load_quantized_chatglm
+from finechat.models.decoder_table import fast_decoder
+from finechat.models.weight_only import (
+    _learn_cpu_int4_slots,
+    from_cpu_int4pack,
+    pack_nibbles,
+    to_cpu_int4pack,
+)
 
 BOS, EOS, MASK, GMASK, PAD = 290, 291, 292, 293, 3
 PROMPT = [11, 12, 13, 14, 15, GMASK, BOS]
@@ -106,7 +111,7 @@ def test_chatglm_nibbles_map_to_the_kernel_convention_and_back():
 
 @pytest.mark.parametrize("shape", [(48, 64), (256, 96)], ids=["untiled", "tiled"])
 def test_cpu_int4pack_round_trip(shape, monkeypatch):
-    import finechat.models.quantize as quantize
+    import finechat.models.weight_only as quantize
 
     monkeypatch.setattr(quantize, "PACK_CHUNK_ROWS", 128)  # packed in two chunks where the tiles allow it
     torch.manual_seed(0)
@@ -246,7 +251,7 @@ def glm_folders(tmp_path_factory):
 
 
 def test_loading_an_int4_folder_allocates_no_float_layer_weight(glm_folders):
-    from finechat.models.load import load_model_and_tokenizer
+    from finechat.models.resolve import load_model_and_tokenizer
 
     _, int4 = glm_folders
     with FloatLayerWatch(layer_shapes(64)) as watch:

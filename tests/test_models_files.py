@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from finechat.errors import ModelLoadError
-from finechat.models.load import load_model_and_tokenizer, resolve_model_path, torch_threads
+from finechat.models.device import torch_threads
+from finechat.models.resolve import load_model_and_tokenizer, resolve_model_path
 
 
 def _finechat_chat(model: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ from finechat.data.conversation import Conversation, Turn
 from finechat.data.templates import get_template
 from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, tokenize_conversation
 from finechat.train.align import run_stage
-from finechat.train.config import TrainConfig
+from finechat.train.train_config import TrainConfig
 
 PAIRS = [  # English, Chinese, and a system prompt with an earlier turn
     {"prompt": "What is the capital of France?", "chosen": "The capital of France is Paris.",
@@ -118,7 +118,7 @@ def pairs_file(tmp_path_factory):
 
 
 def _tokenizer(folder):
-    from finechat.models.load import load_model_and_tokenizer
+    from finechat.models.resolve import load_model_and_tokenizer
 
     return load_model_and_tokenizer(str(folder), dtype="float32", device="cpu")[1]  # as the stage loads it
 

@@ -12,8 +12,8 @@ from finechat.generate.sampling import (
     pick_next_token,
 )
 from finechat.generate.settings import GenerationSettings
+from finechat.models.decoder_table import unsupported_reason
 from finechat.models.fast_decoder import FastDecoder
-from finechat.models.fast_decoders import unsupported_reason
 
 
 def greedy(n, **kw):
@@ -63,7 +63,7 @@ def _lora(model):
 
 
 def _quantized(bits):
-    from finechat.models.quantize import quantize_model
+    from finechat.models.weight_only import quantize_model
 
     return lambda vocab: quantize_model(_llama(vocab), bits, group_size=32, include_embedding=True)
 

@@ -12,7 +12,7 @@ tokens generated since the previous one.
 
 The numbers are the model's own distribution before any sampling setting: ``log_softmax`` of the raw logits
 at temperature 1, with no top-p / top-k and no repetition / presence / frequency penalty, whatever the request
-samples with, from the engine's own ``scorer(top_n)`` (PyTorch: :mod:`finechat.generate.logprobs`; llama.cpp:
+samples with, from the engine's own ``scorer(top_n)`` (PyTorch: :mod:`finechat.generate.scoring`; llama.cpp:
 :mod:`finechat.generate.llamacpp_logprobs`). A stop token that ended the answer is included in a text
 completion's tokens (vLLM does the same; lm-eval relies on one generated token after the echo) and left out of
 a chat answer's. Limits: N up to ``max_logprobs``, echo with log-probabilities up to ``max_echo_tokens``
@@ -26,7 +26,7 @@ import time
 import uuid
 from typing import Any
 
-from finechat.generate.logprobs import TokenScore
+from finechat.generate.scoring import TokenScore
 from finechat.serve import runs
 from finechat.serve.schemas import ApiError, CompletionRequest, ServeSettings
 

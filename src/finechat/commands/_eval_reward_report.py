@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finechat.data.preference import is_preference_file, read_preferences
+from finechat.data.pairs import is_preference_file, read_preferences
 from finechat.errors import ConfigError
 from finechat.eval.metrics import format_table
 from finechat.eval.predict import generate_answers, load_examples
-from finechat.eval.reward import load_reward_model, pairwise_accuracy, score_answers, write_scores
+from finechat.eval.reward_scoring import load_reward_model, pairwise_accuracy, score_answers, write_scores
 from finechat.generate.engine import ChatModel, GenerationSettings
-from finechat.models.load import load_adapter, load_model_and_tokenizer
+from finechat.models.resolve import load_adapter, load_model_and_tokenizer
 
 
 def reward_eval(reward_model: str, cfg: Any, settings: GenerationSettings, load_options: dict) -> str:

@@ -19,7 +19,7 @@ from fractions import Fraction
 from typing import Any
 
 from finechat.errors import ConfigError
-from finechat.eval.reward import conversation_of
+from finechat.eval.reward_scoring import conversation_of
 from finechat.tools.calculator import CalculationError, evaluate
 
 _NUMBER = r"-?\d+(?:\.\d+)?"
@@ -95,7 +95,7 @@ def calculator(prompts: list, completions: list, **_: Any) -> list[float]:
 
 
 def reward_model_reward(rm: Any) -> Callable[..., list[float]]:
-    """A reward function scoring (prompt, answer) with a loaded :class:`finechat.eval.reward.RewardModel`."""
+    """A reward function scoring (prompt, answer) with a loaded :class:`finechat.eval.reward_scoring.RewardModel`."""
     def reward_model(prompts: list, completions: list, prompt_messages: list[str] | None = None,
                      **_: Any) -> list[float]:
         if prompt_messages is None:

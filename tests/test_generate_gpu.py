@@ -14,8 +14,8 @@ from tiny import make_tiny_llama, make_tokenizer, save_tiny_model
 
 import finechat
 from finechat.generate.fast import fast_decoder, fast_decoder_for
-from finechat.models.load import pick_device, pick_dtype
-from finechat.models.quantize import Int4Linear, Int8Linear, quantize_model
+from finechat.models.device import pick_device, pick_dtype
+from finechat.models.weight_only import Int4Linear, Int8Linear, quantize_model
 
 pytestmark = pytest.mark.gpu
 QUESTION = "What is the capital of France?"

@@ -9,7 +9,7 @@ each decoder, the scores come from a forward pass over prompt + answer, which gi
 was drawn from (up to float rounding between a padded batch and a single sequence).
 
 Why our own: transformers' ``generate(output_logits=True)`` covers only its own path and not prompts; lm-eval's
-``hf`` backend loads its own model. This module works on whatever ``finechat.models.load`` returned (base, peft
+``hf`` backend loads its own model. This module works on whatever ``finechat.models.resolve`` returned (base, peft
 adapter, quantized, native ChatGLM-6B).
 
 Long sequences are scored in chunks over a KV cache so that at most ``chunk`` x vocabulary logits are held at

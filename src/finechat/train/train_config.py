@@ -85,7 +85,7 @@ class TrainConfig:
                               "chosen answers' likelihood too; 0: off")
     simpo_gamma: float = field(0.5, help="simpo: target reward margin")
     rewards: list[str] = field(["correct", "format"], help="grpo: reward functions (correct, format, calculator, "
-                               "reward_model), see finechat.train.rewards")
+                               "reward_model), see finechat.train.grpo_rewards")
     reward_model: str | None = field(None, help="a stage-rm checkpoint: grpo's reward_model reward")
     num_generations: int = field(4, help="grpo: answers sampled per prompt (the group)")
     max_completion_length: int = field(64, help="grpo: longest sampled answer in tokens")
