@@ -30,6 +30,7 @@ from typing import Any
 
 from finechat.errors import FinechatError
 from finechat.files import atomic_path
+from finechat.models.gguf_header import read_gguf_header
 
 # outtype -> (GGML type of 2-D weights, llama.cpp file type); 1-D tensors (norms, biases) stay F32 as in llama.cpp.
 OUTTYPES = {
@@ -75,30 +76,12 @@ def check_gguf_file(path: str | Path) -> dict:
 
     Returns what an engine needs before loading it: architecture, context length and end-of-turn token id.
     """
-    import gguf
-
-    path = Path(path)
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise FinechatError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
-    try:
-        reader = gguf.GGUFReader(path)
-        arch = reader.fields["general.architecture"].contents()
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    except (ValueError, KeyError, IndexError, OSError, TypeError) as e:
-        raise FinechatError(f"{path}: truncated or damaged GGUF file "
-                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
-    if end > path.stat().st_size:
-        raise FinechatError(f"{path}: truncated GGUF file ({path.stat().st_size} bytes, its tensors need {end})")
+    fields = read_gguf_header(path)  # bounded: never trusts a count the file cannot hold
+    arch = fields.get("general.architecture")
     if not isinstance(arch, str):
         raise FinechatError(f"{path}: GGUF file without general.architecture")
-
-    def value(key: str) -> Any:
-        field = reader.fields.get(key)
-        return field.contents() if field is not None else None
-
-    return {"architecture": arch, "context_length": value(f"{arch}.context_length"),
-            "eot_token_id": value("tokenizer.ggml.eot_token_id")}
+    return {"architecture": arch, "context_length": fields.get(f"{arch}.context_length"),
+            "eot_token_id": fields.get("tokenizer.ggml.eot_token_id")}
 
 
 def _rope_rows(weight, n_head: int):
