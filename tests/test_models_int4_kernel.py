@@ -4,6 +4,9 @@ same rounding and against the float product, and the fall-back to PyTorch's kern
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -103,4 +106,66 @@ def test_a_fresh_cache_builds_the_kernel_once(fresh_build):
     stamp = built[0].stat().st_mtime_ns
     int4_kernel._library.cache_clear()
     assert int4_kernel.available() and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
-    assert list(fresh_build.iterdir()) == built  # no temporary left
+    assert sorted(fresh_build.iterdir()) == [built[0], built[0].with_name(built[0].name + ".sha256")]  # no temporary
+
+
+def _plant(tmp_path, target, marker=None, with_kernel=False):
+    """Compile a stand-in library over ``target``: its constructor writes ``marker`` when it is loaded."""
+    source = tmp_path / "planted.c"
+    body = ['#include <stdio.h>']
+    if marker:
+        body.append(f'__attribute__((constructor)) static void planted(void) {{ FILE *f = fopen("{marker}", "w"); '
+                    'if (f) fclose(f); }')
+    body.append("int q4_isa(void) { return 1; }" if with_kernel else "int something_else(void) { return 0; }")
+    source.write_text("\n".join(body) + "\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(target), str(source)], check=True)
+
+
+def _available_in_child(home):
+    """available() in a fresh process (dlopen keeps a loaded library by its path, so a test must not reuse ours)."""
+    code = ("import logging, sys; logging.basicConfig(level=logging.WARNING)\n"
+            "from finechat.models import int4_kernel\nprint(int4_kernel.available())")
+    env = {**os.environ, "FINECHAT_HOME": str(home)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip().splitlines()[-1] == "True", result.stderr
+
+
+@needs_kernel
+def test_a_planted_library_is_rebuilt_never_loaded(fresh_build, tmp_path):
+    assert int4_kernel.available()
+    (target,) = fresh_build.glob("int4_gemv-*.so")
+    marker = tmp_path / "constructor-ran"
+    _plant(tmp_path, target, marker)
+    ok, log_text = _available_in_child(fresh_build.parent)
+    assert ok and not marker.exists() and "does not match the hash recorded" in log_text
+    assert int4_kernel._digest(target) == target.with_name(target.name + ".sha256").read_text().strip()
+
+
+@needs_kernel
+def test_a_library_without_the_kernel_falls_back(fresh_build, tmp_path):
+    assert int4_kernel.available()
+    (target,) = fresh_build.glob("int4_gemv-*.so")
+    _plant(tmp_path, target)
+    record = target.with_name(target.name + ".sha256")  # a record that matches: only the symbol check is left
+    record.write_text(int4_kernel._digest(target) + "\n")
+    ok, log_text = _available_in_child(fresh_build.parent)
+    assert not ok and "does not load as the kernel" in log_text and "PyTorch's INT4 kernel is used" in log_text
+    assert "Traceback" not in log_text
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", [0o775, 0o777])
+def test_a_cache_others_can_write_is_refused(fresh_build, tmp_path, mode):
+    assert int4_kernel.available()
+    (target,) = fresh_build.glob("int4_gemv-*.so")
+    marker = tmp_path / "constructor-ran"
+    _plant(tmp_path, target, marker, with_kernel=True)
+    target.with_name(target.name + ".sha256").write_text(int4_kernel._digest(target) + "\n")
+    fresh_build.chmod(mode)
+    ok, log_text = _available_in_child(fresh_build.parent)
+    assert not ok and "writable by its group or by everyone" in log_text and not marker.exists()
+    fresh_build.chmod(0o700)
+    target.chmod(0o666)  # the file itself open to others: not loaded, rebuilt
+    ok, log_text = _available_in_child(fresh_build.parent)
+    assert ok and not marker.exists() and "does not match the hash recorded" in log_text

@@ -17,8 +17,9 @@ holds input ``j`` in its low nibble and input ``j + 64`` in its high nibble, as 
 ``sum(code * x) - 8 * sum(x)``: the second term is one number per token, shared by all rows.
 
 The C source below is compiled with the system's ``gcc`` (``-O3 -march=native -fopenmp``) into
-``$FINECHAT_HOME/kernels/`` (once per source, compiler and CPU; a few tenths of a second) and loaded with
-ctypes; it links the OpenMP runtime PyTorch has already loaded, so it runs on PyTorch's threads, as many as
+``$FINECHAT_HOME/kernels/`` (once per source, compiler and CPU; a few tenths of a second), its SHA-256 kept
+beside it, and loaded with ctypes only when the folder and files are the user's own, writable by no one else,
+and the hash still matches (see :func:`_library`); it links the OpenMP runtime PyTorch has already loaded, so it runs on PyTorch's threads, as many as
 ``torch.get_num_threads()``. Without a C compiler, on another architecture or CPU, or with
 ``FINECHAT_INT4_KERNEL=torch``, :func:`available` is False and callers use PyTorch's kernel. Rounding the
 activations to int8 changes a layer's output by ~0.5% (relative norm), far below the 4-bit weights' own error.
@@ -33,6 +34,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -40,6 +42,8 @@ from pathlib import Path
 import torch
 
 from finechat.config import finechat_home
+from finechat.errors import FinechatError
+from finechat.files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +147,52 @@ def _cpu_flags() -> str:
     return ""
 
 
+def _unsafe(path: Path) -> str:
+    """Why ``path`` may not be trusted to hold code we load ("" when it may): it must be ours, not a symbolic link,
+    and writable by no one else, or another user could swap the kernel for their own code."""
+    try:
+        st = path.lstat()
+    except OSError as e:
+        return f"{path}: {e.strerror or e}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link"
+    if st.st_uid != os.getuid():
+        return f"{path} belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by its group or by everyone (mode {stat.S_IMODE(st.st_mode):o})"
+    return ""
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _build(compiler: str, options: list[str], folder: Path, target: Path, record: Path) -> str:
+    """Compile SOURCE into ``target`` and keep its SHA-256 in ``record`` (both atomic); returns why not, or ""."""
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        source = Path(tmp) / "int4_gemv.c"
+        source.write_text(SOURCE)
+        built = Path(tmp) / target.name
+        result = subprocess.run([compiler, *options, "-o", str(built), str(source), "-lm"],
+                                capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            return f"{compiler} failed: {result.stderr.strip()[-500:]}"
+        os.chmod(built, 0o700)
+        os.replace(built, target)  # atomic: another process building the same file is harmless
+        with atomic_file(record) as fh:
+            fh.write(_digest(target) + "\n")
+        os.chmod(record, 0o600)
+    return ""
+
+
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded kernel, "") or (None, why not); built once per process, cached on disk."""
+    """(the loaded kernel, "") or (None, why not); built once per process, cached on disk.
+
+    The cache is trusted only as far as it can be verified: the folder and files must be ours and writable by no
+    one else, and the library's SHA-256 must match the one recorded beside it when we built it. A file that
+    fails the hash (planted, damaged, half-copied) is rebuilt, never loaded; anything else amiss (an unsafe
+    folder, a library without ``q4_gemm``) falls back to PyTorch's kernel."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None, f"an x86-64 CPU is needed (this is {platform.machine()})"
     flags = set(_cpu_flags().split())
@@ -162,28 +209,33 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     key = hashlib.sha256("\0".join([SOURCE, version, " ".join(options), " ".join(sorted(flags))]).encode())
     folder = finechat_home() / "kernels"
     target = folder / f"int4_gemv-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                source = Path(tmp) / "int4_gemv.c"
-                source.write_text(SOURCE)
-                built = Path(tmp) / target.name
-                result = subprocess.run([compiler, *options, "-o", str(built), str(source), "-lm"],
-                                        capture_output=True, text=True, timeout=300)
-                if result.returncode != 0:
-                    return None, f"{compiler} failed: {result.stderr.strip()[-500:]}"
-                os.replace(built, target)  # atomic: another process building the same file is harmless
-        except (OSError, subprocess.SubprocessError) as e:
-            return None, f"could not build it in {folder}: {e}"
+    record = folder / f"{target.name}.sha256"
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        why = _unsafe(folder.resolve())
+        if why:
+            return None, f"the kernel cache is not safe to load code from: {why}"
+        recorded = record.read_text().strip() if record.is_file() and not _unsafe(record) else None
+        if not (target.exists() and not _unsafe(target) and recorded == _digest(target)):
+            if target.exists() or target.is_symlink():
+                log.warning("INT4 kernel: %s does not match the hash recorded when it was built; rebuilding it",
+                            target)
+            why = _build(compiler, options, folder, target, record)
+            if why:
+                return None, why
+        why = _unsafe(target) or _unsafe(record)
+        if why or record.read_text().strip() != _digest(target):
+            return None, f"{target} does not match its recorded hash{f' ({why})' if why else ''}"
+    except (OSError, subprocess.SubprocessError, FinechatError) as e:
+        return None, f"could not build it in {folder}: {e}"
     try:
         lib = ctypes.CDLL(str(target))
-    except OSError as e:
-        return None, f"{target} does not load: {e}"
-    p, i = ctypes.c_void_p, ctypes.c_int
-    lib.q4_gemm.argtypes = [p, i, i, p, i, p, p, p, p, p, p, i]
-    lib.q4_gemm.restype = None
-    lib.q4_isa.restype = i
+        p, i = ctypes.c_void_p, ctypes.c_int
+        lib.q4_gemm.argtypes = [p, i, i, p, i, p, p, p, p, p, p, i]
+        lib.q4_gemm.restype = None
+        lib.q4_isa.restype = i
+    except (OSError, AttributeError) as e:  # AttributeError: a library without the kernel's functions
+        return None, f"{target} does not load as the kernel: {e}"
     log.info("INT4 kernel: %s (%s-bit vectors)", target, lib.q4_isa())
     return lib, ""
 
