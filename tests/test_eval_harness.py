@@ -176,3 +176,25 @@ def test_default_model_served_loglikelihoods_equal_hf_backend():
     theirs = hf_results(folder, tasks, limit=4)
     assert loglikelihoods(served) == pytest.approx(loglikelihoods(theirs), abs=2e-3)
     assert accuracies(served) == accuracies(theirs)
+
+
+def test_task_code_runs_only_with_trust_task_code(tmp_path, tiny_model_dir, capsys):
+    marker = tmp_path / "task-code-ran"
+    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n\ndef process_docs(docs):\n    return docs\n")
+    data = tmp_path / "test.jsonl"
+    data.write_text('{"question": "2+2?", "answer": "4"}\n')
+    common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f"task: evil\n{common}process_docs: !function evil.process_docs\n")
+    included = tmp_path / "sub"
+    included.mkdir()
+    (included / "wrapper.yaml").write_text("include: ../evil.yaml\ntask: wrapper\n")
+    for spec, where in ((evil, evil), (included / "wrapper.yaml", evil)):
+        code = cli(["eval", "--tasks", str(spec), "--model", str(tiny_model_dir)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"{where}: the task runs Python code (!function evil.process_docs" in err and "--trust-task-code" in err
+        assert not marker.exists()
+    (config,) = harness.resolve_tasks(str(evil), trust_task_code=True)
+    assert marker.exists() and callable(config["process_docs"])
+    assert harness.resolve_tasks(str(TASKS))  # the project's own task files name no code: no switch needed

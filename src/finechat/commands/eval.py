@@ -45,6 +45,8 @@ class EvalConfig(GenerationSettings, ModelOptions):
                                          "files or folders of them, comma-separated")
     limit: float | None = field(None, help="with --tasks: the first N examples of each task (below 1: a fraction)")
     num_fewshot: int | None = field(None, help="with --tasks: few-shot examples (default: each task's own)")
+    trust_task_code: bool = field(False, help="with --tasks: let task files run their own Python code "
+                                              "(!function entries; off by default)")
     # Evaluation defaults: greedy (scores repeat) and ChatGLM-6B ptuning's answer length for ADGEN.
     max_new_tokens: int = field(128, help="most tokens to generate for one answer")
     do_sample: bool = field(False, help="sample instead of greedy decoding (with temperature, top_p, seed)")
@@ -118,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _harness(cfg: EvalConfig, args: argparse.Namespace, load_options: dict) -> int:
     """``--tasks``: lm-eval's tasks on the model (or on each ``--compare`` entry), its table and JSON."""
-    tasks = harness.resolve_tasks(cfg.tasks)
+    tasks = harness.resolve_tasks(cfg.tasks, trust_task_code=cfg.trust_task_code)
     options = dict(limit=cfg.limit, num_fewshot=cfg.num_fewshot, batch_size=cfg.batch_size)
     if args.compare:
         output_dir = cfg.output_dir or "output/eval-compare"

@@ -16,11 +16,14 @@ Tasks are lm-eval names (its registry, which downloads data) or task files: a ``
 them. A task file's ``dataset_kwargs.data_files`` may be relative to the working directory or to any folder
 above the file (so the project's own ``data/tasks/finechat_mc`` runs from anywhere). A task whose data
 cannot be fetched (offline) fails with one line naming the task, its dataset and how to use a local copy.
+A task file whose ``!function`` entries would import Python code from its folder is refused in one line unless
+``--trust-task-code`` is given (:func:`resolve_tasks`).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -176,8 +179,13 @@ def harness_model(chat: Any, batch_size: int = 8, max_length: int | None = None)
 
 
 # -- tasks ------------------------------------------------------------------------------------------------
-def resolve_tasks(spec: str | list[str]) -> list[str | dict]:
-    """``--tasks`` as lm-eval task specs: names stay names, ``.yaml`` files and folders of them become configs."""
+def resolve_tasks(spec: str | list[str], trust_task_code: bool = False) -> list[str | dict]:
+    """``--tasks`` as lm-eval task specs: names stay names, ``.yaml`` files and folders of them become configs.
+
+    A task file may name Python functions (``!function utils.process_docs``) that lm-eval imports, running the
+    module beside the file; that is code from the task's folder, so it runs only with ``trust_task_code``
+    (``--trust-task-code``), as model code needs ``--trust-remote-code``. lm-eval's own registered tasks are
+    installed code and need no switch."""
     words = [w.strip() for w in (spec.split(",") if isinstance(spec, str) else spec) if w.strip()]
     if not words:
         raise ConfigError("--tasks names no task")
@@ -188,10 +196,61 @@ def resolve_tasks(spec: str | list[str]) -> list[str | dict]:
             files = sorted(p for p in path.glob("*.y*ml") if not p.name.startswith("_")) if path.is_dir() else [path]
             if not path.exists() or not files:
                 raise ConfigError(f"--tasks {word}: no such task file (a .yaml file or a folder of them)")
+            if not trust_task_code:
+                for f in files:
+                    _refuse_task_code(f)
             out.extend(task_config(f) for f in files)
         else:
             out.append(word)
     return out
+
+
+def _refuse_task_code(path: Path) -> None:
+    """One line when a task file (or a file it includes) names ``!function`` code outside lm-eval itself."""
+    found = _task_functions(path, set())
+    if found:
+        where, spec = found[0]
+        module = spec.rpartition(".")[0].replace(".", "/") + ".py"
+        raise ConfigError(f"{where}: the task runs Python code (!function {spec}, from {module} beside it); read "
+                          "it, then pass --trust-task-code to let finechat eval run it (off by default)")
+
+
+def _task_functions(path: Path, seen: set[Path]) -> list[tuple[Path, str]]:
+    """The ``!function`` references of a task file and its ``include`` files, read without importing anything;
+    lm-eval's own bundled task files are skipped (installed code)."""
+    import yaml
+
+    path = path.expanduser().resolve()
+    if path in seen or not path.is_file():
+        return []  # a cycle or a missing include: lm-eval's own reader reports it next
+    seen.add(path)
+    found: list[tuple[Path, str]] = []
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def function(loader: yaml.SafeLoader, node: yaml.Node) -> str:
+        spec = str(loader.construct_scalar(node))  # type: ignore[arg-type]
+        found.append((path, spec))
+        return spec
+
+    Loader.add_constructor("!function", function)
+    try:
+        config = yaml.load(path.read_bytes(), Loader=Loader)  # noqa: S506  SafeLoader + one inert constructor
+    except yaml.YAMLError:
+        return []  # not readable: task_config says so in one line
+    if _inside_lm_eval(path):
+        found.clear()
+    includes = config.get("include") if isinstance(config, dict) else None
+    for include in includes if isinstance(includes, list) else [includes] if includes else []:
+        found.extend(_task_functions(path.parent / str(include), seen))
+    return found
+
+
+def _inside_lm_eval(path: Path) -> bool:
+    spec = importlib.util.find_spec("lm_eval")
+    roots = [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec else []
+    return any(path.is_relative_to(root) for root in roots)
 
 
 def task_config(path: Path) -> dict:

@@ -90,6 +90,7 @@ class GeneralEvalConfig:
     tasks: list[str] = field([], help="lm-evaluation-harness tasks (names, task .yaml files or folders)")
     limit: float | None = field(None, help="with tasks: the first N examples of each task (below 1: a fraction)")
     num_fewshot: int | None = field(None, help="with tasks: few-shot examples (default: each task's own)")
+    trust_task_code: bool = field(False, help="let task files run their own Python code (!function entries)")
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):
@@ -219,8 +220,8 @@ def general_eval(bot: Any, gcfg: GeneralEvalConfig, out_dir: Path, source: tuple
         out.update({k: metrics.get(k) for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "eval_loss", "perplexity",
                                                 "n")})
     if gcfg.tasks:
-        results = harness.evaluate(bot, harness.resolve_tasks(gcfg.tasks), limit=gcfg.limit,
-                                   num_fewshot=gcfg.num_fewshot, batch_size=gcfg.batch_size)
+        tasks = harness.resolve_tasks(gcfg.tasks, gcfg.trust_task_code)
+        results = harness.evaluate(bot, tasks, limit=gcfg.limit, num_fewshot=gcfg.num_fewshot, batch_size=gcfg.batch_size)
         harness.write_results(results, out_dir / "lm_eval_results.json", {"model": source[0], "adapter": source[1]})
         for task, values in harness.scores(results).items():
             out.update({f"{task} {metric}": value for metric, value in values.items()})
@@ -241,7 +242,8 @@ def run_stages(cfg: StagesConfig) -> dict:
     stages = parse_stages(cfg)
     gcfg = resolve_config(GeneralEvalConfig, base=cfg.eval_general) if cfg.eval_general else None
     if gcfg is not None and gcfg.tasks:
-        harness.check_tasks(harness.resolve_tasks(gcfg.tasks))  # a task without its data fails before training
+        # a task without its data (or with task code not allowed) fails before training
+        harness.check_tasks(harness.resolve_tasks(gcfg.tasks, gcfg.trust_task_code))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = _read_state(out)
