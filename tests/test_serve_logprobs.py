@@ -173,3 +173,30 @@ def test_logprobs_are_finite_numbers(client):
     reply = client.completions.create(model="tiny", prompt="你好，我是", max_tokens=3, echo=True, logprobs=0)
     values = reply.choices[0].logprobs.token_logprobs
     assert values[0] is None and all(math.isfinite(v) and v <= 0 for v in values[1:])
+
+
+def test_completions_return_the_models_text_verbatim(tiny_bot):
+    """A text completion is the model's text exactly (leading space, trailing newline); a chat answer is cleaned."""
+    bot = ScriptedChat(tiny_bot.tokenizer, " Paris.\n", eos=False)
+    srv = LiveServer(create_app(bot, ServeSettings(model_name="tiny")))
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        prompt, n = "The capital of France is", len(bot.script)
+        echoed = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, echo=True)
+        assert echoed.choices[0].text == prompt + " Paris.\n"
+        assert client.completions.create(model="tiny", prompt=prompt, max_tokens=n).choices[0].text == " Paris.\n"
+        stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, echo=True, stream=True)
+        assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == prompt + " Paris.\n"
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                              max_tokens=n)
+        assert chat.choices[0].message.content == "Paris."  # chat answers keep their clean-up
+    finally:
+        srv.stop()
+
+
+def test_completion_text_is_the_text_of_its_tokens(client):
+    for prompt in ("The capital of France is", "Paris.\n"):
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, echo=True, logprobs=1)
+        choice = reply.choices[0]
+        tokens = choice.logprobs.tokens[:-1] if choice.finish_reason == "stop" else choice.logprobs.tokens
+        assert choice.text == "".join(tokens).rstrip("\ufffd")  # a budget ending inside a character drops its half

@@ -179,17 +179,21 @@ class ChatModel:
 
     def stream_text(self, messages: list[Message], tools: list | None = None, generate: Any = None,
                     stats: dict | None = None, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True,
-                    **gen: Any) -> Iterator[str]:
+                    verbatim: bool = False, **gen: Any) -> Iterator[str]:
         """Yield the growing answer text for ``messages``, cut at the first stop string.
 
         ``generate`` replaces :meth:`generate_ids` (the server passes its batching scheduler's); ``stats``, when
         given, receives ``prompt_tokens``, ``completion_tokens`` (stop token included) and ``finish_reason``
         ("stop" or "length"). ``prompt_ids`` skips building the prompt from ``messages`` (already encoded).
         ``skip_special_tokens=False`` keeps markers such as MOSS's ``<eoc>`` in the text (the tool runtime).
+        ``verbatim=True`` (a text completion) yields the model's text exactly: no chat clean-up (stripping, the
+        template's ``postprocess``), and decoded after the prompt's last tokens, so a leading space stays.
         """
         settings = GenerationSettings.from_kwargs(self.generation, **gen)
         if prompt_ids is None:
             prompt_ids = self.encode_prompt(self.build_prompt(messages, tools))
+        finish = (lambda text: text) if verbatim else self.postprocess
+        decode = _decoder_after(self.tokenizer, prompt_ids if verbatim else [], skip_special_tokens)
         stops = self.stop_strings(settings)
         stop_ids = set(self.stop_token_ids())
         new_ids: list[int] = []
@@ -205,21 +209,21 @@ class ChatModel:
                 if ended is not None:
                     stats["finish_reason"] = "stop"
                     break
-                text = self.tokenizer.decode(new_ids, skip_special_tokens=skip_special_tokens)
+                text = decode(new_ids)
                 cut = _first_stop(text, stops)
                 if cut is not None:
                     stats["finish_reason"] = "stop"
                     text = text[:cut]
                     if text != shown:
-                        yield self.postprocess(text)
+                        yield finish(text)
                     return
                 if text.endswith("\ufffd"):  # half of a multi-byte character
                     continue
                 visible = text[: len(text) - _held_back(text, stops)]
                 if visible != shown:
                     shown = visible
-                    yield self.postprocess(visible)
-            final = self.tokenizer.decode(new_ids, skip_special_tokens=skip_special_tokens)
+                    yield finish(visible)
+            final = decode(new_ids)
             cut = _first_stop(final, stops)
             final = final[:cut] if cut is not None else final
             if cut is None and stats["finish_reason"] == "length":
@@ -227,7 +231,7 @@ class ChatModel:
             if cut is not None or len(new_ids) < settings.max_new_tokens and stats["finish_reason"] == "length":
                 stats["finish_reason"] = "stop"
             if final != shown:
-                yield self.postprocess(final)
+                yield finish(final)
         finally:
             gen_iter.close()
 
@@ -277,3 +281,18 @@ def _held_back(text: str, stops: list[str]) -> int:
                 hold = max(hold, n)
                 break
     return hold
+
+
+def _decoder_after(tokenizer: Any, context: list[int], skip_special_tokens: bool) -> Any:
+    """``decode(ids)``: the text ``ids`` add after the last few ``context`` tokens (a leading space a tokenizer
+    drops at the start of a text stays); plain ``decode`` without context."""
+    context = list(context[-6:])
+    head = tokenizer.decode(context, skip_special_tokens=skip_special_tokens) if context else ""
+
+    def decode(ids: list[int]) -> str:
+        if not context:
+            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        full = tokenizer.decode(context + list(ids), skip_special_tokens=skip_special_tokens)
+        return full[len(head):] if full.startswith(head) else tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    return decode

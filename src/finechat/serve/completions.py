@@ -5,7 +5,7 @@ top_logprobs, text_offset}`` for the answer's tokens; with ``echo: true`` the pr
 first one's log-probability is null, nothing precedes it), and ``max_tokens: 0`` with ``echo`` scores a prompt
 without generating (what lm-evaluation-harness's ``local-completions`` asks for). ``top_logprobs`` holds the N
 most likely tokens and the chosen one, best first, as vLLM answers. ``text_offset`` counts characters in the
-choice's ``text``. Prompts may be a string, a list of strings, a list of token ids or a list of such lists
+choice's ``text``, which is the model's text exactly (no chat clean-up: spaces and newlines stay, streamed too). Prompts may be a string, a list of strings, a list of token ids or a list of such lists
 (one choice each, in order). ``POST /v1/chat/completions`` with ``logprobs: true, top_logprobs: N`` answers
 ``choices[].logprobs = {content: [{token, logprob, bytes, top_logprobs}]}``; streamed, each chunk carries the
 tokens generated since the previous one.
@@ -192,7 +192,8 @@ async def completions(request: Any, req: CompletionRequest, routes: Any) -> Any:
             planned.append((text, ids, None))
         else:
             planned.append((text, ids, routes.limit.fit(ids, gen, req.max_tokens is not None)))
-    started = [(text, ids, None if gen is None else runs.start_text_run(engine, routes.scheduler, [], ids, gen))
+    started = [(text, ids, None if gen is None else runs.start_text_run(engine, routes.scheduler, [], ids, gen,
+                                                                        verbatim=True))
                for text, ids, gen in planned]
     rid, model = "cmpl-" + uuid.uuid4().hex, settings.model_name
     if req.stream:

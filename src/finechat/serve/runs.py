@@ -111,15 +111,18 @@ def generation_kwargs(gen: Any) -> dict:
     return fields
 
 
-def start_text_run(engine: Any, scheduler: Any, messages: list[dict], prompt_ids: list[int], gen: Any) -> Run:
+def start_text_run(engine: Any, scheduler: Any, messages: list[dict], prompt_ids: list[int], gen: Any,
+                   verbatim: bool = False) -> Run:
     """Queue the request now (so a full queue is a 429 before any answer starts) and stream its growing text.
 
     The text comes from ``engine.stream_text`` (stop strings, post-processing: the answer of ``chat``) over the
-    scheduler's stream of tokens.
+    scheduler's stream of tokens; ``verbatim`` (a text completion): the model's text exactly, no clean-up.
     """
     stream = submit_now(scheduler.submit, prompt_ids, gen)
     stats = {"prompt_tokens": len(prompt_ids), "completion_tokens": 0, "finish_reason": "stop"}
     kwargs = generation_kwargs(gen)
+    if verbatim:
+        kwargs["verbatim"] = True
 
     def recorded(ids: list[int], settings: Any) -> Iterator[list[int]]:
         # the answer's token ids, for log-probabilities (serve.logprobs)
