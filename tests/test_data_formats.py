@@ -258,3 +258,27 @@ def test_pretraining_jsonl_names_the_bad_line(tmp_path):
     bad.write_text('{"text": "a"}\n["not", "a record"]\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.jsonl:2: text: a pretraining record needs a 'text' string"):
         read_documents([str(bad)])
+
+
+@pytest.mark.parametrize("depth", [70, 5000])
+@pytest.mark.parametrize("layout", ["jsonl", "array", "tools"])
+def test_deeply_nested_records_are_bad_records_not_recursion_errors(tmp_path, capsys, depth, layout):
+    good = {"instruction": "hi", "output": "there"}
+    deep = "[" * depth + "]" * depth
+    path = tmp_path / ("deep.json" if layout == "array" else "deep.jsonl")
+    if layout == "tools":  # a JSON string inside the record, decoded later
+        bad = json.dumps({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}],
+                          "tools": deep})
+        lines = [json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}), bad]
+    else:
+        lines = [json.dumps(good), '{"instruction": ' + deep + ', "output": "x"}', json.dumps(good)]
+    path.write_text("[\n" + ",\n".join(lines) + "\n]\n" if layout == "array" else "\n".join(lines) + "\n")
+    line = 3 if layout == "array" else 2  # the array's "[" is line 1
+    with pytest.raises(DataError, match=rf"deep\.jsonl?:{line}: .*nested more than 64 deep"):
+        read_conversations(path)
+    if layout != "array":  # a JSON array cannot be read past a broken record; a JSONL file can
+        result = read_conversations(path, on_bad_record="skip")
+        assert len(result.conversations) == len(lines) - 1 and [s[1] for s in result.skipped] == [2]
+        assert cli_main(["data", "convert", str(path), "--to", "openai", str(tmp_path / "o.jsonl"),
+                         "--on-bad-record", "skip"]) == 0
+        assert "skipped 1 bad record" in capsys.readouterr().err

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from finechat.data.conversation import Conversation, Turn
-from finechat.data.records import iter_json_records
+from finechat.data.records import iter_json_records, loads
 from finechat.errors import DataError
 from finechat.files import atomic_file
 
@@ -223,9 +223,9 @@ def parse_sharegpt(rec: dict, **_: Any) -> Conversation:
     tools = rec.get("tools")
     if isinstance(tools, str) and tools.strip():
         try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError:
-            raise RecordError("tools", "not valid JSON") from None
+            tools = loads(tools)
+        except json.JSONDecodeError as e:
+            raise RecordError("tools", f"not valid JSON ({e.msg})") from None
     return Conversation(turns, system=system, tools=tools or None)
 
 

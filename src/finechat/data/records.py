@@ -16,6 +16,33 @@ from typing import Any
 
 from finechat.errors import DataError
 
+MAX_DEPTH = 64  # lists / objects inside each other; a conversation needs about 5
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether ``value`` nests lists / objects more than MAX_DEPTH deep (walked without recursion)."""
+    level = [value]
+    for _ in range(MAX_DEPTH + 1):
+        level = [child for item in level if isinstance(item, (list, dict))
+                 for child in (item.values() if isinstance(item, dict) else item)]
+        if not level:
+            return False
+    return True
+
+
+def loads(text: str) -> Any:
+    """``json.loads`` whose deeply nested input is a ``JSONDecodeError`` like any other bad JSON (Python's decoder
+    raises RecursionError near 1,000 levels; records deeper than MAX_DEPTH are refused before anything recurses
+    into them)."""
+    try:
+        value = json.loads(text)
+        deep = _too_deep(value)
+    except RecursionError:
+        deep = True
+    if deep:
+        raise json.JSONDecodeError(f"lists or objects nested more than {MAX_DEPTH} deep", text, 0)
+    return value
+
 
 def _decode_text(data: bytes, path: str) -> str:
     try:
@@ -50,12 +77,12 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any, str | None]]
     if first is None:
         return
     try:
-        json.loads(lines[first].decode("utf-8-sig"))
+        loads(lines[first].decode("utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         # Not JSONL: maybe one pretty-printed object (MOSS ships one conversation per file).
         text = _decode_text(data, path)
         try:
-            yield first + 1, json.loads(text), None
+            yield first + 1, loads(text), None
             return
         except json.JSONDecodeError:
             pass  # report the first line's problem below, as JSONL
@@ -63,7 +90,7 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any, str | None]]
         if not raw.strip():
             continue
         try:
-            yield i + 1, json.loads(raw.decode("utf-8-sig" if i == 0 else "utf-8")), None
+            yield i + 1, loads(raw.decode("utf-8-sig" if i == 0 else "utf-8")), None
         except UnicodeDecodeError as e:
             yield i + 1, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8"
         except json.JSONDecodeError as e:
@@ -82,7 +109,7 @@ def json_lines(text: str, path: str | Path,
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = loads(line)
         except json.JSONDecodeError as e:
             if on_bad_line is None:
                 raise DataError(f"{path}:{number}: invalid JSON: {e.msg}") from None
@@ -109,7 +136,7 @@ def _iter_csv(path: str) -> Iterator[tuple[int, Any, str | None]]:
         for k, v in row.items():
             if isinstance(v, str) and v.lstrip().startswith("[") and v.rstrip().endswith("]"):
                 try:
-                    v = json.loads(v)
+                    v = loads(v)
                 except json.JSONDecodeError:
                     pass
             rec[k] = v
@@ -133,6 +160,11 @@ def _iter_json_array(text: str, path: str) -> Iterator[tuple[int, Any, str | Non
     while True:
         try:
             obj, end = decoder.raw_decode(text, pos)
+            if _too_deep(obj):
+                raise json.JSONDecodeError(f"lists or objects nested more than {MAX_DEPTH} deep", text, pos)
+        except RecursionError:
+            raise DataError(f"{path}:{line_at(pos)}: (json): malformed JSON: lists or objects nested more than "
+                            f"{MAX_DEPTH} deep") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: (json): malformed JSON: {e.msg} (column {e.colno})") from None
         yield line_at(pos), obj, None
