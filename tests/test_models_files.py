@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -112,3 +113,50 @@ def test_int4_at_load_uses_the_group_size_that_keeps_perplexity(tiny_model_dir):
     model, _, _ = load_model_and_tokenizer(str(tiny_model_dir), quantization_bit=4)
     groups = {m.group_size for m in model.modules() if hasattr(m, "group_size")}
     assert groups == {32}
+
+
+def _rewrite_safetensors_header(path: Path, change) -> None:
+    import json
+    import struct
+
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    change(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def test_safetensors_shapes_not_matching_offsets_are_one_line(tiny_model_dir, tmp_path):
+    folder = _copy(tiny_model_dir, tmp_path, "shapes")
+    weights = folder / "model.safetensors"
+    name = []
+
+    def widen(header):
+        name.append(sorted(k for k in header if k.endswith("down_proj.weight"))[0])
+        header[name[0]]["shape"] = [s * 2 for s in header[name[0]]["shape"]]
+
+    _rewrite_safetensors_header(weights, widen)
+    result = _finechat_chat(str(folder))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"{weights}: not a valid safetensors file" in last and name[0] in last and "shape" in last
+
+
+def test_a_malicious_pickle_is_refused_in_one_line(tiny_model_dir, tmp_path):
+    folder = _copy(tiny_model_dir, tmp_path, "pickle")
+    marker = tmp_path / "pickle-code-ran"
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({**state, "evil": Evil()}, folder / "pytorch_model.bin")
+    result = _finechat_chat(str(folder))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert not marker.exists()
+    last = result.stderr.strip().splitlines()[-1]
+    assert "pytorch_model.bin" in last and "weights_only" not in result.stderr.replace("weights_only=True", "")

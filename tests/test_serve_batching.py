@@ -152,3 +152,14 @@ def test_requests_that_arrive_together_are_prefilled_together(varied_bot, monkey
         assert wait_until(lambda: scheduler.active == 0)
     finally:
         scheduler.close()
+
+
+def test_a_full_queue_says_how_many_run_and_wait(tiny_bot):
+    scheduler = BatchScheduler(tiny_bot, max_batch_size=4, max_queue=2)
+    scheduler._thread = threading.current_thread()  # no scheduler loop: everything submitted stays waiting
+    settings = GenerationSettings(max_new_tokens=4, greedy=True)
+    for _ in range(6):
+        scheduler.submit([5, 6, 7], settings)
+    with pytest.raises(QueueFull, match=r"^0 requests are running and 6 waiting \(this server runs 4 together and "
+                                        r"queues 2\)"):
+        scheduler.submit([5, 6, 7], settings)

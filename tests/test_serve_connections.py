@@ -107,6 +107,20 @@ def test_rate_limit_lets_a_few_of_the_same_error_through_per_second():
     assert limit.filter(record()) and limit.filter(record()) and not limit.filter(record())
 
 
+def test_access_lines_are_rate_limited_too():
+    now = [0.0]
+    limit = RateLimit(per_second=3, clock=lambda: now[0], info_per_second=20)
+
+    def access(path):
+        return logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                                 ("127.0.0.1:5", "GET", path, "1.1", 408), None)
+
+    assert sum(limit.filter(access(f"/{i}")) for i in range(1000)) == 20  # one template: one budget
+    now[0] += 1.0
+    shown = access("/next")
+    assert limit.filter(shown) and shown.getMessage().endswith("[980 more like this held back]")
+
+
 def test_a_flood_of_bad_requests_logs_a_few_lines_per_second(quick_server):
     seen = []
 

@@ -164,8 +164,8 @@ class BatchScheduler:
                 raise SchedulerClosed("the server is shutting down")
             running = len(self._active) + (self._solo is not None) + self._joining
             if running + len(self._waiting) >= self.max_batch_size + self.max_queue:
-                raise QueueFull(f"{self.max_batch_size} requests are running and {len(self._waiting)} waiting; "
-                                "try again shortly",
+                raise QueueFull(f"{running} requests are running and {len(self._waiting)} waiting (this server runs "
+                                f"{self.max_batch_size} together and queues {self.max_queue}); try again shortly",
                                 retry_after=self._retry_after())
             self._waiting.append(seq)
             if self._thread is None:

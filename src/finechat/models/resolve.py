@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import pickle
 import re
 import time
 from pathlib import Path
@@ -211,6 +212,8 @@ def load_model_and_tokenizer(
             hf_model = load_quantized(folder, config, torch_dtype, **model_kwargs)
         else:
             hf_model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch_dtype, **kw, **model_kwargs)
+    except pickle.UnpicklingError as e:
+        raise refused_pickle(folder, e) from None
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"{folder}: cannot load the model weights: {str(e).splitlines()[0]}") from e
     check_finite(hf_model, folder)
@@ -229,9 +232,15 @@ def load_model_and_tokenizer(
     return hf_model, tokenizer, folder
 
 
+# safetensors dtype -> bytes per element (the format's own names)
+_SAFETENSORS_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                      "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
 def check_safetensors_file(path: Path) -> None:
-    """Read a safetensors header (8-byte length + JSON) and check that every tensor lies inside the file, so a
-    truncated or foreign file is one clear line instead of a deserializer traceback."""
+    """Read a safetensors header (8-byte length + JSON) and check that every tensor's shape and dtype fill exactly
+    its byte range and that the range lies inside the file, so a truncated, foreign or inconsistent file is one
+    clear line instead of a deserializer traceback."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as fh:
@@ -244,12 +253,46 @@ def check_safetensors_file(path: Path) -> None:
             header = json.loads(fh.read(n).decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+        end = 0
+        for name, tensor in header.items():
+            if name != "__metadata__":
+                end = max(end, _tensor_end(name, tensor))
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, RecursionError) as e:
         raise ModelLoadError(f"{path}: not a valid safetensors file ({e})") from None
     if 8 + n + end > size:
         raise ModelLoadError(f"{path}: truncated safetensors file: its header needs {8 + n + end} bytes, the file "
                              f"has {size}")
+
+
+def _tensor_end(name: str, tensor: Any) -> int:
+    """The end offset of one header entry, after checking that its shape and dtype fill its byte range."""
+    dtype, shape, offsets = tensor["dtype"], tensor["shape"], tensor["data_offsets"]
+    if dtype not in _SAFETENSORS_BYTES:
+        raise ValueError(f"tensor {name}: unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                            for d in shape)):
+        raise ValueError(f"tensor {name}: shape {shape!r} is not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor {name}: data_offsets {offsets!r} are not [begin, end]")
+    need = _SAFETENSORS_BYTES[dtype]
+    for d in shape:
+        need *= d
+    if need != offsets[1] - offsets[0]:
+        raise ValueError(f"tensor {name}: shape {shape} of {dtype} needs {need} bytes, its data_offsets hold "
+                         f"{offsets[1] - offsets[0]}")
+    return offsets[1]
+
+
+def refused_pickle(where: Path, error: Exception) -> ModelLoadError:
+    """One line for a pickled weights file that PyTorch's safe loader (``weights_only=True``) refused."""
+    files = ", ".join(p.name for p in sorted(where.glob("*.bin")) + sorted(where.glob("*.pt"))) if where.is_dir() else ""
+    reason = re.search(r"Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+|[\w ]+ is not supported",
+                       str(error))
+    return ModelLoadError(
+        f"{where}: refused to load the pickled weights{f' ({files})' if files else ''}: the file asks to run or build "
+        f"something other than tensors ({reason.group(0) if reason else 'not a plain tensor pickle'}); finechat "
+        "never unpickles code; use safetensors weights from a source you trust")
 
 
 def check_gguf_file(path: Path) -> None:
@@ -294,6 +337,8 @@ def load_adapter(model: Any, adapter: str, is_trainable: bool = False) -> Any:
         raise ModelLoadError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
     adapter_config = read_json(path / "adapter_config.json")
     _check_adapter_base(model, path, adapter_config)
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors_file(weights)
     from peft import PeftModel
 
     log(f"Loading adapter {adapter} ({adapter_config.get('peft_type', '?')}) ...")
@@ -301,6 +346,8 @@ def load_adapter(model: Any, adapter: str, is_trainable: bool = False) -> Any:
         from finechat.models.peft_compat import fix_prefix_generation
 
         return fix_prefix_generation(PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable))
+    except pickle.UnpicklingError as e:
+        raise refused_pickle(path, e) from None
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()
         detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")

@@ -22,6 +22,7 @@ prompt tokens; beyond them, and for ``top_logprobs`` without ``logprobs``, a 400
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from typing import Any
@@ -43,6 +44,9 @@ def _count(value: Any, name: str, settings: ServeSettings) -> int:
 
 def completion_top_n(req: Any, settings: ServeSettings) -> int | None:
     """``logprobs`` of a text-completion request: None (not asked) or how many alternatives per token."""
+    if getattr(req, "top_logprobs", None) is not None:  # never silently ignored
+        raise ApiError(400, "top_logprobs is a chat-completions field; /v1/completions takes logprobs: N (the "
+                       "number of alternatives per token)", param="top_logprobs", code="invalid_value")
     return None if req.logprobs is None else _count(req.logprobs, "logprobs", settings)
 
 
@@ -149,10 +153,7 @@ class AnswerScores:
 def prompt_list(engine: Any, prompt: Any) -> list[tuple[str, list[int]]]:
     """Each prompt of a request as (text, token ids); token ids are checked against the vocabulary."""
     tokenizer = engine.tokenizer
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
-        prompt = [prompt]
-    if not prompt:
-        raise ApiError(400, "prompt is empty", param="prompt", code="invalid_value")
+    prompt = _prompt_items(prompt)
     vocab = max(len(tokenizer), getattr(getattr(getattr(engine, "model", None), "config", None), "vocab_size", 0) or 0)
     out = []
     for i, item in enumerate(prompt):
@@ -166,6 +167,31 @@ def prompt_list(engine: Any, prompt: Any) -> list[tuple[str, list[int]]]:
                            + (f", got {bad}" if bad is not None else ""), param="prompt", code="invalid_value")
         out.append((tokenizer.decode(item, skip_special_tokens=False), list(item)))
     return out
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # true / false are not token ids
+
+
+def _prompt_items(prompt: Any) -> list:
+    """``prompt`` as a list of strings and lists of ids, its shape checked strictly (one 400 naming the item)."""
+    if isinstance(prompt, str) or isinstance(prompt, list) and prompt and _is_id(prompt[0]):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of such lists"
+                       + ("" if isinstance(prompt, list) else f", got {type(prompt).__name__}")
+                       + ("; prompt is empty" if prompt == [] else ""), param="prompt", code="invalid_value")
+    for i, item in enumerate(prompt):
+        if isinstance(item, str):
+            continue
+        if not isinstance(item, list):
+            raise ApiError(400, f"prompt.{i}: expected a string or a list of token ids, got {json.dumps(item)}",
+                           param="prompt", code="invalid_value")
+        bad = next((t for t in item if not _is_id(t)), None)
+        if bad is not None:
+            raise ApiError(400, f"prompt.{i}: token ids must be integers, got {json.dumps(bad)}", param="prompt",
+                           code="invalid_value")
+    return prompt
 
 
 async def completions(request: Any, req: CompletionRequest, routes: Any) -> Any:

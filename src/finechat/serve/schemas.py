@@ -150,10 +150,13 @@ class ChatRequest(Sampling):
 class CompletionRequest(Sampling):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]  # text, texts, token ids or several lists of ids
+    # text, texts, token ids or several lists of ids: checked by serve.completions.prompt_list, where a boolean or
+    # a numeric string is never taken for a token id (a 400 naming the item)
+    prompt: Any
     echo: bool = False
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
     logprobs: Any = None  # checked by serve.logprobs (a 400 naming the field, as OpenAI answers)
+    top_logprobs: Any = None  # a chat field: refused here with a 400 saying to use logprobs: N
 
 
 class GlmRequest(BaseModel):

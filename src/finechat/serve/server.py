@@ -8,8 +8,8 @@ descriptors, then logs the same error as fast as it can. :func:`make_server` add
   to send a complete request, headers and body, else it is closed (slowloris);
 - a cap on open connections: past ``max_connections`` a new connection closes the one that has waited
   longest without a complete request, or is itself refused when every connection is busy;
-- a log filter that lets the same warning or error through at most a few times a second, then says how
-  many it held back;
+- a log filter that lets the same warning or error through at most a few times a second (an access line at
+  most 20 times), then says how many it held back;
 - a drain on SIGTERM / Ctrl-C: running requests get ``shutdown_timeout`` seconds to finish, then end
   cleanly (a 503 in OpenAI's error shape, a final event in a stream) before uvicorn would cut them off.
 
@@ -51,17 +51,19 @@ class ConnectionLimits:
 
 class RateLimit(logging.Filter):
     """Lets each distinct warning or error (logger, level, message template, exception type) through at most
-    ``per_second`` times a second; the first one after a held-back run says how many were held back."""
+    ``per_second`` times a second, and each distinct info line (uvicorn's access lines share one template) at
+    most ``info_per_second`` times; the first one after a held-back run says how many were held back."""
 
-    def __init__(self, per_second: int = 5, clock: Any = time.monotonic):
+    def __init__(self, per_second: int = 5, clock: Any = time.monotonic, info_per_second: int = 20):
         super().__init__()
-        self.per_second, self.clock = per_second, clock
+        self.per_second, self.info_per_second, self.clock = per_second, info_per_second, clock
         self._lock = threading.Lock()
         self._seen: dict[tuple, list] = {}  # key -> [window start, passed in window, held back since last shown]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        if record.levelno < logging.INFO:
             return True
+        budget = self.per_second if record.levelno >= logging.WARNING else self.info_per_second
         exc = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else None
         key = (record.name, record.levelno, str(record.msg), exc)
         now = self.clock()
@@ -71,7 +73,7 @@ class RateLimit(logging.Filter):
             state = self._seen.setdefault(key, [now, 0, 0])
             if now - state[0] >= 1.0:
                 state[0], state[1] = now, 0
-            if state[1] >= self.per_second:
+            if state[1] >= budget:
                 state[2] += 1
                 return False
             state[1] += 1
