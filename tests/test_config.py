@@ -57,3 +57,20 @@ def test_invalid_yaml_names_line(tmp_path):
     f.write_text("a: 1\nb: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         resolve_config(Cfg, f)
+
+
+def test_a_mistyped_key_gets_a_suggestion(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'lerning_rate'; did you mean 'learning_rate'\?"):
+        resolve_config(Cfg, overrides=["lerning_rate=1"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'lora.rr'; did you mean 'lora.r'\?"):
+        resolve_config(Cfg, overrides=["lora.rr=3"])
+    with pytest.raises(ConfigError) as e:
+        resolve_config(Cfg, overrides=["something=1"])
+    assert "did you mean" not in str(e.value)
+
+
+def test_train_config_suggests_max_steps():
+    from finechat.train.train_config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"did you mean 'max_steps'\?"):
+        resolve_config(TrainConfig, overrides=["max_step=3"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -127,9 +128,10 @@ def _set_dotted(cls: type, data: dict, key: str, value: Any) -> None:
         hints = get_type_hints(cur_cls)
         names = {f.name for f in dataclasses.fields(cur_cls)}
         if part not in names:
-            raise ConfigError(
-                f"unknown config key {key!r}; valid keys: {', '.join(valid_keys(cls))}"
-            )
+            keys = valid_keys(cls)
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"unknown config key {key!r}; {hint}valid keys: {', '.join(keys)}")
         tp, _ = _strip_optional(hints[part])
         if i == len(parts) - 1:
             if _is_dataclass_type(tp):
