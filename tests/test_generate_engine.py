@@ -131,3 +131,19 @@ def test_a_seeded_answer_leaves_the_callers_random_state(tiny_bot):
     assert torch.equal(torch.random.get_rng_state(), before)  # seeding did not reseed the process
     assert batch == generate_answers(tiny_bot, [[{"role": "user", "content": "hi"}]], settings, progress=False)
     assert tiny_bot.chat("hi", do_sample=True, temperature=1.0, seed=3, max_new_tokens=8)[0] == a
+
+
+def test_a_wrong_adapter_path_lists_the_checkpoints_before_loading_the_model(tmp_path, monkeypatch):
+    run = tmp_path / "adgen-lora"
+    for step in (10, 2, 30):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / "adapter_config.json").write_text("{}")
+    loaded = []
+    monkeypatch.setattr("finechat.generate.chat_loader.load_model_and_tokenizer", lambda *a, **k: loaded.append(1))
+    with pytest.raises(ModelLoadError, match=rf"adapter folder not found: {run}/checkpoint-40; checkpoints in {run}: "
+                                             rf"{run}/checkpoint-2, {run}/checkpoint-10, {run}/checkpoint-30"):
+        finechat.load("default", adapter=str(run / "checkpoint-40"))
+    with pytest.raises(ModelLoadError, match=rf"{run} is a training run folder, not an adapter; give one of its "
+                                             rf"checkpoints: .*{run}/checkpoint-30"):
+        finechat.load("default", adapter=str(run))
+    assert not loaded  # the model was never loaded

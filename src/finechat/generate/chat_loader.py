@@ -13,7 +13,7 @@ from finechat.files import read_json
 from finechat.generate.engine import ChatModel
 from finechat.generate.llamacpp import ENGINES, load_llamacpp
 from finechat.generate.settings import GenerationSettings
-from finechat.models.resolve import load_adapter, load_model_and_tokenizer
+from finechat.models.resolve import check_adapter_folder, load_adapter, load_model_and_tokenizer
 
 
 def load(
@@ -46,6 +46,8 @@ def load(
             raise ConfigError(f"{', '.join(unused)}: not used by the llama.cpp engine (it runs the GGUF as stored; "
                               "choose the weight type when exporting: finechat export --to gguf --outtype ...)")
         return load_llamacpp(model, adapter=adapter, template=template, **generation)
+    if adapter:
+        check_adapter_folder(adapter)  # a wrong path fails before the model loads, listing the checkpoints
     hf_model, tokenizer, folder = load_model_and_tokenizer(
         model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, quantization_bit=quantization_bit
     )

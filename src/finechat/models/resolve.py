@@ -318,11 +318,35 @@ def check_finite(model: Any, source: Path) -> None:
             raise ModelLoadError(f"{source}: weight {name} holds {bad} NaN/Inf values; the checkpoint is broken")
 
 
+def _checkpoints(folder: Path) -> list[Path]:
+    """The adapter / checkpoint folders directly inside ``folder``, in step order."""
+    found = [p for p in folder.iterdir() if p.is_dir() and ((p / "adapter_config.json").is_file()
+                                                             or p.name.startswith("checkpoint-"))]
+    return sorted(found, key=lambda p: (int(m.group(1)) if (m := re.search(r"(\d+)$", p.name)) else -1, p.name))
+
+
+def check_adapter_folder(adapter: str) -> Path:
+    """The adapter folder, checked before any model is loaded; a wrong path lists the checkpoints that exist."""
+    path = Path(adapter).expanduser()
+    if path.is_dir() and ((path / "adapter_config.json").is_file() or (path / "finechat_run.json").is_file()
+                          or is_ptuning_checkpoint(path)):
+        return path
+    if path.is_dir():
+        inside = _checkpoints(path)
+        if inside:
+            raise ModelLoadError(f"{adapter} is a training run folder, not an adapter; give one of its checkpoints: "
+                                 f"{', '.join(str(p) for p in inside[-5:])}")
+        return path  # load_adapter says what is missing
+    near = next((p for p in path.parents if p.is_dir()), Path("."))
+    found = _checkpoints(near) if near.is_dir() else []
+    hint = f"; checkpoints in {near}: {', '.join(str(p) for p in found[-5:])}" if found else \
+        f"; {near} holds no checkpoint-* folder"
+    raise ModelLoadError(f"adapter folder not found: {adapter}{hint}")
+
+
 def load_adapter(model: Any, adapter: str, is_trainable: bool = False) -> Any:
     """Put a peft adapter (LoRA, P-Tuning v2, ...) on ``model``; a mismatched base is a clear error."""
-    path = Path(adapter).expanduser()
-    if not path.is_dir():
-        raise ModelLoadError(f"adapter folder not found: {adapter}")
+    path = check_adapter_folder(adapter)
     if not (path / "adapter_config.json").is_file() and hasattr(model, "load_prefix"):
         if is_ptuning_checkpoint(path):  # ChatGLM-6B's P-Tuning v2 checkpoint (prefix encoder weights)
             log(f"Loading P-Tuning v2 prefix {adapter} ...")
