@@ -78,3 +78,17 @@ def test_bad_api_key_sources_fail_before_loading_the_model(tmp_path, capsys, key
     assert code == 2 and message in err and "no-model" not in err
     if "read" in message or "line" in message:
         assert str(key_file) in err
+
+
+def test_a_taken_port_fails_before_loading_the_model(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for command in ("serve", "web"):
+            assert main([command, "--model", str(tmp_path / "no-model"), "--port", str(port)]) == 2
+            captured = capsys.readouterr()
+            assert f"port {port} on 127.0.0.1 is taken by another program" in captured.err
+            assert "no-model" not in captured.err and "http://" not in captured.out  # no model, no URL

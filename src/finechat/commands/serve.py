@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import ipaddress
 import os
 import socket
@@ -58,6 +59,23 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def bind_port(host: str, port: int) -> socket.socket:
+    """Bind ``host:port`` now, before the model loads, and keep the socket for uvicorn: a taken port is one line
+    at once (not after a minute of loading, and never the URL of another program)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a just-closed port rebinds
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is taken by another program; choose another with --port N "
+                              "(--port 0: any free port)") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def resolve_api_key(cfg: ServeConfig) -> str | None:
     """The key from --api-key, --api-key-file or FINECHAT_API_KEY (in that order; the first two exclude each
     other); a key file that cannot be read or holds no single line is a one-line error."""
@@ -87,12 +105,17 @@ def main(args: argparse.Namespace, announce_page: bool = False) -> int:
     assistant = Assistant.prepare(cfg)
     if assistant.registry is not None:
         log(f"server-side tools: {', '.join(assistant.registry.names)}")
-    bot = assistant.wrap(load_chat_model(cfg))
+    sock = bind_port(cfg.host, cfg.port)
+    try:
+        bot = assistant.wrap(load_chat_model(cfg))
+    except BaseException:
+        sock.close()
+        raise
     settings = ServeSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ServeSettings)})
     settings.api_key = api_key
     settings.allowed_hosts = [cfg.host, *cfg.allowed_hosts]  # the Host names it was bound for, and the user's
     app = create_app(bot, settings, tools=assistant.registry)
-    port = cfg.port or free_port(cfg.host)
+    port = sock.getsockname()[1]
     shown = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     base = f"http://{shown}:{port}"
     key_note = " (API key required)" if api_key else ""
@@ -103,5 +126,5 @@ def main(args: argparse.Namespace, announce_page: bool = False) -> int:
               flush=True)
     sys.stdout.flush()
     limits = ConnectionLimits(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ConnectionLimits)})
-    serve(app, cfg.host, port, limits)
+    serve(app, cfg.host, port, limits, sock=sock)
     return 0

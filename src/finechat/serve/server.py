@@ -104,9 +104,10 @@ def make_server(app: Any, host: str, port: int, limits: ConnectionLimits | None 
     return _server_class()(config, getattr(getattr(app, "state", None), "drain", None), limits.shutdown_timeout)
 
 
-def serve(app: Any, host: str, port: int, limits: ConnectionLimits | None = None) -> None:
-    """Serve ``app`` until SIGTERM / Ctrl-C (see :func:`make_server`)."""
-    make_server(app, host, port, limits).run()
+def serve(app: Any, host: str, port: int, limits: ConnectionLimits | None = None, sock: Any = None) -> None:
+    """Serve ``app`` until SIGTERM / Ctrl-C (see :func:`make_server`); ``sock``: a socket already bound to
+    ``host:port`` (the command binds it before loading the model)."""
+    make_server(app, host, port, limits).run(sockets=[sock] if sock is not None else None)
 
 
 def _server_class() -> type:
