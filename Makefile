@@ -45,9 +45,10 @@ llamacpp: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
+	$(BIN)/mkdocs build --strict --quiet
 
 test: install browser lint
 	$(BIN)/python -m pytest -q -ra
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache
