@@ -138,7 +138,7 @@ def test_data_commands_with_the_default_tokenizer_run(where, argv, scratch, caps
 
 
 def output_folder(argv: list[str]) -> str | None:
-    """Where a command writes, read from its parsed arguments (None: it writes nothing)."""
+    """The folder (or file) a command writes, read from its parsed arguments (None: it writes nothing)."""
     if "--help" in argv:
         return None
     _, args = cli.parse_args(argv)
@@ -160,7 +160,7 @@ def output_folder(argv: list[str]) -> str | None:
         out = Path(args.out)
         return str(out.parent if out.suffix == ".gguf" else out)
     if argv[:2] == ["data", "stats"]:
-        return str(Path(args.png).parent) if args.png else "."
+        return args.png or f"{Path(args.input[0]).stem}_lengths.png"  # the histogram file
     if command == "eval" and not getattr(args, "predictions", None) and not getattr(args, "reward_model", None):
         adapter = getattr(args, "adapter", None)  # flags of config dataclasses are absent unless typed
         return getattr(args, "output_dir", None) or (f"{adapter}/eval" if adapter else "output/eval")
