@@ -14,6 +14,7 @@ import pytest
 
 from finechat import cli
 from finechat.config import config_from_args, load_yaml
+from finechat.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -79,9 +80,12 @@ def _subparser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Arg
 
 
 @pytest.mark.parametrize("where,argv", FENCED, ids=[w for w, _ in FENCED])
-def test_every_command_in_a_code_block_parses(where, argv):
+def test_every_command_in_a_code_block_parses(where, argv, monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipes are named relative to the repository root
     try:
         cli.parse_args(argv)
+        if argv[0] == "train" and "--help" not in argv:
+            output_folder(argv)  # builds the TrainConfig: every key=value and recipe key must be a real setting
     except SystemExit as e:
         if e.code != 0:  # `--help` exits 0
             pytest.fail(f"{where}: the parser refuses it (exit {e.code})")
@@ -191,6 +195,10 @@ def test_two_commands_into_one_folder_are_caught(monkeypatch):
     assert dpo == rm  # the README used to show these two, and the second refused to start
     assert output_folder(["train", "recipes/adgen-lora.yaml", "output_dir=output/x"]) == "output/x"
     assert output_folder(["train", "recipes/adgen-lora.yaml"]) == "output/adgen-lora"
+    with pytest.raises(ConfigError, match="lora_rnk"):  # a stale key on a page fails its test
+        output_folder(["train", "recipes/adgen-lora.yaml", "lora_rnk=8"])
+    with pytest.raises(ConfigError, match="stage"):
+        output_folder(["train", "stage=ppo"])
 
 
 def test_readme_is_a_front_door():
