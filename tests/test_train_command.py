@@ -163,3 +163,23 @@ def test_two_processes_match_one_process_with_double_accumulation(config_file, t
     assert (tmp_path / "ddp" / "loss_curve.png").is_file()
     run = json.loads((tmp_path / "ddp" / "checkpoint-4" / "finechat_run.json").read_text())
     assert run["world_size"] == 2
+
+
+def test_train_with_nothing_says_what_to_type(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli(["train"]) == 2
+    err = capsys.readouterr().err
+    assert "finechat train recipes/adgen-lora.yaml" in err and "data=[FILE]" in err and len(err.splitlines()) == 1
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("method: lora\n")
+    assert cli(["train", str(bare)]) == 2
+    assert f"finechat train {bare} data=[FILE]" in capsys.readouterr().err
+
+
+def test_kto_with_one_row_a_batch_is_refused_before_loading(tmp_path, capsys):
+    data = tmp_path / "kto.jsonl"
+    data.write_text("{}\n")
+    code = cli(["train", f"model={tmp_path / 'no-model'}", f"data=[{data}]", "stage=kto",
+                "per_device_train_batch_size=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "stage kto needs per_device_train_batch_size >= 2" in err and "no-model" not in err

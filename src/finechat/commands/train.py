@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from finechat.config import add_config_arguments, config_from_args
@@ -69,12 +70,25 @@ def main(args: argparse.Namespace) -> int:
             _print_estimate(stage_cfg)
         return 0
     cfg = config_from_args(TrainConfig, args)
+    if not cfg.data and not args.estimate:
+        raise ConfigError(_nothing_to_train(args.config))
     if args.estimate:
         _print_estimate(cfg)
         return 0
     result = run_stage(cfg)  # sft / pretrain on the Trainer; dpo, rm, kto, orpo, simpo, grpo on TRL
     print(result.final_checkpoint or result.output_dir)
     return 0
+
+
+def _nothing_to_train(config: str | None) -> str:
+    """What to type when no training data is set (a bare ``finechat train``, or a config without ``data:``)."""
+    if config:
+        return (f"{config} sets no training data: add data: [FILE, ...] to it, or give it on the command line: "
+                f"finechat train {config} data=[FILE] (formats and samples: data/samples/)")
+    recipes = sorted(p.name for p in Path("recipes").glob("*.yaml")) if Path("recipes").is_dir() else []
+    shipped = f" (recipes here: {', '.join(recipes[:6])})" if recipes else ""
+    return ("nothing to train: start from a recipe, e.g. finechat train recipes/adgen-lora.yaml, or name your data: "
+            f"finechat train data=[FILE] method=lora (formats and samples: data/samples/){shipped}")
 
 
 def _print_estimate(cfg: TrainConfig) -> None:

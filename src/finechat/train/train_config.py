@@ -146,6 +146,9 @@ class TrainConfig:
                      "save_steps", "logging_steps", "cutoff_len", "lora_rank", "pre_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.stage == "kto" and self.per_device_train_batch_size < 2:
+            raise ValueError("stage kto needs per_device_train_batch_size >= 2 (KTO's KL term pairs each answer with "
+                             f"another prompt's in the same batch), got {self.per_device_train_batch_size}")
         if self.eval_steps is not None and self.eval_steps < 1:
             raise ValueError(f"eval_steps must be >= 1, got {self.eval_steps}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
