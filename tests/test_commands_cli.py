@@ -56,3 +56,33 @@ def test_piped_chat_answers_each_line(tiny_model_dir):
     assert out.returncode == 0, out.stderr
     # two queries -> two answer lines ('clear' is a command, not a query)
     assert len(out.stdout.splitlines()) == 2
+
+
+def test_model_commands_choose_threads_the_same_way_on_a_busy_cpu(monkeypatch, capsys):
+    import importlib
+    import os
+
+    import torch
+
+    from finechat.cli import main as cli_main
+    from finechat.models import device
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (50.0, 50.0, 50.0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    device._say_once.cache_clear()
+    before = torch.get_num_threads()
+    seen = {}
+    extra = {"medical": ["eval"], "export": ["--out", "x"], "quantize": ["--bits", "8", "--out", "x"]}
+    commands = ["chat", "serve", "web", "eval", "train", "quickstart", "medical", "export", "quantize"]
+    for name in commands:
+        module = importlib.import_module(f"finechat.commands.{name}")
+        monkeypatch.setattr(module, "main", lambda args, name=name: seen.setdefault(name, torch.get_num_threads()) * 0)
+        assert cli_main([name, *extra.get(name, [])]) == 0
+    assert seen == {name: 1 for name in commands}
+    assert torch.get_num_threads() == before  # the caller's count is restored
+    err = capsys.readouterr().err
+    assert err.count("The CPU is busy (load average 50.0 on 2 cores): using one thread") == 1  # said once
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice wins
+    seen.clear()
+    assert cli_main(["chat"]) == 0 and seen == {"chat": before}

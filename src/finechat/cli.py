@@ -3,7 +3,8 @@
 Each module ``finechat/commands/<name>.py`` is one subcommand: its docstring's first line is the help text,
 ``add_arguments(parser)`` declares its flags and ``main(args) -> int`` runs it. Modules are imported only when
 their subcommand runs, so ``finechat --help`` stays fast and a heavy optional dependency never breaks the
-others.
+others. A module that runs a model sets ``RUNS_MODEL = True``: it then runs under
+:func:`finechat.models.device.cpu_threads` (one torch thread on a busy CPU, said once).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:
             module = importlib.import_module(f"finechat.commands.{name.replace('-', '_')}")
             module.add_arguments(p)
-            p.set_defaults(_main=module.main)
+            p.set_defaults(_main=module.main, _runs_model=getattr(module, "RUNS_MODEL", False))
     return parser
 
 
@@ -80,7 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv else 2
     try:
-        code = args._main(args)
+        if getattr(args, "_runs_model", False):  # one thread on a busy CPU, chosen (and said) the same way everywhere
+            # imported here, as the commands are: finechat.models loads torch, which --help and data never need
+            from finechat.models.device import cpu_threads
+
+            with cpu_threads():
+                code = args._main(args)
+        else:
+            code = args._main(args)
     except FinechatError as e:
         print(f"finechat {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -13,6 +13,8 @@ from finechat.models.options import ModelOptions
 from finechat.serve.terminal import run_terminal_chat
 from finechat.tools.agent import Agent
 
+RUNS_MODEL = True  # runs under models.device.cpu_threads (see finechat.cli)
+
 
 @dataclasses.dataclass
 class ChatConfig(GenerationSettings, ModelOptions, AssistantOptions):

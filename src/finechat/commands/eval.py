@@ -28,6 +28,8 @@ from finechat.generate.chat_loader import load as load_chat_model
 from finechat.generate.settings import GenerationSettings
 from finechat.models.options import ModelOptions
 
+RUNS_MODEL = True  # runs under models.device.cpu_threads (see finechat.cli)
+
 
 @dataclasses.dataclass
 class EvalConfig(GenerationSettings, ModelOptions):

@@ -13,6 +13,8 @@ from finechat.models.gguf_writer import OUTTYPES
 from finechat.train.export import export_model
 from finechat.train.export_llamacpp import export_gguf
 
+RUNS_MODEL = True  # runs under models.device.cpu_threads (see finechat.cli)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="the base model: 'default', a folder or a .gguf file")

@@ -21,6 +21,8 @@ from finechat.generate.chat_loader import load
 from finechat.medical import evaluate as medical
 from finechat.models.options import ModelOptions
 
+RUNS_MODEL = True  # runs under models.device.cpu_threads (see finechat.cli)
+
 DEFAULT_QUESTIONS = "data/samples/medical/kg_qa.heldout.jsonl"
 
 

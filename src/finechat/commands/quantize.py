@@ -16,6 +16,8 @@ from finechat.models.weight_only import (
     weight_bytes,
 )
 
+RUNS_MODEL = True  # runs under models.device.cpu_threads (see finechat.cli)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="'default', a Hugging Face folder or a .gguf file")

@@ -17,9 +17,11 @@ from finechat.eval.compare import Entry, run_entry, side_by_side
 from finechat.eval.metrics import format_table
 from finechat.eval.predict import load_examples
 from finechat.generate.settings import GenerationSettings
-from finechat.models.device import torch_threads
+from finechat.models.device import cpu_threads
 from finechat.train.recipe import run_training
 from finechat.train.train_config import TrainConfig
+
+RUNS_MODEL = True  # runs under models.device.cpu_threads (see finechat.cli)
 
 DEFAULT_MODEL_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -39,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.max_steps < 1 or args.eval_examples < 1 or args.train_examples < args.batch_size:
         raise ConfigError("--max-steps and --eval-examples must be >= 1 and --train-examples >= --batch-size")
-    with torch_threads(_threads_for_load()):  # restored afterwards: the caller's thread count is its own
+    with cpu_threads():  # restored afterwards: the caller's thread count is its own
         return _run(args)
 
 
@@ -115,18 +117,3 @@ def _run(args: argparse.Namespace) -> int:
     print(f"  finechat eval {model_flag}--adapter {adapter} --data {dev_file}")
     print(f"  finechat export {model_flag}--adapter {adapter} --out {out / 'merged'}")
     return 0
-
-
-def _threads_for_load() -> int | None:
-    """One torch thread when the CPU is already busy (unless OMP_NUM_THREADS says otherwise), else None.
-
-    Measured on a 2-core machine at load average ~17: 16 greedy tokens for 4 prompts took 39 s with one
-    thread and over 300 s with two, because the thread pool waits on threads the OS has descheduled.
-    """
-    import os
-
-    cores = os.cpu_count() or 1
-    if "OMP_NUM_THREADS" not in os.environ and cores > 1 and os.getloadavg()[0] >= cores:
-        log(f"The CPU is busy (load average {os.getloadavg()[0]:.1f} on {cores} cores): using one thread.")
-        return 1
-    return None

@@ -20,6 +20,8 @@ from finechat.serve.api import create_app
 from finechat.serve.schemas import ServeSettings
 from finechat.serve.server import ConnectionLimits, serve
 
+RUNS_MODEL = True  # runs under models.device.cpu_threads (see finechat.cli)
+
 API_KEY_ENV = "FINECHAT_API_KEY"
 
 

@@ -18,6 +18,8 @@ from finechat.config import add_config_arguments, config_from_args
 from finechat.errors import ConfigError
 from finechat.train.train_config import TrainConfig
 
+RUNS_MODEL = True  # runs under models.device.cpu_threads (see finechat.cli)
+
 # `finechat train --help` must answer without torch: the training modules (torch, transformers, TRL) are
 # imported inside main(), and the help reads only the TrainConfig dataclass.
 

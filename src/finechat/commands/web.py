@@ -6,6 +6,8 @@ import argparse
 
 from finechat.commands import serve
 
+RUNS_MODEL = True  # runs under models.device.cpu_threads (see finechat.cli)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_arguments(parser)

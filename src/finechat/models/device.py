@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 from collections.abc import Iterator
 
+from finechat.console import log
 from finechat.errors import ModelLoadError
 
 
@@ -36,6 +39,42 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def busy_cpu_threads() -> int | None:
+    """One torch thread when the CPU is already busy (load average >= its cores), else None (torch's default);
+    OMP_NUM_THREADS, when set, is the user's choice and wins. Says so once per process.
+
+    Why: with the load average at 5-17 on 2 cores, PyTorch's OpenMP threads wait on threads the OS has
+    descheduled; the same ``finechat chat`` took 65-191 s with the default threads and 24 s with one, and 16
+    greedy tokens for 4 prompts 39 s against over 300 s (docs: NOTES, quickstart).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if "OMP_NUM_THREADS" in os.environ or cores <= 1:
+        return None
+    load = os.getloadavg()[0]
+    if load < cores:
+        return None
+    _say_once(f"The CPU is busy (load average {load:.1f} on {cores} cores): using one thread "
+              "(set OMP_NUM_THREADS to choose).")
+    return 1
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    log(message)
+
+
+@contextlib.contextmanager
+def cpu_threads() -> Iterator[None]:
+    """Run a block that runs a model with the threads :func:`busy_cpu_threads` chooses, restoring the caller's
+    count after (every model-running command goes through this; ``bench --threads`` pins its own inside)."""
+    threads = busy_cpu_threads()
+    if threads is None:
+        yield  # torch not even imported: commands that end early stay light
+        return
+    with torch_threads(threads):
+        yield
 
 
 def pick_dtype(dtype: str, device: str):
