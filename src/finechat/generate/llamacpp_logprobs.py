@@ -82,6 +82,10 @@ class LlamaCppScorer:
         self.ids = full
         return scores
 
+    def add_context(self, new_ids: list[int]) -> None:
+        """Append tokens without scoring them; llama.cpp evaluates them with the next :meth:`extend`."""
+        self.ids = self.ids + [int(t) for t in new_ids]
+
 
 def score_batch(context: ScoringContext, sequences: list[list[int]], starts: list[int]) -> list[list[TokenScore]]:
     """Scores of ``sequences[i][starts[i]:]`` one sequence at a time (shared prefixes are evaluated once)."""

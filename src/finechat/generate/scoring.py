@@ -12,9 +12,10 @@ Why our own: transformers' ``generate(output_logits=True)`` covers only its own 
 ``hf`` backend loads its own model. This module works on whatever ``finechat.models.resolve`` returned (base, peft
 adapter, quantized, native ChatGLM-6B).
 
-Long sequences are scored in chunks over a KV cache so that at most ``chunk`` x vocabulary logits are held at
-once; models that cannot take a transformers cache (native ChatGLM-6B, prompt-learning adapters) are scored
-in one forward pass.
+Long sequences are scored in chunks over a KV cache, each chunk reduced to its scores before the next runs, so
+that at most ``chunk`` x vocabulary logits are held at once (never ``[n, vocab]``); a prompt whose own scores are
+not wanted goes through :meth:`Scorer.add_context`, which keeps only the last position's logits. Models that cannot
+take a transformers cache (native ChatGLM-6B, prompt-learning adapters) are scored in one forward pass.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import dataclasses
 import inspect
 from typing import Any
 
-CHUNK = 512  # positions scored per forward pass over a cache (a [512, vocab] float32 block at a time)
+# positions scored per forward pass over a cache: a [128, vocab] float32 block at a time (25 MB for a 49k
+# vocabulary; the logits, their float copy and log_softmax make ~3 such blocks at the peak)
+CHUNK = 128
 
 
 @dataclasses.dataclass
@@ -51,33 +54,51 @@ class Scorer:
         self._last: Any = None  # [vocab] log-probs of the next token after self.ids
 
     def extend(self, new_ids: list[int]) -> list[TokenScore]:
+        """Scores of ``new_ids`` appended to the sequence; with a cache, ``chunk`` positions at a time, each
+        chunk reduced to its scores before the next runs, so no [len, vocab] block is ever held whole."""
         import torch
 
         new_ids = [int(t) for t in new_ids]
         if not new_ids:
             return []
+        scores: list[TokenScore] = []
         with torch.inference_mode():
             if self._cache_name is None:
                 logprobs = self._full(self.ids + new_ids)[-len(new_ids) - 1:]  # [new + 1, vocab] (first may be absent)
                 if not self.ids:
                     logprobs = torch.cat([logprobs[:1] * float("nan"), logprobs])
-                rows = logprobs[:-1]
+                scores = token_scores(logprobs[:-1], new_ids, self.top_n)
                 self._last = logprobs[-1]
             else:
-                parts = [] if self._last is None else [self._last[None]]
                 for start in range(0, len(new_ids), self.chunk):
-                    parts.append(self._cached(new_ids[start:start + self.chunk]))
-                logprobs = torch.cat(parts)  # [new (+1), vocab]
-                rows = logprobs[:-1] if self._last is not None else torch.cat([logprobs[:1] * float("nan"),
-                                                                               logprobs[:-1]])
-                self._last = logprobs[-1]
-        scores = token_scores(rows, new_ids, self.top_n)
+                    part = new_ids[start:start + self.chunk]
+                    logprobs = self._cached(part)  # [len(part), vocab]
+                    before = self._last[None] if self._last is not None else logprobs[:1] * float("nan")
+                    scores.extend(token_scores(torch.cat([before, logprobs[:-1]]), part, self.top_n))
+                    self._last = logprobs[-1].clone()
+                    del logprobs
         if not self.ids:
             scores[0] = TokenScore(new_ids[0], None, [], True)
         self.ids.extend(new_ids)
         return scores
 
-    def _cached(self, ids: list[int]) -> Any:
+    def add_context(self, new_ids: list[int]) -> None:
+        """Append ``new_ids`` without scoring them (a prompt whose own scores nobody asked for): with a cache,
+        only the last position's logits are computed (``logits_to_keep=1``), ``chunk`` tokens a pass."""
+        import torch
+
+        new_ids = [int(t) for t in new_ids]
+        if not new_ids:
+            return
+        if self._cache_name is None:
+            self.extend(new_ids)
+            return
+        with torch.inference_mode():
+            for start in range(0, len(new_ids), self.chunk):
+                self._last = self._cached(new_ids[start:start + self.chunk], last_only=True)[-1]
+        self.ids.extend(new_ids)
+
+    def _cached(self, ids: list[int], last_only: bool = False) -> Any:
         import torch
         from transformers import DynamicCache
 
@@ -87,10 +108,11 @@ class Scorer:
         start = self._cache.get_seq_length()
         x = torch.tensor([ids], device=device)
         positions = torch.arange(start, start + len(ids), device=device)[None]
+        keep = {"logits_to_keep": 1} if last_only else {}
         out = self.model(input_ids=x, position_ids=positions, use_cache=True,
                          attention_mask=torch.ones(1, start + len(ids), dtype=torch.long, device=device),
-                         **{self._cache_name: self._cache})
-        return out.logits[0].float().log_softmax(-1)  # [len(ids), vocab]
+                         **keep, **{self._cache_name: self._cache})
+        return out.logits[0].float().log_softmax(-1)  # [len(ids), vocab] ([1, vocab] with last_only)
 
     def _full(self, ids: list[int]) -> Any:
         import torch

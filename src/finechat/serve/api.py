@@ -159,7 +159,7 @@ class Routes:
         scores = completions.AnswerScores(self.engine, prompt_ids, top_n, chat=True) if top_n is not None else None
         if scores is not None:
             try:
-                await scores.prompt()
+                await scores.prompt(scored=False)
             except BaseException:
                 run.cancel()
                 raise

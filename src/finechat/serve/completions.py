@@ -126,8 +126,12 @@ class AnswerScores:
         self.done = 0  # answer tokens already scored
         self.offset = 0
 
-    async def prompt(self) -> list[TokenScore]:
-        """Scores of the prompt's tokens (the first one None); always run first."""
+    async def prompt(self, scored: bool = True) -> list[TokenScore]:
+        """Scores of the prompt's tokens (the first one None); always run first. ``scored=False``: the prompt
+        is only the context of the answer's scores (no echo, a chat answer): its own scores are never computed."""
+        if not scored:
+            await asyncio.to_thread(self.scorer.add_context, self.prompt_ids)
+            return []
         return await asyncio.to_thread(self.scorer.extend, self.prompt_ids)
 
     async def take(self, stats: dict) -> list[TokenScore]:
@@ -229,7 +233,7 @@ async def completions(request: Any, req: CompletionRequest, routes: Any) -> Any:
         scores = AnswerScores(engine, ids, top_n, chat=False) if top_n is not None else None
         prefix_block = None
         if scores is not None:
-            prompt_scores = await scores.prompt()
+            prompt_scores = await scores.prompt(scored=req.echo)
             if req.echo:
                 prefix_block = completion_block(engine.tokenizer, prompt_scores, [])
                 scores.offset = sum(len(t) for t in prefix_block["tokens"])
@@ -244,7 +248,7 @@ async def completions(request: Any, req: CompletionRequest, routes: Any) -> Any:
         block = None
         if top_n is not None:
             scores = AnswerScores(engine, ids, top_n, chat=False)
-            prompt_scores = await scores.prompt()
+            prompt_scores = await scores.prompt(scored=req.echo)
             answer_scores = await scores.take(stats)
             block = completion_block(engine.tokenizer, prompt_scores + answer_scores, []) if req.echo else \
                 completion_block(engine.tokenizer, answer_scores, ids)
