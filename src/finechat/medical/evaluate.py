@@ -26,6 +26,7 @@ from finechat.eval.metrics import compute_metrics, format_table
 from finechat.eval.predict import generate_answers, load_examples, predict
 from finechat.files import write_json_atomic, write_jsonl_atomic
 from finechat.generate.chat_loader import load
+from finechat.generate.contract import ChatEngine
 from finechat.generate.settings import GenerationSettings
 from finechat.train.stages import STATE_FILE, main_stages, resolve_stages
 
@@ -85,7 +86,7 @@ def kg_messages(row: dict) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def evaluate_kg(bot: Any, rows: list[dict], batch_size: int = 8, max_new_tokens: int = 48,
+def evaluate_kg(bot: ChatEngine, rows: list[dict], batch_size: int = 8, max_new_tokens: int = 48,
                 progress: bool = True) -> tuple[dict, list[dict]]:
     """Greedy answers to the questions and their scores; returns (metrics, prediction records)."""
     settings = GenerationSettings(greedy=True, max_new_tokens=max_new_tokens)
@@ -97,7 +98,7 @@ def evaluate_kg(bot: Any, rows: list[dict], batch_size: int = 8, max_new_tokens:
     return metrics, records
 
 
-def evaluate_general(bot: Any, path: str | Path, batch_size: int = 8, max_new_tokens: int = 48,
+def evaluate_general(bot: ChatEngine, path: str | Path, batch_size: int = 8, max_new_tokens: int = 48,
                      max_samples: int | None = None, progress: bool = True) -> dict:
     """Rouge/BLEU on a general set (forgetting check)."""
     examples = load_examples(path, max_samples=max_samples)

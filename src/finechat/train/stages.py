@@ -43,6 +43,7 @@ from finechat.eval.metrics import format_table
 from finechat.eval.predict import load_examples, predict
 from finechat.files import write_json_atomic
 from finechat.generate.chat_loader import load as load_chat_model
+from finechat.generate.contract import ChatEngine
 from finechat.generate.settings import GenerationSettings
 from finechat.train.align import run_stage
 from finechat.train.alignment_eval import AlignmentEvalConfig, AlignmentScorer
@@ -207,7 +208,7 @@ def mix_data(stage: Stage, stage_dir: Path, seed: int) -> tuple[list[str], str, 
     return [str(path)], "openai", info
 
 
-def general_eval(bot: Any, gcfg: GeneralEvalConfig, out_dir: Path, source: tuple[str, str | None]) -> dict:
+def general_eval(bot: ChatEngine, gcfg: GeneralEvalConfig, out_dir: Path, source: tuple[str, str | None]) -> dict:
     """BLEU-4 / Rouge / eval loss of one loaded model on the general set, and its lm-eval task scores
     (``TASK METRIC``); ``source``: its (model, adapter), recorded with the task results."""
     out: dict[str, Any] = {}
