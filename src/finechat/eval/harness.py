@@ -27,6 +27,7 @@ from typing import Any
 
 from finechat.errors import ConfigError, FinechatError
 from finechat.eval.metrics import format_table
+from finechat.files import write_text_atomic
 from finechat.generate.chat_loader import load as load_chat_model
 from finechat.generate.contract import ChatEngine
 from finechat.generate.engine import GenerationSettings
@@ -323,8 +324,7 @@ def write_results(results: dict, path: str | Path, info: dict | None = None) -> 
                                     "higher_is_better", "n-samples") if k in results}
     keep["finechat"] = info or {}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(keep, indent=2, ensure_ascii=False, default=handle_non_serializable) + "\n")
+    write_text_atomic(path, json.dumps(keep, indent=2, ensure_ascii=False, default=handle_non_serializable) + "\n")
     return path
 
 

@@ -24,7 +24,7 @@ from finechat.data.records import json_lines
 from finechat.errors import DataError
 from finechat.eval.metrics import compute_metrics, format_table
 from finechat.eval.predict import generate_answers, load_examples, predict
-from finechat.files import write_json_atomic, write_jsonl_atomic
+from finechat.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from finechat.generate.chat_loader import load
 from finechat.generate.contract import ChatEngine
 from finechat.generate.settings import GenerationSettings
@@ -187,7 +187,7 @@ def run_medical_recipe(config_file: str, overrides: list[str], questions_file: s
         if key not in cache:
             log(f"medical eval: {label}: {len(questions)} knowledge-graph questions ...")
             cache[key] = kg_eval(model, adapter, questions, template, folder, batch_size, max_new_tokens)
-            cache_path.write_text(json.dumps(cache, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            write_text_atomic(cache_path, json.dumps(cache, indent=2, ensure_ascii=False) + "\n")
         rows[label] = {"kg": cache[key]}
     if state.get("general_before"):
         rows["base"]["general"] = state["general_before"]
@@ -201,5 +201,5 @@ def run_medical_recipe(config_file: str, overrides: list[str], questions_file: s
             f"(accuracy = the answer names the right entity, %); general-*: the eval_general set.\n"
             f"wall time: {wall / 60:.1f} min ({train_seconds / 60:.1f} min training and general eval, "
             f"{(wall - train_seconds) / 60:.1f} min KG eval)")
-    (out / "medical_summary.md").write_text(text + "\n", encoding="utf-8")
+    write_text_atomic(out / "medical_summary.md", text + "\n")
     return text

@@ -41,7 +41,7 @@ from finechat.errors import ConfigError
 from finechat.eval import harness
 from finechat.eval.metrics import format_table
 from finechat.eval.predict import load_examples, predict
-from finechat.files import write_json_atomic
+from finechat.files import write_json_atomic, write_text_atomic
 from finechat.generate.chat_loader import load as load_chat_model
 from finechat.generate.contract import ChatEngine
 from finechat.generate.settings import GenerationSettings
@@ -338,10 +338,9 @@ def run_stages(cfg: StagesConfig) -> dict:
     summary = {"stages": [state["stages"][s.name] for s in stages], "general_before": state.get("general_before"),
                "licenses": licences, "final": {"model": model, "adapter": adapter}}
     table = summary_table(stages, state)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n",
-                                    encoding="utf-8")
+    write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
     text = table + "\n\n" + "\n".join(f"- {line}" for line in licence_lines(licences))
-    (out / "stages_summary.md").write_text(text + "\n", encoding="utf-8")
+    write_text_atomic(out / "stages_summary.md", text + "\n")
     summary["table"] = text
     return summary
 
