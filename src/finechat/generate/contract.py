@@ -62,8 +62,9 @@ class ChatEngine(Protocol):
         """The tokenizer's end-of-sequence text ("" when it has none)."""
 
     # -- prompts -----------------------------------------------------------------------------------------
-    def build_prompt(self, messages: list[Message], tools: list | None = None) -> str:
-        """The prompt text for ``messages`` (the hooks applied), ending where the model starts its answer."""
+    def build_prompt(self, messages: list[Message], tools: list | None = None, hooks: bool = True) -> str:
+        """The prompt text for ``messages`` (the hooks applied unless ``hooks=False``), ending where the model
+        starts its answer."""
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of a prompt text, special tokens as the template wants them."""
@@ -83,8 +84,9 @@ class ChatEngine(Protocol):
 
     def stream_text(self, messages: list[Message], tools: list | None = None, generate: Any = None,
                     stats: dict | None = None, prompt_ids: list[int] | None = None,
-                    skip_special_tokens: bool = True, **gen: Any) -> Iterator[str]:
-        """Yield the growing answer text for ``messages`` (``generate`` replaces ``generate_ids``)."""
+                    skip_special_tokens: bool = True, hooks: bool = True, **gen: Any) -> Iterator[str]:
+        """Yield the growing answer text for ``messages`` (``generate`` replaces ``generate_ids``; with
+        ``hooks``, the hooks' finish of the whole answer comes last)."""
 
     def stream_chat(self, query: str, history: list | None = None, system: str | None = None,
                     **gen: Any) -> Iterator[tuple[str, list]]:

@@ -89,9 +89,9 @@ class ChatModel:
     def eos_token(self) -> str:
         return self.tokenizer.eos_token or ""
 
-    def build_prompt(self, messages: list[Message], tools: list | None = None) -> str:
+    def build_prompt(self, messages: list[Message], tools: list | None = None, hooks: bool = True) -> str:
         """The prompt for ``messages`` with the hooks applied (the text ``stream_text`` generates from)."""
-        return self._render(begin_turn(self.hooks, messages)[0], tools)
+        return self._render(begin_turn(self.hooks, messages)[0] if hooks else messages, tools)
 
     def _render(self, messages: list[Message], tools: list | None = None) -> str:
         if tools and hasattr(self.template, "tokenizer"):
@@ -188,7 +188,7 @@ class ChatModel:
 
     def stream_text(self, messages: list[Message], tools: list | None = None, generate: Any = None,
                     stats: dict | None = None, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True,
-                    **gen: Any) -> Iterator[str]:
+                    hooks: bool = True, **gen: Any) -> Iterator[str]:
         """Yield the growing answer text for ``messages``, cut at the first stop string.
 
         ``generate`` replaces :meth:`generate_ids` (the server passes its batching scheduler's); ``stats``, when
@@ -196,9 +196,10 @@ class ChatModel:
         ("stop" or "length"). ``prompt_ids`` skips building the prompt from ``messages`` (already encoded).
         ``skip_special_tokens=False`` keeps markers such as MOSS's ``<eoc>`` in the text (the tool runtime).
         With hooks, the prompt is built from the messages they hand back and one last text, the whole answer
-        finished by them, follows the stream.
+        finished by them, follows the stream; ``hooks=False`` leaves them out (a caller that applied them once
+        for an answer of several rounds, as the tool agent does).
         """
-        messages, finish = begin_turn(self.hooks, messages)
+        messages, finish = begin_turn(self.hooks, messages) if hooks else (messages, None)
         stream = self._answer_text(messages, tools, generate, stats, prompt_ids, skip_special_tokens, **gen)
         if finish is None:
             yield from stream

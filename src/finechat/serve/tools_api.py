@@ -63,11 +63,11 @@ def first_prompt_ids(agent: Agent, messages: list[dict]) -> list[int]:
     """The prompt of the agent's first round, built as the agent builds it (422 when the template refuses)."""
     bot = agent.bot
     try:
+        messages, _ = agent.prepare(messages)  # the engine's hooks, once, as the agent applies them
         if agent.protocol == "moss":
-            return bot.encode_prompt(agent.moss_prompt(validate_messages(messages)))
-        prompt_messages, template_tools = toolcalls.prepare(bot, validate_messages(messages),
-                                                            agent.tools.openai_schemas())
-        return bot.encode_prompt(bot.build_prompt(prompt_messages, template_tools))
+            return bot.encode_prompt(agent.moss_prompt(messages))
+        prompt_messages, template_tools = toolcalls.prepare(bot, messages, agent.tools.openai_schemas())
+        return bot.encode_prompt(bot.build_prompt(prompt_messages, template_tools, hooks=False))
     except Exception as e:  # a Jinja template that rejects this conversation  # noqa: BLE001
         raise ApiError(422, f"the model's chat template cannot render these messages: {e}", param="messages",
                        code="invalid_value") from None

@@ -39,7 +39,7 @@ from finechat.data.templates import (
     validate_messages,
 )
 from finechat.errors import ConfigError
-from finechat.generate.contract import ChatEngine, chat_answer
+from finechat.generate.contract import ChatEngine, Finish, begin_turn, chat_answer
 from finechat.generate.engine import held_back
 from finechat.tools import toolcalls
 from finechat.tools.toolbox import MAX_ARGUMENT_CHARS, ToolRegistry, ToolResult
@@ -205,11 +205,25 @@ class Agent:
         ``generate`` replaces ``ChatModel.generate_ids`` (the server's batching scheduler); ``stats`` receives
         ``prompt_tokens`` / ``completion_tokens`` summed over all rounds and the last ``finish_reason``.
         """
-        messages = validate_messages(messages)
+        plain = validate_messages(messages)
+        messages, finish = self.prepare(plain)
         if stats is not None:
             stats.update(prompt_tokens=0, completion_tokens=0, finish_reason="stop")
         runner = self._run_moss if self.protocol == "moss" else self._run_messages
-        yield from runner(messages, generate, stats, **gen)
+        for event in runner(messages, generate, stats, **gen):
+            if event.kind == "done":
+                event.messages = plain + (event.messages or [])[len(messages):]  # the caller's, plain answer last
+                if finish is not None:  # the engine's hooks finish the whole answer once (sources, a notice)
+                    shown = finish(event.text)
+                    if shown != event.text:
+                        yield AgentEvent("text", shown[len(event.text):] if shown.startswith(event.text) else shown)
+                    event.text = shown
+            yield event
+
+    def prepare(self, messages: list[Message]) -> tuple[list[Message], Finish | None]:
+        """The conversation checked, with the engine's hooks applied once for the whole answer (every round
+        generates with ``hooks=False``): the messages the prompts are built from, and the hooks' finish."""
+        return begin_turn(self.bot.hooks, validate_messages(messages))
 
     def stream_events(self, query: str, history: list | None = None, system: str | None = None,
                       **gen: Any) -> Iterator[AgentEvent]:
@@ -225,8 +239,9 @@ class Agent:
             if event.kind == "text":
                 response += event.text
                 yield response, history + [(query, response)]
-            elif event.kind == "done":
-                yield event.text, history + [(query, event.text)]
+            elif event.kind == "done":  # the history keeps the plain answer, as the engine's does
+                plain = event.messages[-1]["content"] if event.messages else event.text
+                yield event.text, history + [(query, plain)]
 
     def chat(self, query: str, history: list | None = None, system: str | None = None,
              **gen: Any) -> tuple[str, list]:
@@ -277,7 +292,7 @@ class Agent:
             segment = ""
             round_stats: dict = {}
             for segment in bot.stream_text(view, generate=generate, prompt_ids=prompt_ids, skip_special_tokens=False,
-                                           stop=stops, stats=round_stats, **gen):
+                                           stop=stops, stats=round_stats, hooks=False, **gen):
                 # Stream the answer (and thoughts) as they grow, holding back a half-written marker.
                 safe = segment[: len(segment) - held_back(segment, list(_MARKERS))]
                 pieces = _sections(safe, section)
@@ -343,7 +358,7 @@ class Agent:
             text = shown = ""
             round_stats: dict = {}
             for text in self.bot.stream_text(prompt_messages, tools=template_tools, generate=generate,
-                                             stats=round_stats, **gen):
+                                             stats=round_stats, hooks=False, **gen):
                 visible = toolcalls.visible_prefix(text).rstrip()
                 if visible.startswith(shown) and len(visible) > len(shown):
                     yield AgentEvent("text", visible[len(shown):])
