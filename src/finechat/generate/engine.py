@@ -275,7 +275,7 @@ class ChatModel:
         history = list(history or [])
         messages, finish = begin_turn(self.hooks, history_to_messages(query, history, system))
         response = ""
-        for response in self._answer_text(messages, **gen):
+        for response in self.stream_text(messages, hooks=False, **gen):
             yield response, history + [(query, response)]
         if response == "":
             yield "", history + [(query, "")]
