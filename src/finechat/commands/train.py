@@ -14,8 +14,9 @@ import dataclasses
 
 from finechat.config import add_config_arguments, config_from_args
 from finechat.errors import ConfigError
-from finechat.train.align import run_stage, sequences_per_example
 from finechat.train.estimate import estimate_without_weights
+from finechat.train.recipe import run_training
+from finechat.train.stage_table import get_stage
 from finechat.train.stages import is_stages_file, main_stages, resolve_stages, stage_train_configs
 from finechat.train.train_config import TrainConfig
 
@@ -51,14 +52,14 @@ def main(args: argparse.Namespace) -> int:
     if args.estimate:
         _print_estimate(cfg)
         return 0
-    result = run_stage(cfg)  # sft / pretrain on the Trainer; dpo, rm, kto, orpo, simpo, grpo on TRL
+    result = run_training(cfg)  # sft / pretrain on the Trainer; dpo, rm, kto, orpo, simpo, grpo on TRL
     print(result.final_checkpoint or result.output_dir)
     return 0
 
 
 def _print_estimate(cfg: TrainConfig) -> None:
     # a preference pair is two sequences (chosen and rejected); GRPO samples num_generations per prompt
-    batch = cfg.per_device_train_batch_size * sequences_per_example(cfg)
+    batch = cfg.per_device_train_batch_size * get_stage(cfg.stage).sequences(cfg)
     est = estimate_without_weights(dataclasses.replace(cfg, per_device_train_batch_size=batch))
     print(f"{cfg.method} on {cfg.model}, batch {cfg.per_device_train_batch_size} x {cfg.cutoff_len} tokens, "
           f"{'bf16' if cfg.bf16 else 'fp16' if cfg.fp16 else 'fp32'}"
