@@ -181,7 +181,7 @@ NOT_OUTPUTS = {
                                                              "folder that is deleted",
     ("models/int4_kernel.py", "os.replace(built, target)"): "the compiler writes the kernel by name; it is renamed "
                                                              "into the kernel cache atomically",
-    ("train/recipe.py", 'with open(out / LOG_FILE, "a", encoding="utf-8") as fh:'): "the training log grows one "
+    ("train/trainer_setup.py", 'with open(out / LOG_FILE, "a", encoding="utf-8") as fh:'): "the training log grows one "
         "line per logged step (an append: a crash keeps every line before it)",
     ("train/checkpoints.py", "os.replace(p, doomed)"): "moves an old checkpoint out of the way before deleting it",
     ("commands/_bench_report.py", 'Path("/proc/self/clear_refs").write_text("5")'): "a kernel control file (resets "
@@ -208,3 +208,17 @@ def test_bare_write_finder_finds_them():
              ("x.py", 3, '    with open(p, encoding="utf-8") as fh:'), ("x.py", 4, "    os.replace(tmp, path)"),
              ("files.py", 5, "    os.replace(tmp, path)")]
     assert [b.split(":")[1] for b in _bare_writes(lines)] == ["1", "2", "4"]
+
+
+STAGE_TEST = re.compile(r"stage (==|!=|in|not in) ")  # `cfg.stage == "rm"`, `stage in (...)`, ...
+
+
+def test_the_stage_is_asked_of_its_record_not_tested_by_name():
+    found = [f"{p.relative_to(SRC)}:{i}" for p in SRC.rglob("*.py")
+             for i, line in enumerate(p.read_text().splitlines(), 1) if STAGE_TEST.search(line)]
+    assert len(found) <= 5, found  # finechat.train.stage_table holds what differs between stages
+
+
+def test_the_stage_pattern_finds_a_string_test():
+    assert STAGE_TEST.search('    if cfg.stage == "grpo":') and STAGE_TEST.search("if stage not in PAIRS:")
+    assert not STAGE_TEST.search("stage = get_stage(cfg.stage)")
