@@ -109,7 +109,7 @@ def main(args: argparse.Namespace, announce_page: bool = False) -> int:
         log(f"server-side tools: {', '.join(assistant.registry.names)}")
     sock = bind_port(cfg.host, cfg.port)
     try:
-        bot = assistant.wrap(load_chat_model(cfg))
+        bot = assistant.attach(load_chat_model(cfg))
     except BaseException:
         sock.close()
         raise
