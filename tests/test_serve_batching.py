@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import LiveServer, wait_until
+from serve_helpers import LiveServer, ScriptedChat, wait_until
 
 from finechat.generate.batching import BatchScheduler, QueueFull
 from finechat.generate.engine import GenerationSettings
@@ -163,3 +163,36 @@ def test_a_full_queue_says_how_many_run_and_wait(tiny_bot):
     with pytest.raises(QueueFull, match=r"^0 requests are running and 6 waiting \(this server runs 4 together and "
                                         r"queues 2\)"):
         scheduler.submit([5, 6, 7], settings)
+
+
+def test_a_request_of_many_prompts_is_admitted_all_or_nothing(tiny_bot):
+    bot = ScriptedChat(tiny_bot.tokenizer, "fine", delay=0.05)
+    srv = LiveServer(create_app(bot, ServeSettings(model_name="s", max_batch_size=2, max_queue=1)))
+    try:
+        body = {"prompt": [f"prompt {i}" for i in range(5)], "max_tokens": 3}
+        r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 429 and "this request needs 5 places" in r.json()["error"]["message"]
+        assert bot.prompts == []  # nothing of it started
+        ok = httpx.post(srv.url + "/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 3}, timeout=60)
+        assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
+        assert srv.app.state.scheduler._reserved == 0  # every held place given back
+    finally:
+        srv.stop()
+
+
+def test_scoring_takes_a_place_in_the_same_queue(tiny_bot):
+    scheduler = BatchScheduler(tiny_bot, max_batch_size=1, max_queue=0)
+    srv = LiveServer(create_app(tiny_bot, ServeSettings(model_name="tiny"), scheduler=scheduler))
+    try:
+        with scheduler.reserve(1):  # the one place is taken (as by a running answer)
+            for path, body in (("/v1/completions", {"prompt": "hello there", "max_tokens": 0, "echo": True,
+                                                    "logprobs": 2}),
+                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                         "max_tokens": 2, "logprobs": True})):
+                r = httpx.post(srv.url + path, json=body, timeout=60)
+                assert r.status_code == 429, (path, r.text)
+        scored = httpx.post(srv.url + "/v1/completions", json={"prompt": "hello there", "max_tokens": 0,
+                                                               "echo": True, "logprobs": 2}, timeout=60)
+        assert scored.status_code == 200 and scheduler._reserved == 0
+    finally:
+        srv.stop()

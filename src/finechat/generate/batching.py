@@ -111,6 +111,43 @@ class Stream:
         self._seq.cancelled.set()
 
 
+class Reservation:
+    """Places held in a :class:`BatchScheduler`'s queue (:meth:`BatchScheduler.reserve`): ``submit`` uses one,
+    ``release`` gives back one; ``close`` gives back all that are left (also on ``with`` exit)."""
+
+    def __init__(self, scheduler: BatchScheduler, places: int):
+        self.scheduler, self.left = scheduler, places
+        self._lock = threading.Lock()
+
+    def _take(self) -> bool:
+        with self._lock:
+            if self.left < 1:
+                return False
+            self.left -= 1
+            return True
+
+    def submit(self, input_ids: list[int], settings: GenerationSettings) -> Stream:
+        if not self._take():
+            return self.scheduler.submit(input_ids, settings)  # more than reserved: an ordinary admission
+        return self.scheduler.submit(input_ids, settings, reserved=True)
+
+    def release(self, places: int = 1) -> None:
+        with self._lock:
+            places = min(places, self.left)
+            self.left -= places
+        if places:
+            self.scheduler._release(places)
+
+    def close(self) -> None:
+        self.release(self.left)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 class BatchScheduler:
     """Runs concurrent generation requests of one :class:`ChatModel` in shared forward passes."""
 
@@ -137,6 +174,7 @@ class BatchScheduler:
         self.steps = 0  # decode steps run (for tests and stats)
         self.tokens = 0  # tokens generated in all
         self._joining = 0  # taken off the queue, not yet in the batch (counted by submit's admission check)
+        self._reserved = 0  # places held by reserve() and not yet used
 
     # -- public ----------------------------------------------------------------------------------------
     @property
@@ -155,25 +193,53 @@ class BatchScheduler:
         finally:
             stream.close()
 
-    def submit(self, input_ids: list[int], settings: GenerationSettings) -> Stream:
-        """Queue a request; raises :class:`QueueFull` at once when the queue is full."""
+    def submit(self, input_ids: list[int], settings: GenerationSettings, reserved: bool = False) -> Stream:
+        """Queue a request; raises :class:`QueueFull` at once when the queue is full (``reserved``: it takes a
+        place held by :meth:`reserve` instead, which is never refused)."""
         seq = _Sequence(list(input_ids), settings, settings.max_new_tokens_for(len(input_ids)))
         if not self.batched:
-            return self._submit_serial(seq)
+            return self._submit_serial(seq, reserved)
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down")
-            running = len(self._active) + (self._solo is not None) + self._joining
-            if running + len(self._waiting) >= self.max_batch_size + self.max_queue:
-                raise QueueFull(f"{running} requests are running and {len(self._waiting)} waiting (this server runs "
-                                f"{self.max_batch_size} together and queues {self.max_queue}); try again shortly",
-                                retry_after=self._retry_after())
+            if reserved:
+                self._reserved -= 1
+            else:
+                self._check_room(1)
             self._waiting.append(seq)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="finechat-batcher", daemon=True)
                 self._thread.start()
             self._cond.notify()
         return Stream(seq, on_close=self._wake)
+
+    def reserve(self, places: int) -> Reservation:
+        """Hold ``places`` in the queue for one request at once, all or nothing (a request of several prompts,
+        or scoring work that runs beside the batch): raises :class:`QueueFull` when they do not all fit."""
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosed("the server is shutting down")
+            self._check_room(places)
+            self._reserved += places
+        return Reservation(self, places)
+
+    def _release(self, places: int) -> None:
+        with self._cond:
+            self._reserved -= places
+
+    def _check_room(self, places: int) -> None:
+        """Called under ``self._cond``: QueueFull when ``places`` more do not fit (running + waiting + held)."""
+        if self.batched:
+            running = len(self._active) + (self._solo is not None) + self._joining
+            capacity = self.max_batch_size + self.max_queue
+        else:
+            running, capacity = min(self._serial_running, 1), 1 + self.max_queue
+        waiting = len(self._waiting) + max(self._serial_running - 1, 0) + self._reserved
+        if running + waiting + places > capacity:
+            asked = f"; this request needs {places} places" if places > 1 else ""
+            raise QueueFull(f"{running} requests are running and {waiting} waiting (this server runs "
+                            f"{self.max_batch_size if self.batched else 1} together and queues {self.max_queue})"
+                            f"{asked}; try again shortly", retry_after=self._retry_after())
 
     def close(self) -> None:
         """Stop the scheduler thread; waiting and running requests end with :class:`SchedulerClosed`."""
@@ -184,13 +250,14 @@ class BatchScheduler:
             self._thread.join(timeout=10)
 
     # -- serial fallback -------------------------------------------------------------------------------
-    def _submit_serial(self, seq: _Sequence) -> Stream:
+    def _submit_serial(self, seq: _Sequence, reserved: bool = False) -> Stream:
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down")
-            if self._serial_running >= 1 + self.max_queue:
-                raise QueueFull(f"{self._serial_running - 1} requests are already waiting; try again shortly",
-                                retry_after=self._retry_after())
+            if reserved:
+                self._reserved -= 1
+            else:
+                self._check_room(1)
             self._serial_running += 1
         released = threading.Event()
 

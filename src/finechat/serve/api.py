@@ -157,16 +157,19 @@ class Routes:
             raise ApiError(422, f"the model's chat template cannot render these messages: {e}",
                            param="messages", code="invalid_value") from None
         gen = self.limit.fit(prompt_ids, gen, max_tokens is not None)
-        run = runs.start_text_run(self.engine, self.scheduler, messages, prompt_ids, gen)
+        # the answer and, with logprobs, the scoring beside the batch both hold a place before either starts
+        with runs.reserve_now(self.scheduler, 1 + (top_n is not None)) as reservation:
+            run = runs.start_text_run(self.engine, reservation, messages, prompt_ids, gen)
+            scores = completions.AnswerScores(self.engine, prompt_ids, top_n, chat=True) if top_n is not None \
+                else None
+            if scores is not None:
+                try:
+                    await scores.prompt(scored=False)
+                except BaseException:
+                    run.cancel()
+                    raise
         rid, model = "chatcmpl-" + uuid.uuid4().hex, self.settings.model_name
         use_tools = bool(tools) and req.tool_choice != "none"
-        scores = completions.AnswerScores(self.engine, prompt_ids, top_n, chat=True) if top_n is not None else None
-        if scores is not None:
-            try:
-                await scores.prompt(scored=False)
-            except BaseException:
-                run.cancel()
-                raise
         if req.stream:
             return runs.sse(request, run, runs.chat_chunks(run, rid, model, use_tools, req.include_usage,
                                                            scores.chat_delta if scores else None))

@@ -223,9 +223,18 @@ async def completions(request: Any, req: CompletionRequest, routes: Any) -> Any:
             planned.append((text, ids, None))
         else:
             planned.append((text, ids, routes.limit.fit(ids, gen, req.max_tokens is not None)))
-    started = [(text, ids, None if gen is None else runs.start_text_run(engine, routes.scheduler, [], ids, gen,
-                                                                        verbatim=True))
-               for text, ids, gen in planned]
+    # all or nothing: every generation, and the scoring that runs beside the batch, holds its place first
+    places = sum(gen is not None for _, _, gen in planned) + (1 if top_n is not None else 0)
+    with runs.reserve_now(routes.scheduler, places) as reservation:
+        started = [(text, ids, None if gen is None else runs.start_text_run(engine, reservation, [], ids, gen,
+                                                                            verbatim=True))
+                   for text, ids, gen in planned]
+        return await _answer(request, req, routes, started, top_n)
+
+
+async def _answer(request: Any, req: CompletionRequest, routes: Any, started: list, top_n: int | None) -> Any:
+    """The response for the started runs (their places held by the caller until it returns)."""
+    engine, settings = routes.engine, routes.settings
     rid, model = "cmpl-" + uuid.uuid4().hex, settings.model_name
     if req.stream:
         text, ids, run = started[0]

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from finechat.errors import FinechatError
-from finechat.generate.batching import BatchScheduler, QueueFull, SchedulerClosed
+from finechat.generate.batching import BatchScheduler, QueueFull, Reservation, SchedulerClosed
 from finechat.generate.contract import ChatEngine
 from finechat.serve.schemas import ApiError
 from finechat.tools import toolcalls
@@ -112,12 +112,13 @@ def generation_kwargs(gen: Any) -> dict:
     return fields
 
 
-def start_text_run(engine: ChatEngine, scheduler: BatchScheduler, messages: list[dict], prompt_ids: list[int],
-                   gen: Any, verbatim: bool = False) -> Run:
+def start_text_run(engine: ChatEngine, scheduler: BatchScheduler | Reservation, messages: list[dict],
+                   prompt_ids: list[int], gen: Any, verbatim: bool = False) -> Run:
     """Queue the request now (so a full queue is a 429 before any answer starts) and stream its growing text.
 
     The text comes from ``engine.stream_text`` (stop strings, post-processing: the answer of ``chat``) over the
     scheduler's stream of tokens; ``verbatim`` (a text completion): the model's text exactly, no clean-up.
+    ``scheduler`` may be a :class:`Reservation` of places already held for the request (all-or-nothing admission).
     """
     stream = submit_now(scheduler.submit, prompt_ids, gen)
     stats = {"prompt_tokens": len(prompt_ids), "completion_tokens": 0, "finish_reason": "stop"}
@@ -137,6 +138,16 @@ def start_text_run(engine: ChatEngine, scheduler: BatchScheduler, messages: list
 
     # closing the stream makes the scheduler drop the sequence before its next step
     return Run(texts, stats, on_cancel=stream.close, on_end=stream.close)
+
+
+def reserve_now(scheduler: BatchScheduler, places: int) -> Reservation:
+    """Hold ``places`` for one request before any of its work starts (a 429 when they do not all fit)."""
+    try:
+        return scheduler.reserve(places)
+    except QueueFull as e:
+        raise queue_full(e) from None
+    except SchedulerClosed as e:
+        raise shutting_down(str(e)) from None
 
 
 def submit_now(submit: Callable[..., Any], prompt_ids: list[int], gen: Any) -> Any:
