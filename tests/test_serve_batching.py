@@ -196,3 +196,52 @@ def test_scoring_takes_a_place_in_the_same_queue(tiny_bot):
         assert scored.status_code == 200 and scheduler._reserved == 0
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_client_leaving_stops_a_long_prefill(tiny_bot, monkeypatch, fast):
+    from finechat.generate import batching
+    from finechat.models import fast_decoder
+
+    monkeypatch.setattr(batching, "PREFILL_CHUNK", 4)
+    monkeypatch.setattr(fast_decoder, "PREFILL_CHUNK", 4)
+    monkeypatch.setattr(tiny_bot, "use_fast_decoder", fast)
+    prompt = list(range(5, 45))  # 40 tokens: 10 chunks
+    streams, fed = [], []
+
+    def leave_after_the_first_chunk(module, args):
+        fed.append(args[0].shape[1])
+        if len(fed) == 1:
+            assert wait_until(lambda: streams, timeout=10)
+            streams[0].close()  # the client leaves while its prompt is being prefilled
+
+    hook = tiny_bot.model.get_input_embeddings().register_forward_pre_hook(leave_after_the_first_chunk)
+    scheduler = BatchScheduler(tiny_bot)
+    try:
+        streams.append(scheduler.submit(prompt, GenerationSettings(max_new_tokens=5, greedy=True)))
+        assert wait_until(lambda: fed and scheduler.active == 0 and scheduler.waiting == 0, timeout=30)
+        assert fed[0] == 4 and sum(fed) < len(prompt)  # stopped within a chunk, not after the whole prompt
+        assert scheduler.tokens == 0
+    finally:
+        hook.remove()
+        scheduler.close()
+
+
+def test_chunked_prefill_gives_the_same_answer(tiny_bot, monkeypatch):
+    from finechat.generate import batching
+    from finechat.models import fast_decoder
+
+    prompt = list(range(5, 45))
+    settings = GenerationSettings(max_new_tokens=8, greedy=True)
+    answers = {}
+    for chunk in (10_000, 4):
+        monkeypatch.setattr(batching, "PREFILL_CHUNK", chunk)
+        monkeypatch.setattr(fast_decoder, "PREFILL_CHUNK", chunk)
+        for fast in (True, False):
+            monkeypatch.setattr(tiny_bot, "use_fast_decoder", fast)
+            scheduler = BatchScheduler(tiny_bot)
+            try:
+                answers[chunk, fast] = [t for step in scheduler.generate_ids(prompt, settings) for t in step]
+            finally:
+                scheduler.close()
+    assert len(set(map(tuple, answers.values()))) == 1, answers

@@ -48,6 +48,7 @@ from finechat.generate.sampling import next_token
 from finechat.generate.settings import GenerationSettings
 
 PREFILL_TOKENS = 2048  # most padded prompt tokens prefilled in one forward pass when requests arrive together
+PREFILL_CHUNK = 512  # positions per prefill pass: between passes, a prefill whose clients all left stops
 
 
 class QueueFull(FinechatError):
@@ -352,7 +353,8 @@ class BatchScheduler:
         if fast is None or not lock.acquire(blocking=False):
             return False
         try:
-            tokens = generate_tokens(fast, seq.prompt_ids, seq.settings, self._stop_ids())
+            tokens = generate_tokens(fast, seq.prompt_ids, seq.settings, self._stop_ids(),
+                                     cancelled=seq.cancelled.is_set)  # a client leaving stops a long prefill
         except BaseException:
             lock.release()
             raise
@@ -406,7 +408,11 @@ class BatchScheduler:
         ids = torch.tensor([[0] * (width - n) + seq.prompt_ids for seq, n in zip(seqs, lengths)], device=device)
         mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=device)  # [group, width]
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # each prompt counts from 0 at its first real token
-        logits, cache = self._prefill(ids, mask, positions)
+        logits, cache = self._prefill(ids, mask, positions, seqs)
+        if logits is None:  # every client left during the prefill
+            for seq in seqs:
+                seq.out.put(_END)
+            return
         for seq in seqs:
             self._seed(seq, device)
         tokens = self._sample(logits, seqs)  # [group]
@@ -429,18 +435,32 @@ class BatchScheduler:
         device = _device(self.chat.model)
         ids = torch.tensor([seq.prompt_ids + seq.generated[:-1]], device=device)  # [1, history]
         mask = torch.ones_like(ids)
-        _, cache = self._prefill(ids, mask)
+        logits, cache = self._prefill(ids, mask, None, [seq])
+        if logits is None:
+            seq.out.put(_END)
+            return
         self._seed(seq, device)
         self._join([seq], cache, mask, torch.tensor([ids.shape[1]], device=device),
                    torch.tensor([seq.generated[-1]], device=device))
 
-    def _prefill(self, ids: Any, mask: Any, positions: Any = None) -> tuple[Any, Any]:
-        """One forward pass over prompts [rows, length] into a fresh cache -> (last-position logits, cache)."""
+    def _prefill(self, ids: Any, mask: Any, positions: Any = None,
+                 seqs: list[_Sequence] = ()) -> tuple[Any, Any]:
+        """Forward passes over prompts [rows, length] into a fresh cache -> (last-position logits, cache), in
+        chunks of ``PREFILL_CHUNK`` positions; (None, None) when every one of ``seqs`` was cancelled between
+        chunks (a client that leaves during a long prompt frees the engine within one chunk)."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        out = self.chat.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                              logits_to_keep=1, **{self._cache_kwarg(): cache})  # the cache is filled in place
+        width = ids.shape[1]
+        out = None
+        for start in range(0, width, PREFILL_CHUNK):
+            if seqs and all(seq.cancelled.is_set() for seq in seqs):
+                return None, None
+            end = min(width, start + PREFILL_CHUNK)
+            out = self.chat.model(input_ids=ids[:, start:end], attention_mask=mask[:, :end],
+                                  position_ids=None if positions is None else positions[:, start:end],
+                                  use_cache=True, logits_to_keep=1,
+                                  **{self._cache_kwarg(): cache})  # the cache is filled in place
         return out.logits[:, -1, :], cache
 
     @staticmethod

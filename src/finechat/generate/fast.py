@@ -10,7 +10,7 @@ Models without a decoder, or with a prompt-learning adapter, are left to ``gener
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -22,11 +22,13 @@ from finechat.models.fast_decoder import StaticCacheDecoder
 
 
 def generate_tokens(decoder: StaticCacheDecoder, input_ids: list[int], settings: GenerationSettings,
-                    stop_token_ids: Iterable[int] = (), generator: torch.Generator | None = None) -> Iterator[int]:
+                    stop_token_ids: Iterable[int] = (), generator: torch.Generator | None = None,
+                    cancelled: Callable[[], bool] | None = None) -> Iterator[int]:
     """Yield new token ids one at a time (a stop token is yielded, then generation ends).
 
     Closing the iterator stops decoding at once. ``generator`` drives sampling; by default one seeded with
-    ``settings.seed`` (fresh entropy when None), so the global RNG is never touched.
+    ``settings.seed`` (fresh entropy when None), so the global RNG is never touched. ``cancelled()``, when
+    given, is asked between chunks of the prompt's prefill: a long prompt stops there, nothing is yielded.
     """
     if not input_ids:
         raise ValueError("the prompt is empty")
@@ -40,7 +42,9 @@ def generate_tokens(decoder: StaticCacheDecoder, input_ids: list[int], settings:
     seen = torch.empty(1, total, dtype=torch.long, device=decoder.device)  # prompt + answer, for the penalties
     seen[:, :prompt_length] = tokens
     stops = set(stop_token_ids)
-    logits = decoder.prefill(tokens)
+    logits = decoder.prefill(tokens) if cancelled is None else decoder.prefill_until(tokens, cancelled)
+    if logits is None:
+        return
     for step in range(max_new_tokens):
         length = prompt_length + step
         token = next_token(logits, settings, seen[:, :length], seen[:, prompt_length:length], generator)  # [1, 1]

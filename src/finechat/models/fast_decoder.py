@@ -103,6 +103,10 @@ class StaticCacheDecoder:
     def decode_one_token(self, token: torch.Tensor, position: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def prefill_until(self, input_ids: torch.Tensor, stop: Any, chunk: int = 0) -> torch.Tensor | None:
+        """:meth:`prefill`, unless ``stop()`` says so first (a decoder that cannot prefill in chunks asks once)."""
+        return None if stop() else self.prefill(input_ids)
+
     def _check_prompt(self, input_ids: torch.Tensor) -> None:
         if input_ids.shape[1] > self.capacity or input_ids.shape[0] != self.batch:
             raise ValueError("call setup_cache(batch, capacity) with room for the prompt first")
@@ -129,6 +133,8 @@ class StaticCacheDecoder:
 # plain ones (nn.Linear, the Llama/Qwen2 RMSNorm and MLP) are run here with the very operations their
 # forward() performs, in the same order, so the numbers are the same; any other module (LoRA-wrapped,
 # quantized, hooked) is called as usual.
+# positions per forward pass when a prefill may be stopped between passes (a 7,000-token prompt: ~14 chances)
+PREFILL_CHUNK = 512
 _PLAIN_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm")
 _PLAIN_MLPS = ("LlamaMLP", "Qwen2MLP")
 
@@ -202,8 +208,14 @@ class FastDecoder(StaticCacheDecoder):
         value_cache[:, :, start:start + length] = v
         if mask is None:  # eager: attend over exactly the filled positions, as generate() does
             keys, values = key_cache[:, :, :start + length], value_cache[:, :, :start + length]
-            out = F.scaled_dot_product_attention(q, keys, values, scale=attn.scaling, is_causal=length > 1,
-                                                 enable_gqa=self.gqa)
+            if length > 1 and start > 0:  # a later chunk of a prompt: causal from its own positions on
+                causal = (torch.arange(start + length, device=x.device)[None, :]
+                          <= torch.arange(start, start + length, device=x.device)[:, None])  # [len, start + len]
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, scale=attn.scaling,
+                                                     enable_gqa=self.gqa)
+            else:
+                out = F.scaled_dot_product_attention(q, keys, values, scale=attn.scaling, is_causal=length > 1,
+                                                     enable_gqa=self.gqa)
         else:  # compiled: the whole static cache, masked, so that shapes never change
             out = F.scaled_dot_product_attention(q, key_cache, value_cache, attn_mask=mask, scale=attn.scaling,
                                                  enable_gqa=self.gqa)
@@ -228,6 +240,19 @@ class FastDecoder(StaticCacheDecoder):
         """Run the prompt [b, len] from position 0; returns the next-token logits [b, vocab] (float32)."""
         self._check_prompt(input_ids)
         return self._forward(input_ids, 0)
+
+    @torch.inference_mode()
+    def prefill_until(self, input_ids: torch.Tensor, stop: Any, chunk: int = 0) -> torch.Tensor | None:
+        """:meth:`prefill` in chunks of ``chunk`` positions (default :data:`PREFILL_CHUNK`), asking ``stop()``
+        before each: None when it said stop (a server's client left during a long prompt)."""
+        self._check_prompt(input_ids)
+        chunk = chunk or PREFILL_CHUNK
+        logits = None
+        for start in range(0, input_ids.shape[1], chunk):
+            if stop():
+                return None
+            logits = self._forward(input_ids[:, start:start + chunk], start)
+        return logits
 
     @torch.inference_mode()
     def decode_one_token(self, token: torch.Tensor, position: int) -> torch.Tensor:
