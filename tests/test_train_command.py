@@ -183,3 +183,17 @@ def test_kto_with_one_row_a_batch_is_refused_before_loading(tmp_path, capsys):
                 "per_device_train_batch_size=1"])
     err = capsys.readouterr().err
     assert code == 2 and "stage kto needs per_device_train_batch_size >= 2" in err and "no-model" not in err
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_arguments_raise_no_deprecation_warning(tmp_path, checkpointing):
+    import warnings
+
+    from finechat.train.trainer_setup import training_arguments
+
+    cfg = TrainConfig(data=["x.jsonl"], output_dir=str(tmp_path / "out"), gradient_checkpointing=checkpointing)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = training_arguments(cfg, has_eval=False, device="cpu")
+    assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
+    assert args.gradient_checkpointing is checkpointing

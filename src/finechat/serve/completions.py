@@ -256,7 +256,9 @@ async def _answer(request: Any, req: CompletionRequest, routes: Any, started: li
         stats = run.stats if run is not None else {"prompt_tokens": len(ids), "completion_tokens": 0,
                                                    "finish_reason": "length"}
         block = None
-        if top_n is not None:
+        if top_n is not None and run is None and not req.echo:  # nothing generated, nothing echoed: no model work
+            block = completion_block(engine.tokenizer, [], ids)
+        elif top_n is not None:
             scores = AnswerScores(engine, ids, top_n, chat=False)
             prompt_scores = await scores.prompt(scored=req.echo)
             answer_scores = await scores.take(stats)

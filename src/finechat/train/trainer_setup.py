@@ -182,9 +182,9 @@ def training_arguments(cfg: TrainConfig, has_eval: bool, device: str, args_class
         eval_steps=eval_steps if has_eval else None,
         fp16=cfg.fp16,
         bf16=cfg.bf16,
-        # use_reentrant=False: a frozen base still passes gradients through checkpointed blocks
-        gradient_checkpointing=cfg.gradient_checkpointing,  # explicit: TRL's configs default to True
-        **({"gradient_checkpointing_kwargs": {"use_reentrant": False}} if cfg.gradient_checkpointing else {}),
+        # explicit (TRL's configs default to True), under transformers' new name where it has one (the old one
+        # warns on every run); use_reentrant=False: a frozen base still passes gradients through checkpointed blocks
+        **_checkpointing(cfg.gradient_checkpointing),
         seed=cfg.seed,
         dataloader_num_workers=cfg.dataloader_num_workers,
         report_to=report_to or "none",
@@ -341,3 +341,13 @@ def summary_table(result: TrainResult, licence: dict) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join([f"| {'run'.ljust(width)} | result |", f"|{'-' * (width + 2)}|--------|"]
                      + [f"| {k.ljust(width)} | {v} |" for k, v in rows])
+
+
+def _checkpointing(enabled: bool) -> dict:
+    """Activation (gradient) checkpointing as TrainingArguments keywords: transformers 5.x renamed
+    ``gradient_checkpointing[_kwargs]`` to ``activation_checkpointing[_kwargs]`` and warns on the old names."""
+    import transformers
+
+    new = any(f.name == "activation_checkpointing" for f in dataclasses.fields(transformers.TrainingArguments))
+    name = "activation_checkpointing" if new else "gradient_checkpointing"
+    return {name: enabled, **({f"{name}_kwargs": {"use_reentrant": False}} if enabled else {})}
