@@ -197,3 +197,19 @@ def test_training_arguments_raise_no_deprecation_warning(tmp_path, checkpointing
         args = training_arguments(cfg, has_eval=False, device="cpu")
     assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
     assert args.gradient_checkpointing is checkpointing
+
+
+def test_recipe_columns_that_do_not_fit_swapped_data_name_the_key(tmp_path, capsys):
+    root = Path(__file__).resolve().parents[1]
+    alpaca = root / "data" / "samples" / "alpaca.json"
+    recipe = root / "recipes" / "adgen-lora.yaml"
+    code = cli(["train", str(recipe), f"data=[{alpaca}]", f"model={tmp_path / 'no-model'}",
+                f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{alpaca}:" in err and "no column 'content', which prompt_column: content names" in err
+    assert str(recipe) in err and "instruction" in err and "no-model" not in err  # before the model loads
+    taken = tmp_path / "a-file"
+    taken.write_text("x")
+    assert cli(["train", f"data=[{alpaca}]", f"model={tmp_path / 'no-model'}", f"output_dir={taken}"]) == 2
+    assert f"output_dir {taken} is a file" in capsys.readouterr().err

@@ -77,6 +77,9 @@ def main(args: argparse.Namespace) -> int:
     if args.estimate:
         _print_estimate(cfg)
         return 0
+    from finechat.train.preflight import check_before_loading
+
+    check_before_loading(cfg, args.config)  # output folder and the recipe's columns, before the model loads
     result = run_training(cfg)  # sft / pretrain on the Trainer; dpo, rm, kto, orpo, simpo, grpo on TRL
     print(result.final_checkpoint or result.output_dir)
     return 0
