@@ -215,3 +215,15 @@ def test_staged_folder_keeps_the_old_folder_when_a_writer_fails(tmp_path):
             raise KeyError("a bug, not a disk")
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
     assert (final / "model.safetensors").read_text() == "old weights"
+
+
+def test_stats_png_goes_under_output_and_replaces_only_its_own(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["data", "stats", str(SAMPLES / "alpaca.json"), "--model", str(tiny_model_dir)]
+    assert cli(base) == 0
+    png = tmp_path / "output" / "data-stats" / "alpaca_lengths.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob("*.png"))  # not in the current folder
+    assert cli(base) == 0  # its own histogram is replaced without --force
+    capsys.readouterr()
+    png.write_bytes(b"\x89PNG someone else's picture")
+    assert cli(base) == 2 and "--force" in capsys.readouterr().err

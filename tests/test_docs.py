@@ -164,7 +164,7 @@ def output_folder(argv: list[str]) -> str | None:
         out = Path(args.out)
         return str(out.parent if out.suffix == ".gguf" else out)
     if argv[:2] == ["data", "stats"]:
-        return args.png or f"{Path(args.input[0]).stem}_lengths.png"  # the histogram file
+        return args.png or f"output/data-stats/{Path(args.input[0]).stem}_lengths.png"  # the histogram file
     if command == "eval" and not getattr(args, "predictions", None) and not getattr(args, "reward_model", None):
         adapter = getattr(args, "adapter", None)  # flags of config dataclasses are absent unless typed
         return getattr(args, "output_dir", None) or (f"{adapter}/eval" if adapter else "output/eval")

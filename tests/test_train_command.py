@@ -213,3 +213,13 @@ def test_recipe_columns_that_do_not_fit_swapped_data_name_the_key(tmp_path, caps
     taken.write_text("x")
     assert cli(["train", f"data=[{alpaca}]", f"model={tmp_path / 'no-model'}", f"output_dir={taken}"]) == 2
     assert f"output_dir {taken} is a file" in capsys.readouterr().err
+
+
+def test_the_summary_says_why_there_is_no_best_checkpoint():
+    from finechat.train.trainer_setup import TrainResult, summary_table
+
+    result = TrainResult("out", "out/checkpoint-4", None, {}, 4, None)
+    licence = {"model": {"name": "m", "license": "apache-2.0"}, "datasets": [], "commercial_use_text": "allowed",
+               "blocked_by": []}
+    table = summary_table(result, licence)
+    assert "| best checkpoint  | none (no evaluation: set val_size or val_file) |" in table and "None" not in table

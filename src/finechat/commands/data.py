@@ -35,6 +35,8 @@ from finechat.files import atomic_file, check_output_path
 from finechat.medical.kg import RELATIONS, KGSettings, from_kg
 
 DEFAULT_LENGTHS = "128,256,512,1024,2048"
+STATS_FOLDER = "output/data-stats"  # the default histogram goes here, not into the current folder
+HISTOGRAM_MARK = "finechat data stats"  # the PNG's Software text: a file data stats wrote is replaced freely
 
 
 def _read_options(p: argparse.ArgumentParser) -> None:
@@ -77,8 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("stats", help="examples, turns, token-length percentiles and a histogram PNG")
     p.add_argument("input", nargs="+", help="data file(s)")
     p.add_argument("--lengths", default=DEFAULT_LENGTHS, help="count rows longer than each of these lengths")
-    p.add_argument("--png", help="histogram file (default: <input stem>_lengths.png; 'none' for no plot)")
-    p.add_argument("--force", action="store_true", help="replace an existing histogram file")
+    p.add_argument("--png", help=f"histogram file (default: {STATS_FOLDER}/<input stem>_lengths.png; 'none' for no "
+                                 "plot)")
+    p.add_argument("--force", action="store_true", help="replace an existing file that data stats did not write")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of a table")
     _read_options(p)
     _model_options(p)
@@ -242,12 +245,12 @@ def stats(args: argparse.Namespace) -> int:
         print(preference_stats(args.input, args.format, args.on_bad_record, *_tokenizer_and_template(args), lengths,
                                as_json=args.json))
         return 0
-    png = args.png or f"{Path(args.input[0]).stem}_lengths.png"
+    png = args.png or f"{STATS_FOLDER}/{Path(args.input[0]).stem}_lengths.png"
     if png.lower() != "none":
         if Path(png).suffix.lower() != ".png":
             raise ConfigError(f"--png {png}: the histogram is a PNG image; give a file name ending in .png "
                               "(or 'none')")
-        check_output_path(png, *args.input, force=args.force)
+        check_output_path(png, *args.input, force=args.force or _our_histogram(Path(png)))
     result = _read(args, args.input)
     tokenizer, template = _tokenizer_and_template(args)
     s = length_stats(result.conversations, tokenizer, template, lengths)
@@ -275,6 +278,16 @@ def stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _our_histogram(path: Path) -> bool:
+    """Whether ``path`` is a histogram data stats wrote (its PNG text chunk says so): replaced without --force."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG") and HISTOGRAM_MARK.encode() in head
+
+
 def _histogram(sizes: list[int], lengths: list[int], path: str, title: str) -> None:
     import matplotlib
 
@@ -293,7 +306,7 @@ def _histogram(sizes: list[int], lengths: list[int], path: str, title: str) -> N
     fig.tight_layout()
     try:
         with atomic_file(path, "wb") as fh:
-            fig.savefig(fh, dpi=100, format="png")
+            fig.savefig(fh, dpi=100, format="png", metadata={"Software": HISTOGRAM_MARK})
     finally:
         plt.close(fig)
 

@@ -91,7 +91,8 @@ class TokenizeStats:
         parts = [f"{self.examples} examples from {self.conversations} conversations",
                  f"{self.tokens} tokens ({self.trained_tokens} trained)"]
         if self.truncated:
-            parts.append(f"{self.truncated} truncated")
+            parts.append(f"{self.truncated} truncated (longer than cutoff_len or max_source/target_length: prompts "
+                         "lose their start, long answers their end; raise cutoff_len to keep more)")
         if self.skipped_overlength:
             parts.append(f"{self.skipped_overlength} skipped as too long")
         if self.skipped_no_label:

@@ -71,7 +71,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, extra_source: dict | None = Non
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
-    log(f"Converting {gguf_path.name} to a Hugging Face folder (once; ~15 s) ...")
+    log(f"Converting {gguf_path.name} to a Hugging Face folder (once; ~15 s on an idle 2-core CPU, a few times that on a busy one) ...")
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

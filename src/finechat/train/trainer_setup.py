@@ -335,8 +335,9 @@ def summary_table(result: TrainResult, licence: dict) -> str:
     for key in ("first_loss", "final_loss", "eval_loss", "train_runtime", "train_samples_per_second"):
         if key in m:
             rows.append((key, f"{m[key]:.4f}" if isinstance(m[key], float) else str(m[key])))
-    rows += [("final checkpoint", str(result.final_checkpoint)), ("best checkpoint", str(result.best_checkpoint)),
-             ("loss curve", str(result.loss_curve))]
+    best = str(result.best_checkpoint) if result.best_checkpoint else "none (no evaluation: set val_size or val_file)"
+    rows += [("final checkpoint", str(result.final_checkpoint)), ("best checkpoint", best),
+             ("loss curve", str(result.loss_curve) if result.loss_curve else "none (no plot written)")]
     rows += [("licence", line) for line in licence_lines(licence)]
     width = max(len(k) for k, _ in rows)
     return "\n".join([f"| {'run'.ljust(width)} | result |", f"|{'-' * (width + 2)}|--------|"]
