@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from finechat.errors import FinechatError
+from finechat.generate.admission import Reservation
 from finechat.generate.contract import ChatEngine
 from finechat.generate.fast import fast_decoder_for, generate_tokens
 from finechat.generate.sampling import next_token
@@ -110,43 +111,6 @@ class Stream:
 
     def __del__(self) -> None:  # a consumer that vanished must not keep generating
         self._seq.cancelled.set()
-
-
-class Reservation:
-    """Places held in a :class:`BatchScheduler`'s queue (:meth:`BatchScheduler.reserve`): ``submit`` uses one,
-    ``release`` gives back one; ``close`` gives back all that are left (also on ``with`` exit)."""
-
-    def __init__(self, scheduler: BatchScheduler, places: int):
-        self.scheduler, self.left = scheduler, places
-        self._lock = threading.Lock()
-
-    def _take(self) -> bool:
-        with self._lock:
-            if self.left < 1:
-                return False
-            self.left -= 1
-            return True
-
-    def submit(self, input_ids: list[int], settings: GenerationSettings) -> Stream:
-        if not self._take():
-            return self.scheduler.submit(input_ids, settings)  # more than reserved: an ordinary admission
-        return self.scheduler.submit(input_ids, settings, reserved=True)
-
-    def release(self, places: int = 1) -> None:
-        with self._lock:
-            places = min(places, self.left)
-            self.left -= places
-        if places:
-            self.scheduler._release(places)
-
-    def close(self) -> None:
-        self.release(self.left)
-
-    def __enter__(self) -> Reservation:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 class BatchScheduler:

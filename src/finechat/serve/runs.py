@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from finechat.errors import FinechatError
-from finechat.generate.batching import BatchScheduler, QueueFull, Reservation, SchedulerClosed
+from finechat.generate.admission import Reservation
+from finechat.generate.batching import BatchScheduler, QueueFull, SchedulerClosed
 from finechat.generate.contract import ChatEngine
 from finechat.serve.schemas import ApiError
 from finechat.tools import toolcalls
