@@ -73,6 +73,8 @@ class Board:
         self.chat = ChatServer(ws)
         self.tokenizers = data_view.Tokenizers()
         self.recipes = Path(settings.recipes) if settings.recipes else forms.default_recipes_folder()
+        if self.recipes is not None:  # the recipes name data/samples/...: give the workspace its own copy
+            ws.add_samples(self.recipes.parent / "data" / "samples")
 
     def table(self) -> list[tuple[str, str, Any]]:
         return [("GET", "/", self.page), ("GET", "/health", self.health), ("GET", "/api/info", self.info),

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
-from finechat.files import atomic_file
+from finechat.files import atomic_file, staged_folder
 from finechat.serve.schemas import ApiError
 
 DATA_DIR, RUNS_DIR, EVALS_DIR, EXPORTS_DIR, MODELS_DIR = "data", "runs", "evals", "exports", "models"
@@ -78,6 +79,15 @@ class Workspace:
         with atomic_file(path) as fh:
             fh.write(content)
         return path
+
+    def add_samples(self, samples: Path) -> None:
+        """Copy the project's sample data (``data/samples``, ~1 MB) into ``data/samples`` once, so that the
+        recipes, which name those files, run in the workspace as they are."""
+        target = self.root / DATA_DIR / "samples"
+        if target.exists() or not samples.is_dir():
+            return
+        with staged_folder(target) as staged:
+            shutil.copytree(samples, staged, dirs_exist_ok=True, symlinks=False)
 
     def list_files(self, sub: str = DATA_DIR) -> list[dict]:
         """The data files under ``sub`` (path, bytes), links that lead outside left out."""
