@@ -9,7 +9,6 @@ from pathlib import Path
 
 import httpx
 from serve_helpers import LiveServer
-from tiny import save_tiny_model
 
 from finechat.serve.board.app import BoardSettings, create_board_app
 

@@ -186,6 +186,11 @@ class Board:
             out = self.ws.resolve(detail["extra"]["out"], "out")
             if out.exists():
                 detail["result"] = {"path": str(out), "bytes": folder_size(out)}
+                modelfile = out.with_suffix(".Modelfile")
+                if modelfile.is_file():
+                    detail["result"]["modelfile"] = str(modelfile)
+        if detail["kind"] == "eval" and detail["state"] == "finished":
+            detail["report"] = _eval_report(self.ws.resolve(detail["id"], "id") / "result")
         return detail
 
     async def stop_job(self, request: Any) -> dict:
@@ -330,6 +335,17 @@ class Board:
         if not isinstance(body, dict):
             raise ApiError(422, "the body must be a JSON object", code="invalid_value")
         return body
+
+
+def _eval_report(folder: Path) -> str:
+    """The table an evaluation wrote (side by side, lm-eval's, or one model's metrics)."""
+    for name in ("compare.md", "lm_eval_compare.md"):
+        if (folder / name).is_file():
+            return (folder / name).read_text(encoding="utf-8")
+    for name in ("metrics.json", "lm_eval_results.json"):
+        if (folder / name).is_file():
+            return (folder / name).read_text(encoding="utf-8")[:20_000]
+    return ""
 
 
 def _text(body: dict, key: str, required: bool = False) -> str | None:

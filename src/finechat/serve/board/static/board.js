@@ -263,7 +263,8 @@ async function refreshJob() {
   $("job-command").textContent = j.command;
   $("job-log").textContent = j.log;
   $("job-checkpoints").textContent = j.checkpoints ? `${t("checkpoints")}: ${j.checkpoints.join(", ") || t("none")}` : "";
-  $("job-result").textContent = j.result ? `${t("result")}: ${j.result.path} · ${t("size")} ${bytes(j.result.bytes)}` : "";
+  $("job-result").textContent = j.result ? `${t("result")}: ${j.result.path} · ${t("size")} ${bytes(j.result.bytes)}`
+    + (j.result.modelfile ? `\nModelfile: ${j.result.modelfile}` : "") : (j.report || "");
   $("loss-chart").hidden = !j.points;
   if (j.points) drawLoss($("loss-chart"), j.points);
 }
