@@ -188,3 +188,18 @@ def test_api_key_guards_every_api_route(tmp_path, tiny_model_dir):
         assert b.http.get("/", headers=anonymous).status_code == 200  # the page itself asks for the key
     finally:
         b.stop()
+
+
+def test_a_crashing_run_fails_alone(board):
+    """A run whose process dies (here: data it cannot read) is 'failed' with its error; the board answers on."""
+    data = upload_sample(board, "broken.json", [{"foo": 1}])
+    r = board.post("/api/train/start", {"config": {"model": "models/tiny", "data": [data], "output_dir": "runs/crash",
+                                                  "max_steps": 2}})
+    assert r.status_code == 200, r.text
+    job = board.wait("runs/crash", lambda j: j["state"] in ("finished", "failed"), timeout=180)
+    assert job["state"] == "failed" and job["returncode"] not in (0, None)
+    assert "broken.json" in job["log"]  # the run's own one-line error, file named
+    assert board.http.get("/health").status_code == 200
+    resumed = board.post("/api/jobs/resume", {"run": "runs/crash"})
+    assert resumed.status_code == 200 and resumed.json()["attempt"] == 2  # a failed run may be resumed
+    board.wait("runs/crash", lambda j: j["state"] == "failed", timeout=180)

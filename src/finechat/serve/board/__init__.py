@@ -11,5 +11,5 @@ help, checked by the config's own code, and every run, evaluation and export is 
 
 Modules: :mod:`.app` (routes), :mod:`.workspace` (paths confined to the workspace, uploads), :mod:`.forms`
 (the form from the config), :mod:`.jobs` and :mod:`.runner` (the queue of child processes, state on disk),
-:mod:`.data_view` (the Data tab), :mod:`.chat` (a ``finechat serve`` child behind ``/chat/``).
+:mod:`.data_view` (the Data tab), :mod:`.chat_server` (a ``finechat serve`` child behind ``/chat/``).
 """

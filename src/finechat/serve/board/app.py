@@ -19,7 +19,7 @@ from typing import Any
 from finechat.errors import FinechatError
 from finechat.serve.api import PAGE_HEADERS, BodyLimit, _endpoint, add_error_handlers
 from finechat.serve.board import data_view, forms
-from finechat.serve.board.chat import FRAME_CSP, ChatServer
+from finechat.serve.board.chat_server import FRAME_CSP, ChatServer
 from finechat.serve.board.jobs import Jobs
 from finechat.serve.board.workspace import EVALS_DIR, EXPORTS_DIR, Workspace, folder_size
 from finechat.serve.guards import HostNames, RequestGuard

@@ -156,7 +156,10 @@ function buildForm() {
   }
   more.append(rest);
   form.replaceChildren(common, more);
-  setValues({});
+  let saved = {};
+  try { saved = JSON.parse(localStorage.getItem("finechat.board.form") || "{}"); } catch (e) { saved = {}; }
+  setValues(saved);  // the form as the user left it, across reloads
+  form.addEventListener("change", () => localStorage.setItem("finechat.board.form", JSON.stringify(formValues())));
 }
 
 function fieldInput(f) {
@@ -265,6 +268,7 @@ async function refreshJob() {
   $("job-checkpoints").textContent = j.checkpoints ? `${t("checkpoints")}: ${j.checkpoints.join(", ") || t("none")}` : "";
   $("job-result").textContent = j.result ? `${t("result")}: ${j.result.path} · ${t("size")} ${bytes(j.result.bytes)}`
     + (j.result.modelfile ? `\nModelfile: ${j.result.modelfile}` : "") : (j.report || "");
+  $("job-result").hidden = !$("job-result").textContent;
   $("loss-chart").hidden = !j.points;
   if (j.points) drawLoss($("loss-chart"), j.points);
 }
@@ -400,6 +404,7 @@ $("analyse").onclick = () => analyse().catch(() => {});
 $("load-recipe").onclick = () => {
   const r = state.info.recipes.find((x) => x.name === $("recipe").value);
   if (r) setValues(r.values);
+  localStorage.setItem("finechat.board.form", JSON.stringify(formValues()));
 };
 $("preview").onclick = () => preview().catch(() => {});
 $("estimate").onclick = () => estimate();
