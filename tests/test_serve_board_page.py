@@ -75,11 +75,12 @@ def test_board_from_upload_to_export(board_page, tmp_path):
 
     # -- Data: upload, see the format, counts, histogram and trained spans
     page.click("#tabs button[data-tab=data]")
-    page.select_option("#data-model", "models/tiny")
+    page.select_option("#data-model", model)
     page.set_input_files("#upload-file", str(sample))
     page.click("#upload")
     page.wait_for_selector("#data-result pre.example mark", timeout=60_000)
     assert "alpaca" in page.locator("#data-result h3").first.inner_text()
+    assert "unknown" in page.locator("#data-result table.licence").inner_text()  # no data set named yet
     assert page.locator("#data-result .histogram .bar").count() >= 1
     assert "The answer is" in page.locator("#data-result pre.example mark").first.inner_text()
     page.screenshot(path=str(shots / "data.png"), full_page=True)
@@ -162,6 +163,14 @@ def test_board_from_upload_to_export(board_page, tmp_path):
     gguf = board.workspace / "exports" / "export-1" / "model.gguf"
     assert gguf.is_file() and (board.workspace / "exports" / "export-1" / "model.Modelfile").is_file()
     page.screenshot(path=str(shots / "export.png"), full_page=True)
+
+    # -- a finished run's settings go back into the form (save / load of arguments)
+    page.click("#tabs button[data-tab=train]")
+    page.click("#jobs tr[data-job='runs/browser'] button.open")
+    page.wait_for_selector("#job-load:not([hidden])")
+    page.fill("#cfg-max_steps", "99")
+    page.click("#job-load")
+    assert page.input_value("#cfg-max_steps") == "4" and page.input_value("#cfg-output_dir") == "runs/browser"
 
     # -- the interface in Chinese
     page.select_option("#lang", "zh")

@@ -20,7 +20,7 @@ from finechat.errors import FinechatError
 from finechat.serve.api import PAGE_HEADERS, BodyLimit, _endpoint, add_error_handlers
 from finechat.serve.board import data_view, forms
 from finechat.serve.board.chat_server import FRAME_CSP, ChatServer
-from finechat.serve.board.jobs import Jobs
+from finechat.serve.board.jobs import TRAIN_YAML, Jobs
 from finechat.serve.board.workspace import EVALS_DIR, EXPORTS_DIR, Workspace, folder_size
 from finechat.serve.guards import HostNames, RequestGuard
 from finechat.serve.schemas import ApiError
@@ -138,7 +138,7 @@ class Board:
     async def plan(self, request: Any) -> dict:
         body = await self._body(request)
         plan = forms.build_run(body.get("config"), self.ws)
-        yaml_path = f"{self.ws.relative(plan.output_dir)}/board_train.yaml"
+        yaml_path = f"{self.ws.relative(plan.output_dir)}/{TRAIN_YAML}"
         return {"yaml": plan.yaml_text, "command": plan.command(yaml_path), "yaml_path": yaml_path,
                 "workspace": str(self.ws.root)}
 
@@ -159,12 +159,12 @@ class Board:
     async def start_train(self, request: Any) -> dict:
         body = await self._body(request)
         plan = forms.build_run(body.get("config"), self.ws)
-        yaml_path = f"{self.ws.relative(plan.output_dir)}/board_train.yaml"
+        yaml_path = f"{self.ws.relative(plan.output_dir)}/{TRAIN_YAML}"
         title = str(body.get("title") or plan.output_dir.name)
         extra = {"model": plan.config.model, "method": plan.config.method, "stage": plan.config.stage,
                  "max_steps": plan.config.max_steps}
         return self.jobs.create("train", plan.output_dir, plan.argv_for(yaml_path), title, "output_dir", extra,
-                                files={"board_train.yaml": plan.yaml_text})
+                                files={TRAIN_YAML: plan.yaml_text})
 
     def _absolute_model(self, cfg: TrainConfig) -> TrainConfig:
         if cfg.model == "default":

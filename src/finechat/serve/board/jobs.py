@@ -24,13 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finechat.config import load_yaml
 from finechat.files import atomic_file, read_json, write_json_atomic
 from finechat.serve.board.runner import EXIT_FILE, JOB_FILE, LOG_FILE
 from finechat.serve.board.workspace import Workspace
 from finechat.serve.schemas import ApiError
 from finechat.train.checkpoints import list_checkpoints
 
-TRAIN_LOG, TRAIN_RESULTS = "train_log.jsonl", "train_results.json"
+TRAIN_LOG, TRAIN_RESULTS, TRAIN_YAML = "train_log.jsonl", "train_results.json", "board_train.yaml"
 # tqdm's progress line, as the Trainer prints it: " 3/4 [00:10<00:03, 3.2s/it]"
 PROGRESS_RE = re.compile(r"(\d+)/(\d+) \[([\d:]+)<([\d:?]+)")
 DONE = ("finished", "failed", "stopped")
@@ -201,6 +202,8 @@ class Jobs:
         if out["kind"] == "train":
             out["points"] = _points(folder / TRAIN_LOG)
             out["checkpoints"] = [self.ws.relative(p) for p in list_checkpoints(folder)]
+            if (folder / TRAIN_YAML).is_file():
+                out["config"] = load_yaml(folder / TRAIN_YAML)  # "load its settings" into the form
             if (folder / TRAIN_RESULTS).is_file() and out["state"] == "finished":
                 out["results"] = read_json(folder / TRAIN_RESULTS)
             if out["progress"] is None and out["points"]["train"]:

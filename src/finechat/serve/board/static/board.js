@@ -119,10 +119,14 @@ async function analyse() {
   }
   const lic = r.licence;
   out.push(el("h4", { text: t("licence") }),
-    table([[lic.model.name, `${lic.model.license} (commercial: ${lic.model.commercial})`],
-      ...lic.datasets.map((d) => [d.name, `${d.license} (commercial: ${d.commercial})`]),
+    table([[lic.model.name, `${lic.model.license} (${t("commercial")}: ${verdict(lic.model.commercial)})`],
+      ...lic.datasets.map((d) => [d.name, `${d.license} (${t("commercial")}: ${verdict(d.commercial)})`]),
       [t("commercial"), t("verdict_" + lic.commercial_use_text)]], "licence"));
   $("data-result").replaceChildren(...out);
+}
+
+function verdict(flag) {
+  return t(flag === true ? "verdict_yes" : flag === false ? "verdict_no" : "verdict_unknown");
 }
 
 function table(rows, cls) {
@@ -264,6 +268,8 @@ async function refreshJob() {
   $("job-stop").disabled = !["queued", "running"].includes(j.state);
   $("job-resume").disabled = !(j.kind === "train" && ["stopped", "failed"].includes(j.state));
   $("job-command").textContent = j.command;
+  state.jobConfig = j.config || null;
+  $("job-load").hidden = !j.config;
   $("job-log").textContent = j.log;
   $("job-checkpoints").textContent = j.checkpoints ? `${t("checkpoints")}: ${j.checkpoints.join(", ") || t("none")}` : "";
   $("job-result").textContent = j.result ? `${t("result")}: ${j.result.path} · ${t("size")} ${bytes(j.result.bytes)}`
@@ -410,6 +416,12 @@ $("preview").onclick = () => preview().catch(() => {});
 $("estimate").onclick = () => estimate();
 $("start").onclick = () => startTrain().catch(() => {});
 $("job-stop").onclick = () => jobAction("stop").catch(() => {});
+$("job-load").onclick = () => {
+  if (!state.jobConfig) return;
+  setValues(state.jobConfig);
+  localStorage.setItem("finechat.board.form", JSON.stringify(formValues()));
+  showTab("train");
+};
 $("job-resume").onclick = () => jobAction("resume").catch(() => {});
 $("eval-start").onclick = () => startEval().catch(() => {});
 $("export-start").onclick = () => startExport().catch(() => {});
