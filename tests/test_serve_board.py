@@ -203,3 +203,33 @@ def test_a_crashing_run_fails_alone(board):
     resumed = board.post("/api/jobs/resume", {"run": "runs/crash"})
     assert resumed.status_code == 200 and resumed.json()["attempt"] == 2  # a failed run may be resumed
     board.wait("runs/crash", lambda j: j["state"] == "failed", timeout=180)
+
+
+def test_finechat_board_command(tmp_path, capsys):
+    """`finechat board` binds 127.0.0.1, makes its workspace, serves the page; the docs' flags exist."""
+    import re
+
+    import httpx
+    from serve_helpers import start_cli_server
+
+    from finechat.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["board", "--help"])
+    helptext = capsys.readouterr().out
+    docs = (Path(__file__).parents[1] / "docs" / "board.md").read_text(encoding="utf-8")
+    commands = re.findall(r"^finechat board[^\n]*", docs, flags=re.M)
+    assert commands
+    for flag in re.findall(r"(--[a-z-]+)", " ".join(commands)):
+        assert flag in helptext, flag
+    env = {**os.environ, "FINECHAT_HOME": str(tmp_path / "home")}
+    process, url = start_cli_server(["board", "--port", "0"], r"open (http://127\.0\.0\.1:\d+)/", env)
+    try:
+        page = httpx.get(url + "/", timeout=10)
+        assert page.status_code == 200 and "finechat board" in page.text
+        assert "frame-ancestors 'self'" in page.headers["content-security-policy"]
+        assert (tmp_path / "home" / "board" / "runs").is_dir()  # $FINECHAT_HOME/board when FINECHAT_HOME is set
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert process.returncode in (0, -15)
