@@ -23,6 +23,16 @@ from finechat.models.row_split import (
 BOS, EOS, MASK, GMASK, PAD = 290, 291, 292, 293, 3
 
 
+@pytest.fixture(autouse=True)
+def two_torch_threads():
+    """Splitting depends on torch's thread count: pin 2 (the caller's, e.g. OMP_NUM_THREADS=1, must not
+    decide what these tests see) and restore the caller's after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 def greedy(decoder, ids, n, **kw):
     return list(generate_tokens(decoder, ids, GenerationSettings(greedy=True, max_new_tokens=n, **kw)))
 
@@ -127,12 +137,13 @@ def test_split_linear_runs_the_chunks_as_one_batched_product(monkeypatch):
     monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(tuple(a.shape)) or real_bmm(a, b))
     layer = torch.nn.Linear(32, 64)
     layer.row_chunks = 2
-    split_linear(layer, torch.randn(1, 32))
-    assert calls == [(2, 32, 32)]
-    split_linear(layer, torch.randn(33, 32))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: nothing to run side by side
     try:
+        torch.set_num_threads(2)  # the caller's count (OMP_NUM_THREADS=1 on a busy machine) must not decide
+        split_linear(layer, torch.randn(1, 32))
+        assert calls == [(2, 32, 32)]
+        split_linear(layer, torch.randn(33, 32))
+        torch.set_num_threads(1)  # one thread: nothing to run side by side
         split_linear(layer, torch.randn(1, 32))
     finally:
         torch.set_num_threads(threads)
