@@ -174,6 +174,13 @@ def test_bad_input_is_a_4xx_naming_the_field(board):
     assert e["param"] == "run"
     e = error(board.post("/chat/v1/chat/completions", {"messages": []}), 409)  # no chat model loaded
     assert e["param"] == "model"
+    junk = board.workspace / "runs" / "junk"
+    junk.mkdir()
+    (junk / "board_job.json").write_text('{"cut sho', encoding="utf-8")  # a job file cut short
+    assert board.http.get("/api/jobs").status_code == 200
+    assert 400 <= board.http.get("/api/job", params={"id": "runs/junk"}).status_code < 500
+    e = error(board.post("/api/train/estimate", {"config": {**base, "model": "data"}}), 422)  # no model there
+    assert e["param"] == "model"
 
 
 def test_api_key_guards_every_api_route(tmp_path, tiny_model_dir):

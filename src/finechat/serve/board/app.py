@@ -150,8 +150,8 @@ class Board:
             est = await asyncio.to_thread(estimate_without_weights, cfg)
         except FinechatError as e:
             raise ApiError(422, f"model: {e}", param="model", code="invalid_value") from None
-        except (OSError, ValueError) as e:
-            raise ApiError(422, f"model: cannot estimate this model: {e}", param="model",
+        except Exception as e:  # noqa: BLE001  a folder that is no model: the input's fault, not a 500
+            raise ApiError(422, f"model: cannot estimate this model: {type(e).__name__}: {e}", param="model",
                            code="invalid_value") from None
         return {"table": est.table(), **{k: v for k, v in dataclasses.asdict(est).items()
                                          if isinstance(v, (int, float, bool, str)) or v is None}}

@@ -38,6 +38,9 @@ class Tokenizers:
                     self._cache[key] = load_tokenizer_and_template(model, template)
                 except FinechatError as e:
                     raise ApiError(422, f"model: {e}", param="model", code="invalid_value") from None
+                except Exception as e:  # noqa: BLE001  a folder that is no model: the input's fault, not a 500
+                    raise ApiError(422, f"model: {model}: cannot load its tokenizer: {type(e).__name__}: {e}",
+                                   param="model", code="invalid_value") from None
             return self._cache[key]
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from finechat.config import load_yaml
+from finechat.errors import FinechatError
 from finechat.files import atomic_file, read_json, write_json_atomic
 from finechat.serve.board.runner import EXIT_FILE, JOB_FILE, LOG_FILE
 from finechat.serve.board.workspace import Workspace
@@ -170,8 +171,8 @@ class Jobs:
             for path in self.ws.root.glob(pattern):
                 try:
                     found.append(self.state(path.parent))
-                except (OSError, ValueError, KeyError):
-                    continue
+                except (OSError, ValueError, KeyError, FinechatError):
+                    continue  # a job file cut short or edited by hand: left out, the rest still listed
         return sorted(found, key=lambda j: -j["created"])
 
     def state(self, folder: Path) -> dict:
@@ -231,7 +232,7 @@ def _read_exit(folder: Path, attempt: int) -> dict | None:
         return None
     try:
         ended = read_json(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError, FinechatError):
         return None
     return ended if ended.get("attempt") == attempt else None
 
