@@ -80,7 +80,8 @@ def test_board_from_upload_to_export(board_page, tmp_path):
     page.click("#upload")
     page.wait_for_selector("#data-result pre.example mark", timeout=60_000)
     assert "alpaca" in page.locator("#data-result h3").first.inner_text()
-    assert "unknown" in page.locator("#data-result table.licence").inner_text()  # no data set named yet
+    licence = page.locator("#data-result table.licence").inner_text()
+    assert ("Apache-2.0" if model == "default" else "unknown") in licence and "not named" in licence
     assert page.locator("#data-result .histogram .bar").count() >= 1
     assert "The answer is" in page.locator("#data-result pre.example mark").first.inner_text()
     page.screenshot(path=str(shots / "data.png"), full_page=True)

@@ -119,8 +119,9 @@ async function analyse() {
   }
   const lic = r.licence;
   out.push(el("h4", { text: t("licence") }),
-    table([[lic.model.name, `${lic.model.license} (${t("commercial")}: ${verdict(lic.model.commercial)})`],
-      ...lic.datasets.map((d) => [d.name, `${d.license} (${t("commercial")}: ${verdict(d.commercial)})`]),
+    table([[lic.model.name, `${lic.model.license} (${t("commercial_use")}: ${verdict(lic.model.commercial)})`],
+      ...lic.datasets.map((d) => [d.name, `${d.license} (${t("commercial_use")}: ${verdict(d.commercial)})`]),
+      ...(lic.datasets.length ? [] : [[t("dataset"), t("no_dataset")]]),
       [t("commercial"), t("verdict_" + lic.commercial_use_text)]], "licence"));
   $("data-result").replaceChildren(...out);
 }
@@ -262,7 +263,7 @@ async function refreshJob() {
   $("job-state").className = "state " + j.state;
   const p = j.progress;
   const total = p && p.total ? p.total : (j.extra && j.extra.max_steps > 0 ? j.extra.max_steps : null);
-  $("job-progress").textContent = p ? `${t("step")} ${p.step}${total ? "/" + total : ""}` : "";
+  $("job-progress").textContent = p ? `${j.kind === "train" ? t("step") + " " : ""}${p.step}${total ? "/" + total : ""}` : "";
   $("job-eta").textContent = p && p.eta && j.state === "running" ? `${t("eta")} ${p.eta}` : "";
   $("job-bar").value = p && total ? p.step / total : (j.state === "finished" ? 1 : 0);
   $("job-stop").disabled = !["queued", "running"].includes(j.state);

@@ -20,7 +20,8 @@ const TEXT = {
     base_only: "base model only", uploaded: "Uploaded", started: "Queued", eta: "ETA", step: "step",
     result: "Result", size: "size", loading: "loading the model…", ready: "ready", off: "no model loaded",
     failed: "failed", train_loss: "train loss", eval_loss: "eval loss", line: "line", field: "field", reason: "reason",
-    checkpoints: "Checkpoints", none: "none", load_settings: "Load its settings into the form", verdict_yes: "yes", verdict_no: "no", verdict_unknown: "unknown",
+    checkpoints: "Checkpoints", none: "none", load_settings: "Load its settings into the form",
+    commercial_use: "commercial use", base_model: "Base model", no_dataset: "not named: the verdict covers the model only", verdict_yes: "yes", verdict_no: "no", verdict_unknown: "unknown",
   },
   zh: {
     tab_data: "数据", tab_train: "训练", tab_eval: "评估", tab_chat: "对话", tab_export: "导出",
@@ -38,7 +39,8 @@ const TEXT = {
     licence: "许可证", commercial: "结果可否商用", base_only: "仅基础模型", uploaded: "已上传", started: "已排队",
     eta: "剩余时间", step: "步", result: "结果", size: "大小", loading: "正在加载模型…", ready: "就绪",
     off: "未加载模型", failed: "失败", train_loss: "训练损失", eval_loss: "验证损失", line: "行", field: "字段",
-    reason: "原因", checkpoints: "检查点", none: "无", load_settings: "将其设置载入表单", verdict_yes: "可以", verdict_no: "不可以", verdict_unknown: "未知",
+    reason: "原因", checkpoints: "检查点", none: "无", load_settings: "将其设置载入表单",
+    commercial_use: "商用", base_model: "基础模型", no_dataset: "未指定：结论只涵盖模型", verdict_yes: "可以", verdict_no: "不可以", verdict_unknown: "未知",
   },
 };
 
