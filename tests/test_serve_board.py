@@ -80,6 +80,15 @@ def test_form_is_generated_from_the_config_fields():
     walked = [(f.name, group) for f, _, group in forms.iter_fields(Grouped)]
     assert walked == [("model", ""), ("lora_rank", "lora")]  # nested groups keep their flat keys
 
+    @dataclasses.dataclass
+    class Mixed(Lora):  # a config mixed from group classes
+        seed: int = field(0, help="seed")
+
+    assert [(f.name, g) for f, _, g in forms.iter_fields(Mixed)] == [("lora_rank", "lora"), ("seed", "")]
+    groups = {f["group"] for f in schema["fields"]}
+    mixins = [b for b in TrainConfig.__mro__[1:] if dataclasses.is_dataclass(b)]
+    assert (len(groups) >= len(mixins) > 1) or not mixins  # TrainConfig's own groups show in the form
+
 
 def test_data_tab_uses_the_data_library(board):
     rows = [{"instruction": "hi", "output": "hello"}, {"instruction": "x"}, {"instruction": "2+2", "output": "4"}]

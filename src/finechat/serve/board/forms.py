@@ -45,14 +45,26 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
 
 
 def iter_fields(cls: type = TrainConfig, group: str = "") -> typing.Iterator[tuple[dataclasses.Field, Any, str]]:
-    """(field, type, group) of every leaf field, nested dataclasses walked in order (their keys stay flat)."""
+    """(field, type, group) of every leaf field, nested dataclasses walked in order (their keys stay flat).
+
+    The group is the nested field's name, or for a config mixed from group classes (``class
+    TrainConfig(OutputSettings, ..., ModelSettings)``) the class that declares the field (``model``).
+    """
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, _ = _strip_optional(hints[f.name])
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             yield from iter_fields(tp, f.name)
         else:
-            yield f, hints[f.name], group
+            yield f, hints[f.name], group or _declared_in(cls, f.name)
+
+
+def _declared_in(cls: type, name: str) -> str:
+    """The group class (a base of ``cls``) that declares field ``name``, as a short lowercase name."""
+    for base in cls.__mro__[1:]:
+        if name in base.__dict__.get("__annotations__", {}) and dataclasses.is_dataclass(base):
+            return re.sub(r"(Settings|Options|Args|Config)$", "", base.__name__).lower()
+    return ""
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -90,7 +102,8 @@ def form_schema() -> dict:
                        "help": f.metadata.get("help", "") if f.metadata else "", "group": group,
                        "optional": optional, "path": f.name in PATH_FIELDS, "common": f.name in COMMON})
     order = {k: i for i, k in enumerate(COMMON)}
-    fields.sort(key=lambda x: (not x["common"], order.get(x["key"], 0)))
+    groups = list(dict.fromkeys(f["group"] for f in fields))  # the config's own group order
+    fields.sort(key=lambda x: (not x["common"], order.get(x["key"], 0) if x["common"] else groups.index(x["group"])))
     return {"fields": fields}
 
 

@@ -151,7 +151,12 @@ function buildForm() {
   const more = el("details", {}, el("summary", { "data-i18n": "more", text: t("more") }));
   const common = el("div", { class: "grid" });
   const rest = el("div", { class: "grid" });
+  let group = null;
   for (const f of state.schema.fields) {
+    if (!f.common && f.group !== group) {  // the config's own groups (model, data, method, ...)
+      group = f.group;
+      if (group) rest.append(el("h4", { class: "group", text: group }));
+    }
     const input = fieldInput(f);
     input.id = "cfg-" + f.key;
     const row = el("div", { class: "field", "data-key": f.key },
