@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 from serve_helpers import LiveServer
 
-from finechat.serve.board.app import BoardSettings, create_board_app
+from finechat.serve.board.board_app import BoardSettings, create_board_app
 
 # Batches of 8 x 8 micro-batches: a step of the tiny model takes seconds, so a test can stop a run mid-way.
 SLOW_STEPS = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 8, "logging_steps": 1,

@@ -17,7 +17,7 @@ from finechat.commands.serve import API_KEY_ENV, free_port, is_loopback
 from finechat.config import add_config_arguments, config_from_args, field, finechat_home
 from finechat.console import log
 from finechat.errors import ConfigError
-from finechat.serve.board.app import BoardSettings, create_board_app
+from finechat.serve.board.board_app import BoardSettings, create_board_app
 from finechat.serve.server import ConnectionLimits, serve
 
 

@@ -28,10 +28,10 @@ class Tokenizers:
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self._lock = threading.Lock()
+        self._view_lock = threading.Lock()
 
     def get(self, model: str, template: str) -> tuple[Any, Any]:
-        with self._lock:
+        with self._view_lock:
             key = (model, template)
             if key not in self._cache:
                 try:

@@ -43,7 +43,7 @@ class Jobs:
 
     def __init__(self, ws: Workspace, max_running: int = 1, poll_seconds: float = 0.5):
         self.ws, self.max_running, self.poll_seconds = ws, max_running, poll_seconds
-        self._lock = threading.RLock()
+        self._jobs_lock = threading.RLock()
         self._children: dict[str, subprocess.Popen] = {}  # job id -> runner started by this board
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -72,7 +72,7 @@ class Jobs:
 
     def tick(self) -> None:
         """Reap ended runners, then start queued jobs while there is a free slot."""
-        with self._lock:
+        with self._jobs_lock:
             for job_id, child in list(self._children.items()):
                 if child.poll() is not None:
                     del self._children[job_id]
@@ -95,7 +95,7 @@ class Jobs:
                extra: dict | None = None, files: dict[str, str] | None = None) -> dict:
         """Queue a new job in ``folder``; a folder already used by a job, or holding files, is a 409 naming
         ``param``."""
-        with self._lock:
+        with self._jobs_lock:
             if (folder / JOB_FILE).is_file():
                 state = self.state(folder)["state"]
                 raise ApiError(409, f"{param}: {self.ws.relative(folder)} is already used by a {state} job; choose "
@@ -129,7 +129,7 @@ class Jobs:
 
     def stop(self, job_id: str) -> dict:
         """Stop a running job (SIGTERM to its process group) or take a queued one off the queue."""
-        with self._lock:
+        with self._jobs_lock:
             folder = self.folder(job_id)
             state = self.state(folder)
             if state["state"] == "queued":
@@ -147,7 +147,7 @@ class Jobs:
 
     def resume(self, job_id: str) -> dict:
         """Queue a stopped or failed training run again, continuing from its newest checkpoint."""
-        with self._lock:
+        with self._jobs_lock:
             folder = self.folder(job_id)
             state = self.state(folder)
             if state["kind"] != "train":
