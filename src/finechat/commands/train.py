@@ -4,6 +4,8 @@ Examples:
   finechat train recipes/adgen-lora.yaml
   finechat train recipes/alpaca-lora.yaml max_steps=20 output_dir=output/try
   finechat train recipes/adgen-ptuning.yaml --estimate
+  finechat train recipes/adgen-lora.yaml --nproc-per-node 2 distributed.strategy=fsdp2
+  finechat train recipes/distributed/zero3.yaml --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500
   torchrun --nproc_per_node 2 -m finechat train recipes/adgen-lora.yaml
 """
 
@@ -11,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import subprocess
 
 from finechat.config import add_config_arguments, config_from_args
 from finechat.errors import ConfigError
 from finechat.train.align import run_stage, sequences_per_example
+from finechat.train.distributed import Launch, check_launch, check_strategy, launch_command, launch_env, model_type_of
 from finechat.train.estimate import estimate_without_weights
 from finechat.train.stages import is_stages_file, main_stages, resolve_stages, stage_train_configs
 from finechat.train.train_config import TrainConfig
@@ -25,6 +30,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = __doc__.split("\n", 2)[2]
     parser.add_argument("--estimate", action="store_true",
                         help="print parameters, trainable parameters and the peak-memory estimate, then stop")
+    launch = parser.add_argument_group("several processes or machines (re-executed through torchrun)")
+    launch.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1, metavar="N",
+                        help="training processes on this machine (torchrun's flag)")
+    launch.add_argument("--nnodes", type=int, default=1, metavar="N", help="machines taking part (torchrun's flag)")
+    launch.add_argument("--node-rank", "--node_rank", type=int, default=0, metavar="I",
+                        help="this machine's index, 0 on the machine that hosts the rendezvous")
+    launch.add_argument("--master-addr", "--master_addr", metavar="HOST", help="address of node 0")
+    launch.add_argument("--master-port", "--master_port", type=int, metavar="PORT",
+                        help="port of node 0's rendezvous (default: a free port on one machine)")
+    # the `deepspeed` launcher passes --local_rank to every process; LOCAL_RANK in the environment says the same
+    launch.add_argument("--local-rank", "--local_rank", type=int, help=argparse.SUPPRESS)
     add_config_arguments(parser, TrainConfig)
 
 
@@ -51,6 +67,9 @@ def main(args: argparse.Namespace) -> int:
     if args.estimate:
         _print_estimate(cfg)
         return 0
+    launch = Launch(args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    if launch.wanted():
+        return _relaunch(cfg, launch, args)
     result = run_stage(cfg)  # sft / pretrain on the Trainer; dpo, rm, kto, orpo, simpo, grpo on TRL
     print(result.final_checkpoint or result.output_dir)
     return 0
@@ -64,3 +83,18 @@ def _print_estimate(cfg: TrainConfig) -> None:
           f"{'bf16' if cfg.bf16 else 'fp16' if cfg.fp16 else 'fp32'}"
           f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}")
     print(est.table())
+
+
+def _relaunch(cfg: TrainConfig, launch: Launch, args: argparse.Namespace) -> int:
+    """Run this same command on every rank through ``python -m torch.distributed.run`` (torchrun)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--nproc-per-node / --nnodes given inside a launched run (WORLD_SIZE is set): start "
+                          "finechat train either with these flags or under torchrun / accelerate launch, not both")
+    check_strategy(cfg, model_type_of(cfg.model))  # refused here, before any process starts
+    launch = check_launch(launch)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    typed = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in vars(args).items() if k in names]
+    finechat_args = ([args.config] if args.config else []) + typed + list(args.overrides)
+    return subprocess.call(launch_command(launch, finechat_args), env=launch_env(cfg))

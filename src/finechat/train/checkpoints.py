@@ -22,6 +22,7 @@ from typing import Any
 
 from finechat.errors import ModelLoadError
 from finechat.files import publish_folder, write_json_atomic
+from finechat.train.distributed import enable_fsdp_on_cpu
 
 RUN_FILE = "finechat_run.json"
 STATE_FILE = "trainer_state.json"
@@ -143,6 +144,10 @@ def make_trainer_class(base: Any = None):
             self.extra_files = extra_files or {}
             self.keep_checkpoints = keep_checkpoints
             self._staging = False
+
+        def create_accelerator_and_postprocess(self) -> None:
+            super().create_accelerator_and_postprocess()
+            enable_fsdp_on_cpu(self)  # FSDP2 on CPU ranks (accelerate drops the plugin there; see its docstring)
 
         def _get_output_dir(self, trial: Any) -> str:
             out = super()._get_output_dir(trial)

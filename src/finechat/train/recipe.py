@@ -28,7 +28,7 @@ from finechat.errors import ConfigError
 from finechat.files import atomic_file, write_json_atomic
 from finechat.models.device import pick_device
 from finechat.models.resolve import load_model_and_tokenizer
-from finechat.train import checkpoints
+from finechat.train import checkpoints, distributed
 from finechat.train.estimate import estimate_memory
 from finechat.train.methods import base_dtype, prepare_model, quantization_config
 from finechat.train.plots import LOSS_PNG, plot_loss
@@ -242,6 +242,7 @@ def training_arguments(cfg: TrainConfig, has_eval: bool, device: str, args_class
         use_cpu=device == "cpu",
         disable_tqdm=False,
     )
+    settings.update(distributed.trainer_arguments(cfg, device))  # ddp / fsdp2 / zero2 / zero3 (train.distributed)
     return (args_class or TrainingArguments)(**{**settings, **extra})
 
 
@@ -345,6 +346,7 @@ def start_run(cfg: TrainConfig) -> tuple[Path, str | None, dict, Any, Any, str]:
     is_main = world()[0] == 0
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+    distributed.check_strategy(cfg, _model_type(cfg.model))
     resume = resolve_resume(cfg, out, is_main)
     licence = licences(cfg)
     transformers.set_seed(cfg.seed)

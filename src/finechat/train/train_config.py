@@ -11,6 +11,7 @@ import dataclasses
 from typing import Literal
 
 from finechat.config import field
+from finechat.train.distributed import DistributedConfig
 
 METHODS = ("lora", "ptuning", "full", "freeze", "qlora")
 
@@ -127,6 +128,10 @@ class TrainConfig:
     do_eval: bool = field(True, help="evaluate on the validation data when there is any")
     do_predict: bool = field(False, help="generate answers for the validation data after training (eval hook)")
     predict_file: str | None = field(None, help="file to generate answers for with do_predict (default: val data)")
+
+    # -- several processes or machines (finechat.train.distributed) ------------------------------------------
+    distributed: DistributedConfig = dataclasses.field(
+        default_factory=DistributedConfig, metadata={"help": "strategy (ddp, fsdp2, zero2, zero3) and its options"})
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
