@@ -23,6 +23,7 @@ from typing import Any
 from finechat.errors import ModelLoadError
 from finechat.files import publish_folder, write_json_atomic
 from finechat.train.distributed import enable_fsdp_on_cpu
+from finechat.train.shard_files import describe_shards
 
 RUN_FILE = "finechat_run.json"
 STATE_FILE = "trainer_state.json"
@@ -164,6 +165,8 @@ def make_trainer_class(base: Any = None):
             # every rank has written its RNG state into the staging folder before rank 0 publishes it
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
+                if self.is_fsdp_enabled:  # sharded weights: add the adapter / config / tokenizer as plain files
+                    describe_shards(run_dir / STAGING / name, self.model, self.processing_class)
                 info = {**self.run_info, "global_step": self.state.global_step}
                 publish(run_dir / STAGING / name, run_dir / name, info, self.extra_files)
                 shutil.rmtree(run_dir / STAGING, ignore_errors=True)

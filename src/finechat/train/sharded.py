@@ -13,53 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from finechat.config import resolve_config
 from finechat.console import log
 from finechat.errors import FinechatError
-from finechat.files import read_json, staged_folder
+from finechat.files import check_output_folder, read_json, staged_folder
 from finechat.models.resolve import load_model_and_tokenizer
 from finechat.train.checkpoints import RUN_FILE
 from finechat.train.methods import prepare_model
+from finechat.train.shard_files import FSDP_MODEL_DIR, full_state_dict, sharded_kind
 from finechat.train.train_config import TrainConfig
 
-FSDP_MODEL_DIR = "pytorch_model_fsdp_0"
 COPIED = (RUN_FILE, "finechat_licenses.json", "trainer_state.json")
-
-
-def sharded_kind(folder: str | Path) -> str | None:
-    """'fsdp2' or 'zero' for a checkpoint whose weights exist only as shards; None for a plain one."""
-    folder = Path(folder)
-    if (folder / FSDP_MODEL_DIR).is_dir():
-        return "fsdp2"
-    plain = any((folder / n).is_file() for n in ("model.safetensors", "adapter_model.safetensors",
-                                                  "model.safetensors.index.json"))
-    if (folder / "latest").is_file() and any(folder.glob("global_step*")) and not plain:
-        return "zero"
-    return None
-
-
-def full_state_dict(folder: str | Path) -> dict:
-    """The whole model's weights (float32, CPU) from a sharded checkpoint, no process group needed."""
-    import torch
-
-    folder = Path(folder)
-    kind = sharded_kind(folder)
-    if kind == "fsdp2":
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(folder / FSDP_MODEL_DIR, Path(tmp) / "model.pt")
-            state = torch.load(Path(tmp) / "model.pt", weights_only=True, map_location="cpu")
-        return state.get("model", state)
-    if kind == "zero":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder)))
-    raise FinechatError(f"{folder} is not a sharded checkpoint (no {FSDP_MODEL_DIR}/ nor DeepSpeed global_step*/)")
 
 
 def run_config(folder: Path) -> TrainConfig:
@@ -73,9 +40,13 @@ def run_config(folder: Path) -> TrainConfig:
                                                                      cpu_offload=False))
 
 
-def consolidate(folder: str | Path, out: str | Path) -> dict:
+def consolidate(folder: str | Path, out: str | Path, force: bool = False) -> dict:
     """Write the plain folder of a sharded checkpoint; returns what was written."""
-    folder, out = Path(folder), Path(out)
+    folder, out = Path(folder), check_output_folder(out, folder)
+    if not folder.is_dir():
+        raise FinechatError(f"--checkpoint {folder}: no such folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FinechatError(f"output folder {out} is not empty; choose another or pass --force")
     kind = sharded_kind(folder)
     if kind is None:
         raise FinechatError(f"{folder} is not a sharded checkpoint (no {FSDP_MODEL_DIR}/ nor DeepSpeed "
@@ -105,7 +76,15 @@ def consolidate(folder: str | Path, out: str | Path) -> dict:
 
 
 def _load(model: Any, state: dict) -> tuple[list[str], list[str]]:
-    """load_state_dict that accepts one tied copy of the embeddings being absent or present."""
+    """Load the shards' weights: a whole model's, or only an adapter's (accelerate saves a peft model's adapter
+    weights alone, named as peft's own state dict); returns (missing, unexpected) names."""
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        wanted = set(get_peft_model_state_dict(model))
+        if set(state) <= wanted | {k for k in state if not k.startswith("base_model.")}:
+            result = set_peft_model_state_dict(model, state)
+            return sorted(wanted - set(state)), [k for k in result.unexpected_keys if k in state]
     result = model.load_state_dict(state, strict=False)
     tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - \
         {name for name, p in model.named_parameters()}
