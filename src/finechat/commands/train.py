@@ -19,7 +19,14 @@ import subprocess
 from finechat.config import add_config_arguments, config_from_args
 from finechat.errors import ConfigError
 from finechat.train.align import run_stage, sequences_per_example
-from finechat.train.distributed import Launch, check_launch, check_strategy, launch_command, launch_env, model_type_of
+from finechat.train.distributed import (
+    Launch,
+    check_launch,
+    check_strategy,
+    launch_command,
+    launch_env,
+    model_type_of,
+)
 from finechat.train.estimate import estimate_without_weights
 from finechat.train.stages import is_stages_file, main_stages, resolve_stages, stage_train_configs
 from finechat.train.train_config import TrainConfig
@@ -93,7 +100,7 @@ def _relaunch(cfg: TrainConfig, launch: Launch, args: argparse.Namespace) -> int
         raise ConfigError("--nproc-per-node / --nnodes given inside a launched run (WORLD_SIZE is set): start "
                           "finechat train either with these flags or under torchrun / accelerate launch, not both")
     check_strategy(cfg, model_type_of(cfg.model))  # refused here, before any process starts
-    launch = check_launch(launch)
+    launch = check_launch(launch, wait_for_master=cfg.distributed.master_wait)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     typed = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in vars(args).items() if k in names]
     finechat_args = ([args.config] if args.config else []) + typed + list(args.overrides)

@@ -47,8 +47,11 @@ class DistributedConfig:
     backend: str | None = field(None, help="torch.distributed backend; default gloo on CPU, nccl on CUDA")
     timeout: int = field(300, help="seconds a rank waits in a collective before giving up (a crashed rank stops "
                          "the others within this time)")
+    master_wait: int = field(30, help="--node-rank > 0: seconds to wait for node 0's rendezvous before giving up")
 
     def __post_init__(self) -> None:
+        if self.master_wait < 0:
+            raise ValueError(f"distributed.master_wait must be >= 0 seconds, got {self.master_wait}")
         if self.timeout < 1:
             raise ValueError(f"distributed.timeout must be >= 1 second, got {self.timeout}")
         if self.cpu_offload and self.strategy == "ddp":
