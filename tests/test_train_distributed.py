@@ -50,7 +50,7 @@ def setup(tiny_model_dir, tmp_path_factory):
     return {"folder": folder, "config": path, "cfg": cfg, "pairs": pairs}
 
 
-DPO = ["stage=dpo", "method=lora", "template=null", "beta=0.5", "learning_rate=0.02"]
+DPO = ["stage=dpo", "method=lora", "template=null", "beta=0.5", "learning_rate=0.005"]
 
 
 def _overrides(items: list[str]) -> dict:
@@ -228,3 +228,17 @@ def test_bad_launch_input_fails_before_anything_starts(setup, capsys):
         setup, capsys, "--nproc-per-node", "2", "distributed.strategy=fsdp2", "method=qlora")
     assert "cpu_offload needs strategy fsdp2, zero2 or zero3" in _fails(
         setup, capsys, "--nproc-per-node", "2", "distributed.cpu_offload=true")
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parent.parent / "recipes" / "distributed").glob(
+    "*.yaml")), ids=lambda p: p.stem)
+def test_distributed_recipes_resolve_and_pass_the_strategy_check(recipe):
+    from finechat.config import resolve_config
+    from finechat.train.distributed import check_strategy
+
+    cfg = resolve_config(TrainConfig, recipe)
+    if cfg.distributed.strategy in ("zero2", "zero3"):
+        pytest.importorskip("deepspeed")
+    check_strategy(cfg)
+    root = recipe.parent.parent.parent
+    assert cfg.model == "default" and all((root / path).is_file() for path in cfg.data)

@@ -18,16 +18,18 @@ import subprocess
 
 from finechat.config import add_config_arguments, config_from_args
 from finechat.errors import ConfigError
-from finechat.train.align import run_stage, sequences_per_example
+from finechat.train.align import run_stage
 from finechat.train.distributed import (
     Launch,
     check_launch,
     check_strategy,
+    is_main_process,
     launch_command,
     launch_env,
     model_type_of,
 )
 from finechat.train.estimate import estimate_without_weights
+from finechat.train.sizing import forward_shape
 from finechat.train.stages import is_stages_file, main_stages, resolve_stages, stage_train_configs
 from finechat.train.train_config import TrainConfig
 
@@ -72,21 +74,27 @@ def main(args: argparse.Namespace) -> int:
         return 0
     cfg = config_from_args(TrainConfig, args)
     if args.estimate:
-        _print_estimate(cfg)
+        _print_estimate(cfg, processes=args.nproc_per_node * args.nnodes)
         return 0
     launch = Launch(args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr, args.master_port)
     if launch.wanted():
         return _relaunch(cfg, launch, args)
     result = run_stage(cfg)  # sft / pretrain on the Trainer; dpo, rm, kto, orpo, simpo, grpo on TRL
-    print(result.final_checkpoint or result.output_dir)
+    if is_main_process():
+        print(result.final_checkpoint or result.output_dir)
     return 0
 
 
-def _print_estimate(cfg: TrainConfig) -> None:
-    # a preference pair is two sequences (chosen and rejected); GRPO samples num_generations per prompt
-    batch = cfg.per_device_train_batch_size * sequences_per_example(cfg)
-    est = estimate_without_weights(dataclasses.replace(cfg, per_device_train_batch_size=batch))
-    print(f"{cfg.method} on {cfg.model}, batch {cfg.per_device_train_batch_size} x {cfg.cutoff_len} tokens, "
+def _print_estimate(cfg: TrainConfig, processes: int = 1) -> None:
+    # the largest forward pass: a preference pair is two sequences, GRPO's batch counts completions, and a batch is
+    # padded to its longest row (read from the data, tokenized as the run will)
+    shape = forward_shape(cfg)
+    est = estimate_without_weights(dataclasses.replace(cfg, per_device_train_batch_size=shape.sequences),
+                                   seq_len=shape.seq_len, processes=processes,
+                                   answer_fraction=shape.answer_fraction, reference=shape.reference)
+    longest = "the longest row in the data" if shape.source == "data" else "cutoff_len"
+    print(f"{cfg.stage} {cfg.method} on {cfg.model}, batch {cfg.per_device_train_batch_size} "
+          f"({shape.sequences} sequences) x {shape.seq_len} tokens ({longest}), "
           f"{'bf16' if cfg.bf16 else 'fp16' if cfg.fp16 else 'fp32'}"
           f"{', gradient checkpointing' if cfg.gradient_checkpointing else ''}")
     print(est.table())

@@ -180,6 +180,54 @@ def enable_fsdp_on_cpu(trainer: Any) -> None:
     trainer.is_fsdp_enabled = True
 
 
+def _local_bytes(t: Any) -> int:
+    """Bytes this rank holds of a tensor: its FSDP2 shard (DTensor), its ZeRO-3 partition, or all of it."""
+    if hasattr(t, "ds_tensor"):
+        t = t.ds_tensor
+    if hasattr(t, "to_local"):
+        t = t.to_local()
+    return t.numel() * t.element_size()
+
+
+def model_state_bytes(model: Any, optimizer: Any) -> dict:
+    """Weights, gradients (one per trainable weight, as during a step) and optimizer state held by this rank."""
+    import torch
+
+    params = list(model.parameters())
+    own = {id(p) for p in params}
+    weights = sum(_local_bytes(p) for p in params)
+    grads = sum(_local_bytes(p) for p in params if p.requires_grad)
+    inner = optimizer
+    while hasattr(inner, "optimizer"):  # accelerate's and DeepSpeed's wrappers around the torch optimizer
+        inner = inner.optimizer
+    states = 0
+    for group in getattr(inner, "param_groups", []):
+        for p in group["params"]:
+            if id(p) not in own:  # ZeRO's float32 partitions are copies of the weights
+                states += _local_bytes(p)
+            states += sum(_local_bytes(v) for v in inner.state.get(p, {}).values()
+                          if torch.is_tensor(v) and v.dim() > 0)
+    return {"weights": weights, "gradients": grads, "optimizer": states}
+
+
+def memory_per_rank(model: Any, optimizer: Any) -> dict:
+    """Every rank's peak resident memory and model-state bytes (MiB), gathered on all ranks (a collective)."""
+    import resource
+
+    import torch
+
+    mine = {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+            **model_state_bytes(model, optimizer)}
+    ranks = [mine]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        ranks = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(ranks, mine)
+    mib = 2**20
+    return {"peak_rss_mib_per_rank": [round(r["peak_rss"] / mib, 1) for r in ranks],
+            "model_state_mib_per_rank": [round((r["weights"] + r["gradients"] + r["optimizer"]) / mib, 1)
+                                         for r in ranks]}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # launch
 # ------------------------------------------------------------------------------------------------------------

@@ -418,6 +418,7 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
 def finish_run(out: Path, trainer: Any, metrics: dict, resume: str | None, licence: dict, info: dict,
                report: str = "") -> TrainResult:
     """The result of a finished run: final / best checkpoints, loss curve, the summary file and table."""
+    metrics.update(distributed.memory_per_rank(trainer.model, trainer.optimizer))  # a collective: every rank
     final = checkpoints.latest_checkpoint(out)
     best = checkpoints.best_checkpoint(out)
     png = out / LOSS_PNG
@@ -439,7 +440,8 @@ def summary_table(result: TrainResult, licence: dict) -> str:
 
     m = result.metrics
     rows = [("steps", str(result.global_step))]
-    for key in ("first_loss", "final_loss", "eval_loss", "train_runtime", "train_samples_per_second"):
+    for key in ("first_loss", "final_loss", "eval_loss", "train_runtime", "train_samples_per_second",
+                "peak_rss_mib_per_rank"):
         if key in m:
             rows.append((key, f"{m[key]:.4f}" if isinstance(m[key], float) else str(m[key])))
     rows += [("final checkpoint", str(result.final_checkpoint)), ("best checkpoint", str(result.best_checkpoint)),
