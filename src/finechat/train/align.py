@@ -46,7 +46,7 @@ from finechat.files import write_json_atomic
 from finechat.models.reward_head import reward_model_from
 from finechat.train import checkpoints
 from finechat.train.compact_head import compact_log_prob_head
-from finechat.train.estimate import estimate_memory
+from finechat.train.estimate import estimate_memory, shape_of_rows
 from finechat.train.grpo_rewards import get_rewards
 from finechat.train.methods import default_lora_targets, prepare_model, trainable_to_float32
 from finechat.train.recipe import (
@@ -392,12 +392,13 @@ def run_alignment(cfg: TrainConfig) -> TrainResult:
 
     transformers.set_seed(cfg.seed)
     model = prepare_reward_model(model, tokenizer, cfg) if cfg.stage == "rm" else prepare_model(model, cfg)
-    sequences = sequences_per_example(cfg)
-    estimate = estimate_memory(model, dataclasses.replace(
-        cfg, per_device_train_batch_size=cfg.per_device_train_batch_size * sequences), seq_len=cfg.cutoff_len,
-        device=device.split(":")[0])
+    shape = shape_of_rows(cfg, train_rows)  # the largest forward pass (train.estimate)
+    estimate = estimate_memory(model, dataclasses.replace(cfg, per_device_train_batch_size=shape.sequences),
+                               seq_len=shape.seq_len, device=device.split(":")[0],
+                               answer_fraction=shape.answer_fraction, reference=shape.reference)
     if is_main:
-        log(f"{cfg.stage} ({cfg.method}) on {cfg.model}, {sequences} sequence(s) per example:\n" + estimate.table())
+        log(f"{cfg.stage} ({cfg.method}) on {cfg.model}, {shape.sequences} sequences x {shape.seq_len} tokens a "
+            "forward:\n" + estimate.table())
 
     args = training_arguments(cfg, has_eval, device, args_class=trl_config, label_names=[],
                               **stage_settings(cfg))
