@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from finechat.files import atomic_file, write_json_atomic
 from finechat.models.device import pick_device
 from finechat.models.resolve import load_model_and_tokenizer
 from finechat.train import checkpoints, distributed
+from finechat.train.distributed import world
 from finechat.train.estimate import estimate_memory
 from finechat.train.methods import base_dtype, prepare_model, quantization_config
 from finechat.train.plots import LOSS_PNG, plot_loss
@@ -51,11 +51,6 @@ class TrainResult:
     loss_curve: str | None
     resumed_from: str | None = None
     log_history: list = dataclasses.field(default_factory=list)
-
-
-def world() -> tuple[int, int, int]:
-    """(rank, local rank, world size) from torchrun / accelerate's environment."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 # ------------------------------------------------------------------------------------------------------------
