@@ -91,7 +91,8 @@ def _print_estimate(cfg: TrainConfig, processes: int = 1) -> None:
     shape = forward_shape(cfg)
     est = estimate_without_weights(dataclasses.replace(cfg, per_device_train_batch_size=shape.sequences),
                                    seq_len=shape.seq_len, processes=processes,
-                                   answer_fraction=shape.answer_fraction, reference=shape.reference)
+                                   answer_fraction=shape.answer_fraction, reference=shape.reference,
+                                   fused_head=shape.fused_head)
     longest = "the longest row in the data" if shape.source == "data" else "cutoff_len"
     print(f"{cfg.stage} {cfg.method} on {cfg.model}, batch {cfg.per_device_train_batch_size} "
           f"({shape.sequences} sequences) x {shape.seq_len} tokens ({longest}), "

@@ -395,7 +395,8 @@ def run_alignment(cfg: TrainConfig) -> TrainResult:
     shape = shape_of_rows(cfg, train_rows)  # the largest forward pass (train.estimate)
     estimate = estimate_memory(model, dataclasses.replace(cfg, per_device_train_batch_size=shape.sequences),
                                seq_len=shape.seq_len, device=device.split(":")[0],
-                               answer_fraction=shape.answer_fraction, reference=shape.reference)
+                               answer_fraction=shape.answer_fraction, reference=shape.reference,
+                               fused_head=shape.fused_head)
     if is_main:
         log(f"{cfg.stage} ({cfg.method}) on {cfg.model}, {shape.sequences} sequences x {shape.seq_len} tokens a "
             "forward:\n" + estimate.table())

@@ -42,6 +42,11 @@ GiB = 1024**3
 RUNTIME_BYTES = 0.55 * GiB
 SHARDED = ("fsdp2", "zero2", "zero3")
 PREFERENCE_STAGES = ("dpo", "orpo", "simpo", "kto", "rm", "grpo")  # finechat.train.align's, read as rows here
+# Stages whose TRL trainer gives the model its fused log-prob head without finechat's compact one (DPO has that):
+# off Triton devices its torch fallback projects every position and holds ~9 float32 copies of a
+# [positions, 32768] vocabulary tile in the backward (finechat.train.compact_head's docstring); measured on GRPO.
+FUSED_HEAD_STAGES = ("grpo", "kto")
+FUSED_TILE, FUSED_COPIES = 32768, 9
 OPTIMIZER_BYTES = {"adamw": 8, "adam": 8, "adafactor": 4, "sgd": 0, "lion": 4}
 
 
@@ -135,6 +140,7 @@ class ForwardShape:
     answer_fraction: float = 1.0
     reference: bool = False
     source: str = "data"
+    fused_head: bool = False  # TRL's fused log-prob head (grpo, kto): on a CPU it projects every position
 
 
 def _lengths(cfg: TrainConfig, rows: list[dict]) -> tuple[int, float]:
@@ -161,22 +167,26 @@ def shape_of_rows(cfg: TrainConfig, rows: list[dict]) -> ForwardShape:
     pairs = cfg.stage in PREFERENCE_STAGES and cfg.stage != "grpo"
     sequences = cfg.per_device_train_batch_size * (2 if pairs else 1)  # grpo's batch counts completions
     reference = cfg.beta > 0 if cfg.stage == "grpo" else cfg.stage in ("dpo", "kto")
+    fused = cfg.stage in FUSED_HEAD_STAGES
     if not rows:
-        return ForwardShape(sequences, cfg.cutoff_len, reference=reference, source="cutoff_len")
+        return ForwardShape(sequences, cfg.cutoff_len, reference=reference, source="cutoff_len", fused_head=fused)
     seq_len, answers = _lengths(cfg, rows)
     # the compact LM head (preference stages on a CPU) and GRPO's loss project answer positions only
     fraction = answers if cfg.stage in PREFERENCE_STAGES and cfg.stage != "rm" else 1.0
     limit = cfg.cutoff_len + (cfg.max_completion_length if cfg.stage == "grpo" else 0)
-    return ForwardShape(sequences, min(seq_len, limit), answer_fraction=fraction, reference=reference)
+    return ForwardShape(sequences, min(seq_len, limit), answer_fraction=fraction, reference=reference,
+                        fused_head=fused)
 
 
 def estimate_memory(model: Any, cfg: TrainConfig, seq_len: int | None = None, device: str = "cpu",
                     linear_params: int | None = None, processes: int | None = None,
-                    answer_fraction: float = 1.0, reference: bool = False) -> MemoryEstimate:
+                    answer_fraction: float = 1.0, reference: bool = False, fused_head: bool = False
+                    ) -> MemoryEstimate:
     """Estimate peak memory per process for training ``model`` (already prepared for ``cfg.method``).
 
     ``processes``: how many ranks share the run (default: WORLD_SIZE); ``answer_fraction``: the share of
-    positions the LM head projects (preference stages on a CPU); ``reference``: a reference forward pass too.
+    positions the LM head projects (preference stages on a CPU); ``reference``: a reference forward pass too;
+    ``fused_head``: TRL's fused log-prob head (see FUSED_HEAD_STAGES).
     """
 
     total, trainable = count_parameters(model)
@@ -204,7 +214,10 @@ def estimate_memory(model: Any, cfg: TrainConfig, seq_len: int | None = None, de
         activations = layers * 2 * s * b * h * scale + per_layer
     else:
         activations = layers * per_layer
-    logits = 3 * b * s * vocab * 4 * answer_fraction * (4 / 3 if reference else 1)
+    if fused_head and device != "cuda":
+        logits = FUSED_COPIES * b * s * min(vocab, FUSED_TILE) * 4
+    else:
+        logits = 3 * b * s * vocab * 4 * answer_fraction * (4 / 3 if reference else 1)
     gradients, optimizer = trainable * 4.0, trainable * float(opt)
     n = processes or int(os.environ.get("WORLD_SIZE", "1"))
     strategy = cfg.distributed.strategy if n > 1 else "ddp"
@@ -226,7 +239,8 @@ def estimate_memory(model: Any, cfg: TrainConfig, seq_len: int | None = None, de
 
 
 def estimate_without_weights(cfg: TrainConfig, seq_len: int | None = None, processes: int = 1,
-                             answer_fraction: float = 1.0, reference: bool = False) -> MemoryEstimate:
+                             answer_fraction: float = 1.0, reference: bool = False, fused_head: bool = False
+                    ) -> MemoryEstimate:
     """``finechat train --estimate``: build the model on the meta device (no weights read) and estimate."""
     import torch
     from accelerate import init_empty_weights
@@ -250,4 +264,5 @@ def estimate_without_weights(cfg: TrainConfig, seq_len: int | None = None, proce
     with init_empty_weights(include_buffers=False):
         model = prepare_model(model, plain)
     return estimate_memory(model, cfg, seq_len=seq_len, device=pick_device("auto"), linear_params=linear,
-                           processes=processes, answer_fraction=answer_fraction, reference=reference)
+                           processes=processes, answer_fraction=answer_fraction, reference=reference,
+                           fused_head=fused_head)
