@@ -151,7 +151,7 @@ def trainer_arguments(cfg: Any, device: str) -> dict:
     if backend:
         settings["ddp_backend"] = backend
     if dist.strategy == "fsdp2":
-        settings.update(fsdp="full_shard auto_wrap", fsdp_config=fsdp_config(dist))
+        settings.update(fsdp=True, fsdp_config=fsdp_config(dist))  # full shard: reshard_after_forward
     elif dist.strategy in ("zero2", "zero3"):
         if device == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # this process is one rank of a run, nothing else
