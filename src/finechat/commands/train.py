@@ -1,11 +1,11 @@
-"""Fine-tune a model: LoRA, P-Tuning v2, full, freeze or QLoRA (finechat train CONFIG.yaml [key=value ...]).
+"""Train a model: SFT, pretraining, reward model, DPO and relatives, GRPO (finechat train CONFIG.yaml [key=value ...]).
 
 Examples:
   finechat train recipes/adgen-lora.yaml
   finechat train recipes/alpaca-lora.yaml max_steps=20 output_dir=output/try
   finechat train recipes/adgen-ptuning.yaml --estimate
   finechat train recipes/adgen-lora.yaml --nproc-per-node 2 distributed.strategy=fsdp2
-  finechat train recipes/distributed/zero3.yaml --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500
+  finechat train recipes/distributed/fsdp2-full.yaml --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500
   torchrun --nproc_per_node 2 -m finechat train recipes/adgen-lora.yaml
 """
 
@@ -15,10 +15,10 @@ import argparse
 import dataclasses
 import json
 import subprocess
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from finechat.config import add_config_arguments, config_from_args
 from finechat.errors import ConfigError
-from finechat.train.align import run_stage
 from finechat.train.distributed import (
     Launch,
     check_launch,
@@ -28,14 +28,31 @@ from finechat.train.distributed import (
     launch_env,
     model_type_of,
 )
-from finechat.train.estimate import estimate_without_weights
-from finechat.train.sizing import forward_shape
-from finechat.train.stages import is_stages_file, main_stages, resolve_stages, stage_train_configs
 from finechat.train.train_config import TrainConfig
+
+# `finechat train --help` must answer without torch: the training modules (torch, transformers, TRL) are
+# imported inside main(), and the help reads only the TrainConfig dataclass.
+
+
+def field_choices(cls: type, name: str) -> tuple[Any, ...]:
+    """The Literal choices of the field ``name`` of a config dataclass, searched through nested groups."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if f.name == name and get_origin(tp) is Literal:
+            return get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            found = field_choices(tp, name)
+            if found:
+                return found
+    return ()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    stages = ", ".join(field_choices(TrainConfig, "stage"))
+    parser.description = (f"{parser.description}\n\nstages (stage=NAME): {stages}; "
+                          "methods (method=NAME): " + ", ".join(field_choices(TrainConfig, "method")))
     parser.epilog = __doc__.split("\n", 2)[2]
     parser.add_argument("--estimate", action="store_true",
                         help="print parameters, trainable parameters and the peak-memory estimate, then stop")
@@ -54,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from finechat.train.stages import is_stages_file, main_stages, resolve_stages, stage_train_configs
+
     # `finechat train CONFIG.yaml key=value`: the first positional without '=' is the config file.
     overrides = list(args.overrides or [])
     if overrides and "=" not in overrides[0]:
@@ -79,6 +98,8 @@ def main(args: argparse.Namespace) -> int:
     launch = Launch(args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr, args.master_port)
     if launch.wanted():
         return _relaunch(cfg, launch, args)
+    from finechat.train.align import run_stage
+
     result = run_stage(cfg)  # sft / pretrain on the Trainer; dpo, rm, kto, orpo, simpo, grpo on TRL
     if is_main_process():
         print(result.final_checkpoint or result.output_dir)
@@ -86,6 +107,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _print_estimate(cfg: TrainConfig, processes: int = 1) -> None:
+    from finechat.train.estimate import estimate_without_weights
+    from finechat.train.sizing import forward_shape
+
     # the largest forward pass: a preference pair is two sequences, GRPO's batch counts completions, and a batch is
     # padded to its longest row (read from the data, tokenized as the run will)
     shape = forward_shape(cfg)
