@@ -242,3 +242,30 @@ def test_distributed_recipes_resolve_and_pass_the_strategy_check(recipe):
     check_strategy(cfg)
     root = recipe.parent.parent.parent
     assert cfg.model == "default" and all((root / path).is_file() for path in cfg.data)
+
+
+def test_estimate_per_rank_follows_the_strategy(setup, capsys):
+    """Full fine-tuning on 2 processes: FSDP2 / ZeRO-3 hold half the weights, gradients and AdamW state of DDP
+    (plus one gathered layer), ZeRO-2 half the optimizer state (plus its float32 partition); DDP adds a second
+    copy of the gradients (its all-reduce buckets) to one process's numbers."""
+    import dataclasses
+
+    from finechat.train.estimate import estimate_without_weights
+
+    cfg = TrainConfig(**{**setup["cfg"], "output_dir": str(setup["folder"] / "never")})
+    one = estimate_without_weights(cfg)
+    est = {s: estimate_without_weights(dataclasses.replace(cfg, distributed=dataclasses.replace(
+        cfg.distributed, strategy=s)), processes=2) for s in ("ddp", "fsdp2", "zero2", "zero3")}
+    ddp, fsdp2, zero2, zero3 = (est[s] for s in ("ddp", "fsdp2", "zero2", "zero3"))
+    assert ddp.weights == one.weights and ddp.gradients == 2 * one.gradients and ddp.optimizer == one.optimizer
+    assert fsdp2.gradients == one.gradients / 2 and fsdp2.optimizer == one.optimizer / 2
+    assert one.weights / 2 < fsdp2.weights < one.weights  # half, plus one decoder layer gathered at a time
+    assert zero2.weights == one.weights and zero2.optimizer == (one.optimizer + 4 * one.trainable) / 2
+    assert zero3.weights == fsdp2.weights and zero3.optimizer == zero2.optimizer
+    assert fsdp2.total < zero3.total < zero2.total < ddp.total
+    assert one.per_process == one.total + one.runtime and one.runtime > 0  # on a CPU: + interpreter and libraries
+
+    assert cli(["train", str(setup["config"]), "--estimate", "--nproc-per-node", "2",
+                "distributed.strategy=fsdp2"]) == 0
+    out = capsys.readouterr().out
+    assert "| per rank of" in out and "2 processes, fsdp2" in out and "peak per process (+ runtime)" in out

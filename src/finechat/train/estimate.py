@@ -222,7 +222,9 @@ def estimate_memory(model: Any, cfg: TrainConfig, seq_len: int | None = None, de
     n = processes or int(os.environ.get("WORLD_SIZE", "1"))
     strategy = cfg.distributed.strategy if n > 1 else "ddp"
     if strategy in ("fsdp2", "zero3"):  # 1/n of everything, plus one decoder layer gathered at a time
-        weights = weights / n + weights / max(layers, 1)
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        in_layers = total - (embeddings.weight.numel() if embeddings is not None else 0)
+        weights = weights / n + weights * in_layers / max(total, 1) / max(layers, 1)
         gradients /= n
     if strategy in SHARDED:
         optimizer /= n
