@@ -150,6 +150,8 @@ def trainer_arguments(cfg: Any, device: str) -> dict:
     backend = dist.backend or cfg.ddp_backend or ("gloo" if device == "cpu" and world()[2] > 1 else None)
     if backend:
         settings["ddp_backend"] = backend
+    if world()[2] == 1:
+        return settings  # one process: nothing to shard (the Trainer refuses FSDP there)
     if dist.strategy == "fsdp2":
         settings.update(fsdp=True, fsdp_config=fsdp_config(dist))  # full shard: reshard_after_forward
     elif dist.strategy in ("zero2", "zero3"):
