@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from finechat.cli import main as cli
+from finechat.errors import ConfigError
 from finechat.train.align import run_stage
 from finechat.train.shard_files import full_state_dict
 from finechat.train.train_config import TrainConfig
@@ -226,6 +227,9 @@ def test_bad_launch_input_fails_before_anything_starts(setup, capsys):
         setup, capsys, "--nproc-per-node", "2", "distributed.strategy=fsdp2", "method=ptuning")
     assert "cannot shard a 4-bit bitsandbytes base" in _fails(
         setup, capsys, "--nproc-per-node", "2", "distributed.strategy=fsdp2", "method=qlora")
+    if not __import__("torch").cuda.is_available():
+        assert "cpu_offload with strategy fsdp2 needs an accelerator" in _fails(
+            setup, capsys, "--nproc-per-node", "2", "distributed.strategy=fsdp2", "distributed.cpu_offload=true")
     assert "cpu_offload needs strategy fsdp2, zero2 or zero3" in _fails(
         setup, capsys, "--nproc-per-node", "2", "distributed.cpu_offload=true")
 
@@ -239,7 +243,13 @@ def test_distributed_recipes_resolve_and_pass_the_strategy_check(recipe):
     cfg = resolve_config(TrainConfig, recipe)
     if cfg.distributed.strategy in ("zero2", "zero3"):
         pytest.importorskip("deepspeed")
-    check_strategy(cfg)
+    import torch
+
+    if cfg.distributed.strategy == "fsdp2" and cfg.distributed.cpu_offload and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="needs an accelerator"):  # FSDP2's offload moves shards off a device
+            check_strategy(cfg)
+    else:
+        check_strategy(cfg)
     root = recipe.parent.parent.parent
     assert cfg.model == "default" and all((root / path).is_file() for path in cfg.data)
 

@@ -84,6 +84,10 @@ def check_strategy(cfg: Any, model_type: str | None = None) -> None:
     if sharded and (cfg.fsdp or cfg.fsdp_config or cfg.deepspeed):
         raise ConfigError(f"distributed.strategy {dist.strategy} writes the Trainer's fsdp / deepspeed settings "
                           "itself; leave fsdp, fsdp_config and deepspeed unset (or use strategy ddp with your own)")
+    if dist.strategy == "fsdp2" and dist.cpu_offload and not _has_cuda():
+        raise ConfigError("distributed.cpu_offload with strategy fsdp2 needs an accelerator (PyTorch's FSDP2 offload "
+                          "moves shards between device and CPU memory); on a CPU the shards already live in CPU "
+                          "memory: leave cpu_offload off")
     if dist.strategy == "fsdp2" and cfg.adapter_method == "ptuning":
         raise ConfigError("distributed.strategy fsdp2 cannot shard method ptuning: the prefix encoder's past key "
                           "values are passed into every layer outside FSDP's wrapped units; use ddp or zero2")
