@@ -98,9 +98,9 @@ def main(args: argparse.Namespace) -> int:
     launch = Launch(args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr, args.master_port)
     if launch.wanted():
         return _relaunch(cfg, launch, args)
-    from finechat.train.align import run_stage
+    from finechat.train.recipe import run_training
 
-    result = run_stage(cfg)  # sft / pretrain on the Trainer; dpo, rm, kto, orpo, simpo, grpo on TRL
+    result = run_training(cfg)  # sft / pretrain on the Trainer; dpo, rm, kto, orpo, simpo, grpo on TRL
     if is_main_process():
         print(result.final_checkpoint or result.output_dir)
     return 0

@@ -13,10 +13,9 @@ from typing import Any
 
 from finechat.data.templates import get_template
 from finechat.models.resolve import resolve_model_path
-from finechat.train.align import ALIGN_STAGES, load_preference_data, load_prompt_data
 from finechat.train.distributed import model_type_of
 from finechat.train.estimate import ForwardShape, shape_of_rows
-from finechat.train.recipe import load_data
+from finechat.train.stage_table import get_stage
 from finechat.train.train_config import TrainConfig
 
 
@@ -32,10 +31,6 @@ def forward_shape(cfg: TrainConfig, tokenizer: Any = None) -> ForwardShape:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code,
                                                   **({"gguf_file": gguf_file} if gguf_file else {}))
     template = get_template(cfg.template, tokenizer, model_type_of(cfg.model))
-    if cfg.stage == "grpo":
-        rows = load_prompt_data(cfg, tokenizer, template)[0]
-    elif cfg.stage in ALIGN_STAGES:
-        rows = load_preference_data(cfg, tokenizer, template)[0]
-    else:
-        rows = load_data(cfg, tokenizer, template)[0]
+    stage = get_stage(cfg.stage)
+    rows = stage.rows(stage.read(cfg, tokenizer, template, None)[0])  # as the run reads them (tokenized cache)
     return shape_of_rows(cfg, rows)
