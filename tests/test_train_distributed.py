@@ -25,7 +25,7 @@ import yaml
 
 from finechat.cli import main as cli
 from finechat.errors import ConfigError
-from finechat.train.align import run_stage
+from finechat.train.recipe import run_training
 from finechat.train.shard_files import full_state_dict
 from finechat.train.train_config import TrainConfig
 
@@ -63,7 +63,7 @@ def _reference(setup, name: str, overrides: list[str]) -> Path:
     out = setup["folder"] / f"ref-{name}"
     if not (out / f"checkpoint-{STEPS}").is_dir():
         cfg = {**setup["cfg"], **_overrides(overrides), "per_device_train_batch_size": 4, "output_dir": str(out)}
-        run_stage(TrainConfig(**cfg))
+        run_training(TrainConfig(**cfg))
     return out
 
 

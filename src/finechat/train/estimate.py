@@ -41,11 +41,9 @@ GiB = 1024**3
 # tokenizer): measured at 0.50-0.55 GiB with `resource.getrusage` after the imports `finechat train` makes.
 RUNTIME_BYTES = 0.55 * GiB
 SHARDED = ("fsdp2", "zero2", "zero3")
-PREFERENCE_STAGES = ("dpo", "orpo", "simpo", "kto", "rm", "grpo")  # finechat.train.align's, read as rows here
-# Stages whose TRL trainer gives the model its fused log-prob head without finechat's compact one (DPO has that):
-# off Triton devices its torch fallback projects every position and holds ~9 float32 copies of a
-# [positions, 32768] vocabulary tile in the backward (finechat.train.compact_head's docstring); measured on GRPO.
-FUSED_HEAD_STAGES = ("grpo", "kto")
+# TRL's fused log-prob head (the stages whose record says fused_head; DPO has finechat's compact one instead): off
+# Triton devices its torch fallback projects every position and holds ~9 float32 copies of a [positions, 32768]
+# vocabulary tile in the backward (finechat.train.compact_head's docstring); measured on GRPO.
 FUSED_TILE, FUSED_COPIES = 32768, 9
 OPTIMIZER_BYTES = {"adamw": 8, "adam": 8, "adafactor": 4, "sgd": 0, "lion": 4}
 
@@ -140,42 +138,7 @@ class ForwardShape:
     answer_fraction: float = 1.0
     reference: bool = False
     source: str = "data"
-    fused_head: bool = False  # TRL's fused log-prob head (grpo, kto): on a CPU it projects every position
-
-
-def _lengths(cfg: TrainConfig, rows: list[dict]) -> tuple[int, float]:
-    """(longest sequence, answer share of the positions in the longest rows) for the stage's rows."""
-    if cfg.stage == "grpo":  # prompt + sampled completion; the loss projects the completion positions only
-        longest = max(len(r["prompt_ids"]) for r in rows) + cfg.max_completion_length
-        return longest, (cfg.max_completion_length + 1) / longest
-    if cfg.stage in PREFERENCE_STAGES:
-        seqs = []
-        for r in rows:
-            prompt = len(r.get("prompt_ids") or r.get("prompt_input_ids") or [])
-            for key in ("chosen_ids", "rejected_ids", "completion_ids", "chosen_input_ids", "rejected_input_ids"):
-                if key in r:
-                    whole = key.endswith("input_ids") or cfg.stage == "rm"
-                    seqs.append((len(r[key]) + (0 if whole else prompt), len(r[key]) - (prompt if whole else 0)))
-        longest = max(s for s, _ in seqs)
-        answers = sorted(seqs, reverse=True)[: max(1, cfg.per_device_train_batch_size * 2)]
-        return longest, sum(a for _, a in answers) / (len(answers) * longest)
-    return max(len(r["input_ids"]) for r in rows), 1.0
-
-
-def shape_of_rows(cfg: TrainConfig, rows: list[dict]) -> ForwardShape:
-    """The largest forward pass over tokenized ``rows`` of ``cfg.stage`` (sequences at ``cutoff_len`` without rows)."""
-    pairs = cfg.stage in PREFERENCE_STAGES and cfg.stage != "grpo"
-    sequences = cfg.per_device_train_batch_size * (2 if pairs else 1)  # grpo's batch counts completions
-    reference = cfg.beta > 0 if cfg.stage == "grpo" else cfg.stage in ("dpo", "kto")
-    fused = cfg.stage in FUSED_HEAD_STAGES
-    if not rows:
-        return ForwardShape(sequences, cfg.cutoff_len, reference=reference, source="cutoff_len", fused_head=fused)
-    seq_len, answers = _lengths(cfg, rows)
-    # the compact LM head (preference stages on a CPU) and GRPO's loss project answer positions only
-    fraction = answers if cfg.stage in PREFERENCE_STAGES and cfg.stage != "rm" else 1.0
-    limit = cfg.cutoff_len + (cfg.max_completion_length if cfg.stage == "grpo" else 0)
-    return ForwardShape(sequences, min(seq_len, limit), answer_fraction=fraction, reference=reference,
-                        fused_head=fused)
+    fused_head: bool = False  # TRL's fused log-prob head: on a CPU it projects every position
 
 
 def estimate_memory(model: Any, cfg: TrainConfig, seq_len: int | None = None, device: str = "cpu",

@@ -23,8 +23,8 @@ from finechat.data.templates import get_template
 from finechat.errors import ConfigError
 from finechat.files import write_json_atomic
 from finechat.train import checkpoints
-from finechat.train.estimate import estimate_memory, shape_of_rows
-from finechat.train.stage_table import Stage, check_supported, get_stage
+from finechat.train.estimate import estimate_memory
+from finechat.train.stage_table import Stage, check_supported, forward_shape, get_stage
 from finechat.train.train_config import TrainConfig
 from finechat.train.trainer_setup import (
     TrainResult,
@@ -71,7 +71,7 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
 
     transformers.set_seed(cfg.seed)  # adapter initialisation does not depend on how much data was read
     model = stage.prepare(model, tokenizer, cfg)
-    shape = shape_of_rows(cfg, train_rows)  # the largest forward pass: sequences, tokens, projected positions
+    shape = forward_shape(stage, cfg, train_rows)  # the largest forward pass: sequences, tokens, projected positions
     estimate = estimate_memory(model, dataclasses.replace(cfg, per_device_train_batch_size=shape.sequences),
                                seq_len=shape.seq_len, device=device.split(":")[0],
                                answer_fraction=shape.answer_fraction, reference=shape.reference,
