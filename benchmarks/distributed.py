@@ -5,8 +5,8 @@ Every case is the same ``finechat train`` run (recipes/distributed/fsdp2-full.ya
 
 - ``ddp``: every rank holds the whole model, its gradients and AdamW's two moments (16 bytes a parameter);
 - ``fsdp2``: PyTorch FSDP2 full shard through accelerate: each rank holds 1/2 of all three;
-- ``fsdp2-offload``: the same with ``cpu_offload`` (on a CPU the shards stay in the same memory: the row
-  shows what offloading costs in time);
+- ``fsdp2-offload``: the same with ``cpu_offload`` (needs CUDA: PyTorch's offload policy moves shards between
+  device and CPU memory; on a CPU finechat refuses it before start and the row says so);
 - ``zero3``: DeepSpeed ZeRO-3 (when DeepSpeed is installed).
 
 Each rank reports (``train_results.json``, :func:`finechat.train.distributed.memory_per_rank`) its peak resident
@@ -50,11 +50,19 @@ def run_case(case: str, steps: int, model: str, out: Path) -> dict:
         print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
         return {"case": case, "error": f"exit {proc.returncode}"}
     metrics = json.loads((out / case / "train_results.json").read_text())["metrics"]
+    # DeepSpeed keeps its partitions in its own flat buffers, which the per-rank count does not see
+    state = None if case.startswith("zero") else metrics["model_state_mib_per_rank"]
     return {"case": case, "wall_s": round(time.time() - t0, 1),
             "step_s": metrics["train_runtime"] / steps,
             "peak_rss_mib": metrics["peak_rss_mib_per_rank"],
-            "state_mib": metrics["model_state_mib_per_rank"],
+            "state_mib": state,
             "final_loss": metrics.get("final_loss")}
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def table(rows: list[dict]) -> str:
@@ -65,8 +73,9 @@ def table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['case']} | {r['error']} | | | | |")
             continue
-        ratio = f"{max(r['state_mib']) / max(base['state_mib']):.2f}x" if base else "-"
-        lines.append(f"| {r['case']} | {' / '.join(f'{v:,.0f}' for v in r['state_mib'])} | {ratio} | "
+        state = " / ".join(f"{v:,.0f}" for v in r["state_mib"]) if r["state_mib"] else "not counted"
+        ratio = f"{max(r['state_mib']) / max(base['state_mib']):.2f}x" if base and r["state_mib"] else "-"
+        lines.append(f"| {r['case']} | {state} | {ratio} | "
                      f"{' / '.join(f'{v:,.0f}' for v in r['peak_rss_mib'])} | {r['step_s']:.2f} | "
                      f"{r['final_loss']:.4f} |")
     return "\n".join(lines)
@@ -83,6 +92,9 @@ def main() -> int:
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         parser.error(f"unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
+    if "fsdp2-offload" in cases and not _has_cuda():
+        print("fsdp2-offload needs CUDA (FSDP2's offload moves shards off a device): skipped on this CPU")
+        cases.remove("fsdp2-offload")
     if "zero3" in cases and importlib.util.find_spec("deepspeed") is None:
         print("DeepSpeed is not installed: skipping zero3 (pip install 'finechat[dist]')")
         cases.remove("zero3")
