@@ -23,12 +23,12 @@ from finechat.commands._data_pairs_report import convert_preferences, preference
 from finechat.data.blank_infilling import preview_documents
 from finechat.data.catalog import DISCLAIMER, all_entries, registry_table
 from finechat.data.formats import FORMATS, read_conversations, write_conversations
+from finechat.data.inspection import length_stats, load_tokenizer_and_template, render_marked
 from finechat.data.pairs import PREFERENCE_FORMATS, is_preference_file, read_preferences
 from finechat.data.preference_generate import RULES as PAIR_RULES
 from finechat.data.preference_generate import pairs_main, write_arithmetic
 from finechat.data.synthetic import write_adgen
-from finechat.data.templates import get_template
-from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, encode_conversation, tokenize_many
+from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, encode_conversation
 from finechat.data.tool_prompt import where_tools_go
 from finechat.errors import ConfigError
 from finechat.files import atomic_file, check_output_path
@@ -171,61 +171,7 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def _tokenizer_and_template(args: argparse.Namespace) -> tuple[Any, Any]:
-    from transformers import AutoTokenizer
-
-    model = args.model
-    if model in (None, "", "default"):
-        # Lazy, as torch is: importing finechat.models registers ChatGLM-6B with transformers (seconds), which
-        # convert, licenses, generate and from-kg do not need.
-        from finechat.models.resolve import default_model_dir
-
-        folder = default_model_dir()
-    else:
-        folder = Path(model).expanduser()
-    if not Path(folder).is_dir():
-        raise ConfigError(f"--model {model}: no such model folder (finechat never downloads models)")
-    model_type = None
-    cfg = Path(folder) / "config.json"
-    if cfg.is_file():
-        model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
-    from transformers import CONFIG_MAPPING
-
-    if model_type and model_type not in CONFIG_MAPPING:
-        import finechat.models  # noqa: F401  registers finechat's own families (ChatGLM-6B); lazy, see above
-
-    print(f"Loading the tokenizer of {folder} ...", file=sys.stderr, flush=True)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--model {model}: cannot load its tokenizer: {e}") from None
-    return tokenizer, get_template(args.template, tokenizer, model_type)
-
-
-def _percentile(sorted_values: list[int], q: float) -> int:
-    if not sorted_values:
-        return 0
-    k = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
-    return sorted_values[k]
-
-
-def length_stats(convs: list, tokenizer: Any, template: Any, lengths: list[int]) -> dict[str, Any]:
-    """Numbers for ``data stats``: examples, turns and token lengths of the full rows (no truncation)."""
-    examples, st = tokenize_many(convs, tokenizer, template, TokenizeSettings(cutoff_len=10 ** 9))
-    sizes = sorted(len(e["input_ids"]) for e in examples)
-    trained = sorted(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in examples)
-    turns = [len(c.turns) for c in convs]
-    return {
-        "conversations": len(convs), "examples": len(examples), "turns": sum(turns),
-        "turns_max": max(turns, default=0), "multi_turn": sum(1 for c in convs if sum(
-            t.role == "assistant" for t in c.turns) > 1),
-        "tool_turns": sum(t.role == "tool" for c in convs for t in c.turns),
-        "tokens": {f"p{q}": _percentile(sizes, q) for q in (50, 90, 95, 99)} | {"max": sizes[-1] if sizes else 0,
-                                                                                 "mean": round(sum(sizes) / max(len(sizes), 1), 1)},
-        "trained_tokens": {f"p{q}": _percentile(trained, q) for q in (50, 90, 99)} | {"max": trained[-1] if trained else 0},
-        "over": {n: sum(1 for s in sizes if s > n) for n in lengths},
-        "skipped_no_label": st.skipped_no_label,
-        "_sizes": sizes,
-    }
+    return load_tokenizer_and_template(args.model, args.template, args.trust_remote_code)
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
@@ -296,28 +242,6 @@ def _histogram(sizes: list[int], lengths: list[int], path: str, title: str) -> N
             fig.savefig(fh, dpi=100, format="png")
     finally:
         plt.close(fig)
-
-
-def render_marked(tokenizer: Any, input_ids: list[int], labels: list[int], color: bool) -> str:
-    """Decode a row with its trained spans marked (green, or between ⟦ and ⟧)."""
-    out, run, run_trained = [], [], None
-
-    def flush() -> None:
-        if not run:
-            return
-        text = tokenizer.decode(run, skip_special_tokens=False)
-        if run_trained:
-            text = f"\x1b[32m{text}\x1b[0m" if color else f"⟦{text}⟧"
-        out.append(text)
-
-    for tid, lab in zip(input_ids, labels):
-        trained = lab != IGNORE_INDEX
-        if trained != run_trained:
-            flush()
-            run, run_trained = [], trained
-        run.append(tid)
-    flush()
-    return "".join(out)
 
 
 def _settings(args: argparse.Namespace) -> Any:
