@@ -44,7 +44,8 @@ def test_a_record_has_every_part(name):
 
 def test_records_say_what_differs():
     cfg = TrainConfig(num_generations=3, per_device_train_batch_size=3)
-    assert [STAGES[n].sequences(cfg) for n in ("sft", "pretrain", "dpo", "kto", "rm", "grpo")] == [1, 1, 2, 1, 2, 3]
+    # grpo: per_device_train_batch_size counts completions, one sequence each (issue 29's calibration)
+    assert [STAGES[n].sequences(cfg) for n in ("sft", "pretrain", "dpo", "kto", "rm", "grpo")] == [1, 1, 2, 1, 2, 1]
     assert [n for n, s in STAGES.items() if s.trl is None] == ["sft", "pretrain"]
     assert [n for n, s in STAGES.items() if not s.policy] == ["rm"]
     assert [n for n, s in STAGES.items() if not s.eval_in_training] == ["grpo"]
@@ -77,7 +78,7 @@ def test_unsupported_models_and_settings_are_refused_by_the_record():
 
 
 def test_the_config_is_six_named_groups_with_flat_keys():
-    assert list(GROUPS) == ["model", "data", "method", "stage", "optimisation", "output"]
+    assert list(GROUPS) == ["model", "data", "method", "stage", "optimisation", "output", "distributed"]
     names = [f.name for group in GROUPS.values() for f in dataclasses.fields(group)]
     assert len(names) == len(set(names))
     assert sorted(names) == sorted(f.name for f in dataclasses.fields(TrainConfig))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import os
 import pkgutil
 import sys
 from pathlib import Path
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             code = args._main(args)
     except FinechatError as e:
-        print(f"finechat {args.command}: error: {e}", file=sys.stderr)
+        # one of several ranks (torchrun / accelerate launch / deepspeed): say which one failed
+        rank = f" (rank {os.environ.get('RANK')})" if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+        print(f"finechat {args.command}{rank}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -1,5 +1,8 @@
 """Merge a LoRA adapter into its base model and write a Hugging Face folder (optionally 8/4-bit) or a GGUF file.
 
+``--checkpoint CKPT`` turns a sharded training checkpoint (``distributed.strategy`` fsdp2 / zero2 / zero3) into a
+plain Hugging Face folder (full / freeze) or peft adapter (LoRA).
+
 ``--to gguf`` writes one GGUF file for llama.cpp / Ollama / LM Studio (``--outtype f16|bf16|q8_0|q4_1|...``)
 and an Ollama Modelfile beside it.
 """
@@ -12,6 +15,7 @@ from finechat.errors import FinechatError
 from finechat.models.gguf_writer import OUTTYPES
 from finechat.train.export import export_model
 from finechat.train.export_llamacpp import export_gguf
+from finechat.train.sharded import consolidate
 
 RUNS_MODEL = True  # runs under models.device.cpu_threads (see finechat.cli)
 
@@ -19,6 +23,8 @@ RUNS_MODEL = True  # runs under models.device.cpu_threads (see finechat.cli)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="the base model: 'default', a folder or a .gguf file")
     parser.add_argument("--adapter", help="the adapter folder to merge (LoRA; P-Tuning is exported beside the base)")
+    parser.add_argument("--checkpoint", metavar="DIR", help="a sharded training checkpoint (FSDP2 / ZeRO) to write "
+                        "out as a plain model folder or peft adapter (no merging)")
     parser.add_argument("--out", required=True, metavar="DIR|FILE.gguf", help="the folder (or, with --to gguf, the "
                                                                                "GGUF file) to write")
     parser.add_argument("--to", default="hf", choices=["hf", "gguf"],
@@ -34,6 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.checkpoint:
+        if args.adapter or args.to != "hf" or args.quantization_bit or args.outtype:
+            raise FinechatError("--checkpoint writes the checkpoint's own model or adapter as it is; export that "
+                                "folder again for --adapter merging, --to gguf or --quantization-bit")
+        record = consolidate(args.checkpoint, args.out, force=args.force)
+        what = "peft adapter" if record["adapter"] else "model"
+        print(f"Wrote the {what} of {args.checkpoint} ({record['kind']} shards) to {args.out}.")
+        print(f"Chat: finechat chat --adapter {args.out}" if record["adapter"] else
+              f"Chat: finechat chat --model {args.out}")
+        return 0
     if args.to == "gguf":
         if args.quantization_bit or args.dtype != "auto" or args.force:
             raise FinechatError("--quantization-bit, --dtype and --force are for --to hf; "

@@ -81,13 +81,61 @@ def two_sequences(cfg: TrainConfig) -> int:
 
 
 def group_of_sequences(cfg: TrainConfig) -> int:
-    """GRPO samples num_generations answers per prompt."""
-    return cfg.num_generations
+    """GRPO's per_device_train_batch_size counts completions (num_generations per prompt), one sequence each
+    (measured: the default model's GRPO peak at batch 16 is 16 sequences' worth, not 64)."""
+    return 1
 
 
 def cutoff_length(cfg: TrainConfig, rows: list[dict]) -> int:
     """The memory estimate's sequence length of a TRL stage: cutoff_len."""
     return cfg.cutoff_len
+
+
+def _answer_sequences(rows: list[dict]) -> list[tuple[int, int]]:
+    """(sequence length, answer length) of every sequence of prompt + answer rows, in any of the stages' layouts."""
+    seqs = []
+    for r in rows:
+        prompt = len(r.get("prompt_ids") or r.get("prompt_input_ids") or [])
+        for key in ("chosen_ids", "rejected_ids", "completion_ids"):  # answers after prompt_ids (rm: whole rows)
+            if key in r:
+                seqs.append((prompt + len(r[key]), len(r[key])))
+        for key in ("chosen_input_ids", "rejected_input_ids"):  # prompt + answer already joined (orpo, simpo)
+            if key in r:
+                seqs.append((len(r[key]), len(r[key]) - prompt))
+    return seqs
+
+
+def longest_answer_row(cfg: TrainConfig, rows: list[dict]) -> int:
+    """The memory estimate's sequence length of pair / labelled rows: the longest prompt + answer (a batch is
+    padded to its longest row, not to cutoff_len)."""
+    return min(max(s for s, _ in _answer_sequences(rows)), cfg.cutoff_len)
+
+
+def answer_share(cfg: TrainConfig, rows: list[dict]) -> float:
+    """The share of positions the LM head projects on a CPU (finechat's compact head: answers only), over the
+    longest sequences (those that make the peak batch)."""
+    seqs = sorted(_answer_sequences(rows), reverse=True)[: max(1, cfg.per_device_train_batch_size * 2)]
+    return sum(a for _, a in seqs) / (len(seqs) * max(s for s, _ in seqs))
+
+
+def longest_prompt_and_completion(cfg: TrainConfig, rows: list[dict]) -> int:
+    """GRPO's sequence length: the longest prompt plus max_completion_length sampled tokens."""
+    return max(len(r["prompt_ids"]) for r in rows) + cfg.max_completion_length
+
+
+def completion_share(cfg: TrainConfig, rows: list[dict]) -> float:
+    """GRPO's loss projects the completion positions only."""
+    return (cfg.max_completion_length + 1) / longest_prompt_and_completion(cfg, rows)
+
+
+def always_reference(cfg: TrainConfig) -> bool:
+    """A reference forward pass runs beside the policy (with LoRA: the same weights, the adapter switched off)."""
+    return True
+
+
+def kl_reference(cfg: TrainConfig) -> bool:
+    """GRPO runs a reference model only for its KL term (beta > 0)."""
+    return cfg.beta > 0
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from typing import Any
 
 from finechat.errors import ModelLoadError
 from finechat.files import publish_folder, write_json_atomic
+from finechat.train.distributed import enable_fsdp_on_cpu
+from finechat.train.shard_files import describe_shards
 
 RUN_FILE = "finechat_run.json"
 STATE_FILE = "trainer_state.json"
@@ -144,6 +146,10 @@ def make_trainer_class(base: Any = None):
             self.keep_checkpoints = keep_checkpoints
             self._staging = False
 
+        def create_accelerator_and_postprocess(self) -> None:
+            super().create_accelerator_and_postprocess()
+            enable_fsdp_on_cpu(self)  # FSDP2 on CPU ranks (accelerate drops the plugin there; see its docstring)
+
         def _get_output_dir(self, trial: Any) -> str:
             out = super()._get_output_dir(trial)
             return os.path.join(out, STAGING) if self._staging else out
@@ -159,6 +165,8 @@ def make_trainer_class(base: Any = None):
             # every rank has written its RNG state into the staging folder before rank 0 publishes it
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
+                if self.is_fsdp_enabled:  # sharded weights: add the adapter / config / tokenizer as plain files
+                    describe_shards(run_dir / STAGING / name, self.model, self.processing_class)
                 info = {**self.run_info, "global_step": self.state.global_step}
                 publish(run_dir / STAGING / name, run_dir / name, info, self.extra_files)
                 shutil.rmtree(run_dir / STAGING, ignore_errors=True)

@@ -6,10 +6,23 @@ The estimate adds, in bytes:
 - gradients (float32) and optimizer state of the trainable parameters (AdamW: two float32 moments);
 - activations kept for the backward pass, from Korthikanti et al. 2022 ("Reducing Activation Recomputation
   in Large Transformer Models", eq. 2): per layer ``s*b*h*(34 + 5*a*s/h)`` bytes at 16-bit, doubled in
-  float32; with gradient checkpointing only each layer's input (``2*s*b*h`` at 16-bit) plus one layer;
-- logits: ``b*s*vocab`` float32 values about three times (logits, log-softmax, their gradient).
-P-Tuning v2 lengthens every layer's keys and values by ``pre_seq_len``. Allocator slack and the runtime
-itself are not counted; treat the result as a lower bound with ~10-20% margin.
+  float32, without the ``5*a*s/h`` attention-score term when the model runs SDPA / flash attention on CUDA
+  (the scores are not kept there; on a CPU they are); with gradient checkpointing only each layer's input (``2*s*b*h`` at 16-bit) plus one
+  layer;
+- logits: ``b*s*vocab`` float32 values about three times (logits, log-softmax, their gradient); for
+  preference stages on a CPU only the answer positions (finechat's compact LM head), plus the reference
+  model's forward.
+P-Tuning v2 lengthens every layer's keys and values by ``pre_seq_len``. ``b`` and ``s`` are the sequences one
+forward pass takes (a preference pair is two; GRPO's batch counts completions) and the longest of them.
+
+On several processes the terms are per rank, as ``distributed.strategy`` splits them: DDP holds everything
+plus a second copy of the gradients in its all-reduce buckets; ZeRO-2 splits the optimizer state and keeps a
+float32 partition of the trainable weights; ZeRO-3 and FSDP2 split weights, gradients and optimizer state and
+gather one decoder layer's weights at a time.
+
+"estimated peak" is the training's own memory; on a CPU "peak per process" adds the interpreter and its
+libraries (torch, transformers, TRL: ``RUNTIME_BYTES``, measured) and is what a process's peak resident set
+is compared with (benchmarks and docs/distributed.md: within 30% for sft, dpo and grpo at 1 and 2 processes).
 """
 
 from __future__ import annotations
@@ -24,6 +37,14 @@ from finechat.train.methods import count_parameters, prepare_model
 from finechat.train.train_config import TrainConfig
 
 GiB = 1024**3
+# Resident memory of a training process before any model loads (Python, torch, transformers, peft, TRL, the
+# tokenizer): measured at 0.50-0.55 GiB with `resource.getrusage` after the imports `finechat train` makes.
+RUNTIME_BYTES = 0.55 * GiB
+SHARDED = ("fsdp2", "zero2", "zero3")
+# TRL's fused log-prob head (the stages whose record says fused_head; DPO has finechat's compact one instead): off
+# Triton devices its torch fallback projects every position and holds ~9 float32 copies of a [positions, 32768]
+# vocabulary tile in the backward (finechat.train.compact_head's docstring); measured on GRPO.
+FUSED_TILE, FUSED_COPIES = 32768, 9
 OPTIMIZER_BYTES = {"adamw": 8, "adam": 8, "adafactor": 4, "sgd": 0, "lion": 4}
 
 
@@ -40,10 +61,17 @@ class MemoryEstimate:
     logits: float
     available: float | None = None
     device: str = "cpu"
+    processes: int = 1
+    strategy: str = "ddp"
+    runtime: float = 0.0
 
     @property
     def total(self) -> float:
         return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+
+    @property
+    def per_process(self) -> float:
+        return self.total + self.runtime
 
     @property
     def fits(self) -> bool | None:
@@ -60,6 +88,10 @@ class MemoryEstimate:
             ("logits", _gib(self.logits)),
             ("estimated peak", _gib(self.total)),
         ]
+        if self.processes > 1:
+            rows.insert(2, ("per rank of", f"{self.processes} processes, {self.strategy}"))
+        if self.runtime:
+            rows.append(("peak per process (+ runtime)", _gib(self.per_process)))
         if self.available is not None:
             verdict = "fits" if self.fits else "WILL NOT FIT"
             rows.append((f"available ({self.device})", f"{_gib(self.available)}  -> {verdict}"))
@@ -96,9 +128,29 @@ def _linear_parameters(model: Any) -> int:
     return n
 
 
+@dataclasses.dataclass
+class ForwardShape:
+    """Sequences in one forward pass, the longest of them, the share of positions the LM head projects, and
+    whether a reference model runs a forward pass too."""
+
+    sequences: int
+    seq_len: int
+    answer_fraction: float = 1.0
+    reference: bool = False
+    source: str = "data"
+    fused_head: bool = False  # TRL's fused log-prob head: on a CPU it projects every position
+
+
 def estimate_memory(model: Any, cfg: TrainConfig, seq_len: int | None = None, device: str = "cpu",
-                    linear_params: int | None = None) -> MemoryEstimate:
-    """Estimate peak memory for training ``model`` (already prepared for ``cfg.method``)."""
+                    linear_params: int | None = None, processes: int | None = None,
+                    answer_fraction: float = 1.0, reference: bool = False, fused_head: bool = False
+                    ) -> MemoryEstimate:
+    """Estimate peak memory per process for training ``model`` (already prepared for ``cfg.method``).
+
+    ``processes``: how many ranks share the run (default: WORLD_SIZE); ``answer_fraction``: the share of
+    positions the LM head projects (preference stages on a CPU); ``reference``: a reference forward pass too;
+    ``fused_head``: TRL's fused log-prob head (see FUSED_HEAD_STAGES).
+    """
 
     total, trainable = count_parameters(model)
     config = model.config
@@ -119,20 +171,44 @@ def estimate_memory(model: Any, cfg: TrainConfig, seq_len: int | None = None, de
     opt = next((v for k, v in OPTIMIZER_BYTES.items() if cfg.optim.startswith(k)), 8)
     kv_len = s + (cfg.pre_seq_len if cfg.adapter_method == "ptuning" else 0)
     scale = 1 if half else 2  # the formula counts 16-bit activations
-    per_layer = s * b * h * (34 + 5 * heads * kv_len / max(h, 1)) * scale
+    # SDPA / flash attention on CUDA keep no scores; on a CPU they are kept (measured: packed 2 x 512-token rows
+    # of the default model peak at 3.6 GiB a rank, as with the score term, against 2.5 GiB without it)
+    scores = device != "cuda" or getattr(config, "_attn_implementation", None) not in (
+        "sdpa", "flash_attention_2", "flex_attention")
+    per_layer = s * b * h * (34 + (5 * heads * kv_len / max(h, 1) if scores else 0)) * scale
     if cfg.gradient_checkpointing:
         activations = layers * 2 * s * b * h * scale + per_layer
     else:
         activations = layers * per_layer
-    logits = 3 * b * s * vocab * 4
+    if fused_head and device != "cuda":
+        logits = FUSED_COPIES * b * s * min(vocab, FUSED_TILE) * 4
+    else:
+        logits = 3 * b * s * vocab * 4 * answer_fraction * (4 / 3 if reference else 1)
+    gradients, optimizer = trainable * 4.0, trainable * float(opt)
+    n = processes or int(os.environ.get("WORLD_SIZE", "1"))
+    strategy = cfg.distributed.strategy if n > 1 else "ddp"
+    if strategy in ("fsdp2", "zero3"):  # 1/n of everything, plus one decoder layer gathered at a time
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        in_layers = total - (embeddings.weight.numel() if embeddings is not None else 0)
+        weights = weights / n + weights * in_layers / max(total, 1) / max(layers, 1)
+        gradients /= n
+    if strategy in SHARDED:
+        optimizer /= n
+    if strategy in ("zero2", "zero3"):
+        optimizer += trainable * 4.0 / n  # ZeRO's float32 partition of the trainable weights
+    if strategy == "ddp" and n > 1:
+        gradients *= 2  # DDP's all-reduce buckets hold a second copy
     return MemoryEstimate(
-        parameters=total, trainable=trainable, weights=weights, gradients=trainable * 4.0,
-        optimizer=trainable * float(opt), activations=float(activations), logits=float(logits),
-        available=available_memory(device), device=device,
+        parameters=total, trainable=trainable, weights=weights, gradients=gradients,
+        optimizer=optimizer, activations=float(activations), logits=float(logits),
+        available=available_memory(device), device=device, processes=n, strategy=strategy,
+        runtime=RUNTIME_BYTES if device == "cpu" else 0.0,
     )
 
 
-def estimate_without_weights(cfg: TrainConfig) -> MemoryEstimate:
+def estimate_without_weights(cfg: TrainConfig, seq_len: int | None = None, processes: int = 1,
+                             answer_fraction: float = 1.0, reference: bool = False, fused_head: bool = False
+                    ) -> MemoryEstimate:
     """``finechat train --estimate``: build the model on the meta device (no weights read) and estimate."""
     import torch
     from accelerate import init_empty_weights
@@ -155,4 +231,6 @@ def estimate_without_weights(cfg: TrainConfig) -> MemoryEstimate:
     plain = dataclasses.replace(cfg, quantization_bit=None, method=cfg.adapter_method, adapter=None)
     with init_empty_weights(include_buffers=False):
         model = prepare_model(model, plain)
-    return estimate_memory(model, cfg, device=pick_device("auto"), linear_params=linear)
+    return estimate_memory(model, cfg, seq_len=seq_len, device=pick_device("auto"), linear_params=linear,
+                           processes=processes, answer_fraction=answer_fraction, reference=reference,
+                           fused_head=fused_head)

@@ -24,7 +24,7 @@ from finechat.errors import ConfigError
 from finechat.files import write_json_atomic
 from finechat.train import checkpoints
 from finechat.train.estimate import estimate_memory
-from finechat.train.stage_table import Stage, check_supported, get_stage
+from finechat.train.stage_table import Stage, check_supported, forward_shape, get_stage
 from finechat.train.train_config import TrainConfig
 from finechat.train.trainer_setup import (
     TrainResult,
@@ -71,12 +71,13 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
 
     transformers.set_seed(cfg.seed)  # adapter initialisation does not depend on how much data was read
     model = stage.prepare(model, tokenizer, cfg)
-    sequences = stage.sequences(cfg)
-    estimate = estimate_memory(model, dataclasses.replace(
-        cfg, per_device_train_batch_size=cfg.per_device_train_batch_size * sequences),
-        seq_len=stage.estimate_length(cfg, train_rows), device=device.split(":")[0])
+    shape = forward_shape(stage, cfg, train_rows)  # the largest forward pass: sequences, tokens, projected positions
+    estimate = estimate_memory(model, dataclasses.replace(cfg, per_device_train_batch_size=shape.sequences),
+                               seq_len=shape.seq_len, device=device.split(":")[0],
+                               answer_fraction=shape.answer_fraction, reference=shape.reference,
+                               fused_head=shape.fused_head)
     if is_main:
-        log(f"{stage.name} ({cfg.method}) on {cfg.model}, {sequences} sequence(s) per example "
+        log(f"{stage.name} ({cfg.method}) on {cfg.model}, {shape.sequences} sequences x {shape.seq_len} tokens "
             f"({world_size} process{'es' if world_size > 1 else ''}):\n" + estimate.table())
         if estimate.fits is False:
             log("warning: the estimate exceeds the available memory; lower per_device_train_batch_size or "

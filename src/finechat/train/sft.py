@@ -65,6 +65,16 @@ def longest_row(cfg: TrainConfig, rows: list[dict]) -> int:
     return max(len(r["input_ids"]) for r in rows)
 
 
+def all_positions(cfg: TrainConfig, rows: list[dict]) -> float:
+    """The share of a sequence's positions the LM head projects in training: all of them."""
+    return 1.0
+
+
+def no_reference(cfg: TrainConfig) -> bool:
+    """No reference model runs beside the policy."""
+    return False
+
+
 def one_sequence(cfg: TrainConfig) -> int:
     """Sequences an SFT / pretraining example puts through the model."""
     return 1

@@ -19,6 +19,7 @@ from typing import Any, get_args, get_type_hints
 
 from finechat.errors import ConfigError
 from finechat.train import align, pretrain, sft
+from finechat.train.estimate import ForwardShape
 from finechat.train.train_config import TrainConfig
 
 Reader = Callable[[TrainConfig, Any, Any, "str | None"], tuple[list[dict], list[dict], dict]]
@@ -46,6 +47,9 @@ class Stage:
     metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)  # logged key -> the summary's name
     sequences: Callable[[TrainConfig], int] = sft.one_sequence  # memory estimate: sequences per example
     estimate_length: Callable[[TrainConfig, list[dict]], int] = sft.longest_row  # memory estimate: tokens
+    answer_share: Callable[[TrainConfig, list[dict]], float] = sft.all_positions  # ... positions the head projects
+    with_reference: Callable[[TrainConfig], bool] = sft.no_reference  # ... a reference forward pass too
+    fused_head: bool = False  # ... TRL's fused log-prob head (finechat.train.estimate.FUSED_COPIES)
     unsupported: Mapping[str, str] = dataclasses.field(default_factory=dict)  # model_type -> why it cannot train
     samples: str = "data/samples/"  # where sample data for it lives (the no-data error points there)
     eval_in_training: bool = True  # held-out rows evaluated during training (grpo: in the pipeline instead)
@@ -65,27 +69,31 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("dpo", "preference pairs, TRL's DPOTrainer", align.read_pairs, align.same_rows, align.prepare_policy,
           align.trl_trainer(align.dpo_classes, align.dpo_rows_trainer), uses=("beta", "loss", "sft_weight"),
           settings=align.dpo_settings, check=align.check_dpo, trl=align.dpo_classes, metrics=PAIR_METRICS,
-          sequences=align.two_sequences, estimate_length=align.cutoff_length, samples="data/samples/preference_*"),
+          sequences=align.two_sequences, estimate_length=align.longest_answer_row, answer_share=align.answer_share,
+          with_reference=align.always_reference, samples="data/samples/preference_*"),
     Stage("orpo", "preference pairs, TRL's ORPOTrainer", align.read_pairs, align.pair_rows, align.prepare_policy,
           align.trl_trainer(align.orpo_classes, align.pair_rows_trainer), uses=("beta",),
           settings=align.orpo_settings, check=align.check_trl, trl=align.orpo_classes, metrics=PAIR_METRICS,
-          sequences=align.two_sequences, estimate_length=align.cutoff_length, samples="data/samples/preference_*"),
+          sequences=align.two_sequences, estimate_length=align.longest_answer_row, answer_share=align.answer_share,
+          samples="data/samples/preference_*"),
     Stage("simpo", "preference pairs, TRL's CPOTrainer with loss simpo", align.read_pairs, align.pair_rows,
           align.prepare_policy, align.trl_trainer(align.simpo_classes, align.pair_rows_trainer),
           uses=("beta", "simpo_gamma"), settings=align.simpo_settings, check=align.check_trl,
           trl=align.simpo_classes, metrics=PAIR_METRICS, sequences=align.two_sequences,
-          estimate_length=align.cutoff_length, samples="data/samples/preference_*"),
+          estimate_length=align.longest_answer_row, answer_share=align.answer_share,
+          samples="data/samples/preference_*"),
     Stage("kto", "answers labelled good or bad, TRL's KTOTrainer", align.read_labelled, align.same_rows,
           align.prepare_policy, align.trl_trainer(align.kto_classes, align.kto_rows_trainer), uses=("beta",),
           settings=align.kto_settings, check=align.check_trl, trl=align.kto_classes,
           metrics={"rewards/chosen_sum": "desirable reward sum", "rewards/rejected_sum": "undesirable reward sum",
                    "kl": "kl"},
-          estimate_length=align.cutoff_length, samples="data/samples/preference_*"),
+          estimate_length=align.longest_answer_row, with_reference=align.always_reference, fused_head=True,
+          samples="data/samples/preference_*"),
     Stage("rm", "a reward model on pairs, TRL's RewardTrainer", align.read_pairs, align.sequence_rows,
           align.prepare_reward_model, align.trl_trainer(align.rm_classes, align.same_trainer), uses=(),
           settings=align.rm_settings, check=align.check_trl, trl=align.rm_classes,
           metrics={"accuracy": "pairwise accuracy", "margin": "reward margin"}, sequences=align.two_sequences,
-          estimate_length=align.cutoff_length,
+          estimate_length=align.longest_answer_row,
           unsupported={"chatglm": "transformers has no sequence-classification class for it"},
           samples="data/samples/preference_*", policy=False),
     Stage("grpo", "online RL with reward functions, TRL's GRPOTrainer", align.read_prompts, align.same_rows,
@@ -93,7 +101,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           uses=("beta", "rewards", "reward_model", "num_generations", "max_completion_length", "temperature"),
           settings=align.grpo_settings, check=align.check_grpo, trl=align.grpo_classes,
           metrics={"reward": "reward", "kl": "kl"}, sequences=align.group_of_sequences,
-          estimate_length=align.cutoff_length, unsupported={"chatglm": NO_CHATGLM_LOOP},
+          estimate_length=align.longest_prompt_and_completion, answer_share=align.completion_share,
+          with_reference=align.kl_reference, fused_head=True, unsupported={"chatglm": NO_CHATGLM_LOOP},
           samples="data/samples/preference_*", eval_in_training=False),
 )}
 
@@ -121,3 +130,14 @@ def check_supported(stage: Stage, cfg: TrainConfig, model: Any) -> None:
                           f"{stage.unsupported[model_type]}; stages that work with it: {', '.join(works)} "
                           f"(and {', '.join(plain)})")
     stage.check(cfg)
+
+
+def forward_shape(stage: Stage, cfg: TrainConfig, rows: list[dict]) -> ForwardShape:
+    """The largest forward pass of ``stage`` over its tokenized ``rows`` (at cutoff_len without rows): what the
+    memory estimate counts."""
+    sequences = cfg.per_device_train_batch_size * stage.sequences(cfg)
+    if not rows:
+        return ForwardShape(sequences, cfg.cutoff_len, reference=stage.with_reference(cfg), source="cutoff_len",
+                            fused_head=stage.fused_head)
+    return ForwardShape(sequences, stage.estimate_length(cfg, rows), answer_fraction=stage.answer_share(cfg, rows),
+                        reference=stage.with_reference(cfg), fused_head=stage.fused_head)

@@ -18,6 +18,7 @@ import dataclasses
 from typing import Literal
 
 from finechat.config import field
+from finechat.train.distributed import DistributedConfig
 
 METHODS = ("lora", "ptuning", "full", "freeze", "qlora")
 
@@ -212,8 +213,18 @@ class OutputSettings:
 
 
 @dataclasses.dataclass
-class TrainConfig(OutputSettings, OptimisationSettings, StageSettings, MethodSettings, DataSettings, ModelSettings):
-    """One fine-tuning, continued-pretraining or alignment run: the six groups of :data:`GROUPS`, flat keys."""
+class DistributedSettings:
+    """How several processes or machines share the run (finechat.train.distributed): the nested
+    ``distributed:`` group (``distributed.strategy=fsdp2``); one process ignores it."""
+
+    distributed: DistributedConfig = dataclasses.field(
+        default_factory=DistributedConfig, metadata={"help": "strategy (ddp, fsdp2, zero2, zero3) and its options"})
+
+
+@dataclasses.dataclass
+class TrainConfig(DistributedSettings, OutputSettings, OptimisationSettings, StageSettings, MethodSettings, DataSettings, ModelSettings):
+    """One fine-tuning, continued-pretraining or alignment run: the groups of :data:`GROUPS`, flat keys (and the
+    nested ``distributed:`` group)."""
 
     def __post_init__(self) -> None:
         self._check_data()
@@ -235,4 +246,5 @@ class TrainConfig(OutputSettings, OptimisationSettings, StageSettings, MethodSet
 
 
 GROUPS: dict[str, type] = {"model": ModelSettings, "data": DataSettings, "method": MethodSettings,
-                           "stage": StageSettings, "optimisation": OptimisationSettings, "output": OutputSettings}
+                           "stage": StageSettings, "optimisation": OptimisationSettings, "output": OutputSettings,
+                           "distributed": DistributedSettings}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ from finechat.errors import ConfigError
 from finechat.files import atomic_file, write_json_atomic
 from finechat.models.device import pick_device
 from finechat.models.resolve import load_model_and_tokenizer
-from finechat.train import checkpoints
+from finechat.train import checkpoints, distributed
+from finechat.train.distributed import world
 from finechat.train.methods import base_dtype, quantization_config
 from finechat.train.plots import LOSS_PNG, plot_loss
 from finechat.train.train_config import TrainConfig
@@ -44,11 +44,6 @@ class TrainResult:
     loss_curve: str | None
     resumed_from: str | None = None
     log_history: list = dataclasses.field(default_factory=list)
-
-
-def world() -> tuple[int, int, int]:
-    """(rank, local rank, world size) from torchrun / accelerate's environment."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -199,6 +194,7 @@ def training_arguments(cfg: TrainConfig, has_eval: bool, device: str, args_class
         use_cpu=device == "cpu",
         disable_tqdm=False,
     )
+    settings.update(distributed.trainer_arguments(cfg, device))  # ddp / fsdp2 / zero2 / zero3 (train.distributed)
     return (args_class or TrainingArguments)(**{**settings, **extra})
 
 
@@ -304,6 +300,7 @@ def start_run(cfg: TrainConfig) -> tuple[Path, str | None, dict, Any, Any, str]:
     is_main = world()[0] == 0
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+    distributed.check_strategy(cfg, _model_type(cfg.model))
     resume = resolve_resume(cfg, out, is_main)
     licence = licences(cfg)
     transformers.set_seed(cfg.seed)
@@ -313,6 +310,7 @@ def start_run(cfg: TrainConfig) -> tuple[Path, str | None, dict, Any, Any, str]:
 def finish_run(out: Path, trainer: Any, metrics: dict, resume: str | None, licence: dict, info: dict,
                report: str = "") -> TrainResult:
     """The result of a finished run: final / best checkpoints, loss curve, the summary file and table."""
+    metrics.update(distributed.memory_per_rank(trainer.model, trainer.optimizer))  # a collective: every rank
     final = checkpoints.latest_checkpoint(out)
     best = checkpoints.best_checkpoint(out)
     png = out / LOSS_PNG
@@ -334,7 +332,8 @@ def summary_table(result: TrainResult, licence: dict) -> str:
 
     m = result.metrics
     rows = [("steps", str(result.global_step))]
-    for key in ("first_loss", "final_loss", "eval_loss", "train_runtime", "train_samples_per_second"):
+    for key in ("first_loss", "final_loss", "eval_loss", "train_runtime", "train_samples_per_second",
+                "peak_rss_mib_per_rank"):
         if key in m:
             rows.append((key, f"{m[key]:.4f}" if isinstance(m[key], float) else str(m[key])))
     best = str(result.best_checkpoint) if result.best_checkpoint else "none (no evaluation: set val_size or val_file)"

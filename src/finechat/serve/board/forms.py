@@ -59,6 +59,16 @@ def iter_fields(cls: type = TrainConfig, group: str = "") -> typing.Iterator[tup
             yield f, hints[f.name], group or _declared_in(cls, f.name)
 
 
+def config_key(f: dataclasses.Field, cls: type = TrainConfig) -> str:
+    """A field's key in YAML and overrides: flat, or dotted under its nested group (``distributed.strategy``)."""
+    hints = get_type_hints(cls)
+    for top in dataclasses.fields(cls):
+        tp, _ = _strip_optional(hints[top.name])
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp) and any(f is g for g in dataclasses.fields(tp)):
+            return f"{top.name}.{f.name}"
+    return f.name
+
+
 def _declared_in(cls: type, name: str) -> str:
     """The group class (a base of ``cls``) that declares field ``name``, as a short lowercase name."""
     for base in cls.__mro__[1:]:
@@ -98,7 +108,7 @@ def form_schema() -> dict:
     for f, tp, group in iter_fields():
         kind, choices = _kind(tp)
         _, optional = _strip_optional(tp)
-        fields.append({"key": f.name, "kind": kind, "choices": choices, "default": _default(f),
+        fields.append({"key": config_key(f), "kind": kind, "choices": choices, "default": _default(f),
                        "help": f.metadata.get("help", "") if f.metadata else "", "group": group,
                        "optional": optional, "path": f.name in PATH_FIELDS, "common": f.name in COMMON})
     order = {k: i for i, k in enumerate(COMMON)}
@@ -117,7 +127,7 @@ def field_of(message: str, keys: list[str]) -> str | None:
 
 def _changed(values: dict) -> dict:
     """The values that differ from the defaults (what the YAML needs to say), in the form's order."""
-    defaults = {f.name: _default(f) for f, _, _ in iter_fields()}
+    defaults = {config_key(f): _default(f) for f, _, _ in iter_fields()}
     return {k: v for k, v in values.items() if k in defaults and v != defaults[k]}
 
 
@@ -144,7 +154,7 @@ def build_run(values: Any, ws: Workspace) -> RunPlan:
     field; nothing is written."""
     if not isinstance(values, dict):
         raise ApiError(422, "config: expected an object of config keys", param="config", code="invalid_value")
-    keys = [f.name for f, _, _ in iter_fields()]
+    keys = [config_key(f) for f, _, _ in iter_fields()]
     unknown = [k for k in values if k not in keys]
     if unknown:
         raise ApiError(422, f"{unknown[0]}: not a training setting", param=unknown[0], code="unknown_field")
@@ -179,16 +189,16 @@ def _plain(value: Any) -> Any:
 
 
 def flat_values(cfg: Any) -> dict:
-    """A config's values by flat key (nested groups walked), for the form."""
+    """A config's values by key (flat; a nested group's fields dotted, as overrides name them), for the form."""
     out = {}
 
-    def walk(obj: Any) -> None:
+    def walk(obj: Any, prefix: str = "") -> None:
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
             if dataclasses.is_dataclass(value) and not isinstance(value, type):
-                walk(value)
+                walk(value, f"{prefix}{f.name}.")
             else:
-                out[f.name] = value
+                out[prefix + f.name] = value
     walk(cfg)
     return out
 

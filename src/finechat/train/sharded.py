@@ -1,0 +1,92 @@
+"""Sharded training checkpoints (FSDP2 through torch.distributed.checkpoint, DeepSpeed ZeRO) -> plain folders.
+
+Under ``distributed.strategy: fsdp2`` accelerate saves each rank's shard of the model and optimizer
+(``pytorch_model_fsdp_0/``, ``optimizer_0/``: torch.distributed.checkpoint's format); under ZeRO, DeepSpeed saves
+its partitions in ``global_stepN/``. The Trainer resumes from these as they are. To chat, evaluate or export,
+:func:`consolidate` reads the shards with the engines' own readers (``dcp_to_torch_save``; DeepSpeed's
+``get_fp32_state_dict_from_zero_checkpoint``) into one state dict, rebuilds the run's model from the
+checkpoint's ``finechat_run.json`` (base + method), loads the weights and writes a plain Hugging Face folder
+(full / freeze) or a peft adapter (LoRA), with the run file beside it, atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any
+
+from finechat.config import resolve_config
+from finechat.console import log
+from finechat.errors import FinechatError
+from finechat.files import check_output_folder, read_json, staged_folder
+from finechat.models.resolve import load_model_and_tokenizer
+from finechat.train.checkpoints import RUN_FILE
+from finechat.train.methods import prepare_model
+from finechat.train.shard_files import FSDP_MODEL_DIR, full_state_dict, sharded_kind
+from finechat.train.train_config import TrainConfig
+
+COPIED = (RUN_FILE, "finechat_licenses.json", "trainer_state.json")
+
+
+def run_config(folder: Path) -> TrainConfig:
+    """The TrainConfig of the run that wrote ``folder`` (from its finechat_run.json)."""
+    run_file = folder / RUN_FILE
+    if not run_file.is_file():
+        raise FinechatError(f"{folder}: no {RUN_FILE}; not a finechat checkpoint")
+    info = read_json(run_file)
+    cfg = resolve_config(TrainConfig, base=info.get("config") or {})
+    return dataclasses.replace(cfg, distributed=dataclasses.replace(cfg.distributed, strategy="ddp",
+                                                                     cpu_offload=False))
+
+
+def consolidate(folder: str | Path, out: str | Path, force: bool = False) -> dict:
+    """Write the plain folder of a sharded checkpoint; returns what was written."""
+    folder, out = Path(folder), check_output_folder(out, folder)
+    if not folder.is_dir():
+        raise FinechatError(f"--checkpoint {folder}: no such folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FinechatError(f"output folder {out} is not empty; choose another or pass --force")
+    kind = sharded_kind(folder)
+    if kind is None:
+        raise FinechatError(f"{folder} is not a sharded checkpoint (no {FSDP_MODEL_DIR}/ nor DeepSpeed "
+                            "global_step*/); plain checkpoints load as they are")
+    cfg = run_config(folder)
+    if cfg.stage == "rm" or cfg.adapter_method == "ptuning" or cfg.quantization_bit:
+        raise FinechatError(f"{folder}: consolidating a stage {cfg.stage} / method {cfg.method} checkpoint is not "
+                            "supported (sft, pretrain and the preference stages with lora, full or freeze are)")
+    state = full_state_dict(folder)
+    model, tokenizer, _ = load_model_and_tokenizer(cfg.model, dtype="float32", device="cpu",
+                                                   trust_remote_code=cfg.trust_remote_code)
+    model = prepare_model(model, cfg)
+    missing, unexpected = _load(model, state)
+    if unexpected or missing:
+        raise FinechatError(f"{folder}: the shards do not match the run's model ({len(missing)} missing, "
+                            f"{len(unexpected)} unexpected weights, e.g. {(missing or unexpected)[0]})")
+    adapter = hasattr(model, "peft_config")
+    with staged_folder(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if not adapter:
+            tokenizer.save_pretrained(tmp)
+        for name in COPIED:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, tmp / name)
+    log(f"wrote the {'peft adapter' if adapter else 'model'} of {folder} ({kind} shards) to {out}")
+    return {"kind": kind, "adapter": adapter, "out": str(out), "tensors": len(state)}
+
+
+def _load(model: Any, state: dict) -> tuple[list[str], list[str]]:
+    """Load the shards' weights: a whole model's, or only an adapter's (accelerate saves a peft model's adapter
+    weights alone, named as peft's own state dict); returns (missing, unexpected) names."""
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        wanted = set(get_peft_model_state_dict(model))
+        if set(state) <= wanted | {k for k in state if not k.startswith("base_model.")}:
+            result = set_peft_model_state_dict(model, state)
+            return sorted(wanted - set(state)), [k for k in result.unexpected_keys if k in state]
+    result = model.load_state_dict(state, strict=False)
+    tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - \
+        {name for name, p in model.named_parameters()}
+    missing = [k for k in result.missing_keys if k not in tied]
+    return missing, list(result.unexpected_keys)

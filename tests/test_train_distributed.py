@@ -1,0 +1,281 @@
+"""Training on several processes (gloo, CPU): 2 processes x 1 thread against 1 process with the same global batch.
+
+Per-step losses equal to 1e-5 relative over 10 steps and final weights equal to 1e-5 (largest difference over the
+largest weight, per tensor) for DDP (2 "nodes" through torchrun's c10d rendezvous), FSDP2 full fine-tuning,
+FSDP2 LoRA, DPO under FSDP2 and DeepSpeed ZeRO-2/3; a kill -9 of one rank stops the run, and ``resume: auto``
+continues to the same losses. Bad launch input fails before any process starts.
+
+Each distributed run is ``finechat train ... --nproc-per-node 2`` in a subprocess (torchrun); the one-process
+references run in this process. A run takes tens of seconds (interpreter and library start-up dominate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finechat.cli import main as cli
+from finechat.errors import ConfigError
+from finechat.train.recipe import run_training
+from finechat.train.shard_files import full_state_dict
+from finechat.train.train_config import TrainConfig
+
+STEPS = 10
+pytestmark = pytest.mark.multiprocess
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dist")
+    data = folder / "alpaca.json"
+    data.write_text(json.dumps([{"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i)))}
+                                for i in range(1, 41)]))
+    pairs = folder / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "chosen": f"{i} + {i} = {2 * i}.",
+                                         "rejected": "I do not know."}) + "\n" for i in range(2, 22)))
+    cfg = {"model": str(tiny_model_dir), "data": [str(data)], "template": "alpaca", "method": "full",
+           "max_steps": STEPS, "save_steps": 5, "logging_steps": 1, "per_device_train_batch_size": 2,
+           "learning_rate": 1e-3, "lora_dropout": 0.0, "lora_target": ["q_proj", "v_proj"], "seed": 3,
+           "report_to": ["none"], "cutoff_len": 64}
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return {"folder": folder, "config": path, "cfg": cfg, "pairs": pairs}
+
+
+DPO = ["stage=dpo", "method=lora", "template=null", "beta=0.5", "learning_rate=0.005"]
+
+
+def _overrides(items: list[str]) -> dict:
+    return {k: yaml.safe_load(v) for k, v in (i.split("=", 1) for i in items)}
+
+
+def _reference(setup, name: str, overrides: list[str]) -> Path:
+    """One process, batch 4 (= 2 ranks x 2), in this process; cached per module."""
+    out = setup["folder"] / f"ref-{name}"
+    if not (out / f"checkpoint-{STEPS}").is_dir():
+        cfg = {**setup["cfg"], **_overrides(overrides), "per_device_train_batch_size": 4, "output_dir": str(out)}
+        run_training(TrainConfig(**cfg))
+    return out
+
+
+def _launch(setup, out: Path, *args: str, nodes: int = 1) -> list[subprocess.Popen]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "finechat", "train", str(setup["config"]), f"output_dir={out}"]
+    if nodes == 1:
+        return [subprocess.Popen([*base, "--nproc-per-node", "2", *args], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [subprocess.Popen([*base, "--nnodes", str(nodes), "--node-rank", str(rank), "--nproc-per-node", "1",
+                              "--master-addr", "127.0.0.1", "--master-port", str(port), *args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            for rank in range(nodes)]
+
+
+def _run(setup, name: str, *args: str, nodes: int = 1) -> Path:
+    out = setup["folder"] / name
+    procs = _launch(setup, out, *args, nodes=nodes)
+    for p in procs:
+        output = p.communicate(timeout=900)[0]
+        assert p.returncode == 0, output[-4000:]
+    return out
+
+
+def _losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def _weights(checkpoint: Path) -> dict:
+    from safetensors.torch import load_file
+
+    for name in ("adapter_model.safetensors", "model.safetensors"):
+        if (checkpoint / name).is_file() and not (checkpoint / "pytorch_model_fsdp_0").is_dir():
+            state = load_file(str(checkpoint / name))
+            return {k.replace(".default", ""): v for k, v in state.items()}
+    return full_state_dict(checkpoint)
+
+
+def _assert_same(run: Path, reference: Path) -> None:
+    assert len(_losses(run)) == STEPS
+    assert _losses(run) == pytest.approx(_losses(reference), rel=1e-5)
+    ours, theirs = _weights(run / f"checkpoint-{STEPS}"), _weights(reference / f"checkpoint-{STEPS}")
+    shared = set(theirs) & set(ours)
+    assert shared and shared == set(theirs) - {"lm_head.weight"}, sorted(set(theirs) ^ set(ours))[:5]
+    for key in shared:
+        scale = theirs[key].abs().max().clamp_min(1e-12)
+        assert float((ours[key] - theirs[key]).abs().max() / scale) <= 1e-5, key
+
+
+def test_fsdp2_full_fine_tuning_matches_one_process(setup):
+    ref = _reference(setup, "full", [])
+    run = _run(setup, "fsdp2", "distributed.strategy=fsdp2")
+    _assert_same(run, ref)
+    ckpt = run / f"checkpoint-{STEPS}"
+    assert (ckpt / "pytorch_model_fsdp_0").is_dir() and (ckpt / "config.json").is_file()  # sharded, self-describing
+    assert json.loads((ckpt / "finechat_run.json").read_text())["world_size"] == 2
+    # only rank 0 wrote the log and the loss curve; nothing half-written is left
+    assert len(_losses(run)) == STEPS and (run / "loss_curve.png").is_file()
+    assert not (run / ".saving").exists()
+
+    plain = setup["folder"] / "fsdp2-plain"
+    assert cli(["export", "--checkpoint", str(ckpt), "--out", str(plain)]) == 0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(plain)
+    reference = _weights(ref / f"checkpoint-{STEPS}")
+    for name, tensor in model.state_dict().items():
+        if name in reference:
+            assert float((tensor - reference[name]).abs().max()) <= 1e-5 * float(reference[name].abs().max())
+
+
+def test_fsdp2_lora_matches_one_process_and_its_checkpoint_loads_as_an_adapter(setup):
+    ref = _reference(setup, "lora", ["method=lora"])
+    run = _run(setup, "fsdp2-lora", "distributed.strategy=fsdp2", "method=lora")
+    _assert_same(run, ref)
+    from finechat.models.resolve import load_adapter, load_model_and_tokenizer
+
+    model, _, _ = load_model_and_tokenizer(setup["cfg"]["model"], dtype="float32", device="cpu")
+    model = load_adapter(model, str(run / f"checkpoint-{STEPS}"))  # the adapter files sit beside the shards
+    assert hasattr(model, "peft_config")
+
+
+def test_dpo_under_fsdp2_matches_one_process(setup):
+    data = f"data=[{setup['pairs']}]"
+    ref = _reference(setup, "dpo", [*DPO, data])
+    run = _run(setup, "fsdp2-dpo", "distributed.strategy=fsdp2", *DPO, data)
+    _assert_same(run, ref)
+
+
+def test_ddp_on_two_nodes_through_c10d_rendezvous_matches_one_process(setup):
+    ref = _reference(setup, "full", [])
+    run = _run(setup, "ddp-2nodes", "distributed.strategy=ddp", nodes=2)
+    _assert_same(run, ref)
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_deepspeed_zero_matches_one_process(setup, strategy):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'finechat[dist]')")
+    ref = _reference(setup, "full", [])
+    run = _run(setup, strategy, f"distributed.strategy={strategy}")
+    _assert_same(run, ref)
+
+
+def test_kill_9_of_one_rank_stops_the_run_and_resume_reaches_the_same_losses(setup):
+    import psutil
+
+    ref = _reference(setup, "full", [])
+    out = setup["folder"] / "killed"
+    (proc,) = _launch(setup, out, "distributed.strategy=fsdp2")
+    while not (out / "checkpoint-5").is_dir():
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        time.sleep(0.01)
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+               if c.environ().get("LOCAL_RANK") == "1" and "finechat" in " ".join(c.cmdline())]
+    assert workers, "no rank-1 worker found"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    started = time.monotonic()
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0 and time.monotonic() - started < 300
+    assert not (out / f"checkpoint-{STEPS}").exists(), "the run finished before the kill; nothing was tested"
+    assert "SIGKILL" in output or "Signal 9" in output, output[-3000:]
+
+    resumed = _run(setup, "killed", "distributed.strategy=fsdp2", "resume_from_checkpoint=auto")
+    _assert_same(resumed, ref)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bad input: one line, exit 2, before any process starts or any model loads
+# ------------------------------------------------------------------------------------------------------------
+
+def _fails(setup, capsys, *args: str) -> str:
+    out = setup["folder"] / "never"
+    assert cli(["train", str(setup["config"]), f"output_dir={out}", *args]) == 2
+    assert not out.exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_launch_input_fails_before_anything_starts(setup, capsys):
+    assert "'fsdp3' is not one of ddp, fsdp2, zero2, zero3" in _fails(
+        setup, capsys, "--nproc-per-node", "2", "distributed.strategy=fsdp3")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert f"--master-port {port}: the port is in use" in _fails(
+            setup, capsys, "--nproc-per-node", "2", "--master-port", str(port))
+    assert "--nnodes 2 needs --master-addr and --master-port" in _fails(setup, capsys, "--nnodes", "2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    assert "no rendezvous answers there" in _fails(
+        setup, capsys, "--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1", "--master-port",
+        str(closed), "distributed.master_wait=1")
+    assert "cannot shard method ptuning" in _fails(
+        setup, capsys, "--nproc-per-node", "2", "distributed.strategy=fsdp2", "method=ptuning")
+    assert "cannot shard a 4-bit bitsandbytes base" in _fails(
+        setup, capsys, "--nproc-per-node", "2", "distributed.strategy=fsdp2", "method=qlora")
+    if not __import__("torch").cuda.is_available():
+        assert "cpu_offload with strategy fsdp2 needs an accelerator" in _fails(
+            setup, capsys, "--nproc-per-node", "2", "distributed.strategy=fsdp2", "distributed.cpu_offload=true")
+    assert "cpu_offload needs strategy fsdp2, zero2 or zero3" in _fails(
+        setup, capsys, "--nproc-per-node", "2", "distributed.cpu_offload=true")
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parent.parent / "recipes" / "distributed").glob(
+    "*.yaml")), ids=lambda p: p.stem)
+def test_distributed_recipes_resolve_and_pass_the_strategy_check(recipe):
+    from finechat.config import resolve_config
+    from finechat.train.distributed import check_strategy
+
+    cfg = resolve_config(TrainConfig, recipe)
+    if cfg.distributed.strategy in ("zero2", "zero3"):
+        pytest.importorskip("deepspeed")
+    import torch
+
+    if cfg.distributed.strategy == "fsdp2" and cfg.distributed.cpu_offload and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="needs an accelerator"):  # FSDP2's offload moves shards off a device
+            check_strategy(cfg)
+    else:
+        check_strategy(cfg)
+    root = recipe.parent.parent.parent
+    assert cfg.model == "default" and all((root / path).is_file() for path in cfg.data)
+
+
+def test_estimate_per_rank_follows_the_strategy(setup, capsys):
+    """Full fine-tuning on 2 processes: FSDP2 / ZeRO-3 hold half the weights, gradients and AdamW state of DDP
+    (plus one gathered layer), ZeRO-2 half the optimizer state (plus its float32 partition); DDP adds a second
+    copy of the gradients (its all-reduce buckets) to one process's numbers."""
+    import dataclasses
+
+    from finechat.train.estimate import estimate_without_weights
+
+    cfg = TrainConfig(**{**setup["cfg"], "output_dir": str(setup["folder"] / "never")})
+    one = estimate_without_weights(cfg)
+    est = {s: estimate_without_weights(dataclasses.replace(cfg, distributed=dataclasses.replace(
+        cfg.distributed, strategy=s)), processes=2) for s in ("ddp", "fsdp2", "zero2", "zero3")}
+    ddp, fsdp2, zero2, zero3 = (est[s] for s in ("ddp", "fsdp2", "zero2", "zero3"))
+    assert ddp.weights == one.weights and ddp.gradients == 2 * one.gradients and ddp.optimizer == one.optimizer
+    assert fsdp2.gradients == one.gradients / 2 and fsdp2.optimizer == one.optimizer / 2
+    assert one.weights / 2 < fsdp2.weights < one.weights  # half, plus one decoder layer gathered at a time
+    assert zero2.weights == one.weights and zero2.optimizer == (one.optimizer + 4 * one.trainable) / 2
+    assert zero3.weights == fsdp2.weights and zero3.optimizer == zero2.optimizer
+    assert fsdp2.total < zero3.total < zero2.total < ddp.total
+    assert one.per_process == one.total + one.runtime and one.runtime > 0  # on a CPU: + interpreter and libraries
+
+    assert cli(["train", str(setup["config"]), "--estimate", "--nproc-per-node", "2",
+                "distributed.strategy=fsdp2"]) == 0
+    out = capsys.readouterr().out
+    assert "| per rank of" in out and "2 processes, fsdp2" in out and "peak per process (+ runtime)" in out
