@@ -126,13 +126,13 @@ def fsdp_config(dist: DistributedConfig) -> dict:
 
 def deepspeed_config(dist: DistributedConfig, cfg: Any) -> dict:
     """A DeepSpeed config for ZeRO-2/3; "auto" values are filled in by transformers from the Trainer flags."""
-    stage = 2 if dist.strategy == "zero2" else 3
-    zero: dict[str, Any] = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
+    zero_level = 2 if dist.strategy == "zero2" else 3
+    zero: dict[str, Any] = {"stage": zero_level, "overlap_comm": False, "contiguous_gradients": True}
     if dist.cpu_offload:
         zero["offload_optimizer"] = {"device": "cpu"}
-        if stage == 3:
+        if zero_level == 3:
             zero["offload_param"] = {"device": "cpu"}
-    if stage == 3:
+    if zero_level == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # save_model writes a plain HF folder
     return {
         "train_micro_batch_size_per_gpu": "auto",

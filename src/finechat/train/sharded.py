@@ -24,6 +24,7 @@ from finechat.models.resolve import load_model_and_tokenizer
 from finechat.train.checkpoints import RUN_FILE
 from finechat.train.methods import prepare_model
 from finechat.train.shard_files import FSDP_MODEL_DIR, full_state_dict, sharded_kind
+from finechat.train.stage_table import get_stage
 from finechat.train.train_config import TrainConfig
 
 COPIED = (RUN_FILE, "finechat_licenses.json", "trainer_state.json")
@@ -52,7 +53,7 @@ def consolidate(folder: str | Path, out: str | Path, force: bool = False) -> dic
         raise FinechatError(f"{folder} is not a sharded checkpoint (no {FSDP_MODEL_DIR}/ nor DeepSpeed "
                             "global_step*/); plain checkpoints load as they are")
     cfg = run_config(folder)
-    if cfg.stage == "rm" or cfg.adapter_method == "ptuning" or cfg.quantization_bit:
+    if not get_stage(cfg.stage).policy or cfg.adapter_method == "ptuning" or cfg.quantization_bit:
         raise FinechatError(f"{folder}: consolidating a stage {cfg.stage} / method {cfg.method} checkpoint is not "
                             "supported (sft, pretrain and the preference stages with lora, full or freeze are)")
     state = full_state_dict(folder)
