@@ -187,8 +187,10 @@ class BatchScheduler:
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down")
-            if self._serial_running >= 1 + self.max_queue:
-                raise QueueFull(f"{self._serial_running - 1} requests are already waiting; try again shortly",
+            # an engine that batches by itself (vLLM) takes max_batch_size requests at once, others one
+            running = self.max_batch_size if getattr(self.chat, "concurrent", False) else 1
+            if self._serial_running >= running + self.max_queue:
+                raise QueueFull(f"{self._serial_running - running} requests are already waiting; try again shortly",
                                 retry_after=self._retry_after())
             self._serial_running += 1
         released = threading.Event()
