@@ -150,3 +150,20 @@ def test_lora_adapter_through_vllm_equals_the_pytorch_engine(adapter, torch_bot)
             assert greedy_tokens(served, question) == ours, question
             changed |= ours != greedy_tokens(torch_bot, question)
         assert changed, "the adapter does not change the answers: the comparison would prove nothing"
+
+
+def test_an_adapter_vllm_cannot_load_is_merged_first(adapter, tmp_path):
+    """A DoRA adapter (vLLM's LoRA layers have no magnitude vector) runs merged into a temporary folder."""
+    import json
+    import shutil
+
+    dora = tmp_path / "dora"
+    shutil.copytree(adapter, dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    tuned = finechat.load("default", adapter=str(dora), dtype="float32", device="cpu")
+    with finechat.load("default", adapter=str(dora), engine="vllm") as served:
+        merged = Path(served.model.server.model)
+        assert served.model.served_name == "finechat" and merged.name.startswith("finechat-vllm-merged-")
+        assert greedy_tokens(served, QUESTIONS[0]) == greedy_tokens(tuned, QUESTIONS[0])
+    assert not merged.exists()  # the temporary merged folder goes with the engine

@@ -107,6 +107,7 @@ class VllmModel:
         self.config = types.SimpleNamespace(model_type=config.get("model_type"), engine="vllm",
                                             max_position_embeddings=config.get("max_position_embeddings"))
         self.generation_config = generation_config
+        self.temp_folder: Path | None = None
         self._client: Any = None
 
     @property
@@ -122,6 +123,8 @@ class VllmModel:
         if self._client is not None:
             self._client.close()
         self.server.stop()
+        if self.temp_folder is not None:  # a merged copy made for vLLM
+            shutil.rmtree(self.temp_folder, ignore_errors=True)
 
     def dead(self) -> FinechatError:
         """The error for a request that failed because the child stopped (or cut the answer short)."""
@@ -365,6 +368,7 @@ def load_vllm(model: str = "default", adapter: str | None = None, template: str 
             shutil.rmtree(temp_folder, ignore_errors=True)
         raise
     vllm_model = VllmModel(server, config, generation_config, served_name)
+    vllm_model.temp_folder = temp_folder
     try:  # the context vLLM actually gives (--max-model-len may cap it below the model's own)
         listed = vllm_model.client.get("/v1/models").json().get("data", [])
         vllm_model.config.max_position_embeddings = next(
@@ -373,9 +377,9 @@ def load_vllm(model: str = "default", adapter: str | None = None, template: str 
     except Exception:  # noqa: BLE001  informative only: the model's own context stays the limit
         pass
     bot = VllmChatModel(vllm_model, tokenizer, template, source=str(folder))
-    weakref.finalize(bot, bot.model.close)
-    if temp_folder is not None:
-        weakref.finalize(bot, shutil.rmtree, temp_folder, True)
+    weakref.finalize(bot, vllm_model.close)
+    if temp_folder is not None:  # also at exit, should the engine live until then
+        weakref.finalize(vllm_model, shutil.rmtree, temp_folder, True)
     if generation:
         bot.generation = GenerationSettings.from_kwargs(bot.generation, **generation)
     return bot
