@@ -152,17 +152,21 @@ def test_lora_adapter_through_vllm_equals_the_pytorch_engine(adapter, torch_bot)
         assert changed, "the adapter does not change the answers: the comparison would prove nothing"
 
 
-def test_an_adapter_vllm_cannot_load_is_merged_first(adapter, tmp_path):
-    """A DoRA adapter (vLLM's LoRA layers have no magnitude vector) runs merged into a temporary folder."""
+def test_an_adapter_vllm_is_not_given_is_merged_first(adapter, tmp_path):
+    """A LoRA outside what finechat hands to vLLM's LoRA layers (here rank-stabilized scaling, alpha / sqrt(r)) runs
+    merged into a temporary folder, removed when the engine closes.
+
+    (DoRA takes the same path; its merge by peft moves a near-tie, 0.004 logits apart, at token 28 of the first
+    prompt even on the PyTorch engine, so it cannot be checked for 32 greedy tokens.)"""
     import json
     import shutil
 
-    dora = tmp_path / "dora"
-    shutil.copytree(adapter, dora)
-    config = json.loads((dora / "adapter_config.json").read_text())
-    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    tuned = finechat.load("default", adapter=str(dora), dtype="float32", device="cpu")
-    with finechat.load("default", adapter=str(dora), engine="vllm") as served:
+    rslora = tmp_path / "rslora"
+    shutil.copytree(adapter, rslora)
+    config = json.loads((rslora / "adapter_config.json").read_text())
+    (rslora / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
+    tuned = finechat.load("default", adapter=str(rslora), dtype="float32", device="cpu")
+    with finechat.load("default", adapter=str(rslora), engine="vllm") as served:
         merged = Path(served.model.server.model)
         assert served.model.served_name == "finechat" and merged.name.startswith("finechat-vllm-merged-")
         assert greedy_tokens(served, QUESTIONS[0]) == greedy_tokens(tuned, QUESTIONS[0])
