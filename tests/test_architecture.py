@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import grimp
@@ -97,3 +98,17 @@ def test_library_code_never_imports_the_package_root(graph):
 def test_no_module_over_600_lines():
     long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+STAGE_TEST = re.compile(r"stage (==|!=|in|not in) ")  # `cfg.stage == "rm"`, `stage in (...)`, ...
+
+
+def test_the_stage_is_asked_of_its_record_not_tested_by_name():
+    found = [f"{p.relative_to(SRC)}:{i}" for p in SRC.rglob("*.py")
+             for i, line in enumerate(p.read_text().splitlines(), 1) if STAGE_TEST.search(line)]
+    assert len(found) <= 5, found  # finechat.train.stage_table holds what differs between stages
+
+
+def test_the_stage_pattern_finds_a_string_test():
+    assert STAGE_TEST.search('    if cfg.stage == "grpo":') and STAGE_TEST.search("if stage not in PAIRS:")
+    assert not STAGE_TEST.search("stage = get_stage(cfg.stage)")
