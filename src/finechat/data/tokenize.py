@@ -34,6 +34,7 @@ from finechat.data.conversation import Conversation
 from finechat.data.formats import expand_paths, read_conversations
 from finechat.data.tool_prompt import conversation_messages, tool_prompt
 from finechat.errors import ConfigError, DataError
+from finechat.files import atomic_file
 
 IGNORE_INDEX = -100
 CACHE_VERSION = 2  # 2: tool-use conversations are rendered by data.tool_prompt, as chat and serve render them
@@ -375,10 +376,8 @@ def _save_cache(path: Path, examples: list[dict], stats: TokenizeStats) -> None:
     labels = np.fromiter((t for e in examples for t in e["labels"]), dtype=np.int32, count=int(offsets[-1]))
     meta = dataclasses.asdict(stats)
     meta.pop("from_cache"), meta.pop("cache_file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, input_ids=ids, labels=labels, offsets=offsets, stats=np.array(json.dumps(meta)))
-    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    with atomic_file(path, "wb") as fh:  # atomic: a concurrent reader never sees half a file
+        np.savez(fh, input_ids=ids, labels=labels, offsets=offsets, stats=np.array(json.dumps(meta)))
 
 
 def _load_cache(path: Path) -> tuple[list[dict], TokenizeStats] | None:

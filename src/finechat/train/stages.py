@@ -41,8 +41,9 @@ from finechat.errors import ConfigError
 from finechat.eval import harness
 from finechat.eval.metrics import format_table
 from finechat.eval.predict import load_examples, predict
-from finechat.files import write_json_atomic
+from finechat.files import write_json_atomic, write_text_atomic
 from finechat.generate.chat_loader import load as load_chat_model
+from finechat.generate.contract import ChatEngine
 from finechat.generate.settings import GenerationSettings
 from finechat.train.alignment_eval import AlignmentEvalConfig, AlignmentScorer
 from finechat.train.export import EXPORT_FILE, export_model
@@ -208,7 +209,7 @@ def mix_data(stage: Stage, stage_dir: Path, seed: int) -> tuple[list[str], str, 
     return [str(path)], "openai", info
 
 
-def general_eval(bot: Any, gcfg: GeneralEvalConfig, out_dir: Path, source: tuple[str, str | None]) -> dict:
+def general_eval(bot: ChatEngine, gcfg: GeneralEvalConfig, out_dir: Path, source: tuple[str, str | None]) -> dict:
     """BLEU-4 / Rouge / eval loss of one loaded model on the general set, and its lm-eval task scores
     (``TASK METRIC``); ``source``: its (model, adapter), recorded with the task results."""
     out: dict[str, Any] = {}
@@ -339,10 +340,9 @@ def run_stages(cfg: StagesConfig) -> dict:
     summary = {"stages": [state["stages"][s.name] for s in stages], "general_before": state.get("general_before"),
                "licenses": licences, "final": {"model": model, "adapter": adapter}}
     table = summary_table(stages, state)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n",
-                                    encoding="utf-8")
+    write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
     text = table + "\n\n" + "\n".join(f"- {line}" for line in licence_lines(licences))
-    (out / "stages_summary.md").write_text(text + "\n", encoding="utf-8")
+    write_text_atomic(out / "stages_summary.md", text + "\n")
     summary["table"] = text
     return summary
 
