@@ -58,8 +58,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": "default", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+async def one_request(client, url: str, prompt: str, max_tokens: int, model: str = "default") -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
             "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first = last = None
@@ -83,7 +83,7 @@ async def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
     return {"ttft": first - start, "per_token": per_token, "tokens": tokens}
 
 
-async def drive(base: str, clients: int, requests: int, max_tokens: int, offset: int = 0) -> dict:
+async def drive(base: str, clients: int, requests: int, max_tokens: int, offset: int = 0, model: str = "default") -> dict:
     import httpx
 
     url = base + "/v1/chat/completions"
@@ -96,7 +96,7 @@ async def drive(base: str, clients: int, requests: int, max_tokens: int, offset:
     async def worker(client) -> None:
         while not queue.empty():
             prompt = queue.get_nowait()
-            results.append(await one_request(client, url, prompt, max_tokens))
+            results.append(await one_request(client, url, prompt, max_tokens, model))
 
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         start = time.perf_counter()

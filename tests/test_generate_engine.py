@@ -156,11 +156,12 @@ def _contract_members() -> set[str]:
 
 
 def test_both_engines_keep_the_engine_contract(tiny_bot):
-    """The PyTorch and the llama.cpp engine are ChatEngines (llama.cpp checked without llama-cpp-python)."""
+    """The PyTorch, llama.cpp and vLLM engines are ChatEngines (checked without llama-cpp-python or vLLM)."""
     import types
 
     from finechat.generate.contract import ChatEngine
     from finechat.generate.llamacpp import LlamaCppChatModel, LlamaCppModel
+    from finechat.generate.vllm_engine import VllmChatModel, VllmModel
 
     members = _contract_members()
     assert {"lock", "hooks", "build_prompt", "encode_prompt", "stop_token_ids", "stream_chat", "chat",
@@ -169,7 +170,10 @@ def test_both_engines_keep_the_engine_contract(tiny_bot):
     runner = types.SimpleNamespace(n_ctx=lambda: 64)  # stands in for llama_cpp.Llama: nothing is generated
     cpp = LlamaCppChatModel(LlamaCppModel(runner, {"architecture": "llama"}), tiny_bot.tokenizer, None)
     assert isinstance(cpp, ChatEngine)
-    for engine in (tiny_bot, cpp):
+    server = types.SimpleNamespace(url="http://127.0.0.1:9", stop=lambda: None)  # stands in for the vLLM child
+    served = VllmChatModel(VllmModel(server, {"model_type": "llama"}, None, "finechat"), tiny_bot.tokenizer, None)
+    assert isinstance(served, ChatEngine)
+    for engine in (tiny_bot, cpp, served):
         assert not [m for m in members if not hasattr(engine, m)]
         assert isinstance(engine.lock, type(threading.Lock())) and engine.hooks == []
     assert not isinstance(types.SimpleNamespace(chat=lambda q: q), ChatEngine)  # a part of it is not an engine

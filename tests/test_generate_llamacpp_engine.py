@@ -43,8 +43,8 @@ def engines(exported):
 
 def test_bad_engine_inputs_are_clear_errors(exported, tmp_path):
     folder, gguf_path = exported
-    with pytest.raises(ConfigError, match="unknown engine 'vllm'; choose from torch, llama.cpp"):
-        finechat.load(str(gguf_path), engine="vllm")
+    with pytest.raises(ConfigError, match="unknown engine 'tensorrt'; choose from torch, llama.cpp, vllm"):
+        finechat.load(str(gguf_path), engine="tensorrt")
     with pytest.raises(ConfigError, match="quantization_bit: not used by the llama.cpp engine"):
         finechat.load(str(gguf_path), engine="llama.cpp", quantization_bit=8)
     with pytest.raises(ModelLoadError, match="export --to gguf"):  # a Hugging Face folder: convert it first

@@ -132,6 +132,18 @@ def test_grpo_samples_scores_and_checkpoints(tiny_model_dir, tmp_path):
     _load_policy(tiny_model_dir, result.final_checkpoint)
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU fallback")
+def test_grpo_use_vllm_on_a_cpu_says_so_once_and_rolls_out_with_pytorch(tiny_model_dir, tmp_path, capsys):
+    kw = dict(max_steps=1, save_steps=1, max_samples=8, num_generations=4, max_completion_length=8,
+              rewards=["correct", "format"])
+    runs = [run_training(_cfg(tiny_model_dir, tmp_path / f"grpo-{flag}", "grpo",
+                              SAMPLES / "preference" / "arithmetic_sft.jsonl", use_vllm=flag, **kw))
+            for flag in (True, False)]
+    err = capsys.readouterr().err
+    assert err.count("TRL's vLLM rollouts sync the policy's weights into vLLM over NCCL") == 1
+    assert runs[0].global_step == 1 and runs[0].metrics["first reward"] == runs[1].metrics["first reward"]
+
+
 def test_rule_rewards():
     prompts = ["What is 17 plus 25?"] * 4
     answers = ["17 + 25 = 42.", "17 + 25 = 43.", "It is 42", "I like cats."]

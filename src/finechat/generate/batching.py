@@ -198,12 +198,14 @@ class BatchScheduler:
             running = len(self._active) + (self._solo is not None) + self._joining
             capacity = self.max_batch_size + self.max_queue
         else:
-            running, capacity = min(self._serial_running, 1), 1 + self.max_queue
-        waiting = len(self._waiting) + max(self._serial_running - 1, 0) + self._reserved
+            together = self._serial_together()
+            running, capacity = min(self._serial_running, together), together + self.max_queue
+        waiting = len(self._waiting) + max(self._serial_running - running, 0) + self._reserved
         if running + waiting + places > capacity:
             asked = f"; this request needs {places} places" if places > 1 else ""
             raise QueueFull(f"{running} requests are running and {waiting} waiting (this server runs "
-                            f"{self.max_batch_size if self.batched else 1} together and queues {self.max_queue})"
+                            f"{self.max_batch_size if self.batched else self._serial_together()} together and "
+                            f"queues {self.max_queue})"
                             f"{asked}; try again shortly", retry_after=self._retry_after())
 
     def close(self) -> None:
@@ -215,6 +217,11 @@ class BatchScheduler:
             self._thread.join(timeout=10)
 
     # -- serial fallback -------------------------------------------------------------------------------
+    def _serial_together(self) -> int:
+        """How many requests the serial path runs at once: an engine that batches by itself (vLLM) takes
+        ``max_batch_size``, others one."""
+        return self.max_batch_size if getattr(self.chat, "concurrent", False) else 1
+
     def _submit_serial(self, seq: _Sequence, reserved: bool = False) -> Stream:
         with self._cond:
             if self._closed:

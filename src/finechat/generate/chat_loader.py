@@ -13,6 +13,7 @@ from finechat.files import read_json
 from finechat.generate.engine import ChatModel
 from finechat.generate.llamacpp import ENGINES, load_llamacpp
 from finechat.generate.settings import GenerationSettings
+from finechat.generate.vllm_engine import load_vllm
 from finechat.models.resolve import check_adapter_folder, load_adapter, load_model_and_tokenizer
 
 
@@ -33,8 +34,17 @@ def load(
     Returns a :class:`finechat.generate.engine.ChatModel` with ``.model``, ``.tokenizer``, ``chat`` and
     ``stream_chat``. Extra keyword arguments set the default generation settings (``max_new_tokens``, ...).
     ``compile=True`` compiles the fast decoder's one-token step with ``torch.compile`` on first use.
-    ``engine="llama.cpp"`` runs a GGUF file through llama-cpp-python instead (:mod:`finechat.generate.llamacpp`).
+    ``engine="llama.cpp"`` runs a GGUF file through llama-cpp-python instead (:mod:`finechat.generate.llamacpp`);
+    ``engine="vllm"`` starts a vLLM server child on the model and talks to it (:mod:`finechat.generate.vllm_engine`).
     """
+    if engine == "vllm":
+        unused = [name for name, value, default in (("quantization_bit", quantization_bit, None),
+                                                    ("compile", compile, False)) if value != default]
+        if unused:  # nothing silently ignored: vLLM runs the weights in dtype with its own kernels
+            raise ConfigError(f"{', '.join(unused)}: not used by the vLLM engine (it runs the weights in --dtype with "
+                              "its own kernels; give it a quantized checkpoint folder instead)")
+        return load_vllm(model, adapter=adapter, template=template, dtype=dtype, device=device,
+                         trust_remote_code=trust_remote_code, **generation)
     if engine != "torch":
         if engine not in ENGINES:
             raise ConfigError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")

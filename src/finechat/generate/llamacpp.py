@@ -36,7 +36,7 @@ from finechat.generate.settings import GenerationSettings
 from finechat.models.gguf_writer import check_gguf_file
 from finechat.models.resolve import default_gguf_path, resolve_model_path
 
-ENGINES = ("torch", "llama.cpp")
+ENGINES = ("torch", "llama.cpp", "vllm")
 MISSING = ("the llama.cpp engine needs llama-cpp-python: pip install 'finechat[llamacpp]' (or make llamacpp; "
            "it compiles llama.cpp, about a quarter of an hour on 2 cores)")
 DEFAULT_MAX_CONTEXT = 4096  # the KV cache is allocated up front: cap the context unless asked for more

@@ -23,8 +23,10 @@ class ModelOptions:
     trust_remote_code: bool = field(False, help="allow a model folder's own Python code to run (off by default)")
     compile: bool = field(False, help="torch.compile the fast decoder's one-token step (Llama/Qwen2/ChatGLM; "
                                       "the first answer waits about a minute on CPU while it compiles)")
-    engine: Literal["torch", "llama.cpp"] = field("torch", help="torch: finechat's PyTorch engine; llama.cpp: run a "
-                                                   ".gguf file through llama-cpp-python (pip install 'finechat[llamacpp]')")
+    engine: Literal["torch", "llama.cpp", "vllm"] = field(
+        "torch", help="torch: finechat's PyTorch engine; llama.cpp: run a .gguf file through llama-cpp-python (pip "
+        "install 'finechat[llamacpp]'); vllm: start a vLLM server child on a model folder and talk to it over HTTP "
+        "(make vllm)")
 
     def __post_init__(self) -> None:
         if self.quantization_bit not in (None, 4, 8):

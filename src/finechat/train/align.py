@@ -28,6 +28,7 @@ tokens across the prompt / answer boundary or add BOS / EOS the template never w
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from collections.abc import Callable
@@ -349,7 +350,31 @@ def simpo_settings(cfg: TrainConfig) -> dict:
 
 def grpo_settings(cfg: TrainConfig) -> dict:
     return _trl_fields(beta=cfg.beta, num_generations=cfg.num_generations, temperature=cfg.temperature,
-                       max_completion_length=cfg.max_completion_length, log_completions=False)
+                       max_completion_length=cfg.max_completion_length, log_completions=False,
+                       **grpo_vllm_settings(cfg))
+
+
+def grpo_vllm_settings(cfg: TrainConfig) -> dict:
+    """TRL's vLLM rollout settings for ``use_vllm: true``; on a machine without CUDA, said once and left off.
+
+    TRL moves the policy's weights into vLLM after each step through NCCL (colocated: vLLM's own weight loading in
+    the same CUDA process; server: ``trl vllm-serve``'s NCCL communicator), which has no CPU backend."""
+    if not cfg.use_vllm:
+        return {}
+    import torch
+
+    if not torch.cuda.is_available():
+        log("grpo: use_vllm is set, but TRL's vLLM rollouts sync the policy's weights into vLLM over NCCL, which "
+            "needs CUDA GPUs; this machine has none, so the rollouts use PyTorch generation (same rewards and reports)")
+        return {}
+    if cfg.vllm_mode == "colocate" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("grpo: use_vllm with vllm_mode colocate needs vllm importable in finechat's environment "
+                          "(pip install vllm); or start `trl vllm-serve --model MODEL` where vLLM is installed and "
+                          "set vllm_mode: server")
+    settings: dict = {"use_vllm": True, "vllm_mode": cfg.vllm_mode}
+    if cfg.vllm_mode == "server" and cfg.vllm_server_base_url:
+        settings["vllm_server_base_url"] = cfg.vllm_server_base_url
+    return settings
 
 
 # -- TRL trainers told that the rows arrive tokenized by the SFT path ----------------------------------------

@@ -137,6 +137,14 @@ class StageSettings:
     num_generations: int = field(4, help="grpo: answers sampled per prompt (the group)")
     max_completion_length: int = field(64, help="grpo: longest sampled answer in tokens")
     temperature: float = field(1.0, help="grpo: sampling temperature")
+    use_vllm: bool = field(False, help="grpo: sample the rollouts with vLLM (TRL's use_vllm); TRL syncs the policy's "
+                           "weights into vLLM over NCCL, so this needs CUDA GPUs: on a CPU it is said once and the "
+                           "rollouts use PyTorch generation")
+    vllm_mode: Literal["colocate", "server"] = field(
+        "colocate", help="grpo with use_vllm: colocate = vLLM inside the training process (vllm importable there); "
+        "server = a separate `trl vllm-serve --model MODEL` at vllm_server_base_url")
+    vllm_server_base_url: str | None = field(None, help="grpo with vllm_mode server: its URL (TRL's default: "
+                                             "http://localhost:8000)")
 
 
 @dataclasses.dataclass
