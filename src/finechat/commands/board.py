@@ -14,10 +14,11 @@ import dataclasses
 import os
 
 from finechat.commands.serve import API_KEY_ENV, free_port, is_loopback
-from finechat.config import add_config_arguments, config_from_args, field, finechat_home
+from finechat.config import add_config_arguments, config_from_args, field
 from finechat.console import log
 from finechat.errors import ConfigError
 from finechat.serve.board.board_app import BoardSettings, create_board_app
+from finechat.serve.board.workspace import default_workspace
 from finechat.serve.server import ConnectionLimits, serve
 
 
@@ -59,8 +60,7 @@ def main(args: argparse.Namespace) -> int:
     if not is_loopback(cfg.host) and not api_key:
         log(f"WARNING: listening on {cfg.host} with no API key: anyone who can reach this machine can start "
             f"processes and read the workspace. Set {API_KEY_ENV} or --api-key-file.")
-    workspace = cfg.workspace or (str(finechat_home() / "board") if os.environ.get("FINECHAT_HOME")
-                                  else "finechat-board")
+    workspace = default_workspace(cfg.workspace)
     settings = BoardSettings(api_key=api_key, allowed_hosts=[cfg.host, *cfg.allowed_hosts],
                              max_body_bytes=cfg.max_upload_mb * 1_000_000, max_running=cfg.max_running,
                              recipes=cfg.recipes)

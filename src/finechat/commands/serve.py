@@ -17,6 +17,8 @@ from finechat.console import log
 from finechat.errors import ConfigError
 from finechat.models.options import ModelOptions
 from finechat.serve.api import create_app
+from finechat.serve.board.board_app import BoardSettings, mount_board
+from finechat.serve.board.workspace import default_workspace
 from finechat.serve.schemas import ServeSettings
 from finechat.serve.server import ConnectionLimits, serve
 
@@ -33,6 +35,10 @@ class ServeConfig(ServeSettings, ConnectionLimits, ModelOptions, AssistantOption
     port: int = field(8000, help="TCP port (0 = any free port)")
     api_key_file: str | None = field(None, help=f"read the API key from this file (unlike --api-key, it stays "
                                                 f"out of `ps`, as {API_KEY_ENV} does)")
+    board: bool = field(False, help="also serve the board (finechat board: data, train, evaluate, chat, export) at "
+                                    "/board/, under the same address, API key and Host checks; the page links to it")
+    workspace: str | None = field(None, help="the board's folder for uploads, runs, evaluations and exports (with "
+                                             "--board; default as finechat board's)")
 
     def __post_init__(self) -> None:
         ServeSettings.__post_init__(self)
@@ -104,6 +110,8 @@ def main(args: argparse.Namespace, announce_page: bool = False) -> int:
     if not is_loopback(cfg.host) and not api_key:
         log(f"WARNING: listening on {cfg.host} with no API key: anyone who can reach this machine can use the "
             f"model. Set {API_KEY_ENV} or --api-key-file.")
+    if cfg.workspace and not cfg.board:
+        raise ConfigError("--workspace is the board's folder: give --board with it")
     assistant = Assistant.prepare(cfg)
     if assistant.registry is not None:
         log(f"server-side tools: {', '.join(assistant.registry.names)}")
@@ -117,6 +125,9 @@ def main(args: argparse.Namespace, announce_page: bool = False) -> int:
     settings.api_key = api_key
     settings.allowed_hosts = [cfg.host, *cfg.allowed_hosts]  # the Host names it was bound for, and the user's
     app = create_app(bot, settings, tools=assistant.registry)
+    if cfg.board:
+        board = mount_board(app, default_workspace(cfg.workspace),
+                            BoardSettings(api_key=api_key, allowed_hosts=settings.allowed_hosts))
     port = sock.getsockname()[1]
     shown = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     base = f"http://{shown}:{port}"
@@ -126,6 +137,8 @@ def main(args: argparse.Namespace, announce_page: bool = False) -> int:
     else:
         print(f"finechat serve: OpenAI API at {base}/v1{key_note}, ChatGLM API at POST {base}/, web page at {base}/",
               flush=True)
+    if cfg.board:
+        print(f"finechat serve: board at {base}/board/ (workspace {board.state.board.ws.root})", flush=True)
     sys.stdout.flush()
     limits = ConnectionLimits(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ConnectionLimits)})
     serve(app, cfg.host, port, limits, sock=sock)

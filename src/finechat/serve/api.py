@@ -26,6 +26,7 @@ thread, event streams) in :mod:`finechat.serve.runs`, server-side tools in :mod:
 
 import dataclasses
 import hmac
+import html
 import json
 import time
 import uuid
@@ -59,6 +60,7 @@ from finechat.tools.agent import Agent
 from finechat.tools.toolbox import ToolRegistry
 
 STATIC_DIR = Path(__file__).parent / "static"
+PAGE_LINKS_MARK = "<!-- page links -->"  # where the page lists the views mounted beside it
 
 # The page loads nothing from elsewhere; the policy makes sure of it (and blocks injected scripts).
 PAGE_HEADERS = {
@@ -213,9 +215,16 @@ class Routes:
                 "waiting": scheduler.waiting, "batched": scheduler.batched}
 
     async def page(self, request: Any) -> Any:
-        from fastapi.responses import FileResponse
+        """The chat page, with a link to each view mounted beside it (``app.state.page_links``: the board)."""
+        from fastapi.responses import FileResponse, HTMLResponse
 
-        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+        links = getattr(request.app.state, "page_links", None)
+        if not links:
+            return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+        shown = "".join(f'<a class="view-link" id="{html.escape(label.lower())}-link" href="{html.escape(href)}">'
+                        f'{html.escape(label)}</a>' for label, href in links)
+        text = (STATIC_DIR / "index.html").read_text(encoding="utf-8").replace(PAGE_LINKS_MARK, shown)
+        return HTMLResponse(text, headers=PAGE_HEADERS)
 
     # -- checks --------------------------------------------------------------------------------------
     def _check_key(self, request: Any) -> None:

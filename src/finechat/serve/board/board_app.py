@@ -64,6 +64,22 @@ def create_board_app(workspace: str | Path, settings: BoardSettings | None = Non
     return app
 
 
+def mount_board(app: Any, workspace: str | Path, settings: BoardSettings, prefix: str = "/board") -> Any:
+    """Serve the board under ``prefix`` of ``app`` (``finechat serve --board``); returns the board's own app.
+
+    The board keeps its own guards (Host names, JSON bodies, its API key, its body limit) inside ``app``'s
+    (which see every request first); a mounted app gets no startup / shutdown events, so ``app`` runs the
+    board's job scheduler and closes it. The chat page lists the board in ``app.state.page_links``.
+    """
+    board_app = create_board_app(workspace, settings)
+    board = board_app.state.board
+    app.mount(prefix, board_app, name="board")
+    app.router.add_event_handler("startup", board.jobs.start_scheduler)
+    app.router.add_event_handler("shutdown", board.close)
+    app.state.page_links = [*getattr(app.state, "page_links", []), ("Board", prefix.strip("/") + "/")]
+    return board_app
+
+
 class Board:
     """The route handlers, over one workspace, its jobs and its chat server."""
 

@@ -13,12 +13,18 @@ import re
 import shutil
 from pathlib import Path
 
+from finechat.config import finechat_home
 from finechat.files import atomic_file, staged_folder
 from finechat.serve.schemas import ApiError
 
 DATA_DIR, RUNS_DIR, EVALS_DIR, EXPORTS_DIR, MODELS_DIR = "data", "runs", "evals", "exports", "models"
 NAME_RE = re.compile(r"^[A-Za-z0-9\u4e00-\u9fff][\w.\-\u4e00-\u9fff]{0,99}$")
 UPLOAD_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
+
+
+def default_workspace(given: str | None = None) -> str:
+    """``given``, else ``$FINECHAT_HOME/board`` when FINECHAT_HOME is set, else ``./finechat-board``."""
+    return given or (str(finechat_home() / "board") if os.environ.get("FINECHAT_HOME") else "finechat-board")
 
 
 class Workspace:

@@ -77,7 +77,7 @@ function showTab(name) {
 
 // -- data -------------------------------------------------------------------------------------------------
 async function refreshFiles() {
-  const { files } = await api("GET", "/api/files");
+  const { files } = await api("GET", "api/files");
   fillSelect($("data-file"), files.map((f) => [f.path, `${f.path} (${bytes(f.bytes)})`]), true);
   for (const s of document.querySelectorAll("select.files")) fillSelect(s, files.map((f) => [f.path, f.path]), true);
   $("files-list").replaceChildren(...files.map((f) => el("option", { value: f.path })));
@@ -88,7 +88,7 @@ async function upload() {
   const file = $("upload-file").files[0];
   if (!file) { showError({ error: { message: "name: choose a file first", param: "name" } }); return; }
   const content = await file.text();
-  const done = await api("POST", "/api/upload", { name: file.name, content });
+  const done = await api("POST", "api/upload", { name: file.name, content });
   note(`${t("uploaded")}: ${done.path} (${bytes(done.bytes)})`);
   await refreshFiles();
   $("data-file").value = done.path;
@@ -101,7 +101,7 @@ async function analyse() {
     dataset: $("data-dataset").value };
   $("data-result").replaceChildren(el("p", { class: "muted", text: "…" }));
   let r;
-  try { r = await api("POST", "/api/data/analyse", body); } catch (e) { $("data-result").replaceChildren(); return; }
+  try { r = await api("POST", "api/data/analyse", body); } catch (e) { $("data-result").replaceChildren(); return; }
   const out = [el("h3", { text: `${r.path}: ${r.format}` + (r.template ? ` · template ${r.template}` : "") })];
   out.push(el("h4", { text: t("counts") }), table(Object.entries(r.counts)));
   if (r.tokens) out.push(el("h4", { text: t("lengths") }), table(Object.entries(r.tokens)), histogram(r.histogram));
@@ -210,7 +210,7 @@ function formValues() {
 
 async function preview() {
   clearErrors();
-  const plan = await api("POST", "/api/train/plan", { config: formValues() });
+  const plan = await api("POST", "api/train/plan", { config: formValues() });
   $("yaml").textContent = plan.yaml;
   $("command").textContent = `cd ${plan.workspace} && ${plan.command}`;
   $("plan").hidden = false;
@@ -221,7 +221,7 @@ async function estimate() {
   $("estimate-out").hidden = false;
   $("estimate-out").textContent = "…";
   try {
-    const est = await api("POST", "/api/train/estimate", { config: formValues() });
+    const est = await api("POST", "api/train/estimate", { config: formValues() });
     $("estimate-out").textContent = est.table;
   } catch (e) { $("estimate-out").textContent = ""; }
 }
@@ -229,7 +229,7 @@ async function estimate() {
 async function startTrain() {
   clearErrors();
   await preview();
-  const job = await api("POST", "/api/train/start", { config: formValues() });
+  const job = await api("POST", "api/train/start", { config: formValues() });
   note(`${t("started")}: ${job.id}`);
   selectJob(job.id);
   await refreshJobs();
@@ -237,7 +237,7 @@ async function startTrain() {
 
 // -- jobs -------------------------------------------------------------------------------------------------
 async function refreshJobs() {
-  const { jobs } = await api("GET", "/api/jobs");
+  const { jobs } = await api("GET", "api/jobs");
   state.jobs = jobs;
   const rows = jobs.map((j) => {
     const open = el("button", { type: "button", class: "open", "data-job": j.id, text: t("open") });
@@ -260,7 +260,7 @@ function selectJob(id) {
 async function refreshJob() {
   if (!state.job) return;
   let j;
-  try { j = await fetch("/api/job?id=" + encodeURIComponent(state.job), { headers: headers() }).then((r) => r.ok ? r.json() : null); } catch (e) { j = null; }
+  try { j = await fetch("api/job?id=" + encodeURIComponent(state.job), { headers: headers() }).then((r) => r.ok ? r.json() : null); } catch (e) { j = null; }
   if (!j) return;
   $("job-detail").hidden = false;
   $("job-title").textContent = `${j.id} (${j.kind})`;
@@ -312,13 +312,13 @@ function drawLoss(canvas, points) {
 
 async function jobAction(action) {
   clearErrors();
-  await api("POST", "/api/jobs/" + action, { run: state.job });
+  await api("POST", "api/jobs/" + action, { run: state.job });
   await refreshJobs();
 }
 
 // -- checkpoints: evaluate, chat, export ------------------------------------------------------------------
 async function refreshCheckpoints() {
-  const { checkpoints } = await api("GET", "/api/checkpoints");
+  const { checkpoints } = await api("GET", "api/checkpoints");
   state.checkpoints = checkpoints;
   const items = [["", t("base_only")], ...checkpoints.map((c) => [c.path, `${c.path} (${c.model})`])];
   for (const s of document.querySelectorAll("select.checkpoints")) fillSelect(s, items, true);
@@ -340,7 +340,7 @@ async function startEval() {
   const body = { name: $("eval-name").value, model: first ? first.model : $("eval-model").value, adapters,
     base: $("eval-base").checked, data: $("eval-data").value, max_samples: $("eval-max-samples").value,
     max_new_tokens: $("eval-max-new-tokens").value, tasks: $("eval-tasks").value, limit: $("eval-limit").value };
-  const job = await api("POST", "/api/eval/start", body);
+  const job = await api("POST", "api/eval/start", body);
   note(`${t("started")}: ${job.id}`);
   selectJob(job.id);
 }
@@ -351,7 +351,7 @@ async function startExport() {
   const to = $("export-to").value;
   const body = { name: $("export-name").value, model: c ? (c.folder || c.model) : "default", adapter: c ? c.adapter : null,
     to: to === "gguf" ? "gguf" : "hf", outtype: $("export-outtype").value, quantization_bit: to === "hf8" ? 8 : null };
-  const job = await api("POST", "/api/export/start", body);
+  const job = await api("POST", "api/export/start", body);
   note(`${t("started")}: ${job.id}`);
   selectJob(job.id);
 }
@@ -359,7 +359,7 @@ async function startExport() {
 async function chatLoad() {
   clearErrors();
   const c = checkpointModel($("chat-checkpoint").value);
-  await api("POST", "/api/chat/start", { model: c ? (c.folder || c.model) : "default", adapter: c ? c.adapter : null,
+  await api("POST", "api/chat/start", { model: c ? (c.folder || c.model) : "default", adapter: c ? c.adapter : null,
     tools: $("chat-tools").value, knowledge: $("chat-knowledge").value, medical: $("chat-medical").checked });
   state.chatReady = false;
   $("chat-frame").hidden = true;
@@ -368,14 +368,14 @@ async function chatLoad() {
 
 async function chatStatus() {
   let s;
-  try { s = await fetch("/api/chat/status", { headers: headers() }).then((r) => r.ok ? r.json() : null); } catch (e) { s = null; }
+  try { s = await fetch("api/chat/status", { headers: headers() }).then((r) => r.ok ? r.json() : null); } catch (e) { s = null; }
   if (!s) return;
   const what = s.adapter ? `${s.model} + ${s.adapter}` : s.model || "";
   $("chat-status").textContent = `${t(s.state)} ${what}` + (s.state === "failed" ? "\n" + (s.log || "") : "");
   $("chat-status").dataset.state = s.state;
   if (s.state === "ready" && !state.chatReady) {
     state.chatReady = true;
-    $("chat-frame").src = "/chat/";
+    $("chat-frame").src = "chat/";
     $("chat-frame").hidden = false;
   }
   if (s.state !== "ready") { state.chatReady = false; $("chat-frame").hidden = true; }
@@ -391,8 +391,8 @@ async function init() {
   for (const b of document.querySelectorAll("#tabs button")) b.onclick = () => showTab(b.dataset.tab);
   showTab(localStorage.getItem("finechat.board.tab") || "data");
   try {
-    state.info = await api("GET", "/api/info");
-    state.schema = await api("GET", "/api/train/schema");
+    state.info = await api("GET", "api/info");
+    state.schema = await api("GET", "api/train/schema");
   } catch (e) { return; }
   const models = state.info.models.map((m) => [m, m]);
   fillSelect($("data-model"), models);
@@ -432,7 +432,7 @@ $("job-resume").onclick = () => jobAction("resume").catch(() => {});
 $("eval-start").onclick = () => startEval().catch(() => {});
 $("export-start").onclick = () => startExport().catch(() => {});
 $("chat-load").onclick = () => chatLoad().catch(() => {});
-$("chat-unload").onclick = () => api("POST", "/api/chat/stop", {}).then(chatStatus).catch(() => {});
+$("chat-unload").onclick = () => api("POST", "api/chat/stop", {}).then(chatStatus).catch(() => {});
 for (const b of document.querySelectorAll("button.copy")) b.onclick = () => navigator.clipboard.writeText($(b.dataset.copy).textContent).catch(() => {});
 setInterval(() => { if (state.schema) { refreshJobs().catch(() => {}); refreshCheckpoints().catch(() => {}); chatStatus(); } }, 1500);
 init();
