@@ -29,12 +29,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from finechat.data.conversation import Conversation, Turn
-from finechat.data.records import iter_json_records
+from finechat.data.records import RecordError, RecordReader
 from finechat.errors import DataError
 from finechat.files import atomic_file
 
@@ -60,14 +60,6 @@ class ReadResult:
     def skipped_table(self) -> str:
         rows = [f"  {f}:{ln}  {field}: {reason}" for f, ln, field, reason in self.skipped]
         return "\n".join([f"skipped {len(self.skipped)} bad record(s):"] + rows) if rows else ""
-
-
-class RecordError(Exception):
-    """A bad field inside one record; the reader adds file and line."""
-
-    def __init__(self, field: str, reason: str):
-        super().__init__(f"{field}: {reason}")
-        self.field, self.reason = field, reason
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -430,42 +422,25 @@ def read_conversations(path: str | Path | Iterable[str | Path], format: str = "a
     return result
 
 
-def object_records(path: str) -> Iterator[tuple[int, Any, RecordError | None]]:
-    """``(line, record, error)`` of a data file: ``error`` says why a line holds no JSON object (the reader
-    raises or skips it as ``on_bad_record`` says)."""
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such data file")
-    for line, rec, error in iter_json_records(path):
-        if error:
-            yield line, None, RecordError("(encoding)" if error.startswith("not UTF-8") else "(json)", error)
-        elif not isinstance(rec, dict):
-            yield line, None, RecordError("(record)", f"expected a JSON object, got {type(rec).__name__}")
-        else:
-            yield line, rec, None
-
-
 def _read_one(path: str, format: str, on_bad_record: str, result: ReadResult, **columns: Any) -> None:
-    fmt = None if format == "auto" else format
-    for line, rec, error in object_records(path):
-        try:
-            if error:
-                raise error
-            if fmt is None:
-                fmt = detect_format(rec, columns.get("prompt_column"))
-                if fmt is None:
-                    raise DataError(f"{path}:{line}: cannot tell the data format from the keys "
-                                    f"{', '.join(map(str, rec))}; pass format: one of {', '.join(FORMATS)}")
-            conv = PARSERS[fmt](rec, **columns)
-            _check_conversation(conv)
-        except RecordError as e:
-            if on_bad_record == "error":
-                raise DataError(f"{path}:{line}: {e.field}: {e.reason}") from None
-            result.skipped.append((path, line, e.field, e.reason))
-            continue
+    def detect(path: str, line: int, rec: dict) -> str:
+        fmt = detect_format(rec, columns.get("prompt_column"))
+        if fmt is None:
+            raise DataError(f"{path}:{line}: cannot tell the data format from the keys "
+                            f"{', '.join(map(str, rec))}; pass format: one of {', '.join(FORMATS)}")
+        return fmt
+
+    def parse(fmt: str, rec: dict) -> Conversation:
+        conv = PARSERS[fmt](rec, **columns)
+        _check_conversation(conv)
+        return conv
+
+    reader = RecordReader(path, None if format == "auto" else format, detect, parse, on_bad_record, result.skipped)
+    for line, conv in reader:
         conv.source, conv.line = path, line
-        conv.meta.setdefault("format", fmt)
+        conv.meta.setdefault("format", reader.format)
         result.conversations.append(conv)
-    result.format = result.format or (fmt or "")
+    result.format = result.format or (reader.format or "")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,5 +1,9 @@
 """Records from data files with the line each starts on: JSON arrays, JSONL, one JSON object, CSV/TSV.
 
+:class:`RecordReader` is the one record loop of every reader (SFT conversations, preference pairs): it
+detects the format from the first good record, parses each record and reports a bad one as
+``file:line: field: reason`` or skips and lists it, as ``on_bad_record`` says.
+
 We parse JSON ourselves (``json.JSONDecoder.raw_decode`` over the file) rather than with ``datasets`` because
 every record must keep its file and line, so that a bad record is reported as ``file:line: field: reason``.
 :func:`iter_json_records` lets the caller skip a bad JSONL line; :func:`json_lines` refuses the file instead.
@@ -15,6 +19,60 @@ from pathlib import Path
 from typing import Any
 
 from finechat.errors import DataError
+
+
+class RecordError(Exception):
+    """A bad field inside one record; the reader adds file and line."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+def object_records(path: str) -> Iterator[tuple[int, Any, RecordError | None]]:
+    """``(line, record, error)`` of a data file: ``error`` says why a line holds no JSON object (the reader
+    raises or skips it as ``on_bad_record`` says)."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such data file")
+    for line, rec, error in iter_json_records(path):
+        if error:
+            yield line, None, RecordError("(encoding)" if error.startswith("not UTF-8") else "(json)", error)
+        elif not isinstance(rec, dict):
+            yield line, None, RecordError("(record)", f"expected a JSON object, got {type(rec).__name__}")
+        else:
+            yield line, rec, None
+
+
+class RecordReader:
+    """The record loop of one file: ``(line, item)`` for each good record, bad ones raised or listed.
+
+    ``detect(path, line, record)`` names the format of the file from its first good record (raising
+    :class:`DataError` when nothing fits) unless ``format`` is given; ``parse(format, record)`` makes the
+    item or raises :class:`RecordError`. With ``on_bad_record="skip"`` a bad record is appended to
+    ``skipped`` as ``(file, line, field, reason)``, never dropped silently. ``format`` holds the file's format
+    once detected (also when every record was skipped).
+    """
+
+    def __init__(self, path: str, format: str | None, detect: Callable[[str, int, dict], str],
+                 parse: Callable[[str, dict], Any], on_bad_record: str, skipped: list):
+        self.path, self.format, self.detect, self.parse = path, format, detect, parse
+        self.on_bad_record, self.skipped = on_bad_record, skipped
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        path = self.path
+        for line, rec, error in object_records(path):
+            try:
+                if error:
+                    raise error
+                if self.format is None:
+                    self.format = self.detect(path, line, rec)
+                item = self.parse(self.format, rec)
+            except RecordError as e:
+                if self.on_bad_record == "error":
+                    raise DataError(f"{path}:{line}: {e.field}: {e.reason}") from None
+                self.skipped.append((path, line, e.field, e.reason))
+                continue
+            yield line, item
 
 
 def _decode_text(data: bytes, path: str) -> str:
