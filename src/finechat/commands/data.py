@@ -16,19 +16,27 @@ import argparse
 import dataclasses
 import json
 import sys
+from array import array
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from finechat.commands._data_pairs_report import convert_preferences, preference_stats, preview_preferences
 from finechat.data.blank_infilling import preview_documents
 from finechat.data.catalog import DISCLAIMER, all_entries, registry_table
-from finechat.data.formats import FORMATS, read_conversations, write_conversations
+from finechat.data.formats import (
+    FORMATS,
+    ReadResult,
+    iter_conversations,
+    read_conversations,
+    write_conversations,
+)
 from finechat.data.pairs import PREFERENCE_FORMATS, is_preference_file, read_preferences
 from finechat.data.preference_generate import RULES as PAIR_RULES
 from finechat.data.preference_generate import pairs_main, write_arithmetic
 from finechat.data.synthetic import write_adgen
 from finechat.data.templates import get_template
-from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, encode_conversation, tokenize_many
+from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, encode_conversation, tokenize_chunks
 from finechat.data.tool_prompt import where_tools_go
 from finechat.errors import ConfigError
 from finechat.files import atomic_file, check_output_path
@@ -80,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--png", help="histogram file (default: <input stem>_lengths.png; 'none' for no plot)")
     p.add_argument("--force", action="store_true", help="replace an existing histogram file")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of a table")
+    p.add_argument("--num-proc", type=int, help="tokenizing processes (default: picked from the cores)")
     _read_options(p)
     _model_options(p)
 
@@ -201,30 +210,54 @@ def _tokenizer_and_template(args: argparse.Namespace) -> tuple[Any, Any]:
     return tokenizer, get_template(args.template, tokenizer, model_type)
 
 
-def _percentile(sorted_values: list[int], q: float) -> int:
-    if not sorted_values:
+def _percentile(sorted_values: Any, q: float) -> int:
+    if not len(sorted_values):
         return 0
     k = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
-    return sorted_values[k]
+    return int(sorted_values[k])
 
 
-def length_stats(convs: list, tokenizer: Any, template: Any, lengths: list[int]) -> dict[str, Any]:
-    """Numbers for ``data stats``: examples, turns and token lengths of the full rows (no truncation)."""
-    examples, st = tokenize_many(convs, tokenizer, template, TokenizeSettings(cutoff_len=10 ** 9))
-    sizes = sorted(len(e["input_ids"]) for e in examples)
-    trained = sorted(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in examples)
-    turns = [len(c.turns) for c in convs]
+def length_stats(convs: Iterable[Any], tokenizer: Any, template: Any, lengths: list[int],
+                 num_proc: int | None = None) -> dict[str, Any]:
+    """Numbers for ``data stats``: examples, turns and token lengths of the full rows (no truncation).
+
+    ``convs`` is read once, chunk by chunk, as it is tokenized; only two int32 lengths per row are kept (a
+    sorted numpy array gives the percentiles), so memory stays flat in the number of records.
+    """
+    import numpy as np
+
+    sizes, trained = array("i"), array("i")
+    n = turns = turns_max = multi = tools = 0
+    skipped_no_label = 0
+
+    def counted() -> Iterator[Any]:
+        nonlocal n, turns, turns_max, multi, tools
+        for c in convs:
+            n += 1
+            turns += len(c.turns)
+            turns_max = max(turns_max, len(c.turns))
+            multi += sum(t.role == "assistant" for t in c.turns) > 1
+            tools += sum(t.role == "tool" for t in c.turns)
+            yield c
+
+    for examples, st in tokenize_chunks(counted(), tokenizer, template, TokenizeSettings(cutoff_len=10 ** 9),
+                                        num_proc=num_proc):
+        skipped_no_label += st.skipped_no_label
+        for e in examples:
+            sizes.append(len(e["input_ids"]))
+            trained.append(sum(1 for x in e["labels"] if x != IGNORE_INDEX))
+    sizes_np, trained_np = np.sort(np.frombuffer(sizes, dtype=np.int32)), np.sort(np.frombuffer(trained, dtype=np.int32))
     return {
-        "conversations": len(convs), "examples": len(examples), "turns": sum(turns),
-        "turns_max": max(turns, default=0), "multi_turn": sum(1 for c in convs if sum(
-            t.role == "assistant" for t in c.turns) > 1),
-        "tool_turns": sum(t.role == "tool" for c in convs for t in c.turns),
-        "tokens": {f"p{q}": _percentile(sizes, q) for q in (50, 90, 95, 99)} | {"max": sizes[-1] if sizes else 0,
-                                                                                 "mean": round(sum(sizes) / max(len(sizes), 1), 1)},
-        "trained_tokens": {f"p{q}": _percentile(trained, q) for q in (50, 90, 99)} | {"max": trained[-1] if trained else 0},
-        "over": {n: sum(1 for s in sizes if s > n) for n in lengths},
-        "skipped_no_label": st.skipped_no_label,
-        "_sizes": sizes,
+        "conversations": n, "examples": len(sizes_np), "turns": turns, "turns_max": turns_max, "multi_turn": multi,
+        "tool_turns": tools,
+        "tokens": {f"p{q}": _percentile(sizes_np, q) for q in (50, 90, 95, 99)}
+        | {"max": int(sizes_np[-1]) if len(sizes_np) else 0,
+           "mean": round(float(sizes_np.mean()), 1) if len(sizes_np) else 0.0},
+        "trained_tokens": {f"p{q}": _percentile(trained_np, q) for q in (50, 90, 99)}
+        | {"max": int(trained_np[-1]) if len(trained_np) else 0},
+        "over": {k: int(np.count_nonzero(sizes_np > k)) for k in lengths},
+        "skipped_no_label": skipped_no_label,
+        "_sizes": sizes_np,
     }
 
 
@@ -248,13 +281,17 @@ def stats(args: argparse.Namespace) -> int:
             raise ConfigError(f"--png {png}: the histogram is a PNG image; give a file name ending in .png "
                               "(or 'none')")
         check_output_path(png, *args.input, force=args.force)
-    result = _read(args, args.input)
     tokenizer, template = _tokenizer_and_template(args)
-    s = length_stats(result.conversations, tokenizer, template, lengths)
+    result = ReadResult([])
+    convs = iter_conversations(args.input, result, args.format, args.on_bad_record, prompt_column=args.prompt_column,
+                               response_column=args.response_column, history_column=args.history_column)
+    s = length_stats(convs, tokenizer, template, lengths, num_proc=args.num_proc)
+    if result.skipped:
+        print(result.skipped_table(), file=sys.stderr)
     sizes = s.pop("_sizes")
     s["skipped_records"] = len(result.skipped)
     s["format"] = result.format
-    if png.lower() != "none" and sizes:
+    if png.lower() != "none" and len(sizes):
         _histogram(sizes, lengths, png, title=", ".join(Path(p).name for p in args.input))
         s["histogram"] = png
     if args.json:
@@ -275,16 +312,18 @@ def stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _histogram(sizes: list[int], lengths: list[int], path: str, title: str) -> None:
+def _histogram(sizes: Any, lengths: list[int], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.hist(sizes, bins=min(50, max(5, len(set(sizes)))), color="#4C72B0")
+    import numpy as np
+
+    ax.hist(sizes, bins=min(50, max(5, len(np.unique(sizes)))), color="#4C72B0")
     for n in lengths:
-        if n <= max(sizes) * 1.2:
+        if n <= int(np.max(sizes)) * 1.2:
             ax.axvline(n, color="#C44E52", linestyle="--", linewidth=1)
             ax.text(n, ax.get_ylim()[1] * 0.95, f" {n}", color="#C44E52", fontsize=8, va="top")
     ax.set_xlabel("tokens per example")

@@ -29,12 +29,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from finechat.data.conversation import Conversation, Turn
 from finechat.data.records import RecordError, RecordReader
+from finechat.data.sources import TABLE_SUFFIXES, data_suffix, is_datasets_folder, is_hub_name
 from finechat.errors import DataError
 from finechat.files import atomic_file
 
@@ -42,6 +43,7 @@ FORMATS = ["alpaca", "chatglm-tuning", "prompt-response", "dolly", "sharegpt", "
            "huatuo"]
 WRITERS = ["alpaca", "sharegpt", "openai"]
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
+READ_SUFFIXES = DATA_SUFFIXES + TABLE_SUFFIXES
 DOLLY_CATEGORIES = ("open_qa", "general_qa", "classification", "closed_qa", "brainstorming",
                     "information_extraction", "summarization", "creative_writing")
 # Column pairs tried, in order, when prompt-response columns are not given (ADGEN first).
@@ -388,13 +390,16 @@ def _check_conversation(conv: Conversation) -> None:
 
 def expand_paths(paths: Iterable[str | Path]) -> list[str]:
     """Files as given, folders replaced by their data files in name order (MOSS ships one file per
-    conversation)."""
+    conversation; Parquet data sets ship shards). A ``datasets`` folder (``save_to_disk``) and a
+    ``hub:ORG/NAME`` name stay one source each."""
     out: list[str] = []
     for p in paths:
-        if Path(p).is_dir():
-            found = sorted(f for f in Path(p).rglob("*") if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
+        if is_hub_name(p) or is_datasets_folder(p):
+            out.append(str(p))
+        elif Path(p).is_dir():
+            found = sorted(f for f in Path(p).rglob("*") if f.is_file() and data_suffix(f) in READ_SUFFIXES)
             if not found:
-                raise DataError(f"{p}: no data files ({', '.join(DATA_SUFFIXES)}) in this folder")
+                raise DataError(f"{p}: no data files ({', '.join(READ_SUFFIXES)}, also .gz/.zst) in this folder")
             out += [str(f) for f in found]
         else:
             out.append(str(p))
@@ -409,20 +414,29 @@ def read_conversations(path: str | Path | Iterable[str | Path], format: str = "a
     ``on_bad_record="error"`` raises DataError naming ``file:line: field: reason`` at the first bad record;
     ``"skip"`` skips it and lists it in ``ReadResult.skipped``.
     """
+    result = ReadResult([])
+    result.conversations = list(iter_conversations(path, result, format, on_bad_record, prompt_column=prompt_column,
+                                                   response_column=response_column, history_column=history_column))
+    return result
+
+
+def iter_conversations(path: str | Path | Iterable[str | Path], result: ReadResult, format: str = "auto",
+                       on_bad_record: str = "error", **columns: Any) -> Iterator[Conversation]:
+    """:func:`read_conversations` one record at a time: nothing is held but the record being read.
+
+    Skipped records and the format go to ``result`` (its ``conversations`` list is left alone).
+    """
     if on_bad_record not in ("error", "skip"):
         raise DataError(f"on_bad_record must be 'error' or 'skip', not {on_bad_record!r}")
     format = (format or "auto").strip().lower().replace("_", "-")  # chatglm_tuning == chatglm-tuning
     if format != "auto" and format not in PARSERS:
         raise DataError(f"unknown data format {format!r}; choose from: auto, {', '.join(FORMATS)}")
     paths = expand_paths([path] if isinstance(path, (str, Path)) else list(path))
-    result = ReadResult([])
     for p in paths:
-        _read_one(str(p), format, on_bad_record, result, prompt_column=prompt_column,
-                  response_column=response_column, history_column=history_column)
-    return result
+        yield from _read_one(str(p), format, on_bad_record, result, **columns)
 
 
-def _read_one(path: str, format: str, on_bad_record: str, result: ReadResult, **columns: Any) -> None:
+def _read_one(path: str, format: str, on_bad_record: str, result: ReadResult, **columns: Any) -> Iterator[Conversation]:
     def detect(path: str, line: int, rec: dict) -> str:
         fmt = detect_format(rec, columns.get("prompt_column"))
         if fmt is None:
@@ -439,7 +453,7 @@ def _read_one(path: str, format: str, on_bad_record: str, result: ReadResult, **
     for line, conv in reader:
         conv.source, conv.line = path, line
         conv.meta.setdefault("format", reader.format)
-        result.conversations.append(conv)
+        yield conv
     result.format = result.format or (reader.format or "")
 
 

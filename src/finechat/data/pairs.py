@@ -45,7 +45,7 @@ from finechat.data.formats import (
     detect_format,
     expand_paths,
 )
-from finechat.data.records import RecordError, RecordReader, iter_json_records
+from finechat.data.records import RecordError, RecordReader, first_record
 from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, encode_conversation, special_token_layout
 from finechat.errors import DataError
 from finechat.files import atomic_file, write_jsonl_atomic
@@ -266,8 +266,7 @@ def is_preference_file(path: str | Path, format: str = "auto") -> bool:
     if format != "auto":
         return format in PREFERENCE_FORMATS
     for f in expand_paths([path])[:1]:
-        for _, rec, _ in iter_json_records(f):
-            return detect_preference_format(rec) is not None
+        return detect_preference_format(first_record(f)) is not None
     return False
 
 

@@ -23,7 +23,8 @@ from finechat.config import VERSION, to_dict
 from finechat.console import log
 from finechat.data.catalog import LICENCE_FILE, check_commercial, licence_lines, licence_summary
 from finechat.data.templates import get_template
-from finechat.data.tokenize import TokenizeSettings, build_dataset, data_collator, pack_examples
+from finechat.data.token_cache import build_dataset, longest_row
+from finechat.data.tokenize import TokenizeSettings, data_collator, pack_examples
 from finechat.errors import ConfigError
 from finechat.files import atomic_file, write_json_atomic
 from finechat.models.device import pick_device
@@ -144,6 +145,12 @@ def split_holdout(items: list, size: float, seed: int) -> tuple[list, list]:
     n = int(size) if size >= 1 else max(1, round(len(items) * size))
     if n >= len(items):
         raise ConfigError(f"val_size {size} leaves no training data ({len(items)} examples)")
+    if hasattr(items, "select"):  # memory-mapped rows: index arrays and views, flat in the row count
+        import numpy as np
+
+        keep = np.ones(len(items), dtype=bool)
+        keep[np.random.default_rng(seed).permutation(len(items))[:n]] = False
+        return items.select(np.flatnonzero(keep)), items.select(np.flatnonzero(~keep))
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     held = set(order[:n])
@@ -374,7 +381,7 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
 
     transformers.set_seed(cfg.seed)  # adapter initialisation does not depend on how much data was read
     model = prepare_model(model, cfg)
-    longest = max(len(r["input_ids"]) for r in train_rows)
+    longest = longest_row(train_rows)
     estimate = estimate_memory(model, cfg, seq_len=longest, device=device.split(":")[0])
     if is_main:
         log(f"{cfg.method} on {cfg.model} ({world_size} process{'es' if world_size > 1 else ''}):\n"
