@@ -310,3 +310,20 @@ def build_dataset(paths_or_convs: Any, tokenizer: Any, template: Any, settings: 
         rows = writer.finish(stats)
         stats.cache_file = str(cache_path)
     return (pack_examples(rows, settings.cutoff_len) if settings.packing else rows), stats
+
+
+def stream_examples(paths: list, tokenizer: Any, template: Any, settings: TokenizeSettings,
+                    mix: MixSettings | None = None, counter: SourceCounter | None = None, format: str = "auto",
+                    on_bad_record: str = "error", **read_options: Any) -> Iterator[dict]:
+    """Training rows tokenized as the data is read, with no cache and no full pass first (``streaming: true``).
+
+    Each call starts the stream again from the beginning (a new epoch); rows per source go to ``counter``.
+    """
+    sources = _check_sources(list(paths) if mix is not None else expand_paths(paths))
+    counter = counter or SourceCounter([str(s) for s in sources])
+    result = ReadResult([])
+    convs = conversation_stream(sources, result, counter, mix, format, on_bad_record, **read_options)
+    for examples, _ in tokenize_chunks(convs, tokenizer, template, settings, num_proc=1, progress=False):
+        yield from examples
+    if result.skipped:
+        print(result.skipped_table(), file=sys.stderr)

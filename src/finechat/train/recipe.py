@@ -21,9 +21,16 @@ from typing import Any
 
 from finechat.config import VERSION, to_dict
 from finechat.console import log
-from finechat.data.catalog import LICENCE_FILE, check_commercial, licence_lines, licence_summary
+from finechat.data.catalog import (
+    LICENCE_FILE,
+    check_commercial,
+    licence_lines,
+    licence_summary,
+    with_data_sources,
+)
+from finechat.data.mixing import MixSettings
 from finechat.data.templates import get_template
-from finechat.data.token_cache import build_dataset, longest_row
+from finechat.data.token_cache import build_dataset, longest_row, stream_examples
 from finechat.data.tokenize import TokenizeSettings, data_collator, pack_examples
 from finechat.errors import ConfigError
 from finechat.files import atomic_file, write_json_atomic
@@ -179,11 +186,17 @@ def load_data(cfg: TrainConfig, tokenizer: Any, template: Any, cache_dir: str | 
     )
     columns = {k: getattr(cfg, k) for k in ("prompt_column", "response_column", "history_column") if getattr(cfg, k)}
     read = {"format": cfg.format, "on_bad_record": cfg.on_bad_record, **columns}
-    train, stats = build_dataset(cfg.data, tokenizer, template, settings, cache_dir=cache_dir, **read)
+    mix = MixSettings(list(cfg.mix), cfg.mix_stop, cfg.seed) if cfg.mix else None
+    evals = build_dataset([cfg.val_file], tokenizer, template, settings, cache_dir=cache_dir, **read)[0] \
+        if cfg.val_file else []
+    if cfg.streaming:
+        return streamed_rows(cfg, tokenizer, template, settings, mix, read), evals, {
+            "stage": "sft", "streaming": True, "summary": "streamed: tokenized as read, no cache",
+            "sources": [{"source": s} for s in cfg.data]}
+    train, stats = build_dataset(cfg.data, tokenizer, template, settings, cache_dir=cache_dir, mix=mix,
+                                 num_proc=cfg.num_proc, **read)
     train = train[: cfg.max_samples or None]
-    if cfg.val_file:
-        evals, _ = build_dataset([cfg.val_file], tokenizer, template, settings, cache_dir=cache_dir, **read)
-    else:
+    if not cfg.val_file:
         train, evals = split_holdout(train, cfg.val_size, cfg.seed)
     if not train:
         raise ConfigError(f"no training examples left from {', '.join(cfg.data)}: {stats.summary()}")
@@ -192,6 +205,18 @@ def load_data(cfg: TrainConfig, tokenizer: Any, template: Any, cache_dir: str | 
     info = {"stage": "sft", **dataclasses.asdict(stats), "summary": stats.summary(), "train_rows": len(train),
             "eval_rows": len(evals)}
     return train, evals, info
+
+
+def streamed_rows(cfg: TrainConfig, tokenizer: Any, template: Any, settings: TokenizeSettings,
+                  mix: MixSettings | None, read: dict) -> Any:
+    """A torch IterableDataset over ``cfg.data`` tokenized as it is read; each epoch reads the data again."""
+    import torch
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return stream_examples(cfg.data, tokenizer, template, settings, mix=mix, **read)
+
+    return Stream()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -321,7 +346,8 @@ def run_info(cfg: TrainConfig, model: Any, template: Any, licence: dict, data_in
         "quantization_bit": cfg.quantization_bit,
         "licenses": licence,
         "data": {"files": cfg.data, "val_file": cfg.val_file, **{k: v for k, v in data_info.items()
-                                                                  if isinstance(v, (int, float, str))}},
+                                                                  if isinstance(v, (int, float, str))},
+                 "sources": data_info.get("sources", [])},
         "config": to_dict(cfg),
         "world_size": world()[2],
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -376,12 +402,12 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
     if has_eval != (args.eval_strategy != "no"):
         args = training_arguments(cfg, has_eval, device)
     if is_main:
-        log(f"data: {data_info.get('summary') or data_info}; {len(train_rows)} training rows, "
-            f"{len(eval_rows)} eval rows")
+        rows = "streamed training rows" if cfg.streaming else f"{len(train_rows)} training rows"
+        log(f"data: {data_info.get('summary') or data_info}; {rows}, {len(eval_rows)} eval rows")
 
     transformers.set_seed(cfg.seed)  # adapter initialisation does not depend on how much data was read
     model = prepare_model(model, cfg)
-    longest = longest_row(train_rows)
+    longest = cfg.cutoff_len if cfg.streaming else longest_row(train_rows)
     estimate = estimate_memory(model, cfg, seq_len=longest, device=device.split(":")[0])
     if is_main:
         log(f"{cfg.method} on {cfg.model} ({world_size} process{'es' if world_size > 1 else ''}):\n"
@@ -390,6 +416,7 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
             log("warning: the estimate exceeds the available memory; lower per_device_train_batch_size or "
                 "cutoff_len, or use gradient_checkpointing / qlora")
 
+    licence = with_data_sources(licence, data_info.get("sources", []), cfg.datasets)
     info = run_info(cfg, model, template, licence, data_info)
     if is_main:
         write_json_atomic(out / checkpoints.RUN_FILE, info)

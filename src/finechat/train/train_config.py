@@ -11,6 +11,7 @@ import dataclasses
 from typing import Literal
 
 from finechat.config import field
+from finechat.data.mixing import MixSettings
 
 METHODS = ("lora", "ptuning", "full", "freeze", "qlora")
 
@@ -60,6 +61,15 @@ class TrainConfig:
         [], help="registry names of the data (e.g. alpaca, adgen, finechat-samples): their licences are recorded"
     )
     commercial: bool = field(False, help="refuse data or a base model whose licence forbids commercial use")
+
+    # -- data beyond RAM (issue 30): mixing, streaming, tokenizing processes -------------------------------
+    mix: list[float] = field([], help="sampling ratios, one per entry of data, summing to 1 (e.g. [0.7, 0.3]): "
+                             "the sources are interleaved by these ratios, deterministic by seed")
+    mix_stop: Literal["first_exhausted", "all_exhausted"] = field(
+        "first_exhausted", help="mix: stop when the first source runs out, or when all have (restarting the others)")
+    streaming: bool = field(False, help="train straight from the data stream (no tokenized cache, no full pass "
+                            "first); needs max_steps")
+    num_proc: int | None = field(None, help="tokenizing processes (default: picked from the cores and data size)")
 
     # -- method settings ---------------------------------------------------------------------------------
     lora_rank: int = field(8, help="LoRA rank r")
@@ -168,6 +178,18 @@ class TrainConfig:
             raise ValueError("num_layer_trainable must be >= 1")
         if self.packing and self.group_by_length:
             raise ValueError("packing and group_by_length both remove padding; choose one")
+        self._check_data_beyond_ram()
+
+    def _check_data_beyond_ram(self) -> None:
+        if self.streaming and self.max_steps <= 0:
+            raise ValueError("streaming: true needs max_steps > 0 (a stream has no length to count epochs in)")
+        if self.streaming and (self.packing or self.val_size or self.max_samples):
+            raise ValueError("streaming: true reads the data once as it trains: packing, val_size and max_samples "
+                             "need the whole data first (give a val_file instead of val_size)")
+        if self.mix:
+            MixSettings(list(self.mix), self.mix_stop, self.seed).check(len(self.data))
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ValueError(f"num_proc must be >= 1, got {self.num_proc}")
 
     @property
     def adapter_method(self) -> str:
