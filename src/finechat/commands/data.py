@@ -165,15 +165,26 @@ def convert(args: argparse.Namespace) -> int:
     check_output_path(args.output, args.input)
     if is_preference_file(args.input, args.format):
         return convert_preferences(args)
-    result = _read(args, args.input)
+    result = ReadResult([])
+    read = turns = 0
+
+    def counted() -> Iterator[Any]:  # converted as read: memory stays flat in the number of records
+        nonlocal read, turns
+        for c in iter_conversations(args.input, result, args.format, args.on_bad_record,
+                                    prompt_column=args.prompt_column, response_column=args.response_column,
+                                    history_column=args.history_column):
+            read, turns = read + 1, turns + len(c.turns)
+            yield c
+
     unwritable: list | None = [] if args.on_bad_record == "skip" else None
-    n = write_conversations(result.conversations, args.output, args.to, skipped=unwritable)
+    n = write_conversations(counted(), args.output, args.to, skipped=unwritable)
+    if result.skipped:
+        print(result.skipped_table(), file=sys.stderr)
     if unwritable:
         rows = [f"  {f}:{ln}  {field}: {reason}" for f, ln, field, reason in unwritable]
         print("\n".join([f"left out {len(unwritable)} conversation(s) {args.to} cannot hold:"] + rows),
               file=sys.stderr)
-    turns = sum(len(c.turns) for c in result.conversations)
-    print(f"wrote {n} of {len(result.conversations)} conversations ({turns} turns read) as {args.to} to "
+    print(f"wrote {n} of {read} conversations ({turns} turns read) as {args.to} to "
           f"{args.output}; read as {result.format}, skipped {len(result.skipped)} bad record(s)"
           + (f", left out {len(unwritable)}" if unwritable else ""))
     return 0

@@ -517,24 +517,30 @@ def write_conversations(convs: Iterable[Conversation], path: str | Path, format:
                         skipped: list | None = None) -> int:
     """Write conversations as JSONL (``.jsonl``) or a JSON array (``.json``); returns the number written.
 
-    A conversation the format cannot hold (tool turns in alpaca) raises DataError, or, when a ``skipped``
-    list is given, is appended to it as (file, line, field, reason) and left out.
+    Conversations are written as they come (a stream stays a stream). A conversation the format cannot hold
+    (tool turns in alpaca) raises DataError, or, when a ``skipped`` list is given, is appended to it as
+    (file, line, field, reason) and left out.
     """
     if format not in WRITER_FUNCS:
         raise DataError(f"cannot write format {format!r}; choose from: {', '.join(WRITERS)}")
-    records = []
-    for c in convs:
-        try:
-            records.append(WRITER_FUNCS[format](c))
-        except DataError as e:
-            if skipped is None:
-                raise
-            skipped.append((c.source or "<data>", c.line or 0, "(turns)", str(e).split(": ", 2)[-1]))
     path = Path(path)
+    array = path.suffix == ".json"
+    n = 0
     with atomic_file(path) as f:  # a full disk or a kill leaves the previous file, never a fragment
-        if path.suffix == ".json":
-            f.write(json.dumps(records, ensure_ascii=False, indent=1) + "\n")
-        else:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return len(records)
+        for c in convs:
+            try:
+                record = WRITER_FUNCS[format](c)
+            except DataError as e:
+                if skipped is None:
+                    raise
+                skipped.append((c.source or "<data>", c.line or 0, "(turns)", str(e).split(": ", 2)[-1]))
+                continue
+            if array:  # the layout json.dumps(records, indent=1) gives, one record at a time
+                body = json.dumps(record, ensure_ascii=False, indent=1).replace("\n", "\n ")
+                f.write(("[\n " if n == 0 else ",\n ") + body)
+            else:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            n += 1
+        if array:
+            f.write("\n]\n" if n else "[]\n")
+    return n
