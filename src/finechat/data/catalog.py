@@ -108,8 +108,8 @@ DATASETS: dict[str, Entry] = {e.name: e for e in [
        "the same pairs as dpo-en-zh-20k; its card lists the sources (argilla's capybara, orca and ultrafeedback DPO "
        "sets, wenbopan's Chinese-dpo-pairs), whose terms may also apply",
        "licence and fields: the dataset card's metadata (license: apache-2.0, dataset_info features)"),
-    _d("chinese-dpo-pairs", "pref-prompt", "MIT", True, "wenbopan's Chinese-dpo-pairs (10K pairs, parquet: export "
-       "to JSONL)", "prompt, system, chosen, rejected (strings), source, id",
+    _d("chinese-dpo-pairs", "pref-prompt", "MIT", True, "wenbopan's Chinese-dpo-pairs (10K pairs, parquet: "
+       "read as it is)", "prompt, system, chosen, rejected (strings), source, id",
        "GPT-3.5 translations of ultrafeedback-binarized-preferences-cleaned, Intel's orca_dpo_pairs and truthy-dpo "
        "(as its card says): OpenAI's terms and those sets' terms may also apply",
        "licence and fields: the dataset card (license: mit; features prompt, system, chosen, rejected)"),
