@@ -18,7 +18,7 @@ $(BIN)/finechat-installed: pyproject.toml Makefile
 
 install: $(BIN)/finechat-installed
 
-# The main job: LoRA-tune the default model on ADGEN-like data on the CPU (~5 min), score it before and after
+# The main job: LoRA-tune the default model on ADGEN-like data on the CPU (about 4 min on 2 idle cores; docs/results/index.md), score it before and after
 # (BLEU-4, Rouge), show answers side by side and print the command to chat with the result.
 demo: install
 	$(BIN)/finechat quickstart
@@ -45,9 +45,10 @@ llamacpp: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
+	$(BIN)/mkdocs build --strict --quiet
 
 test: install browser lint
 	$(BIN)/python -m pytest -q -ra
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache

@@ -5,7 +5,7 @@ for the same number of steps on the same generated ADGEN-like data (finechat.dat
 ``do_predict`` scores greedy answers on a held-out set with BLEU-4 (characters) and Rouge-1/2/L (jieba
 words). Each method runs in its own process, so its peak memory (max RSS, or CUDA peak) is its own.
 
-    python benchmarks/adgen_methods.py                      # writes docs/results.md
+    python benchmarks/adgen_methods.py                      # writes docs/results/adgen-methods.md
     python benchmarks/adgen_methods.py --steps 10 --methods lora,ptuning --write ''   # a quick look
 """
 
@@ -78,7 +78,7 @@ def main() -> int:
     p.add_argument("--train-examples", type=int, default=400)
     p.add_argument("--eval-examples", type=int, default=16)
     p.add_argument("--out", default="output/bench-adgen-methods")
-    p.add_argument("--write", default="docs/results.md", help="Markdown file to write ('' to only print)")
+    p.add_argument("--write", default="docs/results/adgen-methods.md", help="Markdown file to write ('' to only print)")
     args = p.parse_args()
 
     from finechat.data.synthetic import write_adgen

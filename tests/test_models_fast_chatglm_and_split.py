@@ -127,12 +127,13 @@ def test_split_linear_runs_the_chunks_as_one_batched_product(monkeypatch):
     monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(tuple(a.shape)) or real_bmm(a, b))
     layer = torch.nn.Linear(32, 64)
     layer.row_chunks = 2
-    split_linear(layer, torch.randn(1, 32))
-    assert calls == [(2, 32, 32)]
-    split_linear(layer, torch.randn(33, 32))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: nothing to run side by side
     try:
+        torch.set_num_threads(2)  # the caller's count (OMP_NUM_THREADS=1 on a busy machine) must not decide
+        split_linear(layer, torch.randn(1, 32))
+        assert calls == [(2, 32, 32)]
+        split_linear(layer, torch.randn(33, 32))
+        torch.set_num_threads(1)  # one thread: nothing to run side by side
         split_linear(layer, torch.randn(1, 32))
     finally:
         torch.set_num_threads(threads)

@@ -51,6 +51,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """Parse a command line as ``finechat`` does (argparse errors exit with code 2); nothing is run."""
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting positional key=value overrides at the first flag; accept them after flags too
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+        "=" in e and not e.startswith("-") for e in extra
+    ):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return parser, args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     names = _command_names()
@@ -61,15 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    parser = build_parser(command)
-    args, extra = parser.parse_known_args(argv)
-    # argparse stops collecting positional key=value overrides at the first flag; accept them after flags too
-    if extra and isinstance(getattr(args, "overrides", None), list) and all(
-        "=" in e and not e.startswith("-") for e in extra
-    ):
-        args.overrides += extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    parser, args = parse_args(argv)
     if not getattr(args, "_main", None):
         parser.print_help()
         return 0 if not argv else 2

@@ -1,4 +1,4 @@
-"""Fine-tune a model: LoRA, P-Tuning v2, full, freeze or QLoRA (finechat train CONFIG.yaml [key=value ...]).
+"""Train a model: SFT, pretraining, reward model, DPO and relatives, GRPO (finechat train CONFIG.yaml [key=value ...]).
 
 Examples:
   finechat train recipes/adgen-lora.yaml
@@ -11,17 +11,35 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from finechat.config import add_config_arguments, config_from_args
 from finechat.errors import ConfigError
-from finechat.train.align import run_stage, sequences_per_example
-from finechat.train.estimate import estimate_without_weights
-from finechat.train.stages import is_stages_file, main_stages, resolve_stages, stage_train_configs
 from finechat.train.train_config import TrainConfig
+
+# `finechat train --help` must answer without torch: the training modules (torch, transformers, TRL) are
+# imported inside main(), and the help reads only the TrainConfig dataclass.
+
+
+def field_choices(cls: type, name: str) -> tuple[Any, ...]:
+    """The Literal choices of the field ``name`` of a config dataclass, searched through nested groups."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if f.name == name and get_origin(tp) is Literal:
+            return get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            found = field_choices(tp, name)
+            if found:
+                return found
+    return ()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    stages = ", ".join(field_choices(TrainConfig, "stage"))
+    parser.description = (f"{parser.description}\n\nstages (stage=NAME): {stages}; "
+                          "methods (method=NAME): " + ", ".join(field_choices(TrainConfig, "method")))
     parser.epilog = __doc__.split("\n", 2)[2]
     parser.add_argument("--estimate", action="store_true",
                         help="print parameters, trainable parameters and the peak-memory estimate, then stop")
@@ -29,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from finechat.train.align import run_stage
+    from finechat.train.stages import is_stages_file, main_stages, resolve_stages, stage_train_configs
+
     # `finechat train CONFIG.yaml key=value`: the first positional without '=' is the config file.
     overrides = list(args.overrides or [])
     if overrides and "=" not in overrides[0]:
@@ -57,6 +78,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _print_estimate(cfg: TrainConfig) -> None:
+    from finechat.train.align import sequences_per_example
+    from finechat.train.estimate import estimate_without_weights
+
     # a preference pair is two sequences (chosen and rejected); GRPO samples num_generations per prompt
     batch = cfg.per_device_train_batch_size * sequences_per_example(cfg)
     est = estimate_without_weights(dataclasses.replace(cfg, per_device_train_batch_size=batch))
