@@ -148,6 +148,11 @@ def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     # One batched call: the Rust tokenizer is several times faster on a batch than text by text.
     if not texts:
         return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        # The Rust tokenizer itself: what tokenizer(texts) returns, without converting every Encoding to a
+        # Python BatchEncoding (that conversion took ~40% of tokenizing time, measured in benchmarks/data_scale)
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
