@@ -69,14 +69,14 @@ def current_bytes() -> int:
 
 def run_case(case: str, model: str, steps: int, batch: int, cutoff_len: int) -> dict:
     """Train ``steps`` optimizer steps of one case in this process; returns its numbers."""
-    from datasets import Dataset
     from transformers import TrainerCallback
 
     from finechat.data.templates import get_template
-    from finechat.train.align import load_preference_data, make_trainer, stage_settings
+    from finechat.train.align import load_preference_data
     from finechat.train.methods import prepare_model
-    from finechat.train.recipe import load_base, training_arguments
+    from finechat.train.stage_table import STAGES
     from finechat.train.train_config import TrainConfig
+    from finechat.train.trainer_setup import load_base, training_arguments
 
     out = Path("/tmp") / f"finechat-dpo-memory-{case}"
     cfg = TrainConfig(model=model, stage="dpo", data=[str(DATA)], max_steps=steps, per_device_train_batch_size=batch,
@@ -112,9 +112,9 @@ def run_case(case: str, model: str, steps: int, batch: int, cutoff_len: int) -> 
         from trl import DPOConfig
         from trl.trainer.utils import add_fused_lm_head
 
-        args = training_arguments(cfg, False, device, args_class=DPOConfig, label_names=[], **stage_settings(cfg))
-        trainer = make_trainer(cfg, policy, tokenizer, args, Dataset.from_list(rows), None, [Clock()], {}, {},
-                               ref_model=reference)
+        dpo = STAGES["dpo"]
+        args = training_arguments(cfg, False, device, args_class=DPOConfig, **dpo.settings(cfg))
+        trainer = dpo.trainer(cfg, policy, tokenizer, args, rows, None, [Clock()], {}, {}, ref_model=reference)
         if case == "dpo-trl-head":  # TRL's head again, over finechat's (the fields TRL's DPOTrainer asks for)
             add_fused_lm_head(policy.get_base_model(), outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     before = current_bytes()

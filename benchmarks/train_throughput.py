@@ -65,8 +65,8 @@ def run_case(method: str, layout: str, batch: int, steps: int, max_len: int, mod
     from finechat.data.token_cache import build_dataset
     from finechat.data.tokenize import TokenizeSettings
     from finechat.train.methods import count_parameters, prepare_model
-    from finechat.train.recipe import load_base
     from finechat.train.train_config import TrainConfig
+    from finechat.train.trainer_setup import load_base
 
     torch.manual_seed(0)
     cfg = TrainConfig(model=model_name, method=method, data=[str(DATA)], cutoff_len=max_len, pre_seq_len=32,

@@ -12,7 +12,7 @@ from finechat.cli import main as cli
 from finechat.data.catalog import DATASETS, check_commercial
 from finechat.data.pairs import read_preferences
 from finechat.errors import ConfigError
-from finechat.train.align import run_stage
+from finechat.train.recipe import run_training
 from finechat.train.train_config import TrainConfig
 
 PUBLISHED = Path(__file__).resolve().parent.parent / "data" / "samples" / "published"
@@ -62,7 +62,7 @@ def test_every_layout_trains_a_few_steps_with_every_record_kept(tiny_model_dir, 
     cfg = TrainConfig(model=str(tiny_model_dir), stage="dpo", data=files, max_steps=2, save_steps=2, logging_steps=1,
                       per_device_train_batch_size=4, lora_rank=4, output_dir=str(tmp_path / "dpo"),
                       report_to=["none"], cutoff_len=256, seed=0)
-    result = run_stage(cfg)
+    result = run_training(cfg)
     data = json.loads((Path(result.final_checkpoint) / "finechat_run.json").read_text())["data"]
     assert result.global_step == 2
     assert (data["records"], data["train_rows"], data["skipped_records"], data["no_room"]) == (total, total, 0, 0)

@@ -131,3 +131,43 @@ def test_a_seeded_answer_leaves_the_callers_random_state(tiny_bot):
     assert torch.equal(torch.random.get_rng_state(), before)  # seeding did not reseed the process
     assert batch == generate_answers(tiny_bot, [[{"role": "user", "content": "hi"}]], settings, progress=False)
     assert tiny_bot.chat("hi", do_sample=True, temperature=1.0, seed=3, max_new_tokens=8)[0] == a
+
+
+def _contract_members() -> set[str]:
+    from finechat.generate.contract import ChatEngine
+
+    return {name for name in dir(ChatEngine) if not name.startswith("_")} | set(ChatEngine.__annotations__)
+
+
+def test_both_engines_keep_the_engine_contract(tiny_bot):
+    """The PyTorch and the llama.cpp engine are ChatEngines (llama.cpp checked without llama-cpp-python)."""
+    import types
+
+    from finechat.generate.contract import ChatEngine
+    from finechat.generate.llamacpp import LlamaCppChatModel, LlamaCppModel
+
+    members = _contract_members()
+    assert {"lock", "hooks", "build_prompt", "encode_prompt", "stop_token_ids", "stream_chat", "chat",
+            "score_batch"} <= members
+    assert isinstance(tiny_bot, ChatEngine)
+    runner = types.SimpleNamespace(n_ctx=lambda: 64)  # stands in for llama_cpp.Llama: nothing is generated
+    cpp = LlamaCppChatModel(LlamaCppModel(runner, {"architecture": "llama"}), tiny_bot.tokenizer, None)
+    assert isinstance(cpp, ChatEngine)
+    for engine in (tiny_bot, cpp):
+        assert not [m for m in members if not hasattr(engine, m)]
+        assert isinstance(engine.lock, type(threading.Lock())) and engine.hooks == []
+    assert not isinstance(types.SimpleNamespace(chat=lambda q: q), ChatEngine)  # a part of it is not an engine
+
+
+def test_one_chat_drains_the_stream_for_engine_and_agent(tiny_bot):
+    """``chat`` is the last item of ``stream_chat`` for the engine and for the tool agent, through one function."""
+    from finechat.generate.contract import chat_answer
+    from finechat.tools.agent import Agent
+    from finechat.tools.toolbox import build_registry
+
+    assert chat_answer(iter([]), "q", [("a", "b")]) == ("", [("a", "b"), ("q", "")])
+    bot = ScriptedChat(tiny_bot.tokenizer, "42")
+    agent = Agent(bot, build_registry("calculator"))
+    pairs = list(agent.stream_chat("what is 6*7?", []))
+    assert agent.chat("what is 6*7?", []) == pairs[-1] == ("42", [("what is 6*7?", "42")])
+    assert bot.chat("hi", []) == list(bot.stream_chat("hi", []))[-1] == ("42", [("hi", "42")])

@@ -162,8 +162,8 @@ def test_closing_the_stream_cancels(tiny_model_dir):
     stream = bot.generate_ids(ids, GenerationSettings(max_new_tokens=400, greedy=True))
     next(stream)
     stream.close()  # must release the model at once ...
-    assert bot._lock.acquire(timeout=1)
-    bot._lock.release()
+    assert bot.lock.acquire(timeout=1)
+    bot.lock.release()
     # ... and the next answer starts from a clean cache
     again = list(bot.generate_ids(ids, GenerationSettings(max_new_tokens=5, greedy=True)))
     assert 1 <= len(again) <= 5

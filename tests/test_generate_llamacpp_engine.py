@@ -111,8 +111,8 @@ def test_closing_the_iterator_stops_llama_cpp(engines):
     tokens.close()
     assert llm.n_tokens <= len(prompt) + 2  # nothing was computed after the consumer left
     again = [t[0] for t in bot.generate_ids(prompt, GenerationSettings(greedy=True, max_new_tokens=2))]
-    assert again == got and bot._lock.acquire(blocking=False)  # the lock was released
-    bot._lock.release()
+    assert again == got and bot.lock.acquire(blocking=False)  # the lock was released
+    bot.lock.release()
 
 
 @needs_llama_cpp

@@ -5,9 +5,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from scripted import ScriptedChat
 
 from finechat.errors import DataError
-from finechat.medical.retrieval import NOTICE, DiseaseTable, MedicalAssistant, retrieval_prompt, with_notice
+from finechat.generate.contract import ChatEngine, TurnHook
+from finechat.generate.engine import ChatModel
+from finechat.medical.retrieval import (
+    NOTICE,
+    DiseaseTable,
+    MedicalHook,
+    attach_medical,
+    retrieval_prompt,
+    with_notice,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "data" / "samples" / "medical"
@@ -54,53 +64,46 @@ def test_bad_tables(tmp_path):
         DiseaseTable.load(tmp_path / "missing.csv")
 
 
-class ScriptedDoctor:
-    """A model double: answers with a fixed text and remembers the prompts it was given."""
-
-    def __init__(self, answer="建议到泌尿外科就诊 [1]。"):
-        self.answer = answer
-        self.queries = []
-        self.tokenizer = "tok"
-
-    def stream_chat(self, query, history=None, system=None, **gen):
-        self.queries.append(query)
-        for n in range(1, len(self.answer) + 1):
-            yield self.answer[:n], list(history or []) + [(query, self.answer[:n])]
-
-    def stream_text(self, messages, tools=None, **gen):
-        self.queries.append(messages[-1]["content"])
-        yield self.answer
+ANSWER = "建议到泌尿外科就诊 [1]。"
 
 
-def test_assistant_injects_records_and_cites_sources(table):
-    doctor = ScriptedDoctor()
-    bot = MedicalAssistant(doctor, table, k=2)
+def fresh_engine(tiny_bot):
+    """An engine of its own over the tiny model (hooks go on it, not on the shared fixture)."""
+    return ChatModel(tiny_bot.model, tiny_bot.tokenizer, tiny_bot.template)
+
+
+def test_hook_injects_records_and_cites_sources(tiny_bot, table):
+    doctor = ScriptedChat(tiny_bot.tokenizer, ANSWER, prompts_as="text")  # a fixed answer, prompts recorded
+    bot = attach_medical(doctor, table, k=2)
     response, history = bot.chat("我尿频、尿急、尿痛", [])
-    assert "尿路感染" in doctor.queries[0] and "diseases.csv row" in doctor.queries[0]
-    assert response.startswith(doctor.answer)
+    assert "尿路感染" in doctor.prompts[0] and "diseases.csv row" in doctor.prompts[0]
+    assert response.startswith(ANSWER)
     assert "[1] 尿路感染 (diseases.csv row" in response and response.endswith(NOTICE)
-    assert history == [("我尿频、尿急、尿痛", doctor.answer)]  # sources and notice are not fed back
-    assert bot.tokenizer == "tok"  # everything else is the wrapped model's
+    assert history == [("我尿频、尿急、尿痛", ANSWER)]  # sources and notice are not fed back
+    partials = list(bot.stream_chat("我尿频、尿急、尿痛", []))
+    assert partials[-1][0] == response and partials[-2][0] == ANSWER and partials[-1][1] == history
     text = bot.chat_messages([{"role": "user", "content": "偏头痛吃什么药"}])
-    assert "偏头痛" in doctor.queries[-1] and "[1] 偏头痛" in text and text.endswith(NOTICE)
+    assert "偏头痛" in doctor.prompts[-1] and "[1] 偏头痛" in text and text.endswith(NOTICE)
 
 
 def test_notice_without_retrieval_and_on_a_real_model(tiny_bot):
     assert with_notice("答案") == f"答案\n\n{NOTICE}" and with_notice(with_notice("x")) == with_notice("x")
     assert with_notice("") == NOTICE
-    response, history = MedicalAssistant(tiny_bot).chat("头痛怎么办", [], max_new_tokens=4, greedy=True)
+    response, history = attach_medical(fresh_engine(tiny_bot)).chat("头痛怎么办", [], max_new_tokens=4, greedy=True)
     assert response.endswith(NOTICE) and NOTICE not in history[0][1]
 
 
-def test_assistant_reads_the_engine_through_and_forwards_nothing_else(tiny_bot):
-    bot = MedicalAssistant(tiny_bot)
-    assert bot.model is tiny_bot.model and bot.tokenizer is tiny_bot.tokenizer and bot.template is tiny_bot.template
-    assert bot.encode_prompt("你好") == tiny_bot.encode_prompt("你好")
-    assert bot.stop_token_ids() == tiny_bot.stop_token_ids() and bot._lock is tiny_bot._lock
-    with pytest.raises(AttributeError):
-        bot.not_an_engine_attribute  # noqa: B018  (no catch-all proxy)
-    bot.note = "set on the assistant"
-    assert not hasattr(tiny_bot, "note")
+def test_medical_demo_is_a_hook_on_the_engine_not_a_proxy(tiny_bot, table):
+    engine = fresh_engine(tiny_bot)
+    messages = [{"role": "user", "content": "偏头痛吃什么药"}]
+    plain = engine.build_prompt(messages)
+    assert attach_medical(engine, table, k=1) is engine  # the same engine: its lock, model, decoder and all
+    assert isinstance(engine, ChatEngine) and isinstance(engine.hooks[0], MedicalHook)
+    assert isinstance(engine.hooks[0], TurnHook)
+    prompt = engine.build_prompt(messages)
+    assert "[1] 偏头痛" in prompt and "[1] 偏头痛" not in plain
+    assert messages == [{"role": "user", "content": "偏头痛吃什么药"}]  # the caller's messages are not changed
+    assert tiny_bot.hooks == []
 
 
 def test_chat_command_medical_with_knowledge(tiny_model_dir):
@@ -121,7 +124,7 @@ def test_server_answers_carry_sources_and_notice(tiny_bot, table):
     from finechat.serve.api import ServeSettings, create_app
 
     # one record: the tiny model's context is short
-    srv = LiveServer(create_app(MedicalAssistant(tiny_bot, table, k=1), ServeSettings(model_name="tiny")))
+    srv = LiveServer(create_app(attach_medical(fresh_engine(tiny_bot), table, k=1), ServeSettings(model_name="tiny")))
     try:
         body = {"model": "tiny", "messages": [{"role": "user", "content": "我尿频、尿急、尿痛"}], "max_tokens": 4,
                 "temperature": 0}

@@ -23,6 +23,16 @@ from finechat.models.row_split import (
 BOS, EOS, MASK, GMASK, PAD = 290, 291, 292, 293, 3
 
 
+@pytest.fixture(autouse=True)
+def two_torch_threads():
+    """Splitting depends on torch's thread count: pin 2 (the caller's, e.g. OMP_NUM_THREADS=1, must not
+    decide what these tests see) and restore the caller's after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 def greedy(decoder, ids, n, **kw):
     return list(generate_tokens(decoder, ids, GenerationSettings(greedy=True, max_new_tokens=n, **kw)))
 

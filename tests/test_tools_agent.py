@@ -236,3 +236,44 @@ def test_a_double_that_overrides_stream_text(tokenizer):
     events = run(Agent(TextDouble(None, tokenizer, "moss"), build_registry("calculator")), "2**16?")
     assert [e.text for e in events if e.kind == "tool_result"] == ["65536"]
     assert events[-1].text == "The result is 65536."
+
+
+def test_engine_hooks_apply_once_per_answer_over_tool_rounds(tokenizer):
+    """The medical hook on the engine: records in the first prompt, sources and notice once after all rounds."""
+    from pathlib import Path
+
+    from finechat.medical.retrieval import NOTICE, DiseaseTable, attach_medical
+
+    table = DiseaseTable.load(Path(__file__).resolve().parent.parent / "data/samples/medical/diseases.csv")
+    bot = attach_medical(ScriptedModel(tokenizer, moss_script('Calculate("2+3")')), table, k=1)
+    agent = Agent(bot, build_registry("calculator"))
+    events = run(agent, "我尿频、尿急、尿痛, 2+3?")
+    shown = "".join(e.text for e in events if e.kind == "text")
+    assert [e.text for e in events if e.kind == "tool_result"] == ["5"]
+    assert shown == events[-1].text and shown.startswith("The tool says: 5")
+    assert shown.count(NOTICE) == 1 and shown.endswith(NOTICE) and shown.count("[1] 尿路感染 (diseases.csv row") == 1
+    assert "尿路感染" in bot.prompts[0] and len(bot.prompts) == 2
+    assert events[-1].messages[0]["content"] == "我尿频、尿急、尿痛, 2+3?"  # the caller's messages, plain
+    assert events[-1].messages[-1]["content"] == "The tool says: 5"
+    answer, history = agent.chat("我尿频、尿急、尿痛, 2+3?", [])
+    assert answer == shown and history == [("我尿频、尿急、尿痛, 2+3?", "The tool says: 5")]
+
+
+def test_the_servers_first_prompt_is_the_agents_with_hooks(tokenizer):
+    """The server queues the agent's first round before it starts: same prompt ids, hooks applied once."""
+    from pathlib import Path
+
+    from scripted import ScriptedChat
+
+    from finechat.medical.retrieval import DiseaseTable, attach_medical
+    from finechat.serve.tools_api import first_prompt_ids
+
+    table = DiseaseTable.load(Path(__file__).resolve().parent.parent / "data/samples/medical/diseases.csv")
+    messages = [{"role": "user", "content": "我尿频、尿急、尿痛"}]
+    for template in ("moss", "chatml"):
+        bot = attach_medical(ScriptedChat(tokenizer, "好的。", template=template, prompts_as="ids"), table, k=1)
+        agent = Agent(bot, build_registry("calculator"))
+        assert agent.protocol == ("moss" if template == "moss" else "native")
+        run(agent, messages[0]["content"])
+        assert first_prompt_ids(agent, messages) == bot.prompts[0]
+        assert "尿路感染" in tokenizer.decode(bot.prompts[0]) and tokenizer.decode(bot.prompts[0]).count("[1]") == 1

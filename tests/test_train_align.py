@@ -14,8 +14,8 @@ from finechat.data.templates import get_template
 from finechat.errors import ConfigError, ModelLoadError
 from finechat.eval.pair_accuracy import preference_accuracy
 from finechat.eval.reward_scoring import load_reward_model, pairwise_accuracy
-from finechat.train.align import run_stage
 from finechat.train.grpo_rewards import answer_format, calculator, correct
+from finechat.train.recipe import run_training
 from finechat.train.train_config import TrainConfig
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
@@ -54,7 +54,7 @@ def test_dpo_lora_raises_preference_accuracy_and_its_checkpoint_loads(tiny_model
     before = preference_accuracy(model, tokenizer, template, pairs)
     assert before["preference accuracy"] == 0.5  # a model equal to its reference: chance
 
-    result = run_stage(_cfg(tiny_model_dir, tmp_path / "dpo", "dpo", pairs_file))
+    result = run_training(_cfg(tiny_model_dir, tmp_path / "dpo", "dpo", pairs_file))
     assert result.metrics["final_loss"] < result.metrics["first_loss"]
     assert result.global_step == 12 and Path(result.loss_curve).is_file()
     ckpt = Path(result.final_checkpoint)
@@ -78,7 +78,7 @@ def test_dpo_sft_weight_adds_the_chosen_answer_likelihood(tiny_model_dir, pairs_
     pairs = read_preferences(pairs_file).records
     chosen = {}
     for weight in (0.0, 1.0):
-        ckpt = run_stage(_cfg(tiny_model_dir, tmp_path / f"w{weight}", "dpo", pairs_file, max_steps=6, save_steps=6,
+        ckpt = run_training(_cfg(tiny_model_dir, tmp_path / f"w{weight}", "dpo", pairs_file, max_steps=6, save_steps=6,
                               learning_rate=1e-2, sft_weight=weight)).final_checkpoint
         policy, tokenizer = _load_policy(tiny_model_dir, ckpt)
         logps = pair_logps(policy, tokenizer, get_template(None, tokenizer), pairs)
@@ -86,20 +86,20 @@ def test_dpo_sft_weight_adds_the_chosen_answer_likelihood(tiny_model_dir, pairs_
         assert preference_accuracy(policy, tokenizer, get_template(None, tokenizer), pairs)["preference accuracy"] >= 0.8
     assert chosen[1.0] > chosen[0.0]
     with pytest.raises(ConfigError, match="sft_weight: 1.0 for stage rm"):
-        run_stage(_cfg(tiny_model_dir, tmp_path / "bad", "rm", pairs_file, sft_weight=1.0))
+        run_training(_cfg(tiny_model_dir, tmp_path / "bad", "rm", pairs_file, sft_weight=1.0))
 
 
 def test_dpo_resumes_from_its_newest_checkpoint(tiny_model_dir, pairs_file, tmp_path):
-    first = run_stage(_cfg(tiny_model_dir, tmp_path / "r", "dpo", pairs_file, max_steps=2, save_steps=2,
+    first = run_training(_cfg(tiny_model_dir, tmp_path / "r", "dpo", pairs_file, max_steps=2, save_steps=2,
                            loss="ipo"))
     assert first.global_step == 2
-    again = run_stage(_cfg(tiny_model_dir, tmp_path / "r", "dpo", pairs_file, max_steps=4, save_steps=2,
+    again = run_training(_cfg(tiny_model_dir, tmp_path / "r", "dpo", pairs_file, max_steps=4, save_steps=2,
                            loss="ipo", resume_from_checkpoint="auto"))
     assert again.resumed_from and again.resumed_from.endswith("checkpoint-2") and again.global_step == 4
 
 
 def test_reward_model_learns_to_rank_pairs_and_loads_for_scoring(tiny_model_dir, pairs_file, tmp_path, capsys):
-    result = run_stage(_cfg(tiny_model_dir, tmp_path / "rm", "rm", pairs_file, max_steps=16, save_steps=8))
+    result = run_training(_cfg(tiny_model_dir, tmp_path / "rm", "rm", pairs_file, max_steps=16, save_steps=8))
     assert result.metrics["final_loss"] < result.metrics["first_loss"]
     rm = load_reward_model(result.final_checkpoint)
     scores = pairwise_accuracy(rm, read_preferences(pairs_file).records)
@@ -118,14 +118,14 @@ def test_reward_model_learns_to_rank_pairs_and_loads_for_scoring(tiny_model_dir,
 
 @pytest.mark.parametrize("stage", ["kto", "orpo", "simpo"])
 def test_other_preference_stages_train_and_checkpoint(stage, tiny_model_dir, pairs_file, tmp_path):
-    result = run_stage(_cfg(tiny_model_dir, tmp_path / stage, stage, pairs_file, max_steps=2, save_steps=2))
+    result = run_training(_cfg(tiny_model_dir, tmp_path / stage, stage, pairs_file, max_steps=2, save_steps=2))
     assert result.global_step == 2
     assert json.loads((Path(result.final_checkpoint) / "finechat_run.json").read_text())["stage"] == stage
     _load_policy(tiny_model_dir, result.final_checkpoint)
 
 
 def test_grpo_samples_scores_and_checkpoints(tiny_model_dir, tmp_path):
-    result = run_stage(_cfg(tiny_model_dir, tmp_path / "grpo", "grpo", SAMPLES / "preference" / "arithmetic_sft.jsonl",
+    result = run_training(_cfg(tiny_model_dir, tmp_path / "grpo", "grpo", SAMPLES / "preference" / "arithmetic_sft.jsonl",
                             max_steps=1, save_steps=1, max_samples=8, num_generations=4, max_completion_length=8,
                             rewards=["correct", "format", "calculator"]))
     assert result.global_step == 1 and "first reward" in result.metrics
@@ -152,14 +152,14 @@ def test_sft_data_for_dpo_names_the_missing_fields(tiny_model_dir, tmp_path, cap
 
 def test_ptuning_and_chatglm_limits_are_clear_errors(tiny_model_dir, pairs_file, tmp_path):
     with pytest.raises(ConfigError, match="method ptuning"):
-        run_stage(_cfg(tiny_model_dir, tmp_path / "p", "dpo", pairs_file, method="ptuning"))
+        run_training(_cfg(tiny_model_dir, tmp_path / "p", "dpo", pairs_file, method="ptuning"))
     from chatglm_tiny import write_fake_chatglm
 
     glm = write_fake_chatglm(tmp_path / "glm")
     with pytest.raises(ConfigError, match="stage rm does not work with the native ChatGLM-6B"):
-        run_stage(_cfg(glm, tmp_path / "g", "rm", pairs_file))
+        run_training(_cfg(glm, tmp_path / "g", "rm", pairs_file))
     # DPO's rows keep [gMASK]<sop> between prompt and answer, and the native model builds its mask from the ids
-    result = run_stage(_cfg(glm, tmp_path / "g", "dpo", pairs_file, max_steps=4, save_steps=4))
+    result = run_training(_cfg(glm, tmp_path / "g", "dpo", pairs_file, max_steps=4, save_steps=4))
     assert result.metrics["final_loss"] < result.metrics["first_loss"]
 
 
@@ -169,7 +169,7 @@ def test_published_layouts_train_with_every_record_kept(tiny_model_dir, tmp_path
                                    "preference_alpaca.json")]
     cfg = _cfg(tiny_model_dir, tmp_path / "pub", "dpo", files[0], max_steps=2, save_steps=2, cutoff_len=512)
     cfg.data = [str(f) for f in files]
-    result = run_stage(cfg)
+    result = run_training(cfg)
     run = json.loads((Path(result.final_checkpoint) / "finechat_run.json").read_text())
     assert run["data"]["records"] == 16 and run["data"]["train_rows"] == 16
     assert run["data"]["skipped_records"] == 0 and run["data"]["no_room"] == 0

@@ -14,7 +14,7 @@ from test_train_align import SAMPLES, _cfg, _load_policy
 
 from finechat.data.pairs import read_preferences
 from finechat.eval.reward_scoring import load_reward_model, pairwise_accuracy
-from finechat.train.align import run_stage
+from finechat.train.recipe import run_training
 
 pytest.importorskip("bitsandbytes")
 pairs_file = test_train_align.pairs_file  # the same eight pairs (a module fixture)
@@ -22,7 +22,7 @@ IDS = torch.tensor([[5, 17, 33, 80, 120, 7]])
 
 
 def _qlora(tiny_model_dir, tmp_path, stage, data, **kw):
-    result = run_stage(_cfg(tiny_model_dir, tmp_path / stage, stage, data, method="qlora", max_steps=2, save_steps=2,
+    result = run_training(_cfg(tiny_model_dir, tmp_path / stage, stage, data, method="qlora", max_steps=2, save_steps=2,
                             **kw))
     assert result.global_step == 2
     assert all(math.isfinite(e["loss"]) for e in result.log_history if "loss" in e)

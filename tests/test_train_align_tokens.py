@@ -1,21 +1,22 @@
 """KTO, ORPO, SimPO and GRPO train on exactly the token ids SFT would build, with the prompt never trained.
 
-Each stage runs one real TRL step on the tiny model; a spy on ``make_trainer`` records the collated batch the
+Each stage runs one real TRL step on the tiny model; a spy on each stage record's trainer builder records the collated batch the
 trainer computes its loss on and every sequence that reaches the model's forward. Both are compared with the
 SFT path (:func:`finechat.data.tokenize.tokenize_conversation`), which knows nothing of preference data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-import finechat.train.align as align
 from finechat.data.conversation import Conversation, Turn
 from finechat.data.templates import get_template
 from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, tokenize_conversation
-from finechat.train.align import run_stage
+from finechat.train.recipe import run_training
+from finechat.train.stage_table import STAGES
 from finechat.train.train_config import TrainConfig
 
 PAIRS = [  # English, Chinese, and a system prompt with an earlier turn
@@ -69,36 +70,39 @@ def _batch_rows(stage: str, batch: dict) -> set:
 def spy(monkeypatch):
     """Records the batches each trainer computes its loss on and the ids every model forward receives."""
     seen: dict = {"batches": [], "forward": [], "generate": []}
-    make = align.make_trainer
 
-    def make_and_watch(*args, **kwargs):
-        trainer = make(*args, **kwargs)
-        compute_loss = trainer.compute_loss
+    def watching(make):
+        def make_and_watch(*args, **kwargs):
+            trainer = make(*args, **kwargs)
+            compute_loss = trainer.compute_loss
 
-        def watched_loss(model, inputs, *a, **kw):
-            seen["batches"].append(dict(inputs))
-            return compute_loss(model, inputs, *a, **kw)
+            def watched_loss(model, inputs, *a, **kw):
+                seen["batches"].append(dict(inputs))
+                return compute_loss(model, inputs, *a, **kw)
 
-        def watched_forward(module, args, kwargs):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            mask = kwargs.get("attention_mask")
-            for i, row in enumerate(ids.tolist()):
-                keep = mask[i].tolist() if mask is not None else [1] * len(row)
-                seen["forward"].append(tuple(t for t, k in zip(row, keep) if k))
+            def watched_forward(module, args, kwargs):
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                mask = kwargs.get("attention_mask")
+                for i, row in enumerate(ids.tolist()):
+                    keep = mask[i].tolist() if mask is not None else [1] * len(row)
+                    seen["forward"].append(tuple(t for t, k in zip(row, keep) if k))
 
-        trainer.compute_loss = watched_loss
-        trainer.model.register_forward_pre_hook(watched_forward, with_kwargs=True)
-        if hasattr(trainer, "_generate_single_turn"):  # GRPO: the prompt ids it samples answers from
-            generate = trainer._generate_single_turn
+            trainer.compute_loss = watched_loss
+            trainer.model.register_forward_pre_hook(watched_forward, with_kwargs=True)
+            if hasattr(trainer, "_generate_single_turn"):  # GRPO: the prompt ids it samples answers from
+                generate = trainer._generate_single_turn
 
-            def watched_generate(prompt_ids, *a, **kw):
-                seen["generate"].append([list(p) for p in prompt_ids])
-                return generate(prompt_ids, *a, **kw)
+                def watched_generate(prompt_ids, *a, **kw):
+                    seen["generate"].append([list(p) for p in prompt_ids])
+                    return generate(prompt_ids, *a, **kw)
 
-            trainer._generate_single_turn = watched_generate
-        return trainer
+                trainer._generate_single_turn = watched_generate
+            return trainer
 
-    monkeypatch.setattr(align, "make_trainer", make_and_watch)
+        return make_and_watch
+
+    for name, record in STAGES.items():
+        monkeypatch.setitem(STAGES, name, dataclasses.replace(record, trainer=watching(record.trainer)))
     return seen
 
 
@@ -176,7 +180,7 @@ def test_trainers_see_the_sft_ids_and_never_train_the_prompt(stage, which, templ
         assert whole[: len(tokenizer(prompt, add_special_tokens=False)["input_ids"])] != \
             tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
-    result = run_stage(_cfg(tiny_model_dir, tmp_path, stage, pairs_file, template=template))
+    result = run_training(_cfg(tiny_model_dir, tmp_path, stage, pairs_file, template=template))
     assert result.global_step == 1
 
     batch = spy["batches"][0]
@@ -200,7 +204,7 @@ def test_cutoff_len_cuts_answers_and_counts_prompts_without_room(tiny_model_dir,
     cutoff = prompt_len + 3
     assert len(tokenizer(long_prompt)["input_ids"]) > cutoff
 
-    result = run_stage(_cfg(tiny_model_dir, tmp_path, "orpo", data, cutoff_len=cutoff))
+    result = run_training(_cfg(tiny_model_dir, tmp_path, "orpo", data, cutoff_len=cutoff))
     run = json.loads((tmp_path / "orpo" / "finechat_run.json").read_text())
     assert run["data"]["no_room"] == 1 and run["data"]["train_rows"] == 2 and run["data"]["truncated"] >= 2
     rows = _batch_rows("orpo", spy["batches"][0])
@@ -221,7 +225,7 @@ def test_grpo_generates_from_the_sft_prompt_ids(which, template, request, tmp_pa
     data = tmp_path / "sft.jsonl"
     rows = [{"instruction": p["prompt"], "output": p["chosen"]} for p in PAIRS if isinstance(p["prompt"], str)]
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    result = run_stage(_cfg(tiny_model_dir, tmp_path, "grpo", data, template=template, per_device_train_batch_size=6,
+    result = run_training(_cfg(tiny_model_dir, tmp_path, "grpo", data, template=template, per_device_train_batch_size=6,
                             num_generations=2, max_completion_length=4, rewards=["format"]))
     assert result.global_step == 1
     expected = set()

@@ -9,8 +9,8 @@ import pytest
 from finechat.cli import main as cli
 from finechat.config import resolve_config
 from finechat.errors import ConfigError
-from finechat.train.recipe import truncate_log
 from finechat.train.train_config import TrainConfig
+from finechat.train.trainer_setup import truncate_log
 
 
 @pytest.mark.parametrize("steps", [-5, 0, -2])

@@ -121,6 +121,18 @@ def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         yield fh
 
 
+def write_text_atomic(path: str | Path, text: str, encoding: str = "utf-8") -> None:
+    """Write ``text`` (UTF-8) atomically: the ``Path.write_text`` of outputs."""
+    with atomic_file(path, encoding=encoding) as fh:
+        fh.write(text)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` atomically: the ``Path.write_bytes`` of outputs."""
+    with atomic_file(path, "wb") as fh:
+        fh.write(data)
+
+
 def write_jsonl_atomic(path: str | Path, rows: Any) -> int:
     """Write one JSON object a line (UTF-8) atomically; returns the number of lines."""
     count = 0

@@ -6,12 +6,12 @@ A group is a dataclass mixed into a command's config: its fields become the comm
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from finechat.config import field
 from finechat.generate.chat_loader import load
+from finechat.generate.contract import ChatEngine
 from finechat.generate.engine import ChatModel
-from finechat.medical.retrieval import DiseaseTable, MedicalAssistant
+from finechat.medical.retrieval import DiseaseTable, attach_medical
 from finechat.models.options import ModelOptions
 from finechat.tools.toolbox import ToolRegistry, build_registry
 
@@ -43,9 +43,9 @@ class Assistant:
         table = DiseaseTable.load(options.knowledge) if options.knowledge else None
         return cls(registry, table, options.medical or bool(options.knowledge))
 
-    def wrap(self, bot: Any) -> Any:
-        """``bot`` as the medical demo (ChatDoctor's retrieval + the notice) when asked for, else ``bot``."""
-        return MedicalAssistant(bot, self.table) if self.medical else bot
+    def attach(self, bot: ChatEngine) -> ChatEngine:
+        """``bot`` made the medical demo (ChatDoctor's retrieval + the notice, a hook) when asked for; returns it."""
+        return attach_medical(bot, self.table) if self.medical else bot
 
 
 def load_chat_model(options: ModelOptions) -> ChatModel:

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(ChatConfig, args)
     assistant = Assistant.prepare(cfg)
-    bot = load_chat_model(cfg)
+    bot = assistant.attach(load_chat_model(cfg))  # the medical demo is a hook on the engine: tools get it too
     names = {f.name for f in dataclasses.fields(GenerationSettings)}
     typed = {k for k in vars(args) if k in names} | {o.split("=", 1)[0] for o in args.overrides or []}
     if args.config:
@@ -49,4 +49,4 @@ def main(args: argparse.Namespace) -> int:
         search = registry.get("Search")
         if search is not None and hasattr(getattr(search.fn, "backend", None), "summary"):
             log(f"search: {search.fn.backend.summary}")
-    return run_terminal_chat(assistant.wrap(bot), generation, system=cfg.system, agent=agent)
+    return run_terminal_chat(bot, generation, system=cfg.system, agent=agent)

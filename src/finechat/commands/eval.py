@@ -23,7 +23,7 @@ from finechat.eval import harness
 from finechat.eval.compare import compare, resolve_entries, side_by_side
 from finechat.eval.metrics import format_table
 from finechat.eval.predict import load_examples, predict, rescore
-from finechat.files import write_json_atomic
+from finechat.files import write_json_atomic, write_text_atomic
 from finechat.generate.chat_loader import load as load_chat_model
 from finechat.generate.settings import GenerationSettings
 from finechat.models.options import ModelOptions
@@ -125,7 +125,7 @@ def _harness(cfg: EvalConfig, args: argparse.Namespace, load_options: dict) -> i
         runs = harness.evaluate_entries(resolve_entries(args.compare, cfg.model), tasks, load_options, output_dir,
                                         **options)
         table = harness.compare_table(runs)
-        Path(output_dir, "lm_eval_compare.md").write_text(table + "\n", encoding="utf-8")
+        write_text_atomic(Path(output_dir, "lm_eval_compare.md"), table + "\n")
         print(table)
         print(f"\nWrote {output_dir}/lm_eval_compare.md and {output_dir}/NAME/lm_eval_results.json")
         return 0

@@ -16,6 +16,7 @@ from finechat.errors import ConfigError
 from finechat.eval.compare import Entry, run_entry, side_by_side
 from finechat.eval.metrics import format_table
 from finechat.eval.predict import load_examples
+from finechat.files import write_text_atomic
 from finechat.generate.settings import GenerationSettings
 from finechat.models.device import torch_threads
 from finechat.train.recipe import run_training
@@ -97,9 +98,8 @@ def _run(args: argparse.Namespace) -> int:
                   f"in {timings['training (s)']:.0f} s; total {timings['total (s)']:.0f} s")
     report = {"before": before, "after": after, "adapter": adapter, "timings": timings, "train": losses,
               "command": f"finechat chat --model {args.model} --adapter {adapter}"}
-    (out / "quickstart.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n",
-                                         encoding="utf-8")
-    (out / "quickstart.md").write_text(f"{table}\n\n{train_line}\n\n```\n{shown}\n```\n", encoding="utf-8")
+    write_text_atomic(out / "quickstart.json", json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_text_atomic(out / "quickstart.md", f"{table}\n\n{train_line}\n\n```\n{shown}\n```\n")
 
     print()
     print("ADGEN-like held-out set: BLEU-4 (characters), Rouge-1/2/L F (jieba words), x100; greedy decoding")

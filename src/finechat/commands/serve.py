@@ -87,7 +87,7 @@ def main(args: argparse.Namespace, announce_page: bool = False) -> int:
     assistant = Assistant.prepare(cfg)
     if assistant.registry is not None:
         log(f"server-side tools: {', '.join(assistant.registry.names)}")
-    bot = assistant.wrap(load_chat_model(cfg))
+    bot = assistant.attach(load_chat_model(cfg))
     settings = ServeSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ServeSettings)})
     settings.api_key = api_key
     settings.allowed_hosts = [cfg.host, *cfg.allowed_hosts]  # the Host names it was bound for, and the user's

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from finechat.train.align import run_stage
+    from finechat.train.recipe import run_training
     from finechat.train.stages import is_stages_file, main_stages, resolve_stages, stage_train_configs
 
     # `finechat train CONFIG.yaml key=value`: the first positional without '=' is the config file.
@@ -72,17 +72,17 @@ def main(args: argparse.Namespace) -> int:
     if args.estimate:
         _print_estimate(cfg)
         return 0
-    result = run_stage(cfg)  # sft / pretrain on the Trainer; dpo, rm, kto, orpo, simpo, grpo on TRL
+    result = run_training(cfg)  # sft / pretrain on the Trainer; dpo, rm, kto, orpo, simpo, grpo on TRL
     print(result.final_checkpoint or result.output_dir)
     return 0
 
 
 def _print_estimate(cfg: TrainConfig) -> None:
-    from finechat.train.align import sequences_per_example
     from finechat.train.estimate import estimate_without_weights
+    from finechat.train.stage_table import get_stage
 
     # a preference pair is two sequences (chosen and rejected); GRPO samples num_generations per prompt
-    batch = cfg.per_device_train_batch_size * sequences_per_example(cfg)
+    batch = cfg.per_device_train_batch_size * get_stage(cfg.stage).sequences(cfg)
     est = estimate_without_weights(dataclasses.replace(cfg, per_device_train_batch_size=batch))
     print(f"{cfg.method} on {cfg.model}, batch {cfg.per_device_train_batch_size} x {cfg.cutoff_len} tokens, "
           f"{'bf16' if cfg.bf16 else 'fp16' if cfg.fp16 else 'fp32'}"

@@ -4,7 +4,7 @@ One cache entry is a folder named by its key: ``input_ids.i32`` and ``labels.i32
 to end (int32), ``offsets.i64`` where each row starts, ``stats.json`` what tokenization did. numpy
 memory-maps the three arrays (:class:`TokenRows`); a row becomes Python lists only when the Trainer's data
 loader asks for it, so memory stays flat in the number of rows and a second run starts at once. The entry is
-written into a temporary folder and renamed into place, so a reader never sees half of one.
+built in a ``finechat.files.staged_folder`` and renamed into place, so a reader never sees half of one.
 
 The cache is ours rather than ``datasets.map``'s because its key must be the data *content* plus tokenizer,
 template and settings (``datasets`` fingerprints the function and file paths, and re-reads on a moved file);
@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -33,6 +31,7 @@ from finechat.data.mixing import MixSettings, SourceCounter, interleave
 from finechat.data.sources import is_datasets_folder, is_hub_name, source_files
 from finechat.data.tokenize import TokenizeSettings, TokenizeStats, pack_examples, tokenize_chunks
 from finechat.errors import DataError
+from finechat.files import staged_folder, write_json_atomic
 
 CACHE_VERSION = 3  # 3: memory-mapped folders; 2: tool-use conversations rendered by data.tool_prompt
 ARRAYS = {"input_ids": ("input_ids.i32", "int32"), "labels": ("labels.i32", "int32")}
@@ -104,15 +103,11 @@ def longest_row(rows: Sequence[dict]) -> int:
 
 
 class _CacheWriter:
-    """Appends tokenized chunks to a temporary cache folder; :meth:`finish` renames it into place."""
+    """Appends tokenized chunks to the arrays of a cache entry being built in a staged folder."""
 
     def __init__(self, folder: Path):
-        self.folder = folder
-        self.tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        self.files = {name: open(self.tmp / file, "wb") for name, (file, _) in ARRAYS.items()}
-        self.offsets = open(self.tmp / OFFSETS, "wb")
+        self.files = {name: _append(folder / file) for name, (file, _) in ARRAYS.items()}
+        self.offsets = _append(folder / OFFSETS)
         self.end = 0
         self._write_offsets([0])
 
@@ -133,22 +128,13 @@ class _CacheWriter:
             ends.append(self.end)
         self._write_offsets(ends)
 
-    def finish(self, stats: TokenizeStats) -> TokenRows:
+    def close(self) -> None:
         for fh in [*self.files.values(), self.offsets]:
             fh.close()
-        meta = dataclasses.asdict(stats)
-        meta.pop("from_cache"), meta.pop("cache_file")
-        (self.tmp / STATS).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-        try:
-            os.replace(self.tmp, self.folder)  # atomic: a concurrent reader never sees half an entry
-        except OSError:  # another process finished the same entry first: theirs is identical
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        return TokenRows(self.folder)
 
-    def abandon(self) -> None:
-        for fh in [*self.files.values(), self.offsets]:
-            fh.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+
+def _append(path: Path) -> Any:
+    return open(path, "ab")  # inside a staged_folder, which finechat.files publishes atomically when complete
 
 
 def load_cache(folder: Path) -> tuple[TokenRows, TokenizeStats] | None:
@@ -287,27 +273,37 @@ def build_dataset(paths_or_convs: Any, tokenizer: Any, template: Any, settings: 
     counter = SourceCounter([str(s) if isinstance(s, (str, Path)) else "(given)" for s in sources])
     convs = conversation_stream(sources, result, counter, mix, format, on_bad_record, **read_options)
     total = None if any(isinstance(s, (str, Path)) for s in sources) else len(sources)
-    writer = _CacheWriter(cache_path) if cache_path is not None else None
     examples: list[dict] = []
     stats = TokenizeStats()
-    try:
+
+    def tokenize_into(sink: Any) -> None:
         for ex, st in tokenize_chunks(convs, tokenizer, template, settings, num_proc, progress, total=total):
             stats.add(st)
-            if writer is not None:
-                writer.add(ex)
-            else:
-                examples += ex
-    except BaseException:
-        if writer is not None:
-            writer.abandon()
-        raise
-    if result.skipped and progress:
-        print(result.skipped_table(), file=sys.stderr)
-    stats.skipped_records, stats.bad_records = len(result.skipped), [list(x) for x in result.skipped]
-    stats.sources = counter.table()
+            sink(ex)
+
+    def finish_stats() -> None:
+        if result.skipped and progress:
+            print(result.skipped_table(), file=sys.stderr)
+        skipped = list(dict.fromkeys(result.skipped))  # a mixed source read again lists a bad record once
+        stats.skipped_records, stats.bad_records = len(skipped), [list(x) for x in skipped]
+        stats.sources = counter.table()
+
     rows: Sequence[dict] = examples
-    if writer is not None:
-        rows = writer.finish(stats)
+    if cache_path is None:
+        tokenize_into(examples.extend)
+        finish_stats()
+    else:
+        with staged_folder(cache_path) as staged:  # a reader never sees half an entry
+            writer = _CacheWriter(staged)
+            try:
+                tokenize_into(writer.add)
+            finally:
+                writer.close()
+            finish_stats()
+            meta = dataclasses.asdict(stats)
+            meta.pop("from_cache"), meta.pop("cache_file")
+            write_json_atomic(staged / STATS, meta)
+        rows = TokenRows(cache_path)
         stats.cache_file = str(cache_path)
     return (pack_examples(rows, settings.cutoff_len) if settings.packing else rows), stats
 

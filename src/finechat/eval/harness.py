@@ -27,7 +27,9 @@ from typing import Any
 
 from finechat.errors import ConfigError, FinechatError
 from finechat.eval.metrics import format_table
+from finechat.files import write_text_atomic
 from finechat.generate.chat_loader import load as load_chat_model
+from finechat.generate.contract import ChatEngine
 from finechat.generate.engine import GenerationSettings
 
 MISSING_EXTRA = "lm-evaluation-harness is not installed: pip install 'finechat[bench]'"
@@ -56,7 +58,7 @@ def _model_class() -> type:
     class FinechatLM(TemplateLM):
         """lm-eval's model interface over a finechat :class:`~finechat.generate.engine.ChatModel`."""
 
-        def __init__(self, chat: Any, batch_size: int = 8, max_length: int | None = None,
+        def __init__(self, chat: ChatEngine, batch_size: int = 8, max_length: int | None = None,
                      add_bos_token: bool | None = None):
             super().__init__()
             self.chat, self.tokenizer, self.batch_size = chat, chat.tokenizer, max(1, int(batch_size))
@@ -170,7 +172,7 @@ def _model_class() -> type:
     return FinechatLM
 
 
-def harness_model(chat: Any, batch_size: int = 8, max_length: int | None = None) -> Any:
+def harness_model(chat: ChatEngine, batch_size: int = 8, max_length: int | None = None) -> Any:
     """An lm-eval model (``lm_eval.api.model.TemplateLM``) over a loaded finechat ``ChatModel``."""
     return _model_class()(chat, batch_size=batch_size, max_length=max_length)
 
@@ -263,7 +265,7 @@ def _dataset_of(manager: Any, task: str | dict) -> str:
 
 
 # -- running --------------------------------------------------------------------------------------------
-def evaluate(chat: Any, tasks: list[str | dict], limit: float | None = None, num_fewshot: int | None = None,
+def evaluate(chat: ChatEngine, tasks: list[str | dict], limit: float | None = None, num_fewshot: int | None = None,
              batch_size: int = 8, seed: int = 1234, check: bool = True) -> dict:
     """lm-eval's results for ``chat`` on ``tasks`` (``results``, ``versions``, ``n-shot``, ``configs``...)."""
     _lm_eval()
@@ -322,8 +324,7 @@ def write_results(results: dict, path: str | Path, info: dict | None = None) -> 
                                     "higher_is_better", "n-samples") if k in results}
     keep["finechat"] = info or {}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(keep, indent=2, ensure_ascii=False, default=handle_non_serializable) + "\n")
+    write_text_atomic(path, json.dumps(keep, indent=2, ensure_ascii=False, default=handle_non_serializable) + "\n")
     return path
 
 

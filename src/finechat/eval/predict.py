@@ -27,6 +27,7 @@ from finechat.data.tokenize import TokenizeSettings, tokenize_conversation
 from finechat.errors import DataError
 from finechat.eval.metrics import compute_metrics, perplexity
 from finechat.files import write_json_atomic, write_jsonl_atomic
+from finechat.generate.contract import ChatEngine
 from finechat.generate.engine import ChatModel
 from finechat.generate.sampling import generate_kwargs, seeded_global_rng
 from finechat.generate.settings import GenerationSettings
@@ -83,7 +84,7 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, dynamic_ncols=True)
 
 
-def generate_answers(bot: ChatModel, prompts: list[list[Message]], settings: GenerationSettings | None = None,
+def generate_answers(bot: ChatEngine, prompts: list[list[Message]], settings: GenerationSettings | None = None,
                      batch_size: int = 8, progress: bool = True) -> list[str]:
     """Greedy (or sampled) answers for many prompts at once, cut at the template's stops like ``bot.chat``."""
     import torch
@@ -132,7 +133,7 @@ def generate_answers(bot: ChatModel, prompts: list[list[Message]], settings: Gen
     return answers
 
 
-def label_token_ids(bot: ChatModel, messages: list[Message], label: str) -> tuple[list[int], list[int]]:
+def label_token_ids(bot: ChatEngine, messages: list[Message], label: str) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of prompt + answer, -100 on the prompt: the training tokenization of the last turn."""
     row = tokenize_conversation(messages + [{"role": "assistant", "content": label}], bot.tokenizer, bot.template,
                                 TokenizeSettings(cutoff_len=1 << 30, last_turn_only=True))
@@ -141,7 +142,7 @@ def label_token_ids(bot: ChatModel, messages: list[Message], label: str) -> tupl
     return row["input_ids"], row["labels"]
 
 
-def eval_loss(bot: ChatModel, examples: list[EvalExample], batch_size: int = 8, progress: bool = True) -> float | None:
+def eval_loss(bot: ChatEngine, examples: list[EvalExample], batch_size: int = 8, progress: bool = True) -> float | None:
     """Mean cross-entropy per label token (teacher forcing), over all examples."""
     import torch
 
@@ -176,7 +177,7 @@ def eval_loss(bot: ChatModel, examples: list[EvalExample], batch_size: int = 8, 
 
 
 # -- the whole evaluation --------------------------------------------------------------------------------
-def predict(bot: ChatModel, examples: list[EvalExample], output_dir: str | Path | None = None,
+def predict(bot: ChatEngine, examples: list[EvalExample], output_dir: str | Path | None = None,
             settings: GenerationSettings | None = None, batch_size: int = 8, with_loss: bool = True,
             progress: bool = True, info: dict | None = None) -> tuple[dict, list[dict]]:
     """Generate, score and (with ``output_dir``) write both files; returns (metrics, prediction records)."""

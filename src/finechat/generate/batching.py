@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from finechat.errors import FinechatError
+from finechat.generate.contract import ChatEngine
 from finechat.generate.fast import fast_decoder_for, generate_tokens
 from finechat.generate.sampling import next_token
 from finechat.generate.settings import GenerationSettings
@@ -113,7 +114,7 @@ class Stream:
 class BatchScheduler:
     """Runs concurrent generation requests of one :class:`ChatModel` in shared forward passes."""
 
-    def __init__(self, chat: Any, max_batch_size: int = 16, max_queue: int = 64):
+    def __init__(self, chat: ChatEngine, max_batch_size: int = 16, max_queue: int = 64):
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
         self.chat = chat
@@ -280,8 +281,8 @@ class BatchScheduler:
         first moves into the batch (:meth:`_end_solo`).
         """
         fast = fast_decoder_for(self.chat)
-        lock = getattr(self.chat, "_lock", None)
-        if fast is None or lock is None or not lock.acquire(blocking=False):
+        lock = self.chat.lock  # the engine's: its own generate_ids never decodes on the model at the same time
+        if fast is None or not lock.acquire(blocking=False):
             return False
         try:
             tokens = generate_tokens(fast, seq.prompt_ids, seq.settings, self._stop_ids())
@@ -305,7 +306,7 @@ class BatchScheduler:
         try:
             tokens.close()
         finally:
-            self.chat._lock.release()
+            self.chat.lock.release()
         if resume and seq.generated and not seq.cancelled.is_set():
             self._resume(seq)
         else:

@@ -8,23 +8,26 @@ Ctrl-C in the terminal, a client that disconnects) cancels the generation at the
 
 Token generation goes through :meth:`ChatModel.generate_ids`, which uses transformers' ``generate`` in a
 worker thread with a streamer, or the model's fast decoder when it has one (``finechat.generate.fast``).
+``ChatModel`` implements :class:`finechat.generate.contract.ChatEngine`, the contract the front ends hold an
+engine by; the hooks in ``ChatModel.hooks`` (:class:`~finechat.generate.contract.TurnHook`) change its
+answers (the medical demo's retrieval) without a wrapper.
 """
 
 from __future__ import annotations
 
-import collections
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from finechat.data.templates import Message, get_template, history_to_messages
+from finechat.generate.contract import TurnHook, begin_turn, chat_answer, last
 from finechat.generate.fast import fast_decoder_for, generate_tokens
 from finechat.generate.sampling import generate_kwargs, seeded_global_rng
 from finechat.generate.scoring import Scorer, TokenScore, score_batch
 from finechat.generate.settings import GenerationSettings
 
-__all__ = ["ChatModel", "GenerationSettings"]
+__all__ = ["ChatModel", "GenerationSettings", "last"]
 
 
 class _IdStreamer:
@@ -60,7 +63,8 @@ def _stop_on_cancel(cancel: threading.Event):
 class ChatModel:
     """A model, its tokenizer and its template, with ChatGLM-6B's ``chat`` / ``stream_chat`` API.
 
-    ``.model`` and ``.tokenizer`` are the underlying transformers objects.
+    ``.model`` and ``.tokenizer`` are the underlying transformers objects; ``.lock`` is held while a
+    generation runs on the model; ``.hooks`` change every answer (see ``finechat.generate.contract``).
     """
 
     def __init__(self, model: Any, tokenizer: Any, template: Any = None, generation: GenerationSettings | None = None,
@@ -74,7 +78,8 @@ class ChatModel:
         defaults = dict(getattr(self.template, "generation_defaults", ()) or ())
         self.generation = generation or GenerationSettings.from_kwargs(None, **defaults)
         self.source = source
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # one generation at a time on the shared model (and its caches)
+        self.hooks: list[TurnHook] = []
         self.use_fast_decoder = True  # False: always transformers' generate
         self.compile_decoder = False  # True: torch.compile the fast decoder's one-token step
         self.fast_decoder_cache: tuple[Any, Any] | None = None  # (model, its fast decoder or None)
@@ -84,7 +89,11 @@ class ChatModel:
     def eos_token(self) -> str:
         return self.tokenizer.eos_token or ""
 
-    def build_prompt(self, messages: list[Message], tools: list | None = None) -> str:
+    def build_prompt(self, messages: list[Message], tools: list | None = None, hooks: bool = True) -> str:
+        """The prompt for ``messages`` with the hooks applied (the text ``stream_text`` generates from)."""
+        return self._render(begin_turn(self.hooks, messages)[0] if hooks else messages, tools)
+
+    def _render(self, messages: list[Message], tools: list | None = None) -> str:
         if tools and hasattr(self.template, "tokenizer"):
             return self.template.render(messages, self.eos_token, add_generation_prompt=True, tools=tools)
         return self.template.render(messages, self.eos_token, add_generation_prompt=True)
@@ -137,7 +146,7 @@ class ChatModel:
 
         fast = fast_decoder_for(self)
         if fast is not None:
-            with self._lock:  # one generation at a time on a shared model (and its KV cache)
+            with self.lock:  # one generation at a time on a shared model (and its KV cache)
                 tokens = generate_tokens(fast, input_ids, settings, self.stop_token_ids())
                 try:
                     for token in tokens:
@@ -162,7 +171,7 @@ class ChatModel:
                 error.append(e)
                 streamer.end()
 
-        with self._lock:  # one generate() at a time on a shared model
+        with self.lock:  # one generate() at a time on a shared model
             thread = threading.Thread(target=work, daemon=True)
             thread.start()
             try:
@@ -179,17 +188,37 @@ class ChatModel:
 
     def stream_text(self, messages: list[Message], tools: list | None = None, generate: Any = None,
                     stats: dict | None = None, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True,
-                    **gen: Any) -> Iterator[str]:
+                    hooks: bool = True, **gen: Any) -> Iterator[str]:
         """Yield the growing answer text for ``messages``, cut at the first stop string.
 
         ``generate`` replaces :meth:`generate_ids` (the server passes its batching scheduler's); ``stats``, when
         given, receives ``prompt_tokens``, ``completion_tokens`` (stop token included) and ``finish_reason``
         ("stop" or "length"). ``prompt_ids`` skips building the prompt from ``messages`` (already encoded).
         ``skip_special_tokens=False`` keeps markers such as MOSS's ``<eoc>`` in the text (the tool runtime).
+        With hooks, the prompt is built from the messages they hand back and one last text, the whole answer
+        finished by them, follows the stream; ``hooks=False`` leaves them out (a caller that applied them once
+        for an answer of several rounds, as the tool agent does).
         """
+        messages, finish = begin_turn(self.hooks, messages) if hooks else (messages, None)
+        stream = self._answer_text(messages, tools, generate, stats, prompt_ids, skip_special_tokens, **gen)
+        if finish is None:
+            yield from stream
+            return
+        text = ""
+        try:
+            for text in stream:
+                yield text
+        finally:
+            stream.close()
+        yield finish(text)
+
+    def _answer_text(self, messages: list[Message], tools: list | None = None, generate: Any = None,
+                     stats: dict | None = None, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True,
+                     **gen: Any) -> Iterator[str]:
+        """``stream_text`` without the hooks: ``messages`` as they are."""
         settings = GenerationSettings.from_kwargs(self.generation, **gen)
         if prompt_ids is None:
-            prompt_ids = self.encode_prompt(self.build_prompt(messages, tools))
+            prompt_ids = self.encode_prompt(self._render(messages, tools))
         stops = self.stop_strings(settings)
         stop_ids = set(self.stop_token_ids())
         new_ids: list[int] = []
@@ -215,7 +244,7 @@ class ChatModel:
                     return
                 if text.endswith("\ufffd"):  # half of a multi-byte character
                     continue
-                visible = text[: len(text) - _held_back(text, stops)]
+                visible = text[: len(text) - held_back(text, stops)]
                 if visible != shown:
                     shown = visible
                     yield self.postprocess(visible)
@@ -238,29 +267,29 @@ class ChatModel:
     # -- ChatGLM-6B's API ----------------------------------------------------------------------------
     def stream_chat(self, query: str, history: list | None = None, system: str | None = None,
                     **gen: Any) -> Iterator[tuple[str, list]]:
-        """Yield ``(partial_response, history + [(query, partial_response)])`` as the answer grows."""
+        """Yield ``(partial_response, history + [(query, partial_response)])`` as the answer grows.
+
+        With hooks, the last item shows the finished answer; its history keeps the plain one (what a hook
+        adds, such as cited sources, is not fed back to the model).
+        """
         history = list(history or [])
-        messages = history_to_messages(query, history, system)
+        messages, finish = begin_turn(self.hooks, history_to_messages(query, history, system))
         response = ""
-        for response in self.stream_text(messages, **gen):
+        for response in self.stream_text(messages, hooks=False, **gen):
             yield response, history + [(query, response)]
         if response == "":
             yield "", history + [(query, "")]
+        if finish is not None:
+            yield finish(response), history + [(query, response)]
 
     def chat(self, query: str, history: list | None = None, system: str | None = None,
              **gen: Any) -> tuple[str, list]:
         """Answer ``query`` given ``history``; returns ``(response, history + [(query, response)])``."""
-        return last(self.stream_chat(query, history, system, **gen))  # stream_chat always yields
+        return chat_answer(self.stream_chat(query, history, system, **gen), query, history)
 
     def chat_messages(self, messages: list[Message], **gen: Any) -> str:
         """One answer for OpenAI-style ``messages``."""
         return last(self.stream_text(messages, **gen), "")
-
-
-def last(items: Iterable[Any], default: Any = None) -> Any:
-    """The last item of a stream (``default`` when it yields nothing): a whole answer from a streamed one."""
-    tail = collections.deque(items, maxlen=1)
-    return tail[0] if tail else default
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:
@@ -268,7 +297,7 @@ def _first_stop(text: str, stops: list[str]) -> int | None:
     return min(positions) if positions else None
 
 
-def _held_back(text: str, stops: list[str]) -> int:
+def held_back(text: str, stops: list[str]) -> int:
     """How many trailing characters might be the start of a stop string (not shown yet)."""
     hold = 0
     for s in stops:

@@ -11,10 +11,10 @@ Models without a decoder, or with a prompt-learning adapter, are left to ``gener
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import torch
 
+from finechat.generate.contract import ChatEngine
 from finechat.generate.sampling import make_generator, next_token
 from finechat.generate.settings import GenerationSettings
 from finechat.models.decoder_table import fast_decoder, is_supported
@@ -52,13 +52,14 @@ def generate_tokens(decoder: StaticCacheDecoder, input_ids: list[int], settings:
         logits = decoder.decode_one_token(token, length)
 
 
-def fast_decoder_for(chat_model: Any) -> StaticCacheDecoder | None:
-    """The fast decoder of a ``ChatModel`` (made once per model), or None when its model needs ``generate``.
+def fast_decoder_for(chat_model: ChatEngine) -> StaticCacheDecoder | None:
+    """The fast decoder of a ``ChatModel`` (made once per model), or None when its model needs ``generate``
+    (or the engine has no PyTorch model: no ``use_fast_decoder`` field).
 
     ``chat_model.use_fast_decoder = False`` always uses ``generate``; ``chat_model.compile_decoder = True``
     (``finechat.load(..., compile=True)``, ``--compile``) compiles the decoder's one-token step.
     """
-    if not chat_model.use_fast_decoder:
+    if not getattr(chat_model, "use_fast_decoder", False):  # an engine without a PyTorch model has none
         return None
     model = chat_model.model
     if chat_model.fast_decoder_cache is None or chat_model.fast_decoder_cache[0] is not model:

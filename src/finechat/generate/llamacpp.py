@@ -127,7 +127,7 @@ class LlamaCppChatModel(ChatModel):
         self._differences(settings)
         greedy = not settings.do_sample or settings.temperature == 0
         stop_ids = set(self.stop_token_ids())  # as the PyTorch engine: the end-of-turn token is the last one
-        with self._lock:  # one generation at a time on the shared context (and its KV cache)
+        with self.lock:  # one generation at a time on the shared context (and its KV cache)
             # llama.cpp draws from its own generator, seeded per answer: a seeded answer repeats
             llm.set_seed(settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**31))
             tokens = llm.generate(

@@ -24,8 +24,9 @@ from finechat.data.records import json_lines
 from finechat.errors import DataError
 from finechat.eval.metrics import compute_metrics, format_table
 from finechat.eval.predict import generate_answers, load_examples, predict
-from finechat.files import write_json_atomic, write_jsonl_atomic
+from finechat.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from finechat.generate.chat_loader import load
+from finechat.generate.contract import ChatEngine
 from finechat.generate.settings import GenerationSettings
 from finechat.train.stages import STATE_FILE, main_stages, resolve_stages
 
@@ -85,7 +86,7 @@ def kg_messages(row: dict) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def evaluate_kg(bot: Any, rows: list[dict], batch_size: int = 8, max_new_tokens: int = 48,
+def evaluate_kg(bot: ChatEngine, rows: list[dict], batch_size: int = 8, max_new_tokens: int = 48,
                 progress: bool = True) -> tuple[dict, list[dict]]:
     """Greedy answers to the questions and their scores; returns (metrics, prediction records)."""
     settings = GenerationSettings(greedy=True, max_new_tokens=max_new_tokens)
@@ -97,7 +98,7 @@ def evaluate_kg(bot: Any, rows: list[dict], batch_size: int = 8, max_new_tokens:
     return metrics, records
 
 
-def evaluate_general(bot: Any, path: str | Path, batch_size: int = 8, max_new_tokens: int = 48,
+def evaluate_general(bot: ChatEngine, path: str | Path, batch_size: int = 8, max_new_tokens: int = 48,
                      max_samples: int | None = None, progress: bool = True) -> dict:
     """Rouge/BLEU on a general set (forgetting check)."""
     examples = load_examples(path, max_samples=max_samples)
@@ -186,7 +187,7 @@ def run_medical_recipe(config_file: str, overrides: list[str], questions_file: s
         if key not in cache:
             log(f"medical eval: {label}: {len(questions)} knowledge-graph questions ...")
             cache[key] = kg_eval(model, adapter, questions, template, folder, batch_size, max_new_tokens)
-            cache_path.write_text(json.dumps(cache, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            write_text_atomic(cache_path, json.dumps(cache, indent=2, ensure_ascii=False) + "\n")
         rows[label] = {"kg": cache[key]}
     if state.get("general_before"):
         rows["base"]["general"] = state["general_before"]
@@ -200,5 +201,5 @@ def run_medical_recipe(config_file: str, overrides: list[str], questions_file: s
             f"(accuracy = the answer names the right entity, %); general-*: the eval_general set.\n"
             f"wall time: {wall / 60:.1f} min ({train_seconds / 60:.1f} min training and general eval, "
             f"{(wall - train_seconds) / 60:.1f} min KG eval)")
-    (out / "medical_summary.md").write_text(text + "\n", encoding="utf-8")
+    write_text_atomic(out / "medical_summary.md", text + "\n")
     return text

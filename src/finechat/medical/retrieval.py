@@ -7,23 +7,24 @@ required) or a knowledge-graph file (``finechat.medical.kg``): each row becomes 
 Okapi BM25 (``rank_bm25``) over jieba words, the same tokenizer as the ``Search`` tool in
 ``finechat.tools.search``.
 
-:class:`MedicalAssistant` wraps any :class:`~finechat.generate.engine.ChatModel` with the same ``chat`` /
-``stream_chat`` / ``stream_text`` API, so every front end (terminal, web page, HTTP API) can use it
-unchanged: the top records go into the prompt, the answer ends with the records it was given ("Sources:
-[1] 偏头痛 (diseases.csv row 2)") and with :data:`NOTICE`, the reminder that this is not medical advice.
-The history keeps the plain answer, so the sources and the notice are not fed back to the model.
+:class:`MedicalHook` is a hook on the engine (:func:`attach_medical`; the engine calls it on every answer,
+so every front end -- terminal, web page, HTTP API, tools -- gets it with no wrapper): the top records go
+into the prompt, the answer ends with the records it was given ("Sources: [1] 偏头痛 (diseases.csv row 2)")
+and with :data:`NOTICE`, the reminder that this is not medical advice. The history keeps the plain answer,
+so the sources and the notice are not fed back to the model.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from finechat.data.templates import Message
 from finechat.errors import DataError
-from finechat.generate.engine import last
+from finechat.generate.contract import ChatEngine
 from finechat.medical.kg import load_graph
 from finechat.tools.search import tokenize
 
@@ -140,136 +141,40 @@ def sources_line(hits: list[tuple[float, DiseaseEntry]]) -> str:
     return "参考来源 (sources): " + "; ".join(f"[{n}] {e.name} ({e.source})" for n, (_, e) in enumerate(hits, 1))
 
 
-class MedicalAssistant:
-    """A ChatModel wrapper for the medical demo: optional retrieval, cited sources, the notice on every answer.
+class MedicalHook:
+    """The medical demo as a hook on the engine: optional retrieval, cited sources, the notice on every answer.
 
-    It has the engine's ``chat`` / ``stream_chat`` / ``stream_text`` / ``chat_messages`` and ``build_prompt``
-    with the retrieval put in; the rest of what the front ends and the server's batch scheduler use of an
-    engine (``model``, ``tokenizer``, ``template``, ``generation``, ``generate_ids`` ...) is the wrapped
-    model's own, read through ``bot`` so that there is one copy of it.
+    The engine calls :meth:`begin` once per answer (``engine.hooks``, see
+    :class:`finechat.generate.contract.TurnHook`): the records for the last user message go into the
+    prompt, and the shown answer ends with their sources and the notice. Use :func:`attach_medical`.
     """
 
-    def __init__(self, bot: Any, table: DiseaseTable | None = None, k: int = 3, notice: str | None = NOTICE):
-        self.bot = bot
+    def __init__(self, table: DiseaseTable | None = None, k: int = 3, notice: str | None = NOTICE):
         self.table = table
         self.k = k
         self.notice = notice
-        self.last_hits: list[tuple[float, DiseaseEntry]] = []
 
-    # -- the wrapped engine, as the front ends and the batch scheduler see it --------------------------
-    @property
-    def model(self) -> Any:
-        return self.bot.model
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.bot.tokenizer
-
-    @property
-    def template(self) -> Any:
-        return self.bot.template
-
-    @property
-    def generation(self) -> Any:
-        return self.bot.generation
-
-    @generation.setter
-    def generation(self, value: Any) -> None:
-        self.bot.generation = value
-
-    @property
-    def source(self) -> str | None:
-        return self.bot.source
-
-    @property
-    def eos_token(self) -> str:
-        return self.bot.eos_token
-
-    @property
-    def use_fast_decoder(self) -> bool:
-        return getattr(self.bot, "use_fast_decoder", True)
-
-    @property
-    def compile_decoder(self) -> bool:
-        return getattr(self.bot, "compile_decoder", False)
-
-    @property
-    def fast_decoder_cache(self) -> Any:
-        return self.bot.fast_decoder_cache  # the wrapped model's decoder: one static cache per model
-
-    @fast_decoder_cache.setter
-    def fast_decoder_cache(self, value: Any) -> None:
-        self.bot.fast_decoder_cache = value
-
-    @property
-    def _lock(self) -> Any:
-        # The scheduler's fast batch-1 path takes the engine's lock: it must be the wrapped model's, shared
-        # with the engine's own generate_ids, so that the two never decode on the model at once.
-        return self.bot._lock
-
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return self.bot.encode_prompt(prompt)
-
-    def stop_token_ids(self) -> list[int]:
-        return self.bot.stop_token_ids()
-
-    def generate_ids(self, input_ids: list[int], settings: Any) -> Iterator[list[int]]:
-        return self.bot.generate_ids(input_ids, settings)
-
-    # -- retrieval, sources and the notice ----------------------------------------------------------------
-    def build_prompt(self, messages: list[dict], tools: list | None = None) -> str:
-        """The wrapped model's prompt, with the records for the last user message put into it."""
-        messages, _ = self._augment_messages(messages)
-        return self.bot.build_prompt(messages, tools) if tools else self.bot.build_prompt(messages)
-
-    def _augment_messages(self, messages: list[dict]) -> tuple[list[dict], list]:
+    def begin(self, messages: list[Message]) -> tuple[list[Message], Callable[[str], str]]:
+        """The messages with the records for the last user message put in, and the finish of the answer."""
         messages = [dict(m) for m in messages]
         last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
-        hits: list = []
+        hits: list[tuple[float, DiseaseEntry]] = []
         if last_user is not None:
-            messages[last_user]["content"], hits = self._augment(str(messages[last_user].get("content") or ""))
-        return messages, hits
+            query = str(messages[last_user].get("content") or "")
+            hits = self.table.search(query, self.k) if self.table is not None else []
+            messages[last_user]["content"] = retrieval_prompt(query, hits)
+        return messages, functools.partial(self.finish, hits=hits)
 
-    def _augment(self, query: str) -> tuple[str, list[tuple[float, DiseaseEntry]]]:
-        hits = self.table.search(query, self.k) if self.table is not None else []
-        self.last_hits = hits
-        return retrieval_prompt(query, hits), hits
-
-    def _finish(self, text: str, hits: list[tuple[float, DiseaseEntry]]) -> str:
+    def finish(self, text: str, hits: list[tuple[float, DiseaseEntry]]) -> str:
+        """``text`` with the sources of ``hits`` and the notice appended."""
         src = sources_line(hits)
         if src:
             text = f"{text.rstrip()}\n\n{src}" if text.strip() else src
         return with_notice(text, self.notice) if self.notice else text
 
-    def stream_chat(self, query: str, history: list | None = None, system: str | None = None,
-                    **gen: Any) -> Iterator[tuple[str, list]]:
-        """Like ChatModel.stream_chat; the last item adds the sources and the notice to the shown answer."""
-        history = list(history or [])
-        prompt, hits = self._augment(query)
-        response = ""
-        stream = self.bot.stream_chat(prompt, history, system=system, **gen)
-        try:
-            for response, _ in stream:
-                yield response, history + [(query, response)]
-        finally:
-            stream.close()
-        yield self._finish(response, hits), history + [(query, response)]
 
-    def chat(self, query: str, history: list | None = None, system: str | None = None,
-             **gen: Any) -> tuple[str, list]:
-        return last(self.stream_chat(query, history, system, **gen), ("", list(history or []) + [(query, "")]))
-
-    def stream_text(self, messages: list[dict], tools: list | None = None, **gen: Any) -> Iterator[str]:
-        """OpenAI-style messages: retrieval on the last user message; the last text has sources + notice."""
-        messages, hits = self._augment_messages(messages)
-        text = ""
-        stream = self.bot.stream_text(messages, tools=tools, **gen)
-        try:
-            for text in stream:
-                yield text
-        finally:
-            stream.close()
-        yield self._finish(text, hits)
-
-    def chat_messages(self, messages: list[dict], **gen: Any) -> str:
-        return last(self.stream_text(messages, **gen), "")
+def attach_medical(engine: ChatEngine, table: DiseaseTable | None = None, k: int = 3,
+                   notice: str | None = NOTICE) -> ChatEngine:
+    """Make ``engine`` the medical demo (retrieval over ``table`` when given, sources, the notice); returns it."""
+    engine.hooks.append(MedicalHook(table, k, notice))
+    return engine

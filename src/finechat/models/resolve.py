@@ -20,7 +20,7 @@ from typing import Any
 from finechat.config import finechat_home
 from finechat.console import log
 from finechat.errors import ModelLoadError
-from finechat.files import read_json, staged_folder
+from finechat.files import read_json, staged_folder, write_text_atomic
 from finechat.models.chatglm.modeling_chatglm import is_ptuning_checkpoint
 from finechat.models.chatglm.quantized_checkpoint import load_quantized_chatglm
 from finechat.models.device import pick_device, pick_dtype
@@ -96,7 +96,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, extra_source: dict | None = Non
             "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **(extra_source or {}),
         }
-        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(tmp / SOURCE_FILE, json.dumps(source, indent=2, ensure_ascii=False) + "\n")
     log(f"Converted in {time.time() - t0:.1f} s -> {out_dir}")
     return out_dir
 

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finechat.errors import ModelLoadError
+from finechat.files import write_text_atomic
 
 CONFIG_KEY = "finechat_quantization"
 FORMAT_VERSION = 1
@@ -499,13 +500,13 @@ def save_quantized(model: nn.Module, tokenizer: Any, out_dir: str | Path, source
     config.pop("quantization_config", None)
     config["dtype"] = str(next(iter(p for p in model.parameters() if p.is_floating_point()), torch.empty(0)).dtype
                           ).split(".")[-1]
-    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if source is not None:
-        (out / "finechat_source.json").write_text(json.dumps(source, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(out / "finechat_source.json", json.dumps(source, indent=2, ensure_ascii=False) + "\n")
     return out
 
 

@@ -1,9 +1,10 @@
 """The HTTP server: an OpenAI-compatible API, ChatGLM-6B's ``POST /`` and the web chat page, one engine behind.
 
-``create_app(engine, settings)`` builds a FastAPI app around a loaded :class:`ChatModel`; nothing is loaded
-at import. Every route generates through one :class:`~finechat.generate.batching.BatchScheduler`, so
-concurrent requests share forward passes, and through ``ChatModel.stream_text``, so answers (stop tokens,
-stop strings, post-processing) are those of ``chat``.
+``create_app(engine, settings)`` builds a FastAPI app around a loaded engine (any
+:class:`~finechat.generate.contract.ChatEngine`); nothing is loaded at import. Every route generates through
+one :class:`~finechat.generate.batching.BatchScheduler`, so concurrent requests share forward passes, and
+through the engine's ``stream_text``, so answers (stop tokens, stop strings, post-processing) are those of
+``chat``.
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (streaming as server-sent events ending with
 ``data: [DONE]``), ``POST /v1/completions``, ``POST /`` (ChatGLM-6B's api.py: ``{prompt, history, max_length,
@@ -35,6 +36,7 @@ from typing import Any
 from finechat.data.templates import history_to_messages
 from finechat.errors import FinechatError
 from finechat.generate.batching import BatchScheduler
+from finechat.generate.contract import ChatEngine
 from finechat.serve import completions, runs, tools_api
 from finechat.serve.guards import HostNames, RequestGuard
 from finechat.serve.schemas import (
@@ -54,6 +56,7 @@ from finechat.serve.schemas import (
 )
 from finechat.tools import toolcalls
 from finechat.tools.agent import Agent
+from finechat.tools.toolbox import ToolRegistry
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -68,8 +71,9 @@ PAGE_HEADERS = {
 __all__ = ["ApiError", "ServeSettings", "create_app"]
 
 
-def create_app(engine: Any, settings: ServeSettings | None = None, scheduler: Any = None, tools: Any = None):
-    """A FastAPI app serving ``engine`` (a :class:`finechat.generate.engine.ChatModel`).
+def create_app(engine: ChatEngine, settings: ServeSettings | None = None, scheduler: BatchScheduler | None = None,
+               tools: ToolRegistry | None = None):
+    """A FastAPI app serving ``engine`` (any :class:`finechat.generate.contract.ChatEngine`).
 
     ``tools`` (a :class:`finechat.tools.toolbox.ToolRegistry`) runs those tools inside the server for chat
     requests that bring no ``tools`` of their own (see :mod:`finechat.serve.tools_api`).
@@ -106,7 +110,7 @@ def create_app(engine: Any, settings: ServeSettings | None = None, scheduler: An
 class Routes:
     """The route handlers of one app: each takes the request and returns a JSON body or a response."""
 
-    def __init__(self, engine: Any, scheduler: Any, settings: ServeSettings, agent: Agent | None):
+    def __init__(self, engine: ChatEngine, scheduler: BatchScheduler, settings: ServeSettings, agent: Agent | None):
         self.engine, self.scheduler, self.settings, self.agent = engine, scheduler, settings, agent
         self.limit = PromptLimit.of(engine, settings)
         self.created = int(time.time())

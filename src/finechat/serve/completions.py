@@ -26,6 +26,7 @@ import time
 import uuid
 from typing import Any
 
+from finechat.generate.contract import ChatEngine
 from finechat.generate.scoring import TokenScore
 from finechat.serve import runs
 from finechat.serve.schemas import ApiError, CompletionRequest, ServeSettings
@@ -58,7 +59,7 @@ def chat_top_n(req: Any, settings: ServeSettings) -> int | None:
     return 0 if req.logprobs else None
 
 
-def check_scorable(engine: Any, param: str) -> None:
+def check_scorable(engine: ChatEngine, param: str) -> None:
     """A 400 when the engine cannot score tokens (a scripted double without a model); asks ``engine.scorer``."""
     make = getattr(engine, "scorer", None)
     if make is None or make(0) is None:
@@ -115,7 +116,7 @@ def chat_content(tokenizer: Any, scores: list[TokenScore], context: list[int]) -
 class AnswerScores:
     """Scores of a run's answer tokens (recorded by the run in ``stats["token_ids"]``) as they are generated."""
 
-    def __init__(self, engine: Any, prompt_ids: list[int], top_n: int, chat: bool):
+    def __init__(self, engine: ChatEngine, prompt_ids: list[int], top_n: int, chat: bool):
         self.tokenizer, self.prompt_ids, self.chat = engine.tokenizer, list(prompt_ids), chat
         self.scorer = engine.scorer(top_n)
         self.stop_ids = set(engine.stop_token_ids()) if chat else set()
@@ -146,7 +147,7 @@ class AnswerScores:
 
 
 # -- the text-completion route ----------------------------------------------------------------------------
-def prompt_list(engine: Any, prompt: Any) -> list[tuple[str, list[int]]]:
+def prompt_list(engine: ChatEngine, prompt: Any) -> list[tuple[str, list[int]]]:
     """Each prompt of a request as (text, token ids); token ids are checked against the vocabulary."""
     tokenizer = engine.tokenizer
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):

@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from finechat.errors import FinechatError
-from finechat.generate.batching import QueueFull, SchedulerClosed
+from finechat.generate.batching import BatchScheduler, QueueFull, SchedulerClosed
+from finechat.generate.contract import ChatEngine
 from finechat.serve.schemas import ApiError
 from finechat.tools import toolcalls
 
@@ -111,7 +112,7 @@ def generation_kwargs(gen: Any) -> dict:
     return fields
 
 
-def start_text_run(engine: Any, scheduler: Any, messages: list[dict], prompt_ids: list[int], gen: Any) -> Run:
+def start_text_run(engine: ChatEngine, scheduler: BatchScheduler, messages: list[dict], prompt_ids: list[int], gen: Any) -> Run:
     """Queue the request now (so a full queue is a 429 before any answer starts) and stream its growing text.
 
     The text comes from ``engine.stream_text`` (stop strings, post-processing: the answer of ``chat``) over the

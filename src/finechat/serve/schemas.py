@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from finechat.config import field
+from finechat.generate.contract import ChatEngine
 from finechat.generate.settings import GenerationSettings
 
 # ChatGLM-6B's api.py defaults, kept for its clients.
@@ -290,7 +291,7 @@ class PromptLimit:
     context: int | None
 
     @classmethod
-    def of(cls, engine: Any, settings: ServeSettings) -> PromptLimit:
+    def of(cls, engine: ChatEngine, settings: ServeSettings) -> PromptLimit:
         context = context_length(engine)
         limits = [x for x in (settings.max_prompt_tokens, context) if x]
         return cls(min(limits) if limits else None, context)
@@ -322,7 +323,7 @@ class PromptLimit:
         return gen
 
 
-def context_length(engine: Any) -> int | None:
+def context_length(engine: ChatEngine) -> int | None:
     """The model's context in tokens, from its config (None when it does not say)."""
     config = getattr(getattr(engine, "model", None), "config", None)
     for name in ("max_position_embeddings", "seq_length", "n_positions"):
@@ -332,7 +333,7 @@ def context_length(engine: Any) -> int | None:
     return None
 
 
-def default_model_name(engine: Any) -> str:
+def default_model_name(engine: ChatEngine) -> str:
     """The model id shown in ``/v1/models``: the model folder's name."""
     source = getattr(engine, "source", None)
     return Path(source).name if source else "finechat"

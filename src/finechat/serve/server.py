@@ -56,7 +56,7 @@ class RateLimit(logging.Filter):
     def __init__(self, per_second: int = 5, clock: Any = time.monotonic):
         super().__init__()
         self.per_second, self.clock = per_second, clock
-        self._lock = threading.Lock()
+        self._window_lock = threading.Lock()
         self._seen: dict[tuple, list] = {}  # key -> [window start, passed in window, held back since last shown]
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -65,7 +65,7 @@ class RateLimit(logging.Filter):
         exc = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else None
         key = (record.name, record.levelno, str(record.msg), exc)
         now = self.clock()
-        with self._lock:
+        with self._window_lock:
             if len(self._seen) > 1000:  # many distinct messages: forget the old windows
                 self._seen = {k: v for k, v in self._seen.items() if now - v[0] < 1.0}
             state = self._seen.setdefault(key, [now, 0, 0])

@@ -11,15 +11,18 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import TextIO
+
+from finechat.generate.contract import ChatEngine
+from finechat.tools.agent import Agent
 
 CLEAR_WORDS = {"clear"}
 EXIT_WORDS = {"stop", "exit", "quit"}
 
 
-def run_terminal_chat(bot: Any, generation: dict, system: str | None = None, stdin: TextIO | None = None,
+def run_terminal_chat(bot: ChatEngine, generation: dict, system: str | None = None, stdin: TextIO | None = None,
                       stdout: TextIO | None = None, interactive: bool | None = None,
-                      notice: str | None = None, agent: Any = None) -> int:
+                      notice: str | None = None, agent: Agent | None = None) -> int:
     """Run the chat loop over ``bot.stream_chat`` (or a tool ``agent``'s events); returns an exit code."""
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
@@ -84,7 +87,7 @@ def run_terminal_chat(bot: Any, generation: dict, system: str | None = None, std
         stdout.flush()
 
 
-def _with_tools(agent: Any, query: str, history: list, system: str | None, generation: dict,
+def _with_tools(agent: Agent, query: str, history: list, system: str | None, generation: dict,
                 stdout: TextIO) -> Iterator[tuple[str, list]]:
     """``stream_chat``'s (response, history) pairs from a tool agent, printing each call and result as it runs."""
     response = ""

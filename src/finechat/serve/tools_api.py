@@ -24,9 +24,10 @@ from finechat.errors import FinechatError
 from finechat.serve.runs import Run, cancel_on_disconnect, chunk_builder, generation_kwargs, sse, submit_now
 from finechat.serve.schemas import ApiError, PromptLimit
 from finechat.tools import toolcalls
+from finechat.tools.agent import Agent
 
 
-async def answer(request: Any, agent: Any, submit: Any, messages: list[dict], gen: Any, limit: PromptLimit,
+async def answer(request: Any, agent: Agent, submit: Any, messages: list[dict], gen: Any, limit: PromptLimit,
                  explicit: bool, model: str, stream: bool, include_usage: bool) -> Any:
     """The tool runtime's answer to one chat request: a ``chat.completion``, or an event stream with ``stream``.
 
@@ -58,15 +59,15 @@ def check_messages(messages: list[dict]) -> None:
         raise ApiError(422, str(e), param="messages", code="invalid_value") from None
 
 
-def first_prompt_ids(agent: Any, messages: list[dict]) -> list[int]:
+def first_prompt_ids(agent: Agent, messages: list[dict]) -> list[int]:
     """The prompt of the agent's first round, built as the agent builds it (422 when the template refuses)."""
     bot = agent.bot
     try:
+        messages, _ = agent.prepare(messages)  # the engine's hooks, once, as the agent applies them
         if agent.protocol == "moss":
-            return bot.encode_prompt(agent.moss_prompt(validate_messages(messages)))
-        prompt_messages, template_tools = toolcalls.prepare(bot, validate_messages(messages),
-                                                            agent.tools.openai_schemas())
-        return bot.encode_prompt(bot.build_prompt(prompt_messages, template_tools))
+            return bot.encode_prompt(agent.moss_prompt(messages))
+        prompt_messages, template_tools = toolcalls.prepare(bot, messages, agent.tools.openai_schemas())
+        return bot.encode_prompt(bot.build_prompt(prompt_messages, template_tools, hooks=False))
     except Exception as e:  # a Jinja template that rejects this conversation  # noqa: BLE001
         raise ApiError(422, f"the model's chat template cannot render these messages: {e}", param="messages",
                        code="invalid_value") from None
@@ -90,7 +91,7 @@ class Rounds:
         self._first: tuple[list[int], Any] | None = None
         self._current: Any = None
         self._cancelled = threading.Event()
-        self._lock = threading.Lock()
+        self._state_lock = threading.Lock()
 
     def start(self, prompt_ids: list[int], gen: Any, explicit: bool) -> Any:
         """Check and queue the first round now; returns ``gen`` fitted to the prompt."""
@@ -99,7 +100,7 @@ class Rounds:
         return gen
 
     def __call__(self, prompt_ids: list[int], settings: Any) -> Any:
-        with self._lock:
+        with self._state_lock:
             if self._cancelled.is_set():
                 raise Cancelled("the request was cancelled")
             first, self._first = self._first, None
@@ -113,14 +114,14 @@ class Rounds:
             return stream
 
     def cancel(self) -> None:
-        with self._lock:
+        with self._state_lock:
             self._cancelled.set()
             for stream in (self._current, self._first[1] if self._first else None):
                 if stream is not None:
                     stream.close()
 
 
-def agent_run(agent: Any, messages: list[dict], gen: Any, rounds: Rounds) -> Run:
+def agent_run(agent: Agent, messages: list[dict], gen: Any, rounds: Rounds) -> Run:
     """One request answered by the tool runtime in a worker thread; its items are the agent's events."""
     stats: dict = {"prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "stop"}
     kwargs = generation_kwargs(gen)

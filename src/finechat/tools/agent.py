@@ -1,6 +1,6 @@
 """The tool runtime: generate, detect a tool call, run it, inject the result, continue -- a small state machine.
 
-:class:`Agent` wraps a :class:`~finechat.generate.engine.ChatModel` and a
+:class:`Agent` drives an engine (:class:`~finechat.generate.contract.ChatEngine`) with a
 :class:`~finechat.tools.toolbox.ToolRegistry` and answers a conversation while yielding :class:`AgentEvent`
 objects (answer text as it streams, inner thoughts, each tool call and each result), so that the terminal,
 the web page and the API show the same thing. Three protocols, picked from the template (``protocol="auto"``):
@@ -39,7 +39,8 @@ from finechat.data.templates import (
     validate_messages,
 )
 from finechat.errors import ConfigError
-from finechat.generate.engine import _held_back
+from finechat.generate.contract import ChatEngine, Finish, begin_turn, chat_answer
+from finechat.generate.engine import held_back
 from finechat.tools import toolcalls
 from finechat.tools.toolbox import MAX_ARGUMENT_CHARS, ToolRegistry, ToolResult
 
@@ -177,9 +178,9 @@ def moss_system_prompt(registry: ToolRegistry, system: str | None = None, inner_
 
 
 class Agent:
-    """Answers conversations with a ChatModel, running the tools it calls."""
+    """Answers conversations with an engine, running the tools it calls (a loop over the engine, not a wrapper)."""
 
-    def __init__(self, bot: Any, tools: ToolRegistry, protocol: str = "auto", max_rounds: int = 4,
+    def __init__(self, bot: ChatEngine, tools: ToolRegistry, protocol: str = "auto", max_rounds: int = 4,
                  show_thoughts: bool = False, inner_thoughts: bool = True):
         if protocol not in PROTOCOLS:
             raise ConfigError(f"unknown tool protocol {protocol!r}; choose from: {', '.join(PROTOCOLS)}")
@@ -193,7 +194,7 @@ class Agent:
         self.protocol = self.pick_protocol(bot) if protocol == "auto" else protocol
 
     @staticmethod
-    def pick_protocol(bot: Any) -> str:
+    def pick_protocol(bot: ChatEngine) -> str:
         return "moss" if getattr(bot.template, "name", None) == "moss" else "native"
 
     # -- public API ------------------------------------------------------------------------------------
@@ -204,25 +205,48 @@ class Agent:
         ``generate`` replaces ``ChatModel.generate_ids`` (the server's batching scheduler); ``stats`` receives
         ``prompt_tokens`` / ``completion_tokens`` summed over all rounds and the last ``finish_reason``.
         """
-        messages = validate_messages(messages)
+        plain = validate_messages(messages)
+        messages, finish = self.prepare(plain)
         if stats is not None:
             stats.update(prompt_tokens=0, completion_tokens=0, finish_reason="stop")
         runner = self._run_moss if self.protocol == "moss" else self._run_messages
-        yield from runner(messages, generate, stats, **gen)
+        for event in runner(messages, generate, stats, **gen):
+            if event.kind == "done":
+                event.messages = plain + (event.messages or [])[len(messages):]  # the caller's, plain answer last
+                if finish is not None:  # the engine's hooks finish the whole answer once (sources, a notice)
+                    shown = finish(event.text)
+                    if shown != event.text:
+                        yield AgentEvent("text", shown[len(event.text):] if shown.startswith(event.text) else shown)
+                    event.text = shown
+            yield event
+
+    def prepare(self, messages: list[Message]) -> tuple[list[Message], Finish | None]:
+        """The conversation checked, with the engine's hooks applied once for the whole answer (every round
+        generates with ``hooks=False``): the messages the prompts are built from, and the hooks' finish."""
+        return begin_turn(self.bot.hooks, validate_messages(messages))
 
     def stream_events(self, query: str, history: list | None = None, system: str | None = None,
                       **gen: Any) -> Iterator[AgentEvent]:
         """:meth:`run` for ChatGLM-style ``(query, history)``."""
         yield from self.run(history_to_messages(query, history, system), **gen)
 
+    def stream_chat(self, query: str, history: list | None = None, system: str | None = None,
+                    **gen: Any) -> Iterator[tuple[str, list]]:
+        """Like ``ChatEngine.stream_chat`` with tools: the answer so far as it grows, the whole answer last."""
+        history = list(history or [])
+        response = ""
+        for event in self.stream_events(query, history, system, **gen):
+            if event.kind == "text":
+                response += event.text
+                yield response, history + [(query, response)]
+            elif event.kind == "done":  # the history keeps the plain answer, as the engine's does
+                plain = event.messages[-1]["content"] if event.messages else event.text
+                yield event.text, history + [(query, plain)]
+
     def chat(self, query: str, history: list | None = None, system: str | None = None,
              **gen: Any) -> tuple[str, list]:
-        """Like ``ChatModel.chat`` with tools: ``(answer, history + [(query, answer)])``."""
-        answer = ""
-        for event in self.stream_events(query, history, system, **gen):
-            if event.kind == "done":
-                answer = event.text
-        return answer, list(history or []) + [(query, answer)]
+        """Like ``ChatEngine.chat`` with tools: ``(answer, history + [(query, answer)])``."""
+        return chat_answer(self.stream_chat(query, history, system, **gen), query, history)
 
     def call_tools(self, calls: list[ToolCall], round_number: int) -> Iterator[tuple[ToolCall, ToolResult, AgentEvent]]:
         """Run parsed calls in order, yielding the call event before and the result after each."""
@@ -268,9 +292,9 @@ class Agent:
             segment = ""
             round_stats: dict = {}
             for segment in bot.stream_text(view, generate=generate, prompt_ids=prompt_ids, skip_special_tokens=False,
-                                           stop=stops, stats=round_stats, **gen):
+                                           stop=stops, stats=round_stats, hooks=False, **gen):
                 # Stream the answer (and thoughts) as they grow, holding back a half-written marker.
-                safe = segment[: len(segment) - _held_back(segment, list(_MARKERS))]
+                safe = segment[: len(segment) - held_back(segment, list(_MARKERS))]
                 pieces = _sections(safe, section)
                 for kind, shown in (("text", "answer"), ("thought", "thought")):
                     full = _join(pieces, shown).lstrip()
@@ -334,7 +358,7 @@ class Agent:
             text = shown = ""
             round_stats: dict = {}
             for text in self.bot.stream_text(prompt_messages, tools=template_tools, generate=generate,
-                                             stats=round_stats, **gen):
+                                             stats=round_stats, hooks=False, **gen):
                 visible = toolcalls.visible_prefix(text).rstrip()
                 if visible.startswith(shown) and len(visible) > len(shown):
                     yield AgentEvent("text", visible[len(shown):])

@@ -21,16 +21,17 @@ import uuid
 from typing import Any
 
 from finechat.data.tool_prompt import CLOSE, OPEN, template_renders_tools, tool_prompt
+from finechat.generate.contract import ChatEngine
 
 _BLOCK = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|$)", re.S)
 
 
-def template_supports_tools(chat: Any) -> bool:
+def template_supports_tools(chat: ChatEngine) -> bool:
     """Whether the chat model's template renders an OpenAI ``tools`` list itself."""
     return template_renders_tools(chat.template)
 
 
-def prepare(chat: Any, messages: list[dict], tools: list[dict] | None, tool_choice: Any = None) -> tuple[
+def prepare(chat: ChatEngine, messages: list[dict], tools: list[dict] | None, tool_choice: Any = None) -> tuple[
     list[dict], list[dict] | None
 ]:
     """Messages and the ``tools`` argument for ``ChatModel.build_prompt`` (None when the fallback is used)."""

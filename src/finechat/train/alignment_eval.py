@@ -24,7 +24,8 @@ from finechat.eval.pair_accuracy import disabled_adapter, pair_logps, preference
 from finechat.eval.predict import generate_answers, load_examples
 from finechat.eval.reward_scoring import RewardModel, load_reward_model, pairwise_accuracy, score_answers
 from finechat.files import write_jsonl_atomic
-from finechat.generate.engine import ChatModel, GenerationSettings
+from finechat.generate.contract import ChatEngine
+from finechat.generate.engine import GenerationSettings
 from finechat.models.resolve import load_adapter, load_model_and_tokenizer
 from finechat.train.grpo_rewards import answer_format, calculator, correct
 
@@ -69,7 +70,7 @@ class AlignmentScorer:
             self._reward_model = (folder, load_reward_model(folder))
         return self._reward_model[1]
 
-    def _reference_logps(self, bot: ChatModel, key: Key, started_from: Key) -> tuple[list[float], list[float]]:
+    def _reference_logps(self, bot: ChatEngine, key: Key, started_from: Key) -> tuple[list[float], list[float]]:
         if started_from in self.logps:
             return self.logps[started_from]
         if started_from == (key[0], None) and key[1]:  # the same base under the adapter: switch the adapter off
@@ -83,7 +84,7 @@ class AlignmentScorer:
         self.logps[started_from] = found
         return found
 
-    def score(self, bot: ChatModel, key: Key, started_from: Key | None, out_dir: Path,
+    def score(self, bot: ChatEngine, key: Key, started_from: Key | None, out_dir: Path,
               reward_model: str | None) -> dict:
         """The report of ``bot`` (the model ``key``) against the model it started from (None: itself)."""
         acfg = self.acfg

@@ -27,7 +27,7 @@ from typing import Any
 from finechat.console import log
 from finechat.data.templates import EOS, TEMPLATES
 from finechat.errors import FinechatError, ModelLoadError
-from finechat.files import check_output_folder, read_json, staged_folder
+from finechat.files import check_output_folder, read_json, staged_folder, write_text_atomic
 from finechat.models.resolve import load_adapter, load_model_and_tokenizer, resolve_model_path
 
 EXPORT_FILE = "finechat_export.json"
@@ -109,9 +109,9 @@ def export_model(model: str, adapter: str | None, out: str | Path, quantization_
         record["dtype"] = str(save_dtype).replace("torch.", "")
         record["seconds"] = round(time.time() - t0, 1)
         if (record.get("run") or {}).get("licenses"):  # the folder says whose licences it carries (registry reads it)
-            (tmp / "finechat_licenses.json").write_text(json.dumps(record["run"]["licenses"], indent=2,
+            write_text_atomic(tmp / "finechat_licenses.json", json.dumps(record["run"]["licenses"], indent=2,
                                                                    ensure_ascii=False) + "\n", encoding="utf-8")
-        (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_text_atomic(tmp / EXPORT_FILE, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     log(f"Exported to {out} in {record['seconds']} s")
     return record
 

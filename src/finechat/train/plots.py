@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from finechat.files import atomic_file
 
 LOSS_PNG = "loss_curve.png"
 
@@ -55,8 +56,9 @@ def plot_loss(log_history: list[dict], path: str | Path, title: str = "") -> Pat
     ax.set_title(title or "training loss")
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path, "wb") as fh:
+            fig.savefig(fh, format="png")
+    finally:
+        plt.close(fig)
     return path

@@ -20,11 +20,14 @@ from typing import Any
 
 from finechat.data.blank_infilling import BlankInfillingCollator, blank_infilling_examples
 from finechat.data.documents import read_documents
-from finechat.data.tokenize import pack_examples
+from finechat.data.tokenize import data_collator, pack_examples
 from finechat.errors import ConfigError
+from finechat.train.sft import trainer_with_collator
 from finechat.train.train_config import TrainConfig
+from finechat.train.trainer_setup import split_holdout
 
-__all__ = ["OBJECTIVES", "Objective", "get_objective", "read_documents", "register_objective"]
+__all__ = ["OBJECTIVES", "Objective", "get_objective", "pretrain_trainer", "read_documents", "read_pretrain",
+           "register_objective"]
 
 Builder = Callable[[list[str], Any, TrainConfig], tuple[list[dict], dict]]
 
@@ -81,3 +84,25 @@ def _blank_infilling_collator(tokenizer: Any) -> Any:
 
 register_objective("causal_lm", causal_lm_examples)
 register_objective("blank_infilling", blank_infilling_examples, _blank_infilling_collator)
+
+
+# -- the stage's parts (its record is in finechat.train.stage_table) -----------------------------------------
+def read_pretrain(cfg: TrainConfig, tokenizer: Any, template: Any, cache_dir: str | None = None
+                  ) -> tuple[list[dict], list[dict], dict]:
+    """(train rows, eval rows, info) of plain-text documents, built by the objective."""
+    build = get_objective(cfg.objective).build
+    docs = read_documents(cfg.data, cfg.document_per)[: cfg.max_samples or None]
+    val_docs = read_documents([cfg.val_file], cfg.document_per) if cfg.val_file else []
+    if not val_docs:
+        docs, val_docs = split_holdout(docs, cfg.val_size, cfg.seed)
+    train, stats = build(docs, tokenizer, cfg)
+    evals = build(val_docs, tokenizer, cfg)[0] if val_docs else []
+    return train, evals, {"stage": "pretrain", "objective": cfg.objective, **stats}
+
+
+def pretrain_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, args: Any, train: list, evals: list | None,
+                     callbacks: list, info: dict, licence: dict) -> Any:
+    """transformers' Trainer with the objective's collator (GLM's rows carry 2D positions), else padding."""
+    padding = data_collator(tokenizer)
+    collator = (get_objective(cfg.objective).collator or (lambda _: padding))(tokenizer)
+    return trainer_with_collator(cfg, model, tokenizer, args, train, evals, callbacks, info, licence, collator)

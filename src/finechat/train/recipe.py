@@ -1,10 +1,13 @@
-"""The training recipe: one plain function that assembles model, method, data and transformers' Trainer.
+"""The training recipe: one plain function that runs any stage, asking its record what differs.
 
-``run_training(cfg)`` reads top to bottom: resolve resume, check licences, load the base, apply the method
-(LoRA / P-Tuning v2 / full / freeze / QLoRA), tokenize and split the data, print the memory estimate, train
-with the Trainer (DDP / FSDP / DeepSpeed come from torchrun or accelerate through the Trainer), evaluate,
-and write the summary. Multi-stage recipes (pretrain -> SFT -> ...) call it once per stage with the
-previous stage's checkpoint as ``adapter`` or ``model``.
+``run_training(cfg)`` reads top to bottom: look the stage up (:mod:`finechat.train.stage_table`), resolve
+resume, check licences, load the base, check the stage supports it, pick the template, read and tokenize the
+data with the stage's reader and row adapter, apply the method (LoRA / P-Tuning v2 / full / freeze / QLoRA),
+print the memory estimate, write the run file, train with the stage's trainer (transformers' Trainer for SFT
+and pretraining, TRL's for the preference and RL stages; DDP / FSDP / DeepSpeed come from torchrun or
+accelerate through the Trainer), collect the losses and the stage's metrics, and write the summary.
+Multi-stage recipes (pretrain -> SFT -> DPO ...) call it once per stage with the previous stage's checkpoint
+as ``adapter`` or ``model`` (:mod:`finechat.train.stages`).
 
 Only rank 0 writes files of its own (loss curve, log, summary); the Trainer already restricts its own.
 """
@@ -12,406 +15,69 @@ Only rank 0 writes files of its own (loss curve, log, summary); the Trainer alre
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import random
 import time
-from pathlib import Path
-from typing import Any
 
-from finechat.config import VERSION, to_dict
 from finechat.console import log
-from finechat.data.catalog import (
-    LICENCE_FILE,
-    check_commercial,
-    licence_lines,
-    licence_summary,
-    with_data_sources,
-)
-from finechat.data.mixing import MixSettings
+from finechat.data.catalog import LICENCE_FILE, with_data_sources
 from finechat.data.templates import get_template
-from finechat.data.token_cache import build_dataset, longest_row, stream_examples
-from finechat.data.tokenize import TokenizeSettings, data_collator, pack_examples
 from finechat.errors import ConfigError
-from finechat.files import atomic_file, write_json_atomic
-from finechat.models.device import pick_device
-from finechat.models.resolve import load_model_and_tokenizer
+from finechat.files import write_json_atomic
 from finechat.train import checkpoints
 from finechat.train.estimate import estimate_memory
-from finechat.train.methods import base_dtype, prepare_model, quantization_config
-from finechat.train.plots import LOSS_PNG, plot_loss
-from finechat.train.pretrain import get_objective, read_documents
+from finechat.train.stage_table import Stage, check_supported, get_stage
 from finechat.train.train_config import TrainConfig
+from finechat.train.trainer_setup import (
+    TrainResult,
+    finish_run,
+    make_callback,
+    run_info,
+    run_predict,
+    start_run,
+    training_arguments,
+    world,
+)
 
-SUMMARY_FILE = "train_results.json"
-LOG_FILE = "train_log.jsonl"
-
-
-@dataclasses.dataclass
-class TrainResult:
-    """What a finished run produced."""
-
-    output_dir: str
-    final_checkpoint: str | None
-    best_checkpoint: str | None
-    metrics: dict
-    global_step: int
-    loss_curve: str | None
-    resumed_from: str | None = None
-    log_history: list = dataclasses.field(default_factory=list)
-
-
-def world() -> tuple[int, int, int]:
-    """(rank, local rank, world size) from torchrun / accelerate's environment."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-# ------------------------------------------------------------------------------------------------------------
-# resume and licences
-# ------------------------------------------------------------------------------------------------------------
-
-def resolve_resume(cfg: TrainConfig, output_dir: Path, is_main: bool) -> str | None:
-    """The checkpoint to resume from: ``auto`` = newest complete one; refuses to silently train over one."""
-    if is_main:
-        removed = checkpoints.clean_incomplete(output_dir)
-        if removed:
-            log(f"removed {len(removed)} incomplete save(s) left by an interrupted run: "
-                f"{', '.join(p.name for p in removed)}")
-    if cfg.resume_from_checkpoint == "auto":
-        found = checkpoints.latest_checkpoint(output_dir)
-        if found is None:
-            log(f"resume_from_checkpoint: auto: no checkpoint in {output_dir}; starting from scratch")
-            return None
-        log(f"resuming from {found} (step {checkpoints.checkpoint_step(found)})")
-        return str(found)
-    if cfg.resume_from_checkpoint:
-        path = Path(cfg.resume_from_checkpoint)
-        if not path.is_dir() or not checkpoints.is_complete(path):
-            raise ConfigError(f"resume_from_checkpoint: {path} is not a complete finechat checkpoint")
-        return str(path)
-    existing = checkpoints.list_checkpoints(output_dir)
-    if existing and not cfg.overwrite_output_dir:
-        raise ConfigError(
-            f"output_dir {output_dir} already has checkpoints ({existing[-1].name}); set "
-            "resume_from_checkpoint=auto to continue, overwrite_output_dir=true to start over, or another output_dir"
-        )
-    return None
-
-
-def licences(cfg: TrainConfig) -> dict:
-    """Check ``commercial`` against the registry and return the licence summary recorded with the run."""
-
-    check_commercial(cfg.model, cfg.datasets, cfg.commercial)
-    if cfg.commercial and not cfg.datasets:
-        raise ConfigError("commercial: true needs the registry names of the data in datasets: [...] "
-                          "(data known only by its path has an unknown licence)")
-    return licence_summary(cfg.model, cfg.datasets)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# model and data
-# ------------------------------------------------------------------------------------------------------------
-
-def load_base(cfg: TrainConfig) -> tuple[Any, Any, Path, str]:
-    """Load the base model (quantized with bitsandbytes for qlora) and tokenizer; returns (.., device)."""
-    import torch
-
-    device = pick_device("auto")
-    _, local_rank, _ = world()
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(local_rank)
-    dtype = base_dtype(cfg, device.split(":")[0])
-    extra: dict[str, Any] = {}
-    quant = quantization_config(cfg, torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32)
-    # ChatGLM-6B's ptuning quantizes its frozen base with its own INT4/INT8 (model.quantize), not bitsandbytes
-    native_bits = cfg.quantization_bit if cfg.method == "ptuning" and _model_type(cfg.model) == "chatglm" else None
-    if quant is not None and not native_bits:
-        extra = {"quantization_config": quant, "device_map": {"": device}}
-    model, tokenizer, folder = load_model_and_tokenizer(
-        cfg.model, dtype=str(dtype).split(".")[-1], device=device, trust_remote_code=cfg.trust_remote_code,
-        quantization_bit=native_bits, **extra,
-    )
-    model.train()
-    return model, tokenizer, folder, device
-
-
-def _model_type(model: str) -> str | None:
-    """model_type from a model folder's config.json (None for 'default', a .gguf file or no config)."""
-    config = Path(model).expanduser() / "config.json"
-    try:
-        return json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
-    except (OSError, ValueError):
-        return None
-
-
-def split_holdout(items: list, size: float, seed: int) -> tuple[list, list]:
-    """Shuffle a copy with ``seed`` and hold out ``size`` items (a fraction when < 1)."""
-    if size <= 0 or not items:
-        return items, []
-    n = int(size) if size >= 1 else max(1, round(len(items) * size))
-    if n >= len(items):
-        raise ConfigError(f"val_size {size} leaves no training data ({len(items)} examples)")
-    if hasattr(items, "select"):  # memory-mapped rows: index arrays and views, flat in the row count
-        import numpy as np
-
-        keep = np.ones(len(items), dtype=bool)
-        keep[np.random.default_rng(seed).permutation(len(items))[:n]] = False
-        return items.select(np.flatnonzero(keep)), items.select(np.flatnonzero(~keep))
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
-
-
-def load_data(cfg: TrainConfig, tokenizer: Any, template: Any, cache_dir: str | None = None
-              ) -> tuple[list[dict], list[dict], dict]:
-    """(train examples, eval examples, stats) for ``cfg.stage``."""
-    if not cfg.data:
-        raise ConfigError("no training data: set data: [FILE, ...] (see data/samples/)")
-    if cfg.stage == "pretrain":
-        build = get_objective(cfg.objective).build
-        docs = read_documents(cfg.data, cfg.document_per)[: cfg.max_samples or None]
-        val_docs = read_documents([cfg.val_file], cfg.document_per) if cfg.val_file else []
-        if not val_docs:
-            docs, val_docs = split_holdout(docs, cfg.val_size, cfg.seed)
-        train, stats = build(docs, tokenizer, cfg)
-        evals = build(val_docs, tokenizer, cfg)[0] if val_docs else []
-        return train, evals, {"stage": "pretrain", "objective": cfg.objective, **stats}
-
-    settings = TokenizeSettings(
-        cutoff_len=cfg.cutoff_len, max_source_length=cfg.max_source_length, max_target_length=cfg.max_target_length,
-        train_on_prompt=cfg.train_on_prompt, last_turn_only=cfg.last_turn_only,
-        skip_overlength=cfg.skip_overlength, packing=False,  # packed after the validation split
-    )
-    columns = {k: getattr(cfg, k) for k in ("prompt_column", "response_column", "history_column") if getattr(cfg, k)}
-    read = {"format": cfg.format, "on_bad_record": cfg.on_bad_record, **columns}
-    mix = MixSettings(list(cfg.mix), cfg.mix_stop, cfg.seed) if cfg.mix else None
-    evals = build_dataset([cfg.val_file], tokenizer, template, settings, cache_dir=cache_dir, **read)[0] \
-        if cfg.val_file else []
-    if cfg.streaming:
-        return streamed_rows(cfg, tokenizer, template, settings, mix, read), evals, {
-            "stage": "sft", "streaming": True, "summary": "streamed: tokenized as read, no cache",
-            "sources": [{"source": s} for s in cfg.data]}
-    train, stats = build_dataset(cfg.data, tokenizer, template, settings, cache_dir=cache_dir, mix=mix,
-                                 num_proc=cfg.num_proc, **read)
-    train = train[: cfg.max_samples or None]
-    if not cfg.val_file:
-        train, evals = split_holdout(train, cfg.val_size, cfg.seed)
-    if not train:
-        raise ConfigError(f"no training examples left from {', '.join(cfg.data)}: {stats.summary()}")
-    if cfg.packing:
-        train = pack_examples(train, cfg.cutoff_len)
-    info = {"stage": "sft", **dataclasses.asdict(stats), "summary": stats.summary(), "train_rows": len(train),
-            "eval_rows": len(evals)}
-    return train, evals, info
-
-
-def streamed_rows(cfg: TrainConfig, tokenizer: Any, template: Any, settings: TokenizeSettings,
-                  mix: MixSettings | None, read: dict) -> Any:
-    """A torch IterableDataset over ``cfg.data`` tokenized as it is read; each epoch reads the data again."""
-    import torch
-
-    class Stream(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            return stream_examples(cfg.data, tokenizer, template, settings, mix=mix, **read)
-
-    return Stream()
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Trainer
-# ------------------------------------------------------------------------------------------------------------
-
-def training_arguments(cfg: TrainConfig, has_eval: bool, device: str, args_class: Any = None, **extra: Any) -> Any:
-    """transformers' TrainingArguments (or a TRL config, ``args_class``) from the flags of the same names."""
-    from transformers import TrainingArguments
-
-    eval_steps = cfg.eval_steps or cfg.save_steps
-    report_to = [r for r in cfg.report_to if r != "none"]
-    if "tensorboard" in report_to:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            log("tensorboard is not installed: no TensorBoard events (pip install 'finechat[train]')")
-            report_to.remove("tensorboard")
-    settings = dict(
-        output_dir=cfg.output_dir,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_steps=cfg.max_steps,
-        num_train_epochs=cfg.num_train_epochs,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_steps if cfg.warmup_steps > 0 else cfg.warmup_ratio,  # < 1 is a ratio in v5
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        optim=cfg.optim,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=None,  # rotation is ours: it keeps the newest and the best checkpoint
-        logging_steps=cfg.logging_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=eval_steps if has_eval else None,
-        fp16=cfg.fp16,
-        bf16=cfg.bf16,
-        # use_reentrant=False: a frozen base still passes gradients through checkpointed blocks
-        gradient_checkpointing=cfg.gradient_checkpointing,  # explicit: TRL's configs default to True
-        **({"gradient_checkpointing_kwargs": {"use_reentrant": False}} if cfg.gradient_checkpointing else {}),
-        seed=cfg.seed,
-        dataloader_num_workers=cfg.dataloader_num_workers,
-        report_to=report_to or "none",
-        ddp_backend=cfg.ddp_backend,
-        ddp_find_unused_parameters=cfg.ddp_find_unused_parameters,
-        fsdp=cfg.fsdp or None,
-        fsdp_config=cfg.fsdp_config,
-        deepspeed=cfg.deepspeed,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        remove_unused_columns=False,  # our rows are plain dicts; packed rows carry position_ids
-        label_names=["labels"],
-        use_cpu=device == "cpu",
-        disable_tqdm=False,
-    )
-    return (args_class or TrainingArguments)(**{**settings, **extra})
-
-
-def make_callback(cfg: TrainConfig, has_eval: bool):
-    """Loss-curve PNG at each save and at the end, a JSONL log, and a save + eval at the last step."""
-    from transformers import TrainerCallback
-
-    out = Path(cfg.output_dir)
-    title = f"{cfg.method} on {Path(cfg.model).name}"
-
-    class RunCallback(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= state.max_steps:
-                control.should_save = True  # the last step always leaves a checkpoint
-                control.should_evaluate = has_eval
-            return control
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if state.is_world_process_zero and state.global_step > 0:  # resumed: drop the steps after the checkpoint
-                truncate_log(out / LOG_FILE, state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
-                with open(out / LOG_FILE, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                plot_loss(state.log_history, out / LOSS_PNG, title)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                plot_loss(state.log_history, out / LOSS_PNG, title)
-
-    return RunCallback()
-
-
-def truncate_log(path: Path, last_step: int) -> int:
-    """Keep the log lines up to ``last_step`` (a resumed run logs the later steps again); returns lines dropped."""
-    if not path.is_file():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            step = json.loads(line).get("step", 0)
-        except (json.JSONDecodeError, AttributeError):
-            dropped += 1  # a line cut by the kill that ended the earlier run
-            continue
-        if step <= last_step:
-            kept.append(line)
-        else:
-            dropped += 1
-    if dropped:
-        with atomic_file(path) as fh:
-            fh.write("".join(line + "\n" for line in kept))
-    return dropped
-
-
-def run_info(cfg: TrainConfig, model: Any, template: Any, licence: dict, data_info: dict) -> dict:
-    """What ``finechat_run.json`` in every checkpoint says about the run."""
-    peft_config = getattr(model, "peft_config", {}).get("default") if hasattr(model, "peft_config") else None
-    return {
-        "finechat_version": VERSION,
-        "method": cfg.method,
-        "adapter_type": str(getattr(peft_config, "peft_type", "") or "") or None,
-        "stage": cfg.stage,
-        "objective": cfg.objective if cfg.stage == "pretrain" else None,
-        "template": getattr(template, "name", None),
-        "base_model": checkpoints.base_model_identity(getattr(model, "base_model", model), cfg, cfg.model),
-        "quantization_bit": cfg.quantization_bit,
-        "licenses": licence,
-        "data": {"files": cfg.data, "val_file": cfg.val_file, **{k: v for k, v in data_info.items()
-                                                                  if isinstance(v, (int, float, str))},
-                 "sources": data_info.get("sources", [])},
-        "config": to_dict(cfg),
-        "world_size": world()[2],
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-
-
-def run_predict(cfg: TrainConfig, model: Any, tokenizer: Any, template: Any) -> dict:
-    """``do_predict``: generate answers for ``predict_file`` (or val_file) with the trained model.
-
-    The generation and metrics belong to ``finechat.eval``; this hook calls its
-    ``predict_after_training(model, tokenizer, template, path, output_dir, cfg) -> metrics`` when present.
-    """
-    try:
-        from finechat.eval.predict import predict_after_training
-    except ImportError as e:
-        raise ConfigError(f"do_predict needs finechat.eval.predict.predict_after_training: {e}") from e
-    path = cfg.predict_file or cfg.val_file
-    if not path:
-        raise ConfigError("do_predict: set predict_file (or val_file) to the data to generate answers for")
-    return predict_after_training(model, tokenizer, template, path, cfg.output_dir, cfg)
-
-
-def start_run(cfg: TrainConfig) -> tuple[Path, str | None, dict, Any, Any, str]:
-    """(output folder, checkpoint to resume from, licence summary, base model, tokenizer, device) of a run."""
-    import transformers
-
-    out = Path(cfg.output_dir)
-    is_main = world()[0] == 0
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    resume = resolve_resume(cfg, out, is_main)
-    licence = licences(cfg)
-    transformers.set_seed(cfg.seed)
-    model, tokenizer, _, device = load_base(cfg)
-    return out, resume, licence, model, tokenizer, device
+__all__ = ["TrainResult", "collect_metrics", "run_training", "stage_report"]
 
 
 def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
-    """Train as ``cfg`` says, resumably; returns the final / best checkpoints and the metrics."""
+    """Train the stage ``cfg`` names as ``cfg`` says, resumably; returns the final / best checkpoints and metrics."""
     import transformers
 
+    stage = get_stage(cfg.stage)
     if not cfg.data:
-        raise ConfigError("no training data: set data: [FILE, ...] (see data/samples/)")
+        where = f"stage {stage.name}: " if stage.trl else ""
+        raise ConfigError(f"{where}no training data: set data: [FILE, ...] (see {stage.samples})")
+    args_class = stage.trl()[1] if stage.trl else None  # a missing TRL is said before anything loads
     rank, _, world_size = world()
     is_main = rank == 0
     out, resume, licence, model, tokenizer, device = start_run(cfg)
+    check_supported(stage, cfg, model)
     template = get_template(cfg.template, tokenizer, getattr(model.config, "model_type", None))
-    args = training_arguments(cfg, has_eval=cfg.do_eval and (cfg.val_size > 0 or bool(cfg.val_file)), device=device)
+
+    def arguments(has_eval: bool) -> object:
+        return training_arguments(cfg, has_eval, device, args_class=args_class, **stage.settings(cfg))
+
+    args = arguments(cfg.do_eval and stage.eval_in_training and (cfg.val_size > 0 or bool(cfg.val_file)))
     with args.main_process_first(desc="tokenizing"):
-        train_rows, eval_rows, data_info = load_data(cfg, tokenizer, template, cache_dir)
-    has_eval = cfg.do_eval and bool(eval_rows)
+        train_rows, eval_rows, data_info = stage.read(cfg, tokenizer, template, cache_dir)
+    train_rows, eval_rows = stage.rows(train_rows), stage.rows(eval_rows)
+    has_eval = cfg.do_eval and stage.eval_in_training and bool(eval_rows)
     if has_eval != (args.eval_strategy != "no"):
-        args = training_arguments(cfg, has_eval, device)
+        args = arguments(has_eval)
     if is_main:
         rows = "streamed training rows" if cfg.streaming else f"{len(train_rows)} training rows"
         log(f"data: {data_info.get('summary') or data_info}; {rows}, {len(eval_rows)} eval rows")
 
     transformers.set_seed(cfg.seed)  # adapter initialisation does not depend on how much data was read
-    model = prepare_model(model, cfg)
-    longest = cfg.cutoff_len if cfg.streaming else longest_row(train_rows)
-    estimate = estimate_memory(model, cfg, seq_len=longest, device=device.split(":")[0])
+    model = stage.prepare(model, tokenizer, cfg)
+    sequences = stage.sequences(cfg)
+    estimate = estimate_memory(model, dataclasses.replace(
+        cfg, per_device_train_batch_size=cfg.per_device_train_batch_size * sequences),
+        seq_len=stage.estimate_length(cfg, train_rows), device=device.split(":")[0])
     if is_main:
-        log(f"{cfg.method} on {cfg.model} ({world_size} process{'es' if world_size > 1 else ''}):\n"
-            + estimate.table())
+        log(f"{stage.name} ({cfg.method}) on {cfg.model}, {sequences} sequence(s) per example "
+            f"({world_size} process{'es' if world_size > 1 else ''}):\n" + estimate.table())
         if estimate.fits is False:
             log("warning: the estimate exceeds the available memory; lower per_device_train_batch_size or "
                 "cutoff_len, or use gradient_checkpointing / qlora")
@@ -421,62 +87,43 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
     if is_main:
         write_json_atomic(out / checkpoints.RUN_FILE, info)
         write_json_atomic(out / LICENCE_FILE, licence)
-    collator = data_collator(tokenizer)
-    if cfg.stage == "pretrain":  # an objective may need its own collator (GLM's rows carry 2D positions)
-
-        collator = (get_objective(cfg.objective).collator or (lambda _: collator))(tokenizer)
-    trainer = checkpoints.make_trainer_class()(
-        model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
-        data_collator=collator, processing_class=tokenizer,
-        callbacks=[make_callback(cfg, has_eval)], run_info=info, keep_checkpoints=cfg.save_total_limit,
-        extra_files={LICENCE_FILE: licence},  # a checkpoint used as a base model still knows its licences
-    )
+    trainer = stage.trainer(cfg, model, tokenizer, args, train_rows, eval_rows if has_eval else None,
+                            [make_callback(cfg, has_eval)], info, licence)
     t0 = time.time()
     train_output = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(train_output.metrics)
     metrics["train_seconds_this_run"] = round(time.time() - t0, 2)
-    final_eval = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
-    if final_eval:
-        metrics["eval_loss"] = final_eval[-1]
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    if losses:
-        metrics["first_loss"], metrics["final_loss"] = losses[0], losses[-1]
-    if cfg.do_predict:
+    collect_metrics(stage, trainer.state.log_history, metrics)
+    if cfg.do_predict and stage.policy:
         metrics.update(run_predict(cfg, trainer.model, tokenizer, template))
 
-    return finish_run(out, trainer, metrics, resume, licence, info)
+    return finish_run(out, trainer, metrics, resume, licence, info, stage_report(stage, metrics))
 
 
-def finish_run(out: Path, trainer: Any, metrics: dict, resume: str | None, licence: dict, info: dict,
-               report: str = "") -> TrainResult:
-    """The result of a finished run: final / best checkpoints, loss curve, the summary file and table."""
-    final = checkpoints.latest_checkpoint(out)
-    best = checkpoints.best_checkpoint(out)
-    png = out / LOSS_PNG
-    result = TrainResult(
-        output_dir=str(out), final_checkpoint=str(final) if final else None,
-        best_checkpoint=str(best) if best else None, metrics=metrics, global_step=trainer.state.global_step,
-        loss_curve=str(png) if png.is_file() else None, resumed_from=resume,
-        log_history=list(trainer.state.log_history),
-    )
-    if trainer.is_world_process_zero():
-        summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "log_history"}
-        write_json_atomic(out / SUMMARY_FILE, {**summary, "licenses": licence, "data": info["data"]})
-        log(summary_table(result, licence) + (f"\n{report}" if report else ""))
-    return result
+def collect_metrics(stage: Stage, history: list[dict], metrics: dict) -> dict:
+    """Loss and the stage's own metrics (first and last logged value; eval values as eval_*), into ``metrics``."""
+    losses = [e["loss"] for e in history if "loss" in e]
+    if losses:
+        metrics["first_loss"], metrics["final_loss"] = losses[0], losses[-1]
+    for key, name in stage.metrics.items():
+        train = [e[key] for e in history if key in e]
+        if train:
+            metrics[f"first {name}"], metrics[f"final {name}"] = train[0], train[-1]
+        held = [e[f"eval_{key}"] for e in history if f"eval_{key}" in e]
+        if held:
+            metrics[f"eval {name}"] = held[-1]
+    evals = [e["eval_loss"] for e in history if "eval_loss" in e]
+    if evals:
+        metrics["eval_loss"] = evals[-1]
+    return metrics
 
 
-def summary_table(result: TrainResult, licence: dict) -> str:
-    """The end-of-run report as a table."""
-
-    m = result.metrics
-    rows = [("steps", str(result.global_step))]
-    for key in ("first_loss", "final_loss", "eval_loss", "train_runtime", "train_samples_per_second"):
-        if key in m:
-            rows.append((key, f"{m[key]:.4f}" if isinstance(m[key], float) else str(m[key])))
-    rows += [("final checkpoint", str(result.final_checkpoint)), ("best checkpoint", str(result.best_checkpoint)),
-             ("loss curve", str(result.loss_curve))]
-    rows += [("licence", line) for line in licence_lines(licence)]
+def stage_report(stage: Stage, metrics: dict) -> str:
+    """The stage's own metrics as a table ("" for a stage without any)."""
+    rows = [(k, v) for k, v in metrics.items() if any(name in k for name in stage.metrics.values())]
+    if not rows:
+        return ""
     width = max(len(k) for k, _ in rows)
-    return "\n".join([f"| {'run'.ljust(width)} | result |", f"|{'-' * (width + 2)}|--------|"]
-                     + [f"| {k.ljust(width)} | {v} |" for k, v in rows])
+    return "\n".join([f"| {stage.name.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
+                     + [f"| {k.ljust(width)} | {v:.4f} |" if isinstance(v, float) else f"| {k.ljust(width)} | {v} |"
+                        for k, v in rows])

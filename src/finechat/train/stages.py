@@ -41,12 +41,14 @@ from finechat.errors import ConfigError
 from finechat.eval import harness
 from finechat.eval.metrics import format_table
 from finechat.eval.predict import load_examples, predict
-from finechat.files import write_json_atomic
+from finechat.files import write_json_atomic, write_text_atomic
 from finechat.generate.chat_loader import load as load_chat_model
+from finechat.generate.contract import ChatEngine
 from finechat.generate.settings import GenerationSettings
-from finechat.train.align import run_stage
 from finechat.train.alignment_eval import AlignmentEvalConfig, AlignmentScorer
 from finechat.train.export import EXPORT_FILE, export_model
+from finechat.train.recipe import run_training
+from finechat.train.stage_table import STAGES
 from finechat.train.train_config import TrainConfig
 
 STATE_FILE = "stages_state.json"
@@ -207,7 +209,7 @@ def mix_data(stage: Stage, stage_dir: Path, seed: int) -> tuple[list[str], str, 
     return [str(path)], "openai", info
 
 
-def general_eval(bot: Any, gcfg: GeneralEvalConfig, out_dir: Path, source: tuple[str, str | None]) -> dict:
+def general_eval(bot: ChatEngine, gcfg: GeneralEvalConfig, out_dir: Path, source: tuple[str, str | None]) -> dict:
     """BLEU-4 / Rouge / eval loss of one loaded model on the general set, and its lm-eval task scores
     (``TASK METRIC``); ``source``: its (model, adapter), recorded with the task results."""
     out: dict[str, Any] = {}
@@ -236,7 +238,7 @@ def merge(model: str, adapter: str, out: Path) -> str:
 
 # -- the run ----------------------------------------------------------------------------------------------------
 def run_stages(cfg: StagesConfig) -> dict:
-    """Train every stage in order (skipping finished ones); return and write the summary."""
+    """Train the stages in order (skipping finished ones); return and write the summary."""
 
     stages = parse_stages(cfg)
     gcfg = resolve_config(GeneralEvalConfig, base=cfg.eval_general) if cfg.eval_general else None
@@ -262,35 +264,36 @@ def run_stages(cfg: StagesConfig) -> dict:
         _write_state(out, state)
 
     model, adapter = cfg.model, None
-    for i, stage in enumerate(stages):
-        stage_dir = out / f"{i + 1:02d}-{stage.name}"
-        done = state["stages"].get(stage.name)
+    for i, step in enumerate(stages):
+        stage_dir = out / f"{i + 1:02d}-{step.name}"
+        done = state["stages"].get(step.name)
         if done and done.get("status") == "done":
-            log(f"stage {i + 1}/{len(stages)} {stage.name}: already done, skipped ({done['checkpoint']})")
+            log(f"stage {i + 1}/{len(stages)} {step.name}: already done, skipped ({done['checkpoint']})")
             model, adapter = done["next_model"], done["next_adapter"]
             continue
         stage_dir.mkdir(parents=True, exist_ok=True)
-        train = dict(stage.train)
+        train = dict(step.train)
         mix_info = None
-        if stage.mix is not None:
-            train["data"], train["format"], mix_info = mix_data(stage, stage_dir, int(train.get("seed", 42)))
+        if step.mix is not None:
+            train["data"], train["format"], mix_info = mix_data(step, stage_dir, int(train.get("seed", 42)))
             for k in ("prompt_column", "response_column", "history_column"):
                 train.pop(k, None)
-            train["datasets"] = list(train.get("datasets") or []) + list(stage.mix.datasets)
-        if train.get("stage") == "grpo" and "reward_model" in (train.get("rewards") or []) \
-                and not train.get("reward_model"):
+            train["datasets"] = list(train.get("datasets") or []) + list(step.mix.datasets)
+        if "reward_model" in getattr(STAGES.get(train.get("stage", "sft")), "uses", ()) \
+                and "reward_model" in (train.get("rewards") or []) and not train.get("reward_model"):
             train["reward_model"] = state.get("reward_model")  # the reward model an earlier rm stage trained
         train.update(model=model, adapter=adapter, output_dir=str(stage_dir / "train"), resume_from_checkpoint="auto")
         tcfg = resolve_config(TrainConfig, base=train)
-        log(f"stage {i + 1}/{len(stages)} {stage.name}: {tcfg.method} on {model}"
+        log(f"stage {i + 1}/{len(stages)} {step.name}: {tcfg.method} on {model}"
             f"{' + adapter ' + adapter if adapter else ''}")
-        result = run_stage(tcfg)
+        result = run_training(tcfg)
+        kind = STAGES[tcfg.stage]
         checkpoint = result.final_checkpoint
         if checkpoint is None:
-            raise ConfigError(f"stage {stage.name} produced no checkpoint (save_steps larger than max_steps?)")
+            raise ConfigError(f"stage {step.name} produced no checkpoint (save_steps larger than max_steps?)")
         is_adapter = tcfg.adapter_method in ("lora", "ptuning")
         last = i == len(stages) - 1
-        if tcfg.stage == "rm":  # a reward model scores the policy; the policy chain goes on from before it
+        if not kind.policy:  # a reward model scores the policy; the policy chain goes on from before it
             next_model, next_adapter = model, adapter
             state["reward_model"] = checkpoint
         elif not is_adapter:
@@ -300,7 +303,7 @@ def run_stages(cfg: StagesConfig) -> dict:
         elif last and not cfg.merge_final:
             next_model, next_adapter = model, checkpoint
         else:
-            log(f"stage {stage.name}: merging its adapter into the base for the next stage ...")
+            log(f"stage {step.name}: merging its adapter into the base for the next stage ...")
             next_model, next_adapter = merge(model, checkpoint, stage_dir / "merged"), None
         record: dict[str, Any] = {
             "status": "done", "index": i + 1, "method": tcfg.method, "checkpoint": checkpoint,
@@ -310,37 +313,36 @@ def run_stages(cfg: StagesConfig) -> dict:
             "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str))},
             "data": tcfg.data, "mix": mix_info, "licenses": licence_summary(cfg.model, tcfg.datasets),
         }
-        if tcfg.stage == "rm":
+        if not kind.policy:
             if scorer is not None:
-                log(f"stage {stage.name}: scoring the reward model on the held-out pairs ...")
+                log(f"stage {step.name}: scoring the reward model on the held-out pairs ...")
                 record["alignment"] = scorer.reward_model_accuracy(checkpoint)
         elif gcfg is not None or scorer is not None:
             # one load for both reports (float32: log-ratios of nearly equal models are small differences)
             bot = load_chat_model(next_model, adapter=next_adapter, dtype="float32", template=template)
             if gcfg is not None:
-                log(f"stage {stage.name}: scoring on the general set ...")
+                log(f"stage {step.name}: scoring on the general set ...")
                 record["general"] = general_eval(bot, gcfg, stage_dir / "general_eval", (next_model, next_adapter))
             if scorer is not None:
-                log(f"stage {stage.name}: scoring on the held-out pairs and prompts ...")
+                log(f"stage {step.name}: scoring on the held-out pairs and prompts ...")
                 record["alignment"] = scorer.score(bot, (next_model, next_adapter), (model, adapter),
                                                    stage_dir / "alignment_eval", state.get("reward_model"))
             del bot
-        state["stages"][stage.name] = record
+        state["stages"][step.name] = record
         _write_state(out, state)
         model, adapter = next_model, next_adapter
 
     all_datasets = []
-    for stage in stages:
-        all_datasets += list(state["stages"][stage.name]["licenses"]["datasets"])
+    for step in stages:
+        all_datasets += list(state["stages"][step.name]["licenses"]["datasets"])
     names = list(dict.fromkeys(d["name"] for d in all_datasets))
     licences = licence_summary(cfg.model, names)
     summary = {"stages": [state["stages"][s.name] for s in stages], "general_before": state.get("general_before"),
                "licenses": licences, "final": {"model": model, "adapter": adapter}}
     table = summary_table(stages, state)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n",
-                                    encoding="utf-8")
+    write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
     text = table + "\n\n" + "\n".join(f"- {line}" for line in licence_lines(licences))
-    (out / "stages_summary.md").write_text(text + "\n", encoding="utf-8")
+    write_text_atomic(out / "stages_summary.md", text + "\n")
     summary["table"] = text
     return summary
 
@@ -408,8 +410,8 @@ def resolve_stages(config_file: str, overrides: list[str]) -> tuple[StagesConfig
             plain.append(item)
     base["defaults"] = {**defaults, **given}
     if isinstance(base.get("stages"), list):
-        base["stages"] = [{**stage, **{k: v for k, v in given.items() if k in stage}} if isinstance(stage, dict)
-                          else stage for stage in base["stages"]]
+        base["stages"] = [{**raw, **{k: v for k, v in given.items() if k in raw}} if isinstance(raw, dict)
+                          else raw for raw in base["stages"]]
     try:
         return resolve_config(StagesConfig, base=base, overrides=plain), plain
     except ConfigError as e:
@@ -419,8 +421,8 @@ def resolve_stages(config_file: str, overrides: list[str]) -> tuple[StagesConfig
 def stage_train_configs(cfg: StagesConfig) -> list[tuple[str, TrainConfig]]:
     """Each stage's TrainConfig as it will run on the chain's base model (for ``--estimate``: a merged stage
     has the same shapes as its base, and a continued adapter the same trainable parameters)."""
-    return [(stage.name, resolve_config(TrainConfig, base={**stage.train, "model": cfg.model}))
-            for stage in parse_stages(cfg)]
+    return [(step.name, resolve_config(TrainConfig, base={**step.train, "model": cfg.model}))
+            for step in parse_stages(cfg)]
 
 
 def main_stages(config_file: str, overrides: list[str]) -> int:

@@ -3,6 +3,13 @@
 Field names are the flags users of ChatGLM-Tuning, ChatGLM-6B's ptuning scripts and transformers' Trainer
 already type (``per_device_train_batch_size``, ``lora_rank``, ``pre_seq_len``, ``quantization_bit``, ...),
 with the same meanings, so their commands and YAML files carry over unchanged.
+
+:class:`TrainConfig` is composed of six named groups (:data:`GROUPS`: model, data, method, stage, optimisation,
+output), each a dataclass with its own fields and checks. The groups are mixed in rather than nested so that
+the YAML keys, the ``key=value`` overrides, the ``--flags`` and ``config.FIELD`` stay the flat names users
+type (several group names, ``model``, ``data``, ``method``, ``stage``, are themselves such keys), and the run
+file ``finechat_run.json`` keeps its flat ``config``. This module imports no torch: ``finechat train --help``
+reads it (the ``stage`` field's type lists the stage names of :mod:`finechat.train.stage_table`).
 """
 
 from __future__ import annotations
@@ -17,28 +24,19 @@ METHODS = ("lora", "ptuning", "full", "freeze", "qlora")
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    """One fine-tuning or continued-pretraining run."""
+class ModelSettings:
+    """What to start from: the base model, its prompt template and an earlier adapter."""
 
-    # -- what to train ---------------------------------------------------------------------------------
     model: str = field("default", help="'default' (SmolLM2-135M-Instruct), a Hugging Face folder or a .gguf file")
-    method: Literal["lora", "ptuning", "full", "freeze", "qlora"] = field(
-        "lora", help="lora, ptuning (P-Tuning v2), full, freeze (last layers only) or qlora (LoRA on a 4/8-bit base)"
-    )
-    stage: Literal["sft", "pretrain", "dpo", "orpo", "simpo", "kto", "rm", "grpo"] = field(
-        "sft", help="sft: conversations with labels on answers; pretrain: plain text, every token is a target; "
-        "dpo / orpo / simpo: preference pairs; kto: answers labelled good or bad; rm: a reward model on pairs; "
-        "grpo: online RL with reward functions (finechat.train.align, on TRL)"
-    )
-    objective: str = field(
-        "causal_lm", help="pretraining objective for stage pretrain: causal_lm (or blank_infilling for GLM)"
-    )
-    blank_infilling: dict = field({}, help="objective blank_infilling: its settings (see finechat.data.blank_infilling)")
     template: str | None = field(None, help="prompt template; default: the tokenizer's chat template")
     trust_remote_code: bool = field(False, help="allow a model folder's own Python code to run")
     adapter: str | None = field(None, help="start from this adapter (e.g. a previous stage's checkpoint)")
 
-    # -- data --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class DataSettings:
+    """The training data, how it is read and cut into examples, and its licences."""
+
     data: list[str] = field([], help="training files (json, jsonl, csv, txt); several are concatenated")
     format: str = field("auto", help="data format of the files (auto detects it)")
     val_file: str | None = field(None, help="a validation file; else val_size of the training data")
@@ -71,7 +69,24 @@ class TrainConfig:
                             "first); needs max_steps")
     num_proc: int | None = field(None, help="tokenizing processes (default: picked from the cores and data size)")
 
-    # -- method settings ---------------------------------------------------------------------------------
+    def _check_data(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if self.cutoff_len < 1:
+            raise ValueError(f"cutoff_len must be >= 1, got {self.cutoff_len}")
+        if self.val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+        if self.packing and self.group_by_length:
+            raise ValueError("packing and group_by_length both remove padding; choose one")
+
+
+@dataclasses.dataclass
+class MethodSettings:
+    """How the model is trained: LoRA, P-Tuning v2, full, freeze or QLoRA, and their settings."""
+
+    method: Literal["lora", "ptuning", "full", "freeze", "qlora"] = field(
+        "lora", help="lora, ptuning (P-Tuning v2), full, freeze (last layers only) or qlora (LoRA on a 4/8-bit base)"
+    )
     lora_rank: int = field(8, help="LoRA rank r")
     lora_alpha: float = field(32.0, help="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)")
     lora_dropout: float = field(0.1, help="dropout on the LoRA input")
@@ -86,7 +101,38 @@ class TrainConfig:
     )
     quantization_bit: int | None = field(None, help="load the base in 8 or 4 bits (bitsandbytes) for qlora / ptuning")
 
-    # -- preference and RL stages (TRL) -----------------------------------------------------------------
+    def _check_method(self) -> None:
+        if self.method == "qlora" and self.quantization_bit is None:
+            self.quantization_bit = 4
+        if self.quantization_bit not in (None, 4, 8):
+            raise ValueError(f"quantization_bit must be 4 or 8, got {self.quantization_bit}")
+        if self.quantization_bit and self.method in ("full", "freeze"):
+            raise ValueError(
+                f"quantization_bit {self.quantization_bit} cannot be used with method {self.method}: quantized "
+                "weights are frozen; use method qlora (LoRA) or ptuning on a quantized base"
+            )
+        for name in ("lora_rank", "pre_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.num_layer_trainable < 1 and not self.freeze_trainable_modules:
+            raise ValueError("num_layer_trainable must be >= 1")
+
+
+@dataclasses.dataclass
+class StageSettings:
+    """What is trained for: the stage (finechat.train.stage_table) and the settings of its loss."""
+
+    stage: Literal["sft", "pretrain", "dpo", "orpo", "simpo", "kto", "rm", "grpo"] = field(
+        "sft", help="sft: conversations with labels on answers; pretrain: plain text, every token is a target; "
+        "dpo / orpo / simpo: preference pairs; kto: answers labelled good or bad; rm: a reward model on pairs; "
+        "grpo: online RL with reward functions (finechat.train.align, on TRL)"
+    )
+    objective: str = field(
+        "causal_lm", help="pretraining objective for stage pretrain: causal_lm (or blank_infilling for GLM)"
+    )
+    blank_infilling: dict = field({}, help="objective blank_infilling: its settings (see finechat.data.blank_infilling)")
     beta: float = field(0.1, help="dpo / kto / orpo / simpo: strength of the preference term (TRL's beta); grpo: KL "
                         "coefficient (0: no reference model)")
     loss: str = field("sigmoid", help="dpo: TRL's loss_type (sigmoid, ipo, hinge, robust, sigmoid_norm, ...)")
@@ -101,8 +147,11 @@ class TrainConfig:
     max_completion_length: int = field(64, help="grpo: longest sampled answer in tokens")
     temperature: float = field(1.0, help="grpo: sampling temperature")
 
-    # -- Trainer flags (same names and meanings as transformers' TrainingArguments) -----------------------
-    output_dir: str = field("output", help="where checkpoints, logs and the loss curve go")
+
+@dataclasses.dataclass
+class OptimisationSettings:
+    """The optimiser, batches, precision and distribution (transformers' TrainingArguments names)."""
+
     per_device_train_batch_size: int = field(4, help="examples per device and step")
     per_device_eval_batch_size: int = field(4, help="examples per device in evaluation")
     gradient_accumulation_steps: int = field(1, help="micro-batches summed before each optimizer step")
@@ -115,51 +164,23 @@ class TrainConfig:
     weight_decay: float = field(0.0, help="AdamW weight decay")
     max_grad_norm: float = field(1.0, help="gradient clipping")
     optim: str = field("adamw_torch", help="optimizer name as in transformers (adamw_torch, adafactor, ...)")
-    save_steps: int = field(500, help="save a checkpoint every N steps")
-    save_total_limit: int | None = field(None, help="keep at most N checkpoints (never removes the newest or best)")
-    logging_steps: int = field(10, help="log loss and learning rate every N steps")
-    eval_steps: int | None = field(None, help="evaluate every N steps (default: save_steps) when there is eval data")
     fp16: bool = field(False, help="float16 mixed precision (GPU)")
     bf16: bool = field(False, help="bfloat16 mixed precision")
     gradient_checkpointing: bool = field(False, help="recompute activations in the backward pass (less memory)")
     seed: int = field(42, help="random seed (model init of adapters, data order, dropout)")
-    resume_from_checkpoint: str | None = field(
-        None, help="a checkpoint folder, or 'auto' for the newest complete checkpoint in output_dir"
-    )
-    overwrite_output_dir: bool = field(False, help="allow training into an output_dir that already has checkpoints")
     dataloader_num_workers: int = field(0, help="data loading worker processes")
-    report_to: list[str] = field(["tensorboard"], help="loggers: tensorboard (when installed), none, ...")
     ddp_backend: str | None = field(None, help="torch.distributed backend (nccl, gloo); default: picked by torch")
     ddp_find_unused_parameters: bool | None = field(None, help="DDP find_unused_parameters")
     fsdp: str = field("", help="FSDP options passed to the Trainer, e.g. 'full_shard auto_wrap'")
     fsdp_config: str | None = field(None, help="FSDP config file (JSON) passed to the Trainer")
     deepspeed: str | None = field(None, help="DeepSpeed config file (JSON) passed to the Trainer")
-    do_eval: bool = field(True, help="evaluate on the validation data when there is any")
-    do_predict: bool = field(False, help="generate answers for the validation data after training (eval hook)")
-    predict_file: str | None = field(None, help="file to generate answers for with do_predict (default: val data)")
 
-    def __post_init__(self) -> None:
-        if isinstance(self.data, str):
-            self.data = [self.data]
-        if self.method == "qlora" and self.quantization_bit is None:
-            self.quantization_bit = 4
-        if self.quantization_bit not in (None, 4, 8):
-            raise ValueError(f"quantization_bit must be 4 or 8, got {self.quantization_bit}")
-        if self.quantization_bit and self.method in ("full", "freeze"):
-            raise ValueError(
-                f"quantization_bit {self.quantization_bit} cannot be used with method {self.method}: quantized "
-                "weights are frozen; use method qlora (LoRA) or ptuning on a quantized base"
-            )
+    def _check_optimisation(self) -> None:
         if self.fp16 and self.bf16:
             raise ValueError("choose one of fp16 and bf16")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "save_steps", "logging_steps", "cutoff_len", "lora_rank", "pre_seq_len"):
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_steps is not None and self.eval_steps < 1:
-            raise ValueError(f"eval_steps must be >= 1, got {self.eval_steps}")
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise ValueError(f"save_total_limit must be >= 1, got {self.save_total_limit}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be > 0 (or -1: train num_train_epochs epochs), got {self.max_steps}")
         if self.num_train_epochs < 0:
@@ -170,14 +191,45 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.val_size < 0:
-            raise ValueError(f"val_size must be >= 0, got {self.val_size}")
-        if self.num_layer_trainable < 1 and not self.freeze_trainable_modules:
-            raise ValueError("num_layer_trainable must be >= 1")
-        if self.packing and self.group_by_length:
-            raise ValueError("packing and group_by_length both remove padding; choose one")
+
+
+@dataclasses.dataclass
+class OutputSettings:
+    """Where checkpoints, logs and evaluations go, and when they are written."""
+
+    output_dir: str = field("output", help="where checkpoints, logs and the loss curve go")
+    save_steps: int = field(500, help="save a checkpoint every N steps")
+    save_total_limit: int | None = field(None, help="keep at most N checkpoints (never removes the newest or best)")
+    logging_steps: int = field(10, help="log loss and learning rate every N steps")
+    eval_steps: int | None = field(None, help="evaluate every N steps (default: save_steps) when there is eval data")
+    resume_from_checkpoint: str | None = field(
+        None, help="a checkpoint folder, or 'auto' for the newest complete checkpoint in output_dir"
+    )
+    overwrite_output_dir: bool = field(False, help="allow training into an output_dir that already has checkpoints")
+    report_to: list[str] = field(["tensorboard"], help="loggers: tensorboard (when installed), none, ...")
+    do_eval: bool = field(True, help="evaluate on the validation data when there is any")
+    do_predict: bool = field(False, help="generate answers for the validation data after training (eval hook)")
+    predict_file: str | None = field(None, help="file to generate answers for with do_predict (default: val data)")
+
+    def _check_output(self) -> None:
+        for name in ("save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise ValueError(f"eval_steps must be >= 1, got {self.eval_steps}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be >= 1, got {self.save_total_limit}")
+
+
+@dataclasses.dataclass
+class TrainConfig(OutputSettings, OptimisationSettings, StageSettings, MethodSettings, DataSettings, ModelSettings):
+    """One fine-tuning, continued-pretraining or alignment run: the six groups of :data:`GROUPS`, flat keys."""
+
+    def __post_init__(self) -> None:
+        self._check_data()
+        self._check_method()
+        self._check_optimisation()
+        self._check_output()
         self._check_data_beyond_ram()
 
     def _check_data_beyond_ram(self) -> None:
@@ -195,3 +247,11 @@ class TrainConfig:
     def adapter_method(self) -> str:
         """The peft method actually put on the base: qlora is LoRA on a quantized base."""
         return "lora" if self.method == "qlora" else self.method
+
+    def group(self, name: str) -> dict:
+        """The values of one group (``model``, ``data``, ``method``, ``stage``, ``optimisation``, ``output``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(GROUPS[name])}
+
+
+GROUPS: dict[str, type] = {"model": ModelSettings, "data": DataSettings, "method": MethodSettings,
+                           "stage": StageSettings, "optimisation": OptimisationSettings, "output": OutputSettings}

@@ -24,6 +24,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizer
 
+from finechat.files import write_bytes_atomic
+
 MAX_BLANK_LENGTH = 80
 TAB_TOKEN = "<|tab|>"
 SPECIAL_PIECES = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
@@ -211,8 +213,7 @@ def train_ice_text_model(texts: list[str], model_file: str | Path, vocab_size: i
     del proto.pieces[:]
     proto.pieces.extend(ordered)
     out = Path(model_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(proto.SerializeToString())
+    write_bytes_atomic(out, proto.SerializeToString())
     return out
 
 
