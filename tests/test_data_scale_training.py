@@ -12,7 +12,6 @@ from tiny import make_tokenizer
 from finechat.data.templates import get_template
 from finechat.data.token_cache import TokenRows, build_dataset
 from finechat.data.tokenize import TokenizeSettings
-from finechat.train.align import run_stage
 from finechat.train.recipe import run_training
 from finechat.train.train_config import TrainConfig
 
@@ -97,7 +96,7 @@ def test_published_preference_data_in_parquet_trains_with_every_record(tiny_mode
     cfg = TrainConfig(model=str(tiny_model_dir), stage="dpo", data=files, max_steps=2, save_steps=2, logging_steps=1,
                       per_device_train_batch_size=4, lora_rank=4, output_dir=str(tmp_path / "dpo"),
                       report_to=["none"], cutoff_len=256, seed=0)
-    result = run_stage(cfg)
+    result = run_training(cfg)
     data = json.loads((Path(result.final_checkpoint) / "finechat_run.json").read_text())["data"]
     assert result.global_step == 2
     assert (data["records"], data["train_rows"], data["skipped_records"], data["no_room"]) == (total, total, 0, 0)
