@@ -188,6 +188,10 @@ NOT_OUTPUTS = {
     ("train/checkpoints.py", "os.replace(p, doomed)"): "moves an old checkpoint out of the way before deleting it",
     ("commands/_bench_report.py", 'Path("/proc/self/clear_refs").write_text("5")'): "a kernel control file (resets "
         "the peak-memory counter), not an output",
+    ("serve/board/chat_server.py", 'log = open(self.ws.root / CHAT_LOG, "w", encoding="utf-8")'): "the chat server "
+        "child's stdout/stderr, a live log the board shows, not a result",
+    ("serve/board/runner.py", 'with open(folder / LOG_FILE, "a", encoding="utf-8") as log:'): "a board job's live "
+        "console log, appended as the child prints (a crash keeps every line before it)",
 }
 
 

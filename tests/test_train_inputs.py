@@ -10,7 +10,7 @@ from finechat.cli import main as cli
 from finechat.config import resolve_config
 from finechat.errors import ConfigError
 from finechat.train.train_config import TrainConfig
-from finechat.train.trainer_setup import truncate_log
+from finechat.train.trainer_setup import make_callback, truncate_log
 
 
 @pytest.mark.parametrize("steps", [-5, 0, -2])
@@ -56,3 +56,18 @@ def test_resumed_log_drops_the_steps_after_the_checkpoint(tmp_path):
     assert truncate_log(log, 4) == 3
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
     assert truncate_log(log, 4) == 0
+
+
+def test_a_run_started_afresh_drops_an_earlier_attempts_log(tmp_path):
+    """A run stopped before its first checkpoint and started again (resume_from_checkpoint=auto finds none)
+    begins at step 0: the earlier attempt's lines go, so the loss curve is the new run's alone."""
+    from types import SimpleNamespace
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n", encoding="utf-8")
+    callback = make_callback(TrainConfig(output_dir=str(tmp_path), data=["x.json"]), has_eval=False)
+    callback.on_train_begin(None, SimpleNamespace(is_world_process_zero=True, global_step=0), None)
+    assert log.read_text(encoding="utf-8") == ""
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)), encoding="utf-8")
+    callback.on_train_begin(None, SimpleNamespace(is_world_process_zero=True, global_step=2), None)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]

@@ -16,8 +16,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,12 @@ from finechat.data.formats import (
     read_conversations,
     write_conversations,
 )
+from finechat.data.inspection import length_stats, load_tokenizer_and_template, render_marked
 from finechat.data.pairs import PREFERENCE_FORMATS, is_preference_file, read_preferences
 from finechat.data.preference_generate import RULES as PAIR_RULES
 from finechat.data.preference_generate import pairs_main, write_arithmetic
 from finechat.data.synthetic import write_adgen
-from finechat.data.templates import get_template
-from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, encode_conversation, tokenize_chunks
+from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, encode_conversation
 from finechat.data.tool_prompt import where_tools_go
 from finechat.errors import ConfigError
 from finechat.files import atomic_file, check_output_path
@@ -191,85 +190,7 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def _tokenizer_and_template(args: argparse.Namespace) -> tuple[Any, Any]:
-    from transformers import AutoTokenizer
-
-    model = args.model
-    if model in (None, "", "default"):
-        # Lazy, as torch is: importing finechat.models registers ChatGLM-6B with transformers (seconds), which
-        # convert, licenses, generate and from-kg do not need.
-        from finechat.models.resolve import default_model_dir
-
-        folder = default_model_dir()
-    else:
-        folder = Path(model).expanduser()
-    if not Path(folder).is_dir():
-        raise ConfigError(f"--model {model}: no such model folder (finechat never downloads models)")
-    model_type = None
-    cfg = Path(folder) / "config.json"
-    if cfg.is_file():
-        model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
-    from transformers import CONFIG_MAPPING
-
-    if model_type and model_type not in CONFIG_MAPPING:
-        import finechat.models  # noqa: F401  registers finechat's own families (ChatGLM-6B); lazy, see above
-
-    print(f"Loading the tokenizer of {folder} ...", file=sys.stderr, flush=True)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--model {model}: cannot load its tokenizer: {e}") from None
-    return tokenizer, get_template(args.template, tokenizer, model_type)
-
-
-def _percentile(sorted_values: Any, q: float) -> int:
-    if not len(sorted_values):
-        return 0
-    k = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
-    return int(sorted_values[k])
-
-
-def length_stats(convs: Iterable[Any], tokenizer: Any, template: Any, lengths: list[int],
-                 num_proc: int | None = None) -> dict[str, Any]:
-    """Numbers for ``data stats``: examples, turns and token lengths of the full rows (no truncation).
-
-    ``convs`` is read once, chunk by chunk, as it is tokenized; only two int32 lengths per row are kept (a
-    sorted numpy array gives the percentiles), so memory stays flat in the number of records.
-    """
-    import numpy as np
-
-    sizes, trained = array("i"), array("i")
-    n = turns = turns_max = multi = tools = 0
-    skipped_no_label = 0
-
-    def counted() -> Iterator[Any]:
-        nonlocal n, turns, turns_max, multi, tools
-        for c in convs:
-            n += 1
-            turns += len(c.turns)
-            turns_max = max(turns_max, len(c.turns))
-            multi += sum(t.role == "assistant" for t in c.turns) > 1
-            tools += sum(t.role == "tool" for t in c.turns)
-            yield c
-
-    for examples, st in tokenize_chunks(counted(), tokenizer, template, TokenizeSettings(cutoff_len=10 ** 9),
-                                        num_proc=num_proc):
-        skipped_no_label += st.skipped_no_label
-        for e in examples:
-            sizes.append(len(e["input_ids"]))
-            trained.append(sum(1 for x in e["labels"] if x != IGNORE_INDEX))
-    sizes_np, trained_np = np.sort(np.frombuffer(sizes, dtype=np.int32)), np.sort(np.frombuffer(trained, dtype=np.int32))
-    return {
-        "conversations": n, "examples": len(sizes_np), "turns": turns, "turns_max": turns_max, "multi_turn": multi,
-        "tool_turns": tools,
-        "tokens": {f"p{q}": _percentile(sizes_np, q) for q in (50, 90, 95, 99)}
-        | {"max": int(sizes_np[-1]) if len(sizes_np) else 0,
-           "mean": round(float(sizes_np.mean()), 1) if len(sizes_np) else 0.0},
-        "trained_tokens": {f"p{q}": _percentile(trained_np, q) for q in (50, 90, 99)}
-        | {"max": int(trained_np[-1]) if len(trained_np) else 0},
-        "over": {k: int(np.count_nonzero(sizes_np > k)) for k in lengths},
-        "skipped_no_label": skipped_no_label,
-        "_sizes": sizes_np,
-    }
+    return load_tokenizer_and_template(args.model, args.template, args.trust_remote_code)
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
@@ -296,13 +217,13 @@ def stats(args: argparse.Namespace) -> int:
     result = ReadResult([])
     convs = iter_conversations(args.input, result, args.format, args.on_bad_record, prompt_column=args.prompt_column,
                                response_column=args.response_column, history_column=args.history_column)
-    s = length_stats(convs, tokenizer, template, lengths, num_proc=args.num_proc)
+    s = length_stats(convs, tokenizer, template, lengths, num_proc=args.num_proc)  # streamed: memory stays flat
     if result.skipped:
         print(result.skipped_table(), file=sys.stderr)
     sizes = s.pop("_sizes")
     s["skipped_records"] = len(result.skipped)
     s["format"] = result.format
-    if png.lower() != "none" and len(sizes):
+    if png.lower() != "none" and sizes:
         _histogram(sizes, lengths, png, title=", ".join(Path(p).name for p in args.input))
         s["histogram"] = png
     if args.json:
@@ -323,18 +244,16 @@ def stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _histogram(sizes: Any, lengths: list[int], path: str, title: str) -> None:
+def _histogram(sizes: list[int], lengths: list[int], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    import numpy as np
-
-    ax.hist(sizes, bins=min(50, max(5, len(np.unique(sizes)))), color="#4C72B0")
+    ax.hist(sizes, bins=min(50, max(5, len(set(sizes)))), color="#4C72B0")
     for n in lengths:
-        if n <= int(np.max(sizes)) * 1.2:
+        if n <= max(sizes) * 1.2:
             ax.axvline(n, color="#C44E52", linestyle="--", linewidth=1)
             ax.text(n, ax.get_ylim()[1] * 0.95, f" {n}", color="#C44E52", fontsize=8, va="top")
     ax.set_xlabel("tokens per example")
@@ -346,28 +265,6 @@ def _histogram(sizes: Any, lengths: list[int], path: str, title: str) -> None:
             fig.savefig(fh, dpi=100, format="png")
     finally:
         plt.close(fig)
-
-
-def render_marked(tokenizer: Any, input_ids: list[int], labels: list[int], color: bool) -> str:
-    """Decode a row with its trained spans marked (green, or between ⟦ and ⟧)."""
-    out, run, run_trained = [], [], None
-
-    def flush() -> None:
-        if not run:
-            return
-        text = tokenizer.decode(run, skip_special_tokens=False)
-        if run_trained:
-            text = f"\x1b[32m{text}\x1b[0m" if color else f"⟦{text}⟧"
-        out.append(text)
-
-    for tid, lab in zip(input_ids, labels):
-        trained = lab != IGNORE_INDEX
-        if trained != run_trained:
-            flush()
-            run, run_trained = [], trained
-        run.append(tid)
-    flush()
-    return "".join(out)
 
 
 def _settings(args: argparse.Namespace) -> Any:

@@ -100,7 +100,7 @@ def create_app(engine: ChatEngine, settings: ServeSettings | None = None, schedu
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestGuard, hosts=HostNames(settings.allowed_hosts), headers=PAGE_HEADERS)  # outermost
-    _add_error_handlers(app)
+    add_error_handlers(app)
     for method, path, handler in routes.table():
         app.add_api_route(path, _endpoint(handler), methods=[method], name=handler.__name__)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -255,7 +255,7 @@ def _endpoint(handler: Callable[[Any], Awaitable[Any]]) -> Callable[..., Awaitab
 
 
 # -- errors -----------------------------------------------------------------------------------------------
-def _add_error_handlers(app: Any) -> None:
+def add_error_handlers(app: Any) -> None:
     """Every error in OpenAI's shape; a 500 only for a bug, never for the client's input."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException

@@ -223,7 +223,9 @@ def make_callback(cfg: TrainConfig, has_eval: bool):
             return control
 
         def on_train_begin(self, args, state, control, **kwargs):
-            if state.is_world_process_zero and state.global_step > 0:  # resumed: drop the steps after the checkpoint
+            # resumed: drop the steps logged after the checkpoint; started afresh (a run stopped before its
+            # first checkpoint, resumed with resume_from_checkpoint=auto): drop them all
+            if state.is_world_process_zero:
                 truncate_log(out / LOG_FILE, state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kwargs):

@@ -181,7 +181,7 @@ async function send(text) {
   let answer = "", finish = null, pending = false;
   const paint = () => { pending = false; setText(box, answer); };
   try {
-    const response = await fetch("/v1/chat/completions", {
+    const response = await fetch("v1/chat/completions", {
       method: "POST", headers: headers(), signal: controller.signal,
       body: JSON.stringify(Object.assign({ messages, stream: true, stream_options: { include_usage: true } }, settings())),
     });
@@ -271,7 +271,7 @@ function init() {
     panel.hidden = !panel.hidden;
     $("toggle-settings").setAttribute("aria-expanded", String(!panel.hidden));
   });
-  fetch("/v1/models", { headers: headers() })
+  fetch("v1/models", { headers: headers() })
     .then((r) => (r.ok ? r.json() : null))
     .then((data) => { if (data && data.data && data.data[0]) $("model-name").textContent = data.data[0].id; })
     .catch(() => {});
