@@ -28,7 +28,8 @@ def main() -> int:
 
     from finechat.data.synthetic import write_adgen
     from finechat.data.templates import get_template
-    from finechat.data.tokenize import TokenizeSettings, build_dataset
+    from finechat.data.token_cache import build_dataset
+    from finechat.data.tokenize import TokenizeSettings
     from finechat.models.resolve import default_model_dir
 
     folder = default_model_dir() if args.model == "default" else Path(args.model)

@@ -62,7 +62,8 @@ def run_case(method: str, layout: str, batch: int, steps: int, max_len: int, mod
     import torch
 
     from finechat.data.templates import get_template
-    from finechat.data.tokenize import TokenizeSettings, build_dataset
+    from finechat.data.token_cache import build_dataset
+    from finechat.data.tokenize import TokenizeSettings
     from finechat.train.methods import count_parameters, prepare_model
     from finechat.train.train_config import TrainConfig
     from finechat.train.trainer_setup import load_base

@@ -183,6 +183,8 @@ NOT_OUTPUTS = {
                                                              "into the kernel cache atomically",
     ("train/trainer_setup.py", 'with open(out / LOG_FILE, "a", encoding="utf-8") as fh:'): "the training log grows one "
         "line per logged step (an append: a crash keeps every line before it)",
+    ("data/token_cache.py", 'return open(path, "ab")'): "appends tokens to an array file inside a "
+        "finechat.files.staged_folder, published atomically when the cache entry is complete",
     ("train/checkpoints.py", "os.replace(p, doomed)"): "moves an old checkpoint out of the way before deleting it",
     ("commands/_bench_report.py", 'Path("/proc/self/clear_refs").write_text("5")'): "a kernel control file (resets "
         "the peak-memory counter), not an output",

@@ -9,10 +9,10 @@ from tiny import make_tiny_llama, make_tokenizer
 from finechat.data.conversation import Conversation, Turn
 from finechat.data.formats import read_conversations
 from finechat.data.templates import get_template
+from finechat.data.token_cache import build_dataset
 from finechat.data.tokenize import (
     IGNORE_INDEX,
     TokenizeSettings,
-    build_dataset,
     data_collator,
     encode_conversation,
     pack_examples,

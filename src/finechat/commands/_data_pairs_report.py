@@ -17,7 +17,7 @@ from finechat.data.pairs import (
     tokenize_preferences,
     write_preferences,
 )
-from finechat.data.records import iter_json_records
+from finechat.data.records import first_record
 from finechat.errors import DataError
 
 
@@ -26,8 +26,7 @@ def _kind(format: str, path: str) -> str:
     if format == "kto":
         return "labelled"
     if format == "auto":
-        for _, rec, _ in iter_json_records(expand_paths([path])[0]):
-            return "labelled" if detect_preference_format(rec) == "kto" else "pairs"
+        return "labelled" if detect_preference_format(first_record(expand_paths([path])[0])) == "kto" else "pairs"
     return "pairs"
 
 

@@ -16,13 +16,20 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from finechat.commands._data_pairs_report import convert_preferences, preference_stats, preview_preferences
 from finechat.data.blank_infilling import preview_documents
 from finechat.data.catalog import DISCLAIMER, all_entries, registry_table
-from finechat.data.formats import FORMATS, read_conversations, write_conversations
+from finechat.data.formats import (
+    FORMATS,
+    ReadResult,
+    iter_conversations,
+    read_conversations,
+    write_conversations,
+)
 from finechat.data.inspection import length_stats, load_tokenizer_and_template, render_marked
 from finechat.data.pairs import PREFERENCE_FORMATS, is_preference_file, read_preferences
 from finechat.data.preference_generate import RULES as PAIR_RULES
@@ -83,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "plot)")
     p.add_argument("--force", action="store_true", help="replace an existing file that data stats did not write")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of a table")
+    p.add_argument("--num-proc", type=int, help="tokenizing processes (default: picked from the cores)")
     _read_options(p)
     _model_options(p)
 
@@ -159,15 +167,26 @@ def convert(args: argparse.Namespace) -> int:
     check_output_path(args.output, args.input)
     if is_preference_file(args.input, args.format):
         return convert_preferences(args)
-    result = _read(args, args.input)
+    result = ReadResult([])
+    read = turns = 0
+
+    def counted() -> Iterator[Any]:  # converted as read: memory stays flat in the number of records
+        nonlocal read, turns
+        for c in iter_conversations(args.input, result, args.format, args.on_bad_record,
+                                    prompt_column=args.prompt_column, response_column=args.response_column,
+                                    history_column=args.history_column):
+            read, turns = read + 1, turns + len(c.turns)
+            yield c
+
     unwritable: list | None = [] if args.on_bad_record == "skip" else None
-    n = write_conversations(result.conversations, args.output, args.to, skipped=unwritable)
+    n = write_conversations(counted(), args.output, args.to, skipped=unwritable)
+    if result.skipped:
+        print(result.skipped_table(), file=sys.stderr)
     if unwritable:
         rows = [f"  {f}:{ln}  {field}: {reason}" for f, ln, field, reason in unwritable]
         print("\n".join([f"left out {len(unwritable)} conversation(s) {args.to} cannot hold:"] + rows),
               file=sys.stderr)
-    turns = sum(len(c.turns) for c in result.conversations)
-    print(f"wrote {n} of {len(result.conversations)} conversations ({turns} turns read) as {args.to} to "
+    print(f"wrote {n} of {read} conversations ({turns} turns read) as {args.to} to "
           f"{args.output}; read as {result.format}, skipped {len(result.skipped)} bad record(s)"
           + (f", left out {len(unwritable)}" if unwritable else ""))
     return 0
@@ -197,9 +216,13 @@ def stats(args: argparse.Namespace) -> int:
             raise ConfigError(f"--png {png}: the histogram is a PNG image; give a file name ending in .png "
                               "(or 'none')")
         check_output_path(png, *args.input, force=args.force or _our_histogram(Path(png)))
-    result = _read(args, args.input)
     tokenizer, template = _tokenizer_and_template(args)
-    s = length_stats(result.conversations, tokenizer, template, lengths)
+    result = ReadResult([])
+    convs = iter_conversations(args.input, result, args.format, args.on_bad_record, prompt_column=args.prompt_column,
+                               response_column=args.response_column, history_column=args.history_column)
+    s = length_stats(convs, tokenizer, template, lengths, num_proc=args.num_proc)  # streamed: memory stays flat
+    if result.skipped:
+        print(result.skipped_table(), file=sys.stderr)
     sizes = s.pop("_sizes")
     s["skipped_records"] = len(result.skipped)
     s["format"] = result.format

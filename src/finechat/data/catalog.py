@@ -108,8 +108,8 @@ DATASETS: dict[str, Entry] = {e.name: e for e in [
        "the same pairs as dpo-en-zh-20k; its card lists the sources (argilla's capybara, orca and ultrafeedback DPO "
        "sets, wenbopan's Chinese-dpo-pairs), whose terms may also apply",
        "licence and fields: the dataset card's metadata (license: apache-2.0, dataset_info features)"),
-    _d("chinese-dpo-pairs", "pref-prompt", "MIT", True, "wenbopan's Chinese-dpo-pairs (10K pairs, parquet: export "
-       "to JSONL)", "prompt, system, chosen, rejected (strings), source, id",
+    _d("chinese-dpo-pairs", "pref-prompt", "MIT", True, "wenbopan's Chinese-dpo-pairs (10K pairs, parquet: "
+       "read as it is)", "prompt, system, chosen, rejected (strings), source, id",
        "GPT-3.5 translations of ultrafeedback-binarized-preferences-cleaned, Intel's orca_dpo_pairs and truthy-dpo "
        "(as its card says): OpenAI's terms and those sets' terms may also apply",
        "licence and fields: the dataset card (license: mit; features prompt, system, chosen, rejected)"),
@@ -266,11 +266,29 @@ def write_licence_summary(output_dir: str | Path, model_name_or_path: str,
     return summary
 
 
+def with_data_sources(summary: dict[str, Any], sources: list[dict], dataset_names: list[str] | None) -> dict[str, Any]:
+    """The summary with each data source of the run and the rows it gave (``data_sources``); with one registry
+    name per source (``datasets`` in the order of ``data``), each source also names its data set and licence."""
+    names = list(dataset_names or [])
+    rows = []
+    for i, s in enumerate(sources):
+        row = dict(s)
+        if len(names) == len(sources):
+            e = DATASETS[names[i]] if names[i] in DATASETS else _unknown(str(names[i]), "dataset")
+            row.update(dataset=e.name, license=e.license, commercial=e.commercial)
+        rows.append(row)
+    return {**summary, "data_sources": rows}
+
+
 def licence_lines(summary: dict[str, Any]) -> list[str]:
     """A short human-readable form of a licence summary (for run summaries)."""
     m = summary["model"]
     lines = [f"base model: {m['name']} ({m['license']})"]
     lines += [f"data: {d['name']} ({d['license']})" for d in summary["datasets"]]
+    for s in summary.get("data_sources", []):
+        rows = f": {s['rows']} rows" if "rows" in s else ""
+        named = f" = {s['dataset']} ({s['license']})" if "dataset" in s else ""
+        lines.append(f"data source: {s['source']}{named}{rows}")
     verdict = summary["commercial_use_text"]
     extra = f" (blocked by: {', '.join(summary['blocked_by'])})" if summary["blocked_by"] else ""
     lines.append(f"commercial use of the result: {verdict}{extra}")

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from finechat.data.conversation import Conversation, Turn
-from finechat.data.records import iter_json_records, loads
+from finechat.data.records import RecordError, RecordReader, loads
+from finechat.data.sources import TABLE_SUFFIXES, data_suffix, is_datasets_folder, is_hub_name
 from finechat.errors import DataError
 from finechat.files import atomic_file
 
@@ -42,6 +43,7 @@ FORMATS = ["alpaca", "chatglm-tuning", "prompt-response", "dolly", "sharegpt", "
            "huatuo"]
 WRITERS = ["alpaca", "sharegpt", "openai"]
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
+READ_SUFFIXES = DATA_SUFFIXES + TABLE_SUFFIXES
 DOLLY_CATEGORIES = ("open_qa", "general_qa", "classification", "closed_qa", "brainstorming",
                     "information_extraction", "summarization", "creative_writing")
 # Column pairs tried, in order, when prompt-response columns are not given (ADGEN first).
@@ -60,14 +62,6 @@ class ReadResult:
     def skipped_table(self) -> str:
         rows = [f"  {f}:{ln}  {field}: {reason}" for f, ln, field, reason in self.skipped]
         return "\n".join([f"skipped {len(self.skipped)} bad record(s):"] + rows) if rows else ""
-
-
-class RecordError(Exception):
-    """A bad field inside one record; the reader adds file and line."""
-
-    def __init__(self, field: str, reason: str):
-        super().__init__(f"{field}: {reason}")
-        self.field, self.reason = field, reason
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -396,13 +390,16 @@ def _check_conversation(conv: Conversation) -> None:
 
 def expand_paths(paths: Iterable[str | Path]) -> list[str]:
     """Files as given, folders replaced by their data files in name order (MOSS ships one file per
-    conversation)."""
+    conversation; Parquet data sets ship shards). A ``datasets`` folder (``save_to_disk``) and a
+    ``hub:ORG/NAME`` name stay one source each."""
     out: list[str] = []
     for p in paths:
-        if Path(p).is_dir():
-            found = sorted(f for f in Path(p).rglob("*") if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
+        if is_hub_name(p) or is_datasets_folder(p):
+            out.append(str(p))
+        elif Path(p).is_dir():
+            found = sorted(f for f in Path(p).rglob("*") if f.is_file() and data_suffix(f) in READ_SUFFIXES)
             if not found:
-                raise DataError(f"{p}: no data files ({', '.join(DATA_SUFFIXES)}) in this folder")
+                raise DataError(f"{p}: no data files ({', '.join(READ_SUFFIXES)}, also .gz/.zst) in this folder")
             out += [str(f) for f in found]
         else:
             out.append(str(p))
@@ -417,55 +414,47 @@ def read_conversations(path: str | Path | Iterable[str | Path], format: str = "a
     ``on_bad_record="error"`` raises DataError naming ``file:line: field: reason`` at the first bad record;
     ``"skip"`` skips it and lists it in ``ReadResult.skipped``.
     """
+    result = ReadResult([])
+    result.conversations = list(iter_conversations(path, result, format, on_bad_record, prompt_column=prompt_column,
+                                                   response_column=response_column, history_column=history_column))
+    return result
+
+
+def iter_conversations(path: str | Path | Iterable[str | Path], result: ReadResult, format: str = "auto",
+                       on_bad_record: str = "error", **columns: Any) -> Iterator[Conversation]:
+    """:func:`read_conversations` one record at a time: nothing is held but the record being read.
+
+    Skipped records and the format go to ``result`` (its ``conversations`` list is left alone).
+    """
     if on_bad_record not in ("error", "skip"):
         raise DataError(f"on_bad_record must be 'error' or 'skip', not {on_bad_record!r}")
     format = (format or "auto").strip().lower().replace("_", "-")  # chatglm_tuning == chatglm-tuning
     if format != "auto" and format not in PARSERS:
         raise DataError(f"unknown data format {format!r}; choose from: auto, {', '.join(FORMATS)}")
     paths = expand_paths([path] if isinstance(path, (str, Path)) else list(path))
-    result = ReadResult([])
     for p in paths:
-        _read_one(str(p), format, on_bad_record, result, prompt_column=prompt_column,
-                  response_column=response_column, history_column=history_column)
-    return result
+        yield from _read_one(str(p), format, on_bad_record, result, **columns)
 
 
-def object_records(path: str) -> Iterator[tuple[int, Any, RecordError | None]]:
-    """``(line, record, error)`` of a data file: ``error`` says why a line holds no JSON object (the reader
-    raises or skips it as ``on_bad_record`` says)."""
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such data file")
-    for line, rec, error in iter_json_records(path):
-        if error:
-            yield line, None, RecordError("(encoding)" if error.startswith("not UTF-8") else "(json)", error)
-        elif not isinstance(rec, dict):
-            yield line, None, RecordError("(record)", f"expected a JSON object, got {type(rec).__name__}")
-        else:
-            yield line, rec, None
+def _read_one(path: str, format: str, on_bad_record: str, result: ReadResult, **columns: Any) -> Iterator[Conversation]:
+    def detect(path: str, line: int, rec: dict) -> str:
+        fmt = detect_format(rec, columns.get("prompt_column"))
+        if fmt is None:
+            raise DataError(f"{path}:{line}: cannot tell the data format from the keys "
+                            f"{', '.join(map(str, rec))}; pass format: one of {', '.join(FORMATS)}")
+        return fmt
 
+    def parse(fmt: str, rec: dict) -> Conversation:
+        conv = PARSERS[fmt](rec, **columns)
+        _check_conversation(conv)
+        return conv
 
-def _read_one(path: str, format: str, on_bad_record: str, result: ReadResult, **columns: Any) -> None:
-    fmt = None if format == "auto" else format
-    for line, rec, error in object_records(path):
-        try:
-            if error:
-                raise error
-            if fmt is None:
-                fmt = detect_format(rec, columns.get("prompt_column"))
-                if fmt is None:
-                    raise DataError(f"{path}:{line}: cannot tell the data format from the keys "
-                                    f"{', '.join(map(str, rec))}; pass format: one of {', '.join(FORMATS)}")
-            conv = PARSERS[fmt](rec, **columns)
-            _check_conversation(conv)
-        except RecordError as e:
-            if on_bad_record == "error":
-                raise DataError(f"{path}:{line}: {e.field}: {e.reason}") from None
-            result.skipped.append((path, line, e.field, e.reason))
-            continue
+    reader = RecordReader(path, None if format == "auto" else format, detect, parse, on_bad_record, result.skipped)
+    for line, conv in reader:
         conv.source, conv.line = path, line
-        conv.meta.setdefault("format", fmt)
-        result.conversations.append(conv)
-    result.format = result.format or (fmt or "")
+        conv.meta.setdefault("format", reader.format)
+        yield conv
+    result.format = result.format or (reader.format or "")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -528,24 +517,30 @@ def write_conversations(convs: Iterable[Conversation], path: str | Path, format:
                         skipped: list | None = None) -> int:
     """Write conversations as JSONL (``.jsonl``) or a JSON array (``.json``); returns the number written.
 
-    A conversation the format cannot hold (tool turns in alpaca) raises DataError, or, when a ``skipped``
-    list is given, is appended to it as (file, line, field, reason) and left out.
+    Conversations are written as they come (a stream stays a stream). A conversation the format cannot hold
+    (tool turns in alpaca) raises DataError, or, when a ``skipped`` list is given, is appended to it as
+    (file, line, field, reason) and left out.
     """
     if format not in WRITER_FUNCS:
         raise DataError(f"cannot write format {format!r}; choose from: {', '.join(WRITERS)}")
-    records = []
-    for c in convs:
-        try:
-            records.append(WRITER_FUNCS[format](c))
-        except DataError as e:
-            if skipped is None:
-                raise
-            skipped.append((c.source or "<data>", c.line or 0, "(turns)", str(e).split(": ", 2)[-1]))
     path = Path(path)
+    array = path.suffix == ".json"
+    n = 0
     with atomic_file(path) as f:  # a full disk or a kill leaves the previous file, never a fragment
-        if path.suffix == ".json":
-            f.write(json.dumps(records, ensure_ascii=False, indent=1) + "\n")
-        else:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return len(records)
+        for c in convs:
+            try:
+                record = WRITER_FUNCS[format](c)
+            except DataError as e:
+                if skipped is None:
+                    raise
+                skipped.append((c.source or "<data>", c.line or 0, "(turns)", str(e).split(": ", 2)[-1]))
+                continue
+            if array:  # the layout json.dumps(records, indent=1) gives, one record at a time
+                body = json.dumps(record, ensure_ascii=False, indent=1).replace("\n", "\n ")
+                f.write(("[\n " if n == 0 else ",\n ") + body)
+            else:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            n += 1
+        if array:
+            f.write("\n]\n" if n else "[]\n")
+    return n

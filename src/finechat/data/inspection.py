@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
+from array import array
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from finechat.data.templates import get_template
-from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, tokenize_many
+from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, tokenize_chunks
 from finechat.errors import ConfigError
 
 
@@ -48,30 +50,57 @@ def load_tokenizer_and_template(model: str | None, template: str = "auto", trust
     return tokenizer, get_template(template, tokenizer, model_type)
 
 
-def percentile(sorted_values: list[int], q: float) -> int:
-    if not sorted_values:
+def percentile(sorted_values: Any, q: float) -> int:
+    if not len(sorted_values):
         return 0
     k = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
-    return sorted_values[k]
+    return int(sorted_values[k])
 
 
-def length_stats(convs: list, tokenizer: Any, template: Any, lengths: list[int]) -> dict[str, Any]:
-    """Numbers for ``data stats``: examples, turns and token lengths of the full rows (no truncation)."""
-    examples, st = tokenize_many(convs, tokenizer, template, TokenizeSettings(cutoff_len=10 ** 9))
-    sizes = sorted(len(e["input_ids"]) for e in examples)
-    trained = sorted(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in examples)
-    turns = [len(c.turns) for c in convs]
+def length_stats(convs: Iterable[Any], tokenizer: Any, template: Any, lengths: list[int],
+                 num_proc: int | None = None) -> dict[str, Any]:
+    """Numbers for ``data stats``: examples, turns and token lengths of the full rows (no truncation).
+
+    ``convs`` (a list or a lazy stream) is read once, chunk by chunk, as it is tokenized; only two int32
+    lengths per row are kept, so memory stays flat in the number of records. ``_sizes`` is the sorted row
+    lengths (an ``array('i')``).
+    """
+    import numpy as np
+
+    sizes, trained = array("i"), array("i")
+    n = turns = turns_max = multi = tools = 0
+    skipped_no_label = 0
+
+    def counted() -> Iterator[Any]:
+        nonlocal n, turns, turns_max, multi, tools
+        for c in convs:
+            n += 1
+            turns += len(c.turns)
+            turns_max = max(turns_max, len(c.turns))
+            multi += sum(t.role == "assistant" for t in c.turns) > 1
+            tools += sum(t.role == "tool" for t in c.turns)
+            yield c
+
+    for examples, st in tokenize_chunks(counted(), tokenizer, template, TokenizeSettings(cutoff_len=10 ** 9),
+                                        num_proc=num_proc):
+        skipped_no_label += st.skipped_no_label
+        for e in examples:
+            sizes.append(len(e["input_ids"]))
+            trained.append(sum(1 for x in e["labels"] if x != IGNORE_INDEX))
+    by_size = np.sort(np.frombuffer(sizes, dtype=np.int32)) if sizes else np.zeros(0, dtype=np.int32)
+    by_trained = np.sort(np.frombuffer(trained, dtype=np.int32)) if trained else np.zeros(0, dtype=np.int32)
+    sorted_sizes = array("i", by_size.tobytes())
     return {
-        "conversations": len(convs), "examples": len(examples), "turns": sum(turns),
-        "turns_max": max(turns, default=0), "multi_turn": sum(1 for c in convs if sum(
-            t.role == "assistant" for t in c.turns) > 1),
-        "tool_turns": sum(t.role == "tool" for c in convs for t in c.turns),
-        "tokens": {f"p{q}": percentile(sizes, q) for q in (50, 90, 95, 99)} | {"max": sizes[-1] if sizes else 0,
-                                                                                "mean": round(sum(sizes) / max(len(sizes), 1), 1)},
-        "trained_tokens": {f"p{q}": percentile(trained, q) for q in (50, 90, 99)} | {"max": trained[-1] if trained else 0},
-        "over": {n: sum(1 for s in sizes if s > n) for n in lengths},
-        "skipped_no_label": st.skipped_no_label,
-        "_sizes": sizes,
+        "conversations": n, "examples": len(by_size), "turns": turns, "turns_max": turns_max, "multi_turn": multi,
+        "tool_turns": tools,
+        "tokens": {f"p{q}": percentile(by_size, q) for q in (50, 90, 95, 99)}
+        | {"max": int(by_size[-1]) if len(by_size) else 0,
+           "mean": round(float(by_size.mean()), 1) if len(by_size) else 0.0},
+        "trained_tokens": {f"p{q}": percentile(by_trained, q) for q in (50, 90, 99)}
+        | {"max": int(by_trained[-1]) if len(by_trained) else 0},
+        "over": {k: int(np.count_nonzero(by_size > k)) for k in lengths},
+        "skipped_no_label": skipped_no_label,
+        "_sizes": sorted_sizes,
     }
 
 

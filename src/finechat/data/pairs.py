@@ -38,16 +38,14 @@ from typing import Any
 from finechat.data.conversation import Conversation, Turn
 from finechat.data.formats import (
     SHAREGPT_ROLES,
-    RecordError,
     _history,
     _join,
     _text,
     _turns_from_list,
     detect_format,
     expand_paths,
-    object_records,
 )
-from finechat.data.records import iter_json_records
+from finechat.data.records import RecordError, RecordReader, first_record
 from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, encode_conversation, special_token_layout
 from finechat.errors import DataError
 from finechat.files import atomic_file, write_jsonl_atomic
@@ -268,8 +266,7 @@ def is_preference_file(path: str | Path, format: str = "auto") -> bool:
     if format != "auto":
         return format in PREFERENCE_FORMATS
     for f in expand_paths([path])[:1]:
-        for _, rec, _ in iter_json_records(f):
-            return detect_preference_format(rec) is not None
+        return detect_preference_format(first_record(f)) is not None
     return False
 
 
@@ -305,30 +302,27 @@ def _not_preference(path: str, line: int, rec: dict, kind: str) -> DataError:
 
 
 def _read_one(path: str, format: str, on_bad_record: str, kind: str, result: PreferenceReadResult) -> None:
-    fmt = None if format == "auto" else format
-    for line, rec, error in object_records(path):
-        try:
-            if error:
-                raise error
-            if fmt is None:
-                fmt = detect_preference_format(rec)
-                if fmt is None:
-                    raise _not_preference(path, line, rec, kind)
-            item = PARSERS[fmt](rec)
-            if kind == "pairs" and isinstance(item, LabelledAnswer):
-                raise DataError(f"{path}: KTO data (one answer with a label) has no pairs; use stage kto")
-        except RecordError as e:
-            if on_bad_record == "error":
-                raise DataError(f"{path}:{line}: {e.field}: {e.reason}") from None
-            result.skipped.append((path, line, e.field, e.reason))
-            continue
+    def detect(path: str, line: int, rec: dict) -> str:
+        fmt = detect_preference_format(rec)
+        if fmt is None:
+            raise _not_preference(path, line, rec, kind)
+        return fmt
+
+    def parse(fmt: str, rec: dict) -> PreferencePair | LabelledAnswer:
+        item = PARSERS[fmt](rec)
+        if kind == "pairs" and isinstance(item, LabelledAnswer):
+            raise DataError(f"{path}: KTO data (one answer with a label) has no pairs; use stage kto")
+        return item
+
+    reader = RecordReader(path, None if format == "auto" else format, detect, parse, on_bad_record, result.skipped)
+    for line, item in reader:
         item.prompt.source, item.prompt.line = path, line
         if kind == "labelled" and isinstance(item, PreferencePair):
             result.records += [LabelledAnswer(item.prompt, item.chosen, True),
                                LabelledAnswer(item.prompt, item.rejected, False)]
         else:
             result.records.append(item)
-    result.format = result.format or (fmt or "")
+    result.format = result.format or (reader.format or "")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,5 +1,9 @@
 """Records from data files with the line each starts on: JSON arrays, JSONL, one JSON object, CSV/TSV.
 
+:class:`RecordReader` is the one record loop of every reader (SFT conversations, preference pairs): it
+detects the format from the first good record, parses each record and reports a bad one as
+``file:line: field: reason`` or skips and lists it, as ``on_bad_record`` says.
+
 We parse JSON ourselves (``json.JSONDecoder.raw_decode`` over the file) rather than with ``datasets`` because
 every record must keep its file and line, so that a bad record is reported as ``file:line: field: reason``.
 :func:`iter_json_records` lets the caller skip a bad JSONL line; :func:`json_lines` refuses the file instead.
@@ -14,6 +18,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from finechat.data.sources import (
+    COMPRESSED_SUFFIXES,
+    compression_error,
+    data_suffix,
+    is_table_source,
+    open_binary,
+    table_records,
+)
 from finechat.errors import DataError
 
 MAX_DEPTH = 64  # lists / objects inside each other; a conversation needs about 5
@@ -44,6 +56,70 @@ def loads(text: str) -> Any:
     return value
 
 
+class RecordError(Exception):
+    """A bad field inside one record; the reader adds file and line."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+def object_records(path: str) -> Iterator[tuple[int, Any, RecordError | None]]:
+    """``(line, record, error)`` of a data file: ``error`` says why a line holds no JSON object (the reader
+    raises or skips it as ``on_bad_record`` says)."""
+    if is_table_source(path):
+        yield from table_records(path)
+        return
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such data file")
+    for line, rec, error in iter_json_records(path):
+        if error:
+            yield line, None, RecordError("(encoding)" if error.startswith("not UTF-8") else "(json)", error)
+        elif not isinstance(rec, dict):
+            yield line, None, RecordError("(record)", f"expected a JSON object, got {type(rec).__name__}")
+        else:
+            yield line, rec, None
+
+
+def first_record(path: str) -> dict | None:
+    """The first record of a data source (what format detection looks at); None when it is no JSON object."""
+    for _, rec, _ in object_records(path):
+        return rec
+    return None
+
+
+class RecordReader:
+    """The record loop of one file: ``(line, item)`` for each good record, bad ones raised or listed.
+
+    ``detect(path, line, record)`` names the format of the file from its first good record (raising
+    :class:`DataError` when nothing fits) unless ``format`` is given; ``parse(format, record)`` makes the
+    item or raises :class:`RecordError`. With ``on_bad_record="skip"`` a bad record is appended to
+    ``skipped`` as ``(file, line, field, reason)``, never dropped silently. ``format`` holds the file's format
+    once detected (also when every record was skipped).
+    """
+
+    def __init__(self, path: str, format: str | None, detect: Callable[[str, int, dict], str],
+                 parse: Callable[[str, dict], Any], on_bad_record: str, skipped: list):
+        self.path, self.format, self.detect, self.parse = path, format, detect, parse
+        self.on_bad_record, self.skipped = on_bad_record, skipped
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        path = self.path
+        for line, rec, error in object_records(path):
+            try:
+                if error:
+                    raise error
+                if self.format is None:
+                    self.format = self.detect(path, line, rec)
+                item = self.parse(self.format, rec)
+            except RecordError as e:
+                if self.on_bad_record == "error":
+                    raise DataError(f"{path}:{line}: {e.field}: {e.reason}") from None
+                self.skipped.append((path, line, e.field, e.reason))
+                continue
+            yield line, item
+
+
 def _decode_text(data: bytes, path: str) -> str:
     try:
         return data.decode("utf-8-sig")
@@ -58,43 +134,70 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any, str | None]]
 
     ``error`` is set (and ``record`` None) for a JSONL line that is not valid JSON or not UTF-8, so that the
     caller can skip it; an unreadable JSON array raises DataError since nothing after the error can be found.
+    JSONL is read line by line (also through ``.gz`` / ``.zst``), so memory stays flat in the file size; a
+    JSON array or a single object is read whole.
     """
     path = str(path)
-    if Path(path).suffix.lower() in (".csv", ".tsv"):
+    if data_suffix(path) in (".csv", ".tsv"):
         yield from _iter_csv(path)
         return
+    number = 0
     try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    head = data.lstrip()[:1]
-    if head == b"[":
-        text = _decode_text(data, path)
-        yield from _iter_json_array(text, path)
-        return
-    lines = data.split(b"\n")
-    first = next((i for i, ln in enumerate(lines) if ln.strip()), None)
-    if first is None:
-        return
-    try:
-        loads(lines[first].decode("utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        # Not JSONL: maybe one pretty-printed object (MOSS ships one conversation per file).
-        text = _decode_text(data, path)
-        try:
-            yield first + 1, loads(text), None
-            return
-        except json.JSONDecodeError:
-            pass  # report the first line's problem below, as JSONL
-    for i, raw in enumerate(lines):
+        with open_binary(path) as fh:
+            head: list[bytes] = []
+            for raw in fh:
+                number += 1
+                head.append(raw)
+                if raw.strip():
+                    break
+            else:
+                return  # an empty file
+            first = head[-1]
+            if first.lstrip()[:1] == b"[":
+                text = _decode_text(b"".join(head) + fh.read(), path)
+                yield from _iter_json_array(text, path)
+                return
+            try:
+                loads(first.decode("utf-8-sig"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                # Not JSONL: maybe one pretty-printed object (MOSS ships one conversation per file).
+                data = b"".join(head) + fh.read()
+                try:
+                    yield number, loads(_decode_text(data, path)), None
+                    return
+                except json.JSONDecodeError:
+                    pass  # report the first line's problem below, as JSONL
+                yield from _jsonl_lines(enumerate(data.split(b"\n"), start=1))
+                return
+            yield from _jsonl_lines(enumerate(head, start=1))
+
+            def rest() -> Iterator[tuple[int, bytes]]:
+                nonlocal number
+                for raw in fh:
+                    number += 1
+                    yield number, raw
+
+            yield from _jsonl_lines(rest())
+    except (EOFError, OSError) as e:
+        if Path(path).suffix.lower() not in COMPRESSED_SUFFIXES or isinstance(e, FileNotFoundError):
+            raise DataError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+        raise compression_error(path, number + 1, e) from None
+    except Exception as e:
+        if type(e).__name__ == "ZstdError":  # zstandard's own error class (an optional package)
+            raise compression_error(path, number + 1, e) from None
+        raise
+
+
+def _jsonl_lines(numbered: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, Any, str | None]]:
+    for number, raw in numbered:
         if not raw.strip():
             continue
         try:
-            yield i + 1, loads(raw.decode("utf-8-sig" if i == 0 else "utf-8")), None
+            yield number, loads(raw.decode("utf-8-sig" if number == 1 else "utf-8")), None
         except UnicodeDecodeError as e:
-            yield i + 1, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8"
+            yield number, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8"
         except json.JSONDecodeError as e:
-            yield i + 1, None, f"malformed JSON: {e.msg} (column {e.colno})"
+            yield number, None, f"malformed JSON: {e.msg} (column {e.colno})"
 
 
 def json_lines(text: str, path: str | Path,
@@ -120,12 +223,10 @@ def json_lines(text: str, path: str | Path,
 
 def _iter_csv(path: str) -> Iterator[tuple[int, Any, str | None]]:
     """CSV/TSV with a header row: each row is a record of text columns (a JSON list column is decoded)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    with open_binary(path) as fh:
+        data = fh.read()
     text = _decode_text(data, path)
-    reader = csv.DictReader(text.splitlines(keepends=True), delimiter="\t" if path.lower().endswith(".tsv") else ",")
+    reader = csv.DictReader(text.splitlines(keepends=True), delimiter="\t" if data_suffix(path) == ".tsv" else ",")
     start = 2
     for row in reader:
         line, start = start, reader.line_num + 1

@@ -14,30 +14,23 @@ Rules (the issue's "never lose data silently"):
   conversation becomes one example per assistant turn instead of training answers inside the context.
   A tokenizer's own Jinja chat template already writes its special tokens, so nothing is added then.
 
-The cache is ours rather than ``datasets.map``'s because its key must be the data *content* plus tokenizer,
-template and settings (``datasets`` fingerprints the function and file paths, and re-reads on a moved file);
-it is stored as flat int32 arrays in an ``.npz`` (no pickles) and loads in well under a second.
+Conversations are tokenized chunk by chunk as they are read (:func:`tokenize_chunks`), so memory stays
+flat in the record count; the on-disk, memory-mapped cache and ``build_dataset`` are in
+``finechat.data.token_cache``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from finechat.config import finechat_home
 from finechat.data.conversation import Conversation
-from finechat.data.formats import expand_paths, read_conversations
 from finechat.data.tool_prompt import conversation_messages, tool_prompt
 from finechat.errors import ConfigError, DataError
-from finechat.files import atomic_file
 
 IGNORE_INDEX = -100
-CACHE_VERSION = 2  # 2: tool-use conversations are rendered by data.tool_prompt, as chat and serve render them
 # Below this many conversations one process is faster than starting workers (measured: ~1 s start-up).
 PARALLEL_MIN_CONVERSATIONS = 2000
 # Batched encoding already runs on every core inside the Rust tokenizer; extra processes only pay off for
@@ -79,6 +72,7 @@ class TokenizeStats:
     trained_tokens: int = 0
     skipped_records: int = 0  # bad records skipped by the reader (on_bad_record: skip)
     bad_records: list = dataclasses.field(default_factory=list)  # each as [file, line, field, reason]
+    sources: list = dataclasses.field(default_factory=list)  # each data source with the rows it gave
     from_cache: bool = False
     cache_file: str | None = None
 
@@ -155,6 +149,11 @@ def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     # One batched call: the Rust tokenizer is several times faster on a batch than text by text.
     if not texts:
         return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        # The Rust tokenizer itself: what tokenizer(texts) returns, without converting every Encoding to a
+        # Python BatchEncoding (that conversion took ~40% of tokenizing time, measured in benchmarks/data_scale)
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
@@ -319,130 +318,80 @@ def _tokenize_in_worker(convs: list) -> tuple[list[dict], TokenizeStats]:
     return _tokenize_chunk((convs, *_WORKER["args"]))
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of everything that changes token ids: vocabulary, merges, normalizer, special tokens."""
-    h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
-    h.update(type(tokenizer).__name__.encode())
-    h.update(json.dumps({k: str(v) for k, v in (tokenizer.special_tokens_map or {}).items()},
-                        sort_keys=True).encode())
-    h.update(str(getattr(tokenizer, "chat_template", "") or "").encode())
-    return h.hexdigest()
+def tokenize_chunks(convs: Iterable[Any], tokenizer: Any, template: Any, settings: TokenizeSettings,
+                    num_proc: int | None = None, progress: bool = True, total: int | None = None,
+                    ) -> Iterator[tuple[list[dict], TokenizeStats]]:
+    """(examples, stats) of each chunk of ``convs``, in order, read from the iterable as it goes.
 
-
-def template_fingerprint(template: Any) -> str:
-    if hasattr(template, "tokenizer"):
-        return "tokenizer:" + hashlib.sha256(str(template.tokenizer.chat_template).encode()).hexdigest()
-    if dataclasses.is_dataclass(template):
-        return json.dumps(dataclasses.asdict(template), sort_keys=True, ensure_ascii=False, default=str)
-    return repr(template)
-
-
-def _data_fingerprint(sources: Sequence[Any], read_options: dict) -> str:
-    h = hashlib.sha256(json.dumps(read_options, sort_keys=True).encode())
-    for s in sources:
-        if isinstance(s, (str, Path)):
-            with open(s, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-        elif isinstance(s, Conversation):
-            h.update(json.dumps(s.to_dict(), sort_keys=True, ensure_ascii=False).encode())
-        else:
-            h.update(json.dumps(s, sort_keys=True, ensure_ascii=False, default=str).encode())
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def cache_key(sources: Sequence[Any], tokenizer: Any, template: Any, settings: TokenizeSettings,
-              read_options: dict | None = None) -> str:
-    parts = [str(CACHE_VERSION), _data_fingerprint(sources, read_options or {}), tokenizer_fingerprint(tokenizer),
-             template_fingerprint(template), json.dumps(dataclasses.asdict(settings), sort_keys=True)]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
-
-
-def default_cache_dir() -> Path:
-    return finechat_home() / "tokenized"
-
-
-def _save_cache(path: Path, examples: list[dict], stats: TokenizeStats) -> None:
-    import numpy as np
-
-    lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    ids = np.fromiter((t for e in examples for t in e["input_ids"]), dtype=np.int32, count=int(offsets[-1]))
-    labels = np.fromiter((t for e in examples for t in e["labels"]), dtype=np.int32, count=int(offsets[-1]))
-    meta = dataclasses.asdict(stats)
-    meta.pop("from_cache"), meta.pop("cache_file")
-    with atomic_file(path, "wb") as fh:  # atomic: a concurrent reader never sees half a file
-        np.savez(fh, input_ids=ids, labels=labels, offsets=offsets, stats=np.array(json.dumps(meta)))
-
-
-def _load_cache(path: Path) -> tuple[list[dict], TokenizeStats] | None:
-    import numpy as np
-
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            ids, labels, offsets = z["input_ids"].tolist(), z["labels"].tolist(), z["offsets"].tolist()
-            stats = TokenizeStats(**json.loads(str(z["stats"])))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # a damaged cache file is rebuilt
-    examples = [{"input_ids": ids[a:b], "labels": labels[a:b]} for a, b in zip(offsets[:-1], offsets[1:])]
-    stats.from_cache, stats.cache_file = True, str(path)
-    return examples, stats
-
-
-def build_dataset(paths_or_convs: Any, tokenizer: Any, template: Any, settings: TokenizeSettings | None = None,
-                  cache_dir: str | Path | None = None, num_proc: int | None = None, format: str = "auto",
-                  on_bad_record: str = "error", use_cache: bool = True, progress: bool = True,
-                  **read_options: Any) -> tuple[list[dict], TokenizeStats]:
-    """Tokenize files or Conversations into training examples, served from the disk cache when possible.
-
-    ``paths_or_convs``: a path, a list of paths, or a list of Conversations / message lists. Returns
-    ``(examples, stats)``; examples are ``{"input_ids", "labels"}`` (plus ``position_ids`` when packed).
-    ``cache_dir=None`` uses ``$FINECHAT_HOME/tokenized``; ``use_cache=False`` turns caching off.
+    Memory stays flat in the number of conversations: only a few chunks are in flight (``num_proc * 2`` on
+    several processes). ``num_proc=None`` picks: one process for small inputs (``total`` known and small) or
+    machines with few cores, else up to 8.
     """
-    settings = settings or TokenizeSettings()
-    if isinstance(paths_or_convs, (str, Path, Conversation)):
-        paths_or_convs = [paths_or_convs]
-    sources = list(paths_or_convs)
-    if any(isinstance(s, (str, Path)) for s in sources):
-        files = iter(expand_paths([s for s in sources if isinstance(s, (str, Path))]))
-        sources = [s for s in sources if not isinstance(s, (str, Path))] + list(files)
-        for s in sources:
-            if isinstance(s, str) and not Path(s).is_file():
-                raise DataError(f"{s}: no such data file")
-    read_opts = {"format": format, "on_bad_record": on_bad_record, **read_options}
-    cache_path = None
-    if use_cache:
-        key = cache_key(sources, tokenizer, template, settings, read_opts)
-        cache_path = Path(cache_dir or default_cache_dir()) / f"{key}.npz"
-        if cache_path.is_file():
-            loaded = _load_cache(cache_path)
-            if loaded is not None:
-                examples, stats = loaded
-                return (pack_examples(examples, settings.cutoff_len) if settings.packing else examples), stats
-    convs: list = []
-    skipped: list = []
-    paths = [s for s in sources if isinstance(s, (str, Path))]
-    if paths:
-        result = read_conversations(paths, format=format, on_bad_record=on_bad_record, **read_options)
-        convs += result.conversations
-        skipped = [list(x) for x in result.skipped]
-        if result.skipped and progress:
-            import sys
+    from tqdm.auto import tqdm
 
-            print(result.skipped_table(), file=sys.stderr)
-    convs += [s for s in sources if not isinstance(s, (str, Path))]
-    examples, stats = tokenize_many(convs, tokenizer, template, settings, num_proc=num_proc, progress=progress)
-    stats.skipped_records, stats.bad_records = len(skipped), skipped
-    if cache_path is not None:
-        _save_cache(cache_path, examples, stats)
-        stats.cache_file = str(cache_path)
-    return (pack_examples(examples, settings.cutoff_len) if settings.packing else examples), stats
+    layout = special_token_layout(tokenizer, template)
+    cores = os.cpu_count() or 1
+    if num_proc is None:
+        big = (total is None or total >= PARALLEL_MIN_CONVERSATIONS) and cores >= PARALLEL_MIN_CORES
+        num_proc = min(cores, 8) if big else 1
+    size = max(1, min(1000, -(-total // max(num_proc * 4, 1)))) if total is not None else 1000
+    chunks = _chunked(convs, size)
+    bar = tqdm(total=total, desc="tokenizing", unit="conv", disable=not progress or (total or 10 ** 9) < 200)
+    try:
+        if num_proc > 1 and (total is None or total > size):
+            yield from _chunks_in_workers(chunks, num_proc, (tokenizer, template, settings, layout), bar)
+        else:
+            for c in chunks:
+                result = _tokenize_chunk((c, tokenizer, template, settings, layout))
+                bar.update(len(c))
+                yield result
+    finally:
+        bar.close()
+
+
+def _chunked(items: Iterable[Any], size: int) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _chunks_in_workers(chunks: Iterator[list], num_proc: int, worker_args: tuple, bar: Any
+                       ) -> Iterator[tuple[list[dict], TokenizeStats]]:
+    import multiprocessing as mp
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    # Workers get the tokenizer and template once (inherited on fork, else pickled once per worker),
+    # not with every chunk: pickling a tokenizer costs more than tokenizing a chunk.
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    # Workers encode on one thread each (and the Rust tokenizer does not warn about the fork); the
+    # setting is restored afterwards so that this process keeps its multi-threaded encoding.
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        with ProcessPoolExecutor(max_workers=num_proc, mp_context=ctx, initializer=_init_worker,
+                                 initargs=worker_args) as pool:
+            pending: deque = deque()  # bounded, so that a long stream is never read ahead into memory
+            for c in chunks:
+                pending.append((pool.submit(_tokenize_in_worker, c), len(c)))
+                if len(pending) >= num_proc * 2:
+                    future, n = pending.popleft()
+                    bar.update(n)
+                    yield future.result()
+            while pending:
+                future, n = pending.popleft()
+                bar.update(n)
+                yield future.result()
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
 
 
 def tokenize_many(convs: Sequence[Any], tokenizer: Any, template: Any, settings: TokenizeSettings,
@@ -451,48 +400,11 @@ def tokenize_many(convs: Sequence[Any], tokenizer: Any, template: Any, settings:
 
     ``num_proc=None`` picks: one process for small inputs or machines with few cores, else up to 8.
     """
-    from tqdm.auto import tqdm
-
-    layout = special_token_layout(tokenizer, template)
-    if num_proc is None:
-        cores = os.cpu_count() or 1
-        big = len(convs) >= PARALLEL_MIN_CONVERSATIONS and cores >= PARALLEL_MIN_CORES
-        num_proc = min(cores, 8) if big else 1
-    chunk = max(1, min(1000, -(-len(convs) // max(num_proc * 4, 1))))
-    chunks = [convs[i:i + chunk] for i in range(0, len(convs), chunk)]
     examples: list[dict] = []
     stats = TokenizeStats()
-    bar = tqdm(total=len(convs), desc="tokenizing", unit="conv", disable=not progress or len(convs) < 200)
-    if num_proc > 1 and len(chunks) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        # Workers get the tokenizer and template once (inherited on fork, else pickled once per worker),
-        # not with every chunk: pickling a tokenizer costs more than tokenizing a chunk.
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-        # Workers encode on one thread each (and the Rust tokenizer does not warn about the fork); the
-        # setting is restored afterwards so that this process keeps its multi-threaded encoding.
-        saved = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        try:
-            with ProcessPoolExecutor(max_workers=num_proc, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(tokenizer, template, settings, layout)) as pool:
-                for (ex, st), c in zip(pool.map(_tokenize_in_worker, chunks), chunks):
-                    examples += ex
-                    stats.add(st)
-                    bar.update(len(c))
-        finally:
-            if saved is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = saved
-    else:
-        for c in chunks:
-            ex, st = _tokenize_chunk((c, tokenizer, template, settings, layout))
-            examples += ex
-            stats.add(st)
-            bar.update(len(c))
-    bar.close()
+    for ex, st in tokenize_chunks(convs, tokenizer, template, settings, num_proc, progress, total=len(convs)):
+        examples += ex
+        stats.add(st)
     return examples, stats
 
 

@@ -18,7 +18,7 @@ import dataclasses
 import time
 
 from finechat.console import log
-from finechat.data.catalog import LICENCE_FILE
+from finechat.data.catalog import LICENCE_FILE, with_data_sources
 from finechat.data.templates import get_template
 from finechat.errors import ConfigError
 from finechat.files import write_json_atomic
@@ -66,8 +66,8 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
     if has_eval != (args.eval_strategy != "no"):
         args = arguments(has_eval)
     if is_main:
-        log(f"data: {data_info.get('summary') or data_info}; {len(train_rows)} training rows, "
-            f"{len(eval_rows)} eval rows")
+        rows = "streamed training rows" if cfg.streaming else f"{len(train_rows)} training rows"
+        log(f"data: {data_info.get('summary') or data_info}; {rows}, {len(eval_rows)} eval rows")
 
     transformers.set_seed(cfg.seed)  # adapter initialisation does not depend on how much data was read
     model = stage.prepare(model, tokenizer, cfg)
@@ -83,6 +83,7 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
             log("warning: the estimate exceeds the available memory; lower per_device_train_batch_size or "
                 "cutoff_len, or use gradient_checkpointing / qlora")
 
+    licence = with_data_sources(licence, data_info.get("sources", []), cfg.datasets)
     info = run_info(cfg, model, template, licence, data_info)
     if is_main:
         write_json_atomic(out / checkpoints.RUN_FILE, info)

@@ -10,7 +10,10 @@ import dataclasses
 from typing import Any
 
 from finechat.data.catalog import LICENCE_FILE
-from finechat.data.tokenize import TokenizeSettings, build_dataset, data_collator, pack_examples
+from finechat.data.mixing import MixSettings
+from finechat.data.token_cache import build_dataset, stream_examples
+from finechat.data.token_cache import longest_row as longest_cached_row
+from finechat.data.tokenize import TokenizeSettings, data_collator, pack_examples
 from finechat.errors import ConfigError
 from finechat.train import checkpoints
 from finechat.train.train_config import TrainConfig
@@ -27,11 +30,17 @@ def read_sft(cfg: TrainConfig, tokenizer: Any, template: Any, cache_dir: str | N
     )
     columns = {k: getattr(cfg, k) for k in ("prompt_column", "response_column", "history_column") if getattr(cfg, k)}
     read = {"format": cfg.format, "on_bad_record": cfg.on_bad_record, **columns}
-    train, stats = build_dataset(cfg.data, tokenizer, template, settings, cache_dir=cache_dir, **read)
+    mix = MixSettings(list(cfg.mix), cfg.mix_stop, cfg.seed) if cfg.mix else None
+    evals = build_dataset([cfg.val_file], tokenizer, template, settings, cache_dir=cache_dir, **read)[0] \
+        if cfg.val_file else []
+    if cfg.streaming:
+        return streamed_rows(cfg, tokenizer, template, settings, mix, read), evals, {
+            "stage": "sft", "streaming": True, "summary": "streamed: tokenized as read, no cache",
+            "sources": [{"source": s} for s in cfg.data]}
+    train, stats = build_dataset(cfg.data, tokenizer, template, settings, cache_dir=cache_dir, mix=mix,
+                                 num_proc=cfg.num_proc, **read)
     train = train[: cfg.max_samples or None]
-    if cfg.val_file:
-        evals, _ = build_dataset([cfg.val_file], tokenizer, template, settings, cache_dir=cache_dir, **read)
-    else:
+    if not cfg.val_file:
         train, evals = split_holdout(train, cfg.val_size, cfg.seed)
     if not train:
         raise ConfigError(f"no training examples left from {', '.join(cfg.data)}: {stats.summary()}")
@@ -40,6 +49,18 @@ def read_sft(cfg: TrainConfig, tokenizer: Any, template: Any, cache_dir: str | N
     info = {"stage": "sft", **dataclasses.asdict(stats), "summary": stats.summary(), "train_rows": len(train),
             "eval_rows": len(evals)}
     return train, evals, info
+
+
+def streamed_rows(cfg: TrainConfig, tokenizer: Any, template: Any, settings: TokenizeSettings,
+                  mix: MixSettings | None, read: dict) -> Any:
+    """A torch IterableDataset over ``cfg.data`` tokenized as it is read; each epoch reads the data again."""
+    import torch
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return stream_examples(cfg.data, tokenizer, template, settings, mix=mix, **read)
+
+    return Stream()
 
 
 def trainer_with_collator(cfg: TrainConfig, model: Any, tokenizer: Any, args: Any, train: list, evals: list | None,
@@ -61,8 +82,8 @@ def sft_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, args: Any, train: 
 
 
 def longest_row(cfg: TrainConfig, rows: list[dict]) -> int:
-    """The memory estimate's sequence length for tokenized rows: the longest one."""
-    return max(len(r["input_ids"]) for r in rows)
+    """The memory estimate's sequence length for tokenized rows: the longest one (cutoff_len when streamed)."""
+    return cfg.cutoff_len if cfg.streaming else longest_cached_row(rows)
 
 
 def all_positions(cfg: TrainConfig, rows: list[dict]) -> float:

@@ -18,6 +18,7 @@ import dataclasses
 from typing import Literal
 
 from finechat.config import field
+from finechat.data.mixing import MixSettings
 from finechat.train.distributed import DistributedConfig
 
 METHODS = ("lora", "ptuning", "full", "freeze", "qlora")
@@ -59,6 +60,15 @@ class DataSettings:
         [], help="registry names of the data (e.g. alpaca, adgen, finechat-samples): their licences are recorded"
     )
     commercial: bool = field(False, help="refuse data or a base model whose licence forbids commercial use")
+
+    # -- data beyond RAM (issue 30): mixing, streaming, tokenizing processes -------------------------------
+    mix: list[float] = field([], help="sampling ratios, one per entry of data, summing to 1 (e.g. [0.7, 0.3]): "
+                             "the sources are interleaved by these ratios, deterministic by seed")
+    mix_stop: Literal["first_exhausted", "all_exhausted"] = field(
+        "first_exhausted", help="mix: stop when the first source runs out, or when all have (restarting the others)")
+    streaming: bool = field(False, help="train straight from the data stream (no tokenized cache, no full pass "
+                            "first); needs max_steps")
+    num_proc: int | None = field(None, help="tokenizing processes (default: picked from the cores and data size)")
 
     def _check_data(self) -> None:
         if isinstance(self.data, str):
@@ -242,6 +252,18 @@ class TrainConfig(DistributedSettings, OutputSettings, OptimisationSettings, Sta
         if self.stage == "kto" and self.per_device_train_batch_size < 2:  # across groups: stage x optimisation
             raise ValueError("stage kto needs per_device_train_batch_size >= 2 (KTO's KL term pairs each answer with "
                              f"another prompt's in the same batch), got {self.per_device_train_batch_size}")
+        self._check_data_beyond_ram()
+
+    def _check_data_beyond_ram(self) -> None:
+        if self.streaming and self.max_steps <= 0:
+            raise ValueError("streaming: true needs max_steps > 0 (a stream has no length to count epochs in)")
+        if self.streaming and (self.packing or self.val_size or self.max_samples):
+            raise ValueError("streaming: true reads the data once as it trains: packing, val_size and max_samples "
+                             "need the whole data first (give a val_file instead of val_size)")
+        if self.mix:
+            MixSettings(list(self.mix), self.mix_stop, self.seed).check(len(self.data))
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ValueError(f"num_proc must be >= 1, got {self.num_proc}")
 
     @property
     def adapter_method(self) -> str:

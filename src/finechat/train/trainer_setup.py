@@ -132,6 +132,12 @@ def split_holdout(items: list, size: float, seed: int) -> tuple[list, list]:
     n = int(size) if size >= 1 else max(1, round(len(items) * size))
     if n >= len(items):
         raise ConfigError(f"val_size {size} leaves no training data ({len(items)} examples)")
+    if hasattr(items, "select"):  # memory-mapped rows: index arrays and views, flat in the row count
+        import numpy as np
+
+        keep = np.ones(len(items), dtype=bool)
+        keep[np.random.default_rng(seed).permutation(len(items))[:n]] = False
+        return items.select(np.flatnonzero(keep)), items.select(np.flatnonzero(~keep))
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     held = set(order[:n])
@@ -269,7 +275,8 @@ def run_info(cfg: TrainConfig, model: Any, template: Any, licence: dict, data_in
         "quantization_bit": cfg.quantization_bit,
         "licenses": licence,
         "data": {"files": cfg.data, "val_file": cfg.val_file, **{k: v for k, v in data_info.items()
-                                                                  if isinstance(v, (int, float, str))}},
+                                                                  if isinstance(v, (int, float, str))},
+                 "sources": data_info.get("sources", [])},
         "config": to_dict(cfg),
         "world_size": world()[2],
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
