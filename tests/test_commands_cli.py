@@ -70,7 +70,6 @@ def test_model_commands_choose_threads_the_same_way_on_a_busy_cpu(monkeypatch, c
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "getloadavg", lambda: (50.0, 50.0, 50.0))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    device._say_once.cache_clear()
     before = torch.get_num_threads()
     seen = {}
     extra = {"medical": ["eval"], "export": ["--out", "x"], "quantize": ["--bits", "8", "--out", "x"]}
@@ -81,8 +80,22 @@ def test_model_commands_choose_threads_the_same_way_on_a_busy_cpu(monkeypatch, c
         assert cli_main([name, *extra.get(name, [])]) == 0
     assert seen == {name: 1 for name in commands}
     assert torch.get_num_threads() == before  # the caller's count is restored
+    # no model loaded: nothing said (bad input found before a model loads stays a one-line error)
+    assert "The CPU is busy" not in capsys.readouterr().err
+
+    def loads_two_models(args):  # each model load says the choice; the command says it once
+        device.say_thread_choice()
+        device.say_thread_choice()
+        return 0
+
+    monkeypatch.setattr(importlib.import_module("finechat.commands.chat"), "main", loads_two_models)
+    assert cli_main(["chat"]) == 0 and cli_main(["chat"]) == 0
     err = capsys.readouterr().err
-    assert err.count("The CPU is busy (load average 50.0 on 2 cores): using one thread") == 1  # said once
+    assert err.count("The CPU is busy (load average 50.0 on 2 cores): using one thread") == 2  # once per command
+    device.say_thread_choice()  # outside a command: nothing chosen, nothing said
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(importlib.import_module("finechat.commands.chat"), "main",
+                        lambda args: seen.setdefault("chat", torch.get_num_threads()) * 0)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice wins
     seen.clear()
     assert cli_main(["chat"]) == 0 and seen == {"chat": before}

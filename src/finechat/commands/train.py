@@ -27,6 +27,7 @@ from finechat.train.distributed import (
     is_main_process,
     launch_command,
     launch_env,
+    leave_process_group,
     model_type_of,
 )
 from finechat.train.train_config import TrainConfig
@@ -109,6 +110,7 @@ def main(args: argparse.Namespace) -> int:
     from finechat.train.recipe import run_training
 
     result = run_training(cfg)  # sft / pretrain on the Trainer; dpo, rm, kto, orpo, simpo, grpo on TRL
+    leave_process_group()
     if is_main_process():
         print(result.final_checkpoint or result.output_dir)
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator
 
@@ -41,9 +40,9 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def busy_cpu_threads() -> int | None:
-    """One torch thread when the CPU is already busy (load average >= its cores), else None (torch's default);
-    OMP_NUM_THREADS, when set, is the user's choice and wins. Says so once per process.
+def busy_cpu_threads() -> tuple[int | None, str | None]:
+    """One torch thread when the CPU is already busy (load average >= its cores), else None (torch's default),
+    with the notice that says so; OMP_NUM_THREADS, when set, is the user's choice and wins.
 
     Why: with the load average at 5-17 on 2 cores, PyTorch's OpenMP threads wait on threads the OS has
     descheduled; the same ``finechat chat`` took 65-191 s with the default threads and 24 s with one, and 16
@@ -51,30 +50,42 @@ def busy_cpu_threads() -> int | None:
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if "OMP_NUM_THREADS" in os.environ or cores <= 1:
-        return None
+        return None, None
     load = os.getloadavg()[0]
     if load < cores:
-        return None
-    _say_once(f"The CPU is busy (load average {load:.1f} on {cores} cores): using one thread "
-              "(set OMP_NUM_THREADS to choose).")
-    return 1
+        return None, None
+    return 1, (f"The CPU is busy (load average {load:.1f} on {cores} cores): using one thread "
+               "(set OMP_NUM_THREADS to choose).")
 
 
-@functools.cache
-def _say_once(message: str) -> None:
-    log(message)
+# The notice of the running cpu_threads block, said when its first model loads (say_thread_choice), not before:
+# bad input found before any model loads stays a one-line error. [message, said]; empty outside a block.
+_THREAD_NOTICE: list = []
+
+
+def say_thread_choice() -> None:
+    """Say the busy-CPU thread choice once, as a model starts loading (models.resolve calls it)."""
+    if _THREAD_NOTICE and not _THREAD_NOTICE[1]:
+        _THREAD_NOTICE[1] = True
+        log(_THREAD_NOTICE[0])
 
 
 @contextlib.contextmanager
 def cpu_threads() -> Iterator[None]:
     """Run a block that runs a model with the threads :func:`busy_cpu_threads` chooses, restoring the caller's
     count after (every model-running command goes through this; ``bench --threads`` pins its own inside)."""
-    threads = busy_cpu_threads()
+    threads, notice = busy_cpu_threads()
     if threads is None:
         yield  # torch not even imported: commands that end early stay light
         return
-    with torch_threads(threads):
-        yield
+    outer = list(_THREAD_NOTICE)
+    _THREAD_NOTICE[:] = [notice, bool(outer and outer[1])]  # said once per process, also when blocks nest
+    try:
+        with torch_threads(threads):
+            yield
+    finally:
+        said = _THREAD_NOTICE[1]
+        _THREAD_NOTICE[:] = [outer[0], outer[1] or said] if outer else []
 
 
 def pick_dtype(dtype: str, device: str):

@@ -24,7 +24,7 @@ from finechat.errors import ModelLoadError
 from finechat.files import read_json, staged_folder, write_text_atomic
 from finechat.models.chatglm.modeling_chatglm import is_ptuning_checkpoint
 from finechat.models.chatglm.quantized_checkpoint import load_quantized_chatglm
-from finechat.models.device import pick_device, pick_dtype
+from finechat.models.device import pick_device, pick_dtype, say_thread_choice
 from finechat.models.gguf_writer import check_gguf_file as read_gguf_header
 from finechat.models.weight_only import quantize_model, weight_bytes
 
@@ -181,6 +181,7 @@ def load_model_and_tokenizer(
     if gguf_file:
         kw["gguf_file"] = gguf_file
     t0 = time.time()
+    say_thread_choice()  # the busy-CPU notice, now that a model really loads
     log(f"Loading {model if model != 'default' else DEFAULT_MODEL_NAME} from {folder / (gguf_file or '')} ...")
     if gguf_file:
         check_gguf_file(folder / gguf_file)

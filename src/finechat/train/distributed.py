@@ -68,6 +68,18 @@ def world() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def leave_process_group() -> None:
+    """After a finished run, wait for every rank and leave the process group. A rank that exits with its
+    communication threads (gloo, DeepSpeed) still running can abort at exit ("terminate called without an
+    active exception", SIGABRT), failing a run that trained and saved. Not called after an error: a barrier
+    would wait for a rank that is gone (torchrun stops the others)."""
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     """Rank 0: the one process that writes reports, plots, run info and logs progress."""
     return world()[0] == 0
