@@ -91,6 +91,9 @@ class Board:
         self.recipes = Path(settings.recipes) if settings.recipes else forms.default_recipes_folder()
         if self.recipes is not None:  # the recipes name data/samples/...: give the workspace its own copy
             ws.add_samples(self.recipes.parent / "data" / "samples")
+        tasks = forms.shipped_tasks_folder()
+        if tasks is not None:  # the shipped lm-eval tasks, as data/tasks/finechat_mc/finechat_mc_en.yaml
+            ws.add_samples(tasks, "tasks")
 
     def table(self) -> list[tuple[str, str, Any]]:
         return [("GET", "/", self.page), ("GET", "/health", self.health), ("GET", "/api/info", self.info),

@@ -227,6 +227,14 @@ def default_recipes_folder() -> Path | None:
     return None
 
 
+def shipped_tasks_folder() -> Path | None:
+    """The project's lm-eval task files (``data/tasks``) of the working folder, else of the source checkout."""
+    for candidate in (Path.cwd() / "data" / "tasks", Path(__file__).resolve().parents[4] / "data" / "tasks"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
 def python_argv(args: list[str]) -> list[str]:
     """``finechat ARGS`` as an argument list for this interpreter (no shell, no PATH lookup)."""
     return [sys.executable, "-m", "finechat", *args]

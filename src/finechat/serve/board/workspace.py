@@ -86,10 +86,11 @@ class Workspace:
             fh.write(content)
         return path
 
-    def add_samples(self, samples: Path) -> None:
+    def add_samples(self, samples: Path, name: str = "samples") -> None:
         """Copy the project's sample data (``data/samples``, ~1 MB) into ``data/samples`` once, so that the
-        recipes, which name those files, run in the workspace as they are."""
-        target = self.root / DATA_DIR / "samples"
+        recipes, which name those files, run in the workspace as they are; likewise its lm-eval task files
+        (``data/tasks``, whose data paths are relative to ``data/tasks``' parent) into ``data/tasks``."""
+        target = self.root / DATA_DIR / name
         if target.exists() or not samples.is_dir():
             return
         with staged_folder(target) as staged:
