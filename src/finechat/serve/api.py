@@ -25,7 +25,6 @@ thread, event streams) in :mod:`finechat.serve.runs`, server-side tools in :mod:
 # and ``Request`` is imported inside a function (fastapi is imported only when an app is built).
 
 import dataclasses
-import hmac
 import html
 import json
 import time
@@ -39,7 +38,7 @@ from finechat.errors import FinechatError
 from finechat.generate.batching import BatchScheduler
 from finechat.generate.contract import ChatEngine
 from finechat.serve import completions, runs, tools_api
-from finechat.serve.guards import HostNames, RequestGuard
+from finechat.serve.guards import HostNames, RequestGuard, api_key_problem
 from finechat.serve.schemas import (
     ApiError,
     ChatRequest,
@@ -228,14 +227,11 @@ class Routes:
 
     # -- checks --------------------------------------------------------------------------------------
     def _check_key(self, request: Any) -> None:
-        api_key = self.settings.api_key
-        if not api_key:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        problem = api_key_problem(request.headers.get("authorization", ""), self.settings.api_key)
+        if problem == "missing":
             raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY'", code="missing_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        if problem == "invalid":
             raise ApiError(401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     async def _parse(self, request: Any, schema: Any) -> Any:

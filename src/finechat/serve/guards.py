@@ -17,6 +17,7 @@ cuts ``[::1]:8000`` at its first colon; ours answers in OpenAI's error shape and
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import socket
@@ -27,6 +28,18 @@ from finechat.serve.schemas import error_body
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
 BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+def api_key_problem(authorization: str, api_key: str | None) -> str | None:
+    """Why an ``Authorization`` header does not carry ``api_key``: "missing" (no ``Bearer KEY``) or "invalid"
+    (another key, compared in constant time); None when it does or no key is set. The server and the board
+    word their own 401s from it."""
+    if not api_key:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return "missing"
+    return None if hmac.compare_digest(token.strip().encode(), api_key.encode()) else "invalid"
 
 
 class HostNames:

@@ -10,7 +10,6 @@ shape naming the field (``param``); the page shows the message beside that field
 
 import asyncio
 import dataclasses
-import hmac
 import json
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from finechat.serve.board import data_view, forms
 from finechat.serve.board.chat_server import FRAME_CSP, ChatServer
 from finechat.serve.board.jobs import TRAIN_YAML, Jobs
 from finechat.serve.board.workspace import EVALS_DIR, EXPORTS_DIR, Workspace, folder_size
-from finechat.serve.guards import HostNames, RequestGuard
+from finechat.serve.guards import HostNames, RequestGuard, api_key_problem
 from finechat.serve.schemas import ApiError
 from finechat.train.estimate import estimate_without_weights
 from finechat.train.train_config import TrainConfig
@@ -333,14 +332,11 @@ class Board:
 
     # -- checks -----------------------------------------------------------------------------------------
     def _check_key(self, request: Any) -> None:
-        api_key = self.settings.api_key
-        if not api_key:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        problem = api_key_problem(request.headers.get("authorization", ""), self.settings.api_key)
+        if problem == "missing":
             raise ApiError(401, "api_key: this board needs its API key (Settings: API key)", param="api_key",
                            code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        if problem == "invalid":
             raise ApiError(401, "api_key: incorrect API key", param="api_key", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
 
