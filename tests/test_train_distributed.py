@@ -194,6 +194,56 @@ def test_kill_9_of_one_rank_stops_the_run_and_resume_reaches_the_same_losses(set
     _assert_same(resumed, ref)
 
 
+FAULT_HOOK = """
+import os
+if os.environ.get("RANK") == "1":  # rank 1 of the run only (the launcher and rank 0 do not have it)
+    import transformers.trainer_callback as callbacks
+
+    step_end = callbacks.CallbackHandler.on_step_end
+
+    def on_step_end(self, args, state, control):
+        if state.global_step == 3:
+            if os.environ["FAULT_KIND"] == "data":
+                from finechat.errors import DataError
+
+                raise DataError("faults.jsonl line 7: field 'output' is not text (injected on rank 1)")
+            raise ValueError("injected fault on rank 1 at step " + str(state.global_step))
+        return step_end(self, args, state, control)
+
+    callbacks.CallbackHandler.on_step_end = on_step_end
+"""
+
+
+@pytest.mark.parametrize("kind", ["bug", "data"])
+def test_an_exception_on_one_rank_stops_every_rank_and_is_shown_once(setup, kind, tmp_path):
+    """Rank 1 raises after step 3 (a sitecustomize module on its path patches the Trainer's step-end callback):
+    every rank stops, the exit code is the failing rank's, its error is printed once (a traceback for a bug, one
+    line for a finechat error) and the other rank says in one line that it lost a peer."""
+    (tmp_path / "sitecustomize.py").write_text(FAULT_HOOK)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT_KIND": kind,
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "finechat", "train", str(setup["config"]), f"output_dir={out}",
+                           "--nproc-per-node", "2", "distributed.timeout=600"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert time.monotonic() - started < 300, "the other rank waited for the collective timeout"
+    assert not (out / f"checkpoint-{STEPS}").exists() and not (out / ".saving").exists()
+    if kind == "bug":
+        assert proc.returncode == 1, output[-3000:]
+        assert output.count("injected fault on rank 1 at step 3") == 1, output[-3000:]
+        assert output.count("Traceback (most recent call last)") == 1, output[-3000:]
+        assert "finechat train (rank 1) failed:" in output
+    else:
+        assert proc.returncode == 3, output[-3000:]  # DataError's exit code, passed through torchrun
+        assert output.count("field 'output' is not text") == 1 and "Traceback" not in output, output[-3000:]
+        assert "finechat train (rank 1): error: faults.jsonl line 7" in output
+    assert "ChildFailedError" not in output
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("finechat train: rank 1 failed first (exit code"), last
+
+
 # ------------------------------------------------------------------------------------------------------------
 # bad input: one line, exit 2, before any process starts or any model loads
 # ------------------------------------------------------------------------------------------------------------

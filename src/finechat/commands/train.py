@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from finechat.config import add_config_arguments, config_from_args
-from finechat.errors import ConfigError
+from finechat.errors import ConfigError, FinechatError
 from finechat.train.distributed import (
     Launch,
     check_launch,
@@ -29,6 +29,8 @@ from finechat.train.distributed import (
     launch_env,
     leave_process_group,
     model_type_of,
+    report_rank_failure,
+    world,
 )
 from finechat.train.train_config import TrainConfig
 
@@ -109,7 +111,14 @@ def main(args: argparse.Namespace) -> int:
         return _relaunch(cfg, launch, args)
     from finechat.train.recipe import run_training
 
-    result = run_training(cfg)  # sft / pretrain on the Trainer; dpo, rm, kto, orpo, simpo, grpo on TRL
+    try:
+        result = run_training(cfg)  # sft / pretrain on the Trainer; dpo, rm, kto, orpo, simpo, grpo on TRL
+    except FinechatError:
+        raise  # one line naming the rank (finechat.cli)
+    except Exception as e:  # one rank of several: its own error once, or one line if another rank failed first
+        if world()[2] == 1:
+            raise
+        return report_rank_failure(e)
     leave_process_group()
     if is_main_process():
         print(result.final_checkpoint or result.output_dir)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -78,6 +79,43 @@ def leave_process_group() -> None:
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket closed",
+             "NCCL communicator was aborted")
+
+
+def report_rank_failure(error: BaseException, command: str = "train") -> int:
+    """What a rank of a run on several processes says when an exception ends it; returns the exit code (1).
+
+    A rank that lost another one in a collective (gloo: "Connection closed by peer") is not where the error is:
+    it says so in one line, so that the failing rank's error is the only traceback the user reads. Any other
+    exception is that rank's own: its traceback, under a line naming the rank. torchrun then stops every rank
+    and finechat.train.launcher names the one that failed first.
+    """
+    import traceback
+
+    rank = world()[0]
+    if _is_peer_lost(error):
+        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's "[.../pair.cc:553] " source location
+        print(f"finechat {command} (rank {rank}): stopped: a collective failed, another rank has probably left the "
+              f"run ({first[:160]})", file=sys.stderr)
+    else:
+        print(f"finechat {command} (rank {rank}) failed:", file=sys.stderr)
+        traceback.print_exception(error, file=sys.stderr)
+    sys.stderr.flush()
+    return 1
+
+
+def _is_peer_lost(error: BaseException) -> bool:
+    try:
+        from torch.distributed import DistError
+    except ImportError:  # pragma: no cover - torch without distributed
+        DistError = ()  # noqa: N806
+    if isinstance(error, DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in PEER_LOST)
 
 
 def is_main_process() -> bool:
@@ -323,8 +361,9 @@ def check_launch(launch: Launch, wait_for_master: float = 30.0) -> Launch:
 
 
 def launch_command(launch: Launch, finechat_args: list[str], python: str | None = None) -> list[str]:
-    """``python -m torch.distributed.run ... -m finechat train ARGS`` for a checked ``launch``."""
-    cmd = [python or sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(launch.nproc_per_node),
+    """``python -m finechat.train.launcher ... -m finechat train ARGS`` (torchrun) for a checked ``launch``."""
+    # torchrun with a one-line ending when a rank fails (finechat.train.launcher)
+    cmd = [python or sys.executable, "-m", "finechat.train.launcher", "--nproc-per-node", str(launch.nproc_per_node),
            "--max-restarts", "0"]
     if launch.nnodes == 1:
         cmd += ["--nnodes", "1", "--master-addr", str(launch.master_addr), "--master-port", str(launch.master_port)]

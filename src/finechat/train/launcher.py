@@ -1,0 +1,39 @@
+"""torchrun with finechat's ending: ``python -m finechat.train.launcher TORCHRUN_ARGS``.
+
+``finechat train --nproc-per-node N`` re-executes itself through this module. It is torchrun itself
+(``torch.distributed.run``'s own argument parser, elastic agent and rendezvous); only the ending differs. When a
+rank fails, torchrun stops the others (SIGTERM, within its ``--monitor-interval``) and then raises
+``ChildFailedError``, which its ``main`` prints as a second traceback of its own plus a box that repeats "To
+enable traceback see ..." for a rank whose error it did not record. The failing rank has already printed its
+error (one line for a finechat error, its traceback for anything else; see :func:`finechat.train.distributed.
+report_rank_failure`), so here the agent's exception becomes one line naming the rank that failed first and how,
+and the exit code is that rank's (3 for bad data, 2 for a bad setting, 1 otherwise).
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        others = len(e.failures) - 1
+        print(f"finechat train: rank {rank} failed first ({how}; its error is above); torchrun stopped every rank"
+              + (f" ({others} more failed after it)" if others else ""), file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    except SignalException as e:  # Ctrl-C or a scheduler's SIGTERM: the ranks were stopped by the agent
+        print(f"finechat train: stopped by {e.sigval.name}", file=sys.stderr)
+        return 128 + int(e.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
