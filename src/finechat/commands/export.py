@@ -45,10 +45,13 @@ def main(args: argparse.Namespace) -> int:
             raise FinechatError("--checkpoint writes the checkpoint's own model or adapter as it is; export that "
                                 "folder again for --adapter merging, --to gguf or --quantization-bit")
         record = consolidate(args.checkpoint, args.out, force=args.force)
-        what = "peft adapter" if record["adapter"] else "model"
+        what = "reward model" if record["reward_model"] else "peft adapter" if record["adapter"] else "model"
         print(f"Wrote the {what} of {args.checkpoint} ({record['kind']} shards) to {args.out}.")
-        print(f"Chat: finechat chat --adapter {args.out}" if record["adapter"] else
-              f"Chat: finechat chat --model {args.out}")
+        if record["reward_model"]:
+            print(f"Score pairs: finechat eval --reward-model {args.out} --data PAIRS")
+        else:
+            print(f"Chat: finechat chat --adapter {args.out}" if record["adapter"] else
+                  f"Chat: finechat chat --model {args.out}")
         return 0
     if args.to == "gguf":
         if args.quantization_bit or args.dtype != "auto" or args.force:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from finechat.config import add_config_arguments, config_from_args
+from finechat.console import log
 from finechat.errors import ConfigError, FinechatError
 from finechat.train.distributed import (
     Launch,
@@ -30,6 +31,7 @@ from finechat.train.distributed import (
     leave_process_group,
     model_type_of,
     report_rank_failure,
+    stale_build_locks,
     world,
 )
 from finechat.train.train_config import TrainConfig
@@ -164,6 +166,10 @@ def _relaunch(cfg: TrainConfig, launch: Launch, args: argparse.Namespace) -> int
                           "finechat train either with these flags or under torchrun / accelerate launch, not both")
     check_strategy(cfg, model_type_of(cfg.model))  # refused here, before any process starts
     launch = check_launch(launch, wait_for_master=cfg.distributed.master_wait)
+    if cfg.distributed.strategy in ("zero2", "zero3"):
+        for lock in stale_build_locks():
+            log(f"warning: DeepSpeed's op build lock {lock} exists: another run is compiling the op, or one was "
+                "killed while compiling it; if no compiler runs, delete that file, or the ranks wait for it forever")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     typed = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in vars(args).items() if k in names]
     finechat_args = ([args.config] if args.config else []) + typed + list(args.overrides)

@@ -134,10 +134,6 @@ def check_strategy(cfg: Any, model_type: str | None = None) -> None:
     if sharded and (cfg.fsdp or cfg.fsdp_config or cfg.deepspeed):
         raise ConfigError(f"distributed.strategy {dist.strategy} writes the Trainer's fsdp / deepspeed settings "
                           "itself; leave fsdp, fsdp_config and deepspeed unset (or use strategy ddp with your own)")
-    if dist.strategy == "fsdp2" and dist.cpu_offload and not _has_cuda():
-        raise ConfigError("distributed.cpu_offload with strategy fsdp2 needs an accelerator (PyTorch's FSDP2 offload "
-                          "moves shards between device and CPU memory); on a CPU the shards already live in CPU "
-                          "memory: leave cpu_offload off")
     if dist.strategy == "fsdp2" and cfg.adapter_method == "ptuning":
         raise ConfigError("distributed.strategy fsdp2 cannot shard method ptuning: the prefix encoder's past key "
                           "values are passed into every layer outside FSDP's wrapped units; use ddp or zero2")
@@ -223,15 +219,23 @@ def enable_fsdp_on_cpu(trainer: Any) -> None:
     the model is wrapped in DDP. PyTorch's FSDP2 (``fully_shard``) itself runs on CPUs with gloo (its own tests
     do), and so does accelerate's FSDP2 preparation once the state says FSDP; this sets the two fields
     accelerate would have set, after the Trainer built its Accelerator, so every later step (wrapping,
-    optimizer, sharded saving and loading) is accelerate's own.
+    optimizer, sharded saving and loading) is accelerate's own. ``cpu_offload`` becomes FSDP2's
+    ``CPUOffloadPolicy(pin_memory=False)``: the same offload path (shards, gradients and the optimizer step in CPU
+    memory), without the page-locking that needs an accelerator.
     """
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import CPUOffloadPolicy
 
     plugin_args = getattr(trainer.args, "fsdp_plugin_args", None)
     state = trainer.accelerator.state
     if not plugin_args or state.distributed_type != DistributedType.MULTI_CPU:
         return
-    state.fsdp_plugin = FullyShardedDataParallelPlugin(**plugin_args)
+    plugin = FullyShardedDataParallelPlugin(**plugin_args)
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy) and plugin.cpu_offload.pin_memory:
+        # accelerate's CPUOffloadPolicy() pins the shards' memory, which needs an accelerator ("Cannot access
+        # accelerator device when none is available"); on CPU ranks the shards already sit in CPU memory
+        plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
+    state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
     trainer.is_fsdp_enabled = True
 
@@ -372,6 +376,17 @@ def launch_command(launch: Launch, finechat_args: list[str], python: str | None 
                 "--rdzv-endpoint", f"{launch.master_addr}:{launch.master_port}", "--rdzv-id", RENDEZVOUS_ID,
                 "--rdzv-conf", f"is_host={1 if launch.node_rank == 0 else 0}"]
     return [*cmd, "-m", "finechat", "train", *finechat_args]
+
+
+def stale_build_locks() -> list[str]:
+    """torch's JIT build locks for DeepSpeed's ops (``TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions).
+
+    The first ZeRO run on a CPU compiles DeepSpeed's shared-memory op; the compiling rank holds a ``lock`` file
+    and the other ranks wait for it to go. A run killed while compiling leaves the file behind, and every later
+    run then waits forever in ``torch.utils.file_baton`` (no timeout). Said before launch, with what to do."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    return [f"{lock} (since {time.strftime('%H:%M', time.localtime(lock.stat().st_mtime))})"
+            for lock in sorted(root.glob("*/deepspeed*/lock")) + sorted(root.glob("deepspeed*/lock"))]
 
 
 def launch_env(cfg: Any) -> dict:

@@ -24,10 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         run(parse_args(argv))
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        how = (f"was ended by signal {failure.signal_name()}" if failure.exitcode < 0 else
+               f"failed first (exit code {failure.exitcode}; its error is above)")
         others = len(e.failures) - 1
-        print(f"finechat train: rank {rank} failed first ({how}; its error is above); torchrun stopped every rank"
-              + (f" ({others} more failed after it)" if others else ""), file=sys.stderr)
+        print(f"finechat train: rank {rank} {how}; torchrun stopped every rank"
+              + (f" ({others} more ended after it)" if others else ""), file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
     except SignalException as e:  # Ctrl-C or a scheduler's SIGTERM: the ranks were stopped by the agent
         print(f"finechat train: stopped by {e.sigval.name}", file=sys.stderr)

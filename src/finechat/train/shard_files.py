@@ -22,11 +22,22 @@ FSDP_MODEL_DIR = "pytorch_model_fsdp_0"
 def sharded_kind(folder: str | Path) -> str | None:
     """'fsdp2' or 'zero' for a checkpoint whose weights exist only as shards; None for a plain one."""
     folder = Path(folder)
-    if (folder / FSDP_MODEL_DIR).is_dir():
-        return "fsdp2"
     plain = any((folder / n).is_file() for n in ("model.safetensors", "adapter_model.safetensors",
                                                   "model.safetensors.index.json"))
-    if (folder / "latest").is_file() and any(folder.glob("global_step*")) and not plain:
+    kind = shard_engine(folder)
+    return kind if kind == "fsdp2" or not plain else None
+
+
+def shard_engine(folder: str | Path) -> str | None:
+    """Which engine's shards a checkpoint holds ('fsdp2', 'zero' or None), plain weights beside them or not.
+
+    A ZeRO checkpoint also holds the weights the Trainer gathered at save (the model's dtype: 16-bit under
+    bf16 / fp16); its ``global_stepN/`` partitions hold DeepSpeed's float32 master weights, which export reads.
+    """
+    folder = Path(folder)
+    if (folder / FSDP_MODEL_DIR).is_dir():
+        return "fsdp2"
+    if (folder / "latest").is_file() and any(folder.glob("global_step*")):
         return "zero"
     return None
 
@@ -36,7 +47,7 @@ def full_state_dict(folder: str | Path) -> dict:
     import torch
 
     folder = Path(folder)
-    kind = sharded_kind(folder)
+    kind = shard_engine(folder)
     if kind == "fsdp2":
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
