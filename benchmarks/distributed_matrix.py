@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -94,8 +95,9 @@ def run_case(work: Path, model: Path, data: dict, name: str, strategy: str, step
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     if proc.returncode == 2 and err and "error:" in err[-1]:
         return {**row, "train": "refused", "note": err[-1].split("error: ", 1)[-1][:180]}
-    if proc.returncode != 0:
-        return {**row, "train": f"failed (exit {proc.returncode})", "note": (err[-1] if err else "")[:180]}
+    if proc.returncode != 0:  # the failing rank's exception, not the launcher's closing line
+        cause = [line for line in err if re.match(r"^[\w.]*(Error|Exception)\b", line)] or err or [""]
+        return {**row, "train": f"failed (exit {proc.returncode})", "note": cause[-1][:180]}
     checkpoint = out / f"checkpoint-{steps}"
     losses = [json.loads(line).get("loss") for line in (out / "train_log.jsonl").read_text().splitlines()]
     row.update(train="ok", loss=next((x for x in reversed(losses) if x is not None), None))

@@ -67,7 +67,7 @@ def run_case(name: str, steps: int, work: Path) -> dict:
                           capture_output=True, text=True, env=env, timeout=3600)
     if done.returncode != 0:
         return {"case": name, "estimate_gib": estimate, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:200]}
-    ranks = json.loads((out / "train_results.json").read_text())["peak_rss_mib_per_rank"]
+    ranks = json.loads((out / "train_results.json").read_text())["metrics"]["peak_rss_mib_per_rank"]
     measured = max(ranks) / 1024
     return {"case": name, "processes": processes, "estimate_gib": round(estimate, 2),
             "measured_gib_per_rank": [round(r / 1024, 2) for r in ranks], "ratio": round(estimate / measured, 2),

@@ -314,6 +314,8 @@ def check_finite(model: Any, source: Path) -> None:
     import torch
 
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if getattr(tensor, "quant_state", None) is not None:
+            continue  # bitsandbytes' packed 4-bit bytes, stored in a float dtype for FSDP (not numbers)
         if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
             raise ModelLoadError(f"{source}: weight {name} holds {bad} NaN/Inf values; the checkpoint is broken")

@@ -128,25 +128,24 @@ def is_main_process() -> bool:
 # ------------------------------------------------------------------------------------------------------------
 
 def check_strategy(cfg: Any, model_type: str | None = None) -> None:
-    """Refuse what the strategy cannot carry (before any model loads); ``cfg`` is a TrainConfig."""
+    """Refuse what the strategy cannot carry (before any model loads); ``cfg`` is a TrainConfig. ``model_type``
+    is kept for refusals that depend on the model (none today: the native ChatGLM-6B shards per GLMBlock)."""
     dist: DistributedConfig = cfg.distributed
     sharded = dist.strategy in ("fsdp2", "zero2", "zero3")
     if sharded and (cfg.fsdp or cfg.fsdp_config or cfg.deepspeed):
         raise ConfigError(f"distributed.strategy {dist.strategy} writes the Trainer's fsdp / deepspeed settings "
                           "itself; leave fsdp, fsdp_config and deepspeed unset (or use strategy ddp with your own)")
     if dist.strategy == "fsdp2" and cfg.adapter_method == "ptuning":
-        raise ConfigError("distributed.strategy fsdp2 cannot shard method ptuning: the prefix encoder's past key "
-                          "values are passed into every layer outside FSDP's wrapped units; use ddp or zero2")
-    if dist.strategy == "fsdp2" and cfg.quantization_bit:
-        raise ConfigError(f"distributed.strategy fsdp2 cannot shard a {cfg.quantization_bit}-bit bitsandbytes base "
-                          "on this stack (its packed weights are not plain tensors FSDP2 can split); use ddp or "
-                          "zero2 for qlora")
+        raise ConfigError("distributed.strategy fsdp2 cannot shard method ptuning: peft calls the prefix encoder "
+                          "outside FSDP's wrapped layers, so its sharded embedding meets plain tensors (torch: "
+                          "\"aten.embedding.default got mixed torch.Tensor and DTensor\"); use ddp, zero2 or zero3")
+    if dist.strategy == "fsdp2" and cfg.quantization_bit == 8:
+        raise ConfigError("distributed.strategy fsdp2 cannot shard an 8-bit bitsandbytes base: FSDP2 turns its Int8Params "
+                          "into plain parameters (bitsandbytes: \"'Parameter' object has no attribute 'CB'\"); use "
+                          "quantization_bit 4 (FSDP + QLoRA), or ddp / zero2")
     if dist.strategy == "zero3" and cfg.quantization_bit:
         raise ConfigError(f"distributed.strategy zero3 cannot partition a {cfg.quantization_bit}-bit bitsandbytes "
-                          "base; use ddp or zero2 for qlora")
-    if sharded and model_type == "chatglm" and dist.strategy == "fsdp2":
-        raise ConfigError("distributed.strategy fsdp2 with the native ChatGLM-6B: its fast decoder and INT8/INT4 "
-                          "layers are not sharded; use ddp or zero2")
+                          "base; use ddp, zero2 or fsdp2 (4-bit) for qlora")
     if dist.strategy in ("zero2", "zero3"):
         try:
             import importlib.util

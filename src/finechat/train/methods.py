@@ -24,6 +24,7 @@ from finechat.console import log
 from finechat.errors import ConfigError
 from finechat.models.peft_compat import fix_prefix_generation
 from finechat.models.resolve import load_adapter
+from finechat.train.distributed import world
 from finechat.train.train_config import TrainConfig
 
 
@@ -50,9 +51,12 @@ def quantization_config(cfg: TrainConfig, compute_dtype: Any) -> Any:
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization_bit == 4:
+        # FSDP2 shards a 4-bit weight only when its packed bytes are stored in a float dtype (peft's FSDP + QLoRA
+        # recipe: bnb_4bit_quant_storage = the model's dtype); accelerate keeps uint8-stored ones whole on every rank
+        sharded = cfg.distributed.strategy == "fsdp2" and world()[2] > 1
         return BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_compute_dtype=compute_dtype, **({"bnb_4bit_quant_storage": compute_dtype} if sharded else {}),
         )
     return BitsAndBytesConfig(load_in_8bit=True)
 

@@ -366,8 +366,15 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             # Tokens < n predict n, in float32, as the reference computes its loss.
             shift_logits = logits[:, :-1].float()
             shift_labels = labels[:, 1:].to(logits.device)
+            # the Trainer's num_items_in_batch: the labelled tokens of the whole global batch (every rank, every
+            # accumulated micro-batch). It multiplies a model's loss by the number of processes whenever the
+            # forward takes **kwargs, so the loss must be a sum over that count, as transformers' own models
+            # compute it; a per-rank mean was counted twice on 2 ranks (2x losses and gradients under DDP / FSDP2)
+            items = kwargs.get("num_items_in_batch")
             loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                   ignore_index=-100)
+                                   ignore_index=-100, reduction="mean" if items is None else "sum")
+            if items is not None:
+                loss = loss / (items.to(loss.device) if torch.is_tensor(items) else items)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
 
     # -- generation ------------------------------------------------------------------------------------
