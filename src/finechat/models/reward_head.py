@@ -7,6 +7,7 @@ move over as they are, and the score head starts from transformers' own initiali
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -18,11 +19,25 @@ def _classifier(causal_lm: Any, config: Any) -> Any:
     from transformers import AutoModelForSequenceClassification
 
     try:
-        return AutoModelForSequenceClassification.from_config(config, dtype=causal_lm.dtype)
+        # Under DeepSpeed ZeRO-3 (the Trainer's arguments made it the process's setting) from_config would build the
+        # classifier inside zero.Init, with every weight already partitioned to an empty tensor, and the base's
+        # decoder could not be copied in ("size mismatch ... torch.Size([0])"). The base was loaded whole, so the
+        # classifier is too: DeepSpeed partitions the model at deepspeed.initialize. transformers' own marker
+        # "a zero.Init is already running" skips the nested one.
+        with _no_zero3_init():
+            return AutoModelForSequenceClassification.from_config(config, dtype=causal_lm.dtype)
     except (ValueError, KeyError) as e:
         raise ConfigError(f"stage rm: transformers has no sequence-classification class for model_type "
                           f"{config.model_type!r} ({type(causal_lm).__name__}), so no reward model can be built on "
                           "it; train the reward model on another base (e.g. default)") from e
+
+
+def _no_zero3_init() -> Any:
+    try:
+        from transformers.modeling_utils import set_zero3_state
+    except ImportError:  # a transformers without it builds no zero.Init here
+        return contextlib.nullcontext()
+    return set_zero3_state()
 
 
 def reward_model_from(causal_lm: Any, pad_token_id: int | None) -> Any:
