@@ -74,13 +74,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("orpo", "preference pairs, TRL's ORPOTrainer", align.read_pairs, align.pair_rows, align.prepare_policy,
           align.trl_trainer(align.orpo_classes, align.pair_rows_trainer), uses=("beta",),
           settings=align.orpo_settings, check=align.check_trl, trl=align.orpo_classes, metrics=PAIR_METRICS,
-          sequences=align.two_sequences, estimate_length=align.longest_answer_row, answer_share=align.answer_share,
+          sequences=align.two_sequences, estimate_length=align.longest_answer_row,  # TRL's head: every position
           samples="data/samples/preference_*"),
     Stage("simpo", "preference pairs, TRL's CPOTrainer with loss simpo", align.read_pairs, align.pair_rows,
           align.prepare_policy, align.trl_trainer(align.simpo_classes, align.pair_rows_trainer),
           uses=("beta", "simpo_gamma"), settings=align.simpo_settings, check=align.check_trl,
           trl=align.simpo_classes, metrics=PAIR_METRICS, sequences=align.two_sequences,
-          estimate_length=align.longest_answer_row, answer_share=align.answer_share,
+          estimate_length=align.longest_answer_row,  # TRL's head projects every position (no compact head)
           samples="data/samples/preference_*"),
     Stage("kto", "answers labelled good or bad, TRL's KTOTrainer", align.read_labelled, align.same_rows,
           align.prepare_policy, align.trl_trainer(align.kto_classes, align.kto_rows_trainer), uses=("beta",),
