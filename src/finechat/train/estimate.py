@@ -45,6 +45,7 @@ SHARDED = ("fsdp2", "zero2", "zero3")
 # Triton devices its torch fallback projects every position and holds ~9 float32 copies of a [positions, 32768]
 # vocabulary tile in the backward (finechat.train.compact_head's docstring); measured on GRPO.
 FUSED_TILE, FUSED_COPIES = 32768, 9
+ZERO3_PREFETCH = 5e7  # DeepSpeed's stage3_prefetch_bucket_size default (elements)
 OPTIMIZER_BYTES = {"adamw": 8, "adam": 8, "adafactor": 4, "sgd": 0, "lion": 4}
 
 
@@ -187,11 +188,17 @@ def estimate_memory(model: Any, cfg: TrainConfig, seq_len: int | None = None, de
     gradients, optimizer = trainable * 4.0, trainable * float(opt)
     n = processes or int(os.environ.get("WORLD_SIZE", "1"))
     strategy = cfg.distributed.strategy if n > 1 else "ddp"
+    whole = weights
     if strategy in ("fsdp2", "zero3"):  # 1/n of everything, plus one decoder layer gathered at a time
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         in_layers = total - (embeddings.weight.numel() if embeddings is not None else 0)
         weights = weights / n + weights * in_layers / max(total, 1) / max(layers, 1)
         gradients /= n
+    if strategy == "zero3" and device != "cuda":
+        # measured on CPU ranks: each rank loads the whole model before DeepSpeed partitions it, and ZeRO-3's
+        # partitions and prefetch bucket come on top of what the process already holds (its peak RSS is above
+        # ZeRO-2's, docs/results/distributed.md)
+        weights = whole + whole / n + min(ZERO3_PREFETCH, total) * 4.0
     if strategy in SHARDED:
         optimizer /= n
     if strategy in ("zero2", "zero3"):
