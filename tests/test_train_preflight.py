@@ -50,3 +50,21 @@ def test_no_full_pass_where_the_run_streams_or_skips(tmp_path, capsys, setting):
     data = _jsonl(tmp_path / "alpaca.jsonl", lambda i: {"instruction": f"q{i}", "output": "a"}, {"instruction": "q"})
     code, err = _train(tmp_path, capsys, data, setting)
     assert code != 0 and "no-model" in err and f":{FAR}:" not in err
+
+
+def test_a_multi_stage_recipe_checks_every_stage_before_the_first_loads(tmp_path, capsys):
+    import yaml
+
+    good = _jsonl(tmp_path / "good.jsonl", lambda i: {"instruction": f"q{i}", "output": "a"}, {"instruction": "q",
+                                                                                                "output": "b"}, 20)
+    bad = _jsonl(tmp_path / "bad.jsonl", lambda i: {"instruction": f"q{i}", "output": "a"}, {"instruction": "q"})
+    recipe = tmp_path / "stages.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": str(tmp_path / "no-model"), "output_dir": str(tmp_path / "run"), "continue_from": "adapter",
+        "defaults": {"method": "lora", "max_steps": 1}, "stages": [{"name": "first", "data": [str(good)]},
+                                                                   {"name": "second", "data": [str(bad)]}]}))
+    code = cli(["train", str(recipe)])
+    err = capsys.readouterr().err.strip()
+    assert code == 3 and len(err.splitlines()) == 1, err
+    assert f"{bad}:{FAR}: output:" in err and "no-model" not in err
+    assert not (tmp_path / "run" / "01-first").exists()  # the first stage never started
