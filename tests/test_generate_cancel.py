@@ -107,3 +107,28 @@ def test_not_cancelled_answers_as_before(kind, tmp_path):
     plain = [t for step in bot.generate_ids(prompt, settings) for t in step]
     asked = [t for step in bot.generate_ids(prompt, settings, cancelled=lambda: False) for t in step]
     assert asked == plain and plain
+
+
+def test_a_cancelled_generation_leaves_other_threads_forward_passes_alone(tmp_path):
+    """The cancel check sits on the shared model's layers: scoring in another thread while a cancelled request
+    is still in its prefill must run to the end."""
+    import threading
+
+    bot, layers = _bot("prefix", tmp_path)
+    ids = _prompt(bot)
+    flag, beside = [], []
+
+    def cancel_and_score_beside(call):
+        if call == 1 and not flag:
+            flag.append(True)  # this request is cancelled from now on ...
+            worker = threading.Thread(target=lambda: beside.append(bot.model(input_ids=torch.tensor([ids])).logits))
+            worker.start()  # ... while another thread runs the model through every layer
+            worker.join()
+
+    calls = _LayerCalls(layers, cancel_and_score_beside)
+    try:
+        tokens = [t for step in bot.generate_ids(ids, GenerationSettings(max_new_tokens=5, greedy=True),
+                                                 cancelled=lambda: bool(flag)) for t in step]
+    finally:
+        calls.remove()
+    assert tokens == [] and beside and beside[0].shape[1] == len(ids)

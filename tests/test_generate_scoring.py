@@ -107,3 +107,26 @@ def test_models_without_a_cache_are_scored_in_chunks_equal_to_one_pass(kind):
     assert [s.top[0][0] for s in scores[1:]] == best
     assert max(rows) <= 4  # the head never made more than a chunk of logits (one pass made len(ids) rows)
     assert torch.allclose(scorer._last, whole[-1], atol=1e-5)
+
+
+def test_the_head_hook_leaves_other_threads_forward_passes_alone():
+    """While one request is scored, another thread's forward pass on the same model keeps its whole logits."""
+    import threading
+
+    model, ids = _cacheless_model("chatglm")
+    whole = _one_pass(model, ids)
+    beside, started = [], []
+
+    def another_request(module, args):
+        if not started:  # once, in the middle of the scorer's forward pass (its head hook is in place)
+            started.append(True)
+            worker = threading.Thread(target=lambda: beside.append(_one_pass(model, ids)))
+            worker.start()
+            worker.join()
+
+    hook = model.transformer.layers[0].register_forward_pre_hook(another_request)
+    try:
+        scores = scoring.Scorer(model, chunk=4).extend(ids)
+    finally:
+        hook.remove()
+    assert beside[0].shape == whole.shape and scores[1].logprob == pytest.approx(whole[0, ids[1]].item(), abs=1e-5)

@@ -79,8 +79,10 @@ def _stop_between_layers(model: Any, cancelled: Callable[[], bool] | None) -> It
         return
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    me = threading.get_ident()
+
     def check(module: Any, args: Any) -> None:
-        if cancelled():
+        if threading.get_ident() == me and cancelled():  # this request's forward passes only (scoring may run beside)
             raise _Cancelled
 
     handles = [m.register_forward_pre_hook(check) for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]

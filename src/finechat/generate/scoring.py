@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -134,8 +135,11 @@ class Scorer:
         x = torch.tensor([ids], device=device)
         head = output_head(self.model)
         seen: list[Any] = []
+        me = threading.get_ident()
 
-        def last_position_only(module: Any, args: tuple) -> tuple:
+        def last_position_only(module: Any, args: tuple) -> tuple | None:
+            if threading.get_ident() != me:
+                return None  # another request's forward pass on the shared model runs untouched
             seen.append(args[0])  # [batch, positions, hidden]: the final hidden states
             return (args[0][:, -1:], *args[1:])
 
