@@ -130,3 +130,20 @@ def test_the_head_hook_leaves_other_threads_forward_passes_alone():
     finally:
         hook.remove()
     assert beside[0].shape == whole.shape and scores[1].logprob == pytest.approx(whole[0, ids[1]].item(), abs=1e-5)
+
+
+def test_a_forward_that_changes_the_heads_logits_is_scored_from_its_own_logits():
+    """A model whose forward does more after its head (soft-capping, scaling: here a hook doubling the logits) is
+    caught by the last-row check and scored from its whole logits, still equal to one pass."""
+    model, ids = _cacheless_model("chatglm")
+
+    def double(module, args, out):
+        out.logits = out.logits * 2
+
+    hook = model.register_forward_hook(double)
+    try:
+        whole = _one_pass(model, ids)
+        scores = scoring.Scorer(model, chunk=4).extend(ids)
+    finally:
+        hook.remove()
+    assert max(abs(s.logprob - whole[i - 1, ids[i]].item()) for i, s in enumerate(scores) if i) < 1e-5
