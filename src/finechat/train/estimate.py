@@ -18,7 +18,8 @@ forward pass takes (a preference pair is two; GRPO's batch counts completions) a
 On several processes the terms are per rank, as ``distributed.strategy`` splits them: DDP holds everything
 plus a second copy of the gradients in its all-reduce buckets; ZeRO-2 splits the optimizer state and keeps a
 float32 partition of the trainable weights; ZeRO-3 and FSDP2 split weights, gradients and optimizer state and
-gather one decoder layer's weights at a time.
+gather one decoder layer's weights at a time; on CPU ranks ZeRO-3 is counted as measured instead (the whole
+model each rank loads before DeepSpeed partitions it, plus its partition and prefetch bucket).
 
 "estimated peak" is the training's own memory; on a CPU "peak per process" adds the interpreter and its
 libraries (torch, transformers, TRL: ``RUNTIME_BYTES``, measured) and is what a process's peak resident set
