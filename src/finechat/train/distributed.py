@@ -139,6 +139,11 @@ def check_strategy(cfg: Any, model_type: str | None = None) -> None:
         raise ConfigError("distributed.strategy fsdp2 cannot shard method ptuning: peft calls the prefix encoder "
                           "outside FSDP's wrapped layers, so its sharded embedding meets plain tensors (torch: "
                           "\"aten.embedding.default got mixed torch.Tensor and DTensor\"); use ddp, zero2 or zero3")
+    if dist.strategy == "fsdp2" and cfg.stage == "grpo" and not _has_cuda():
+        raise ConfigError("distributed.strategy fsdp2 with stage grpo on CPU ranks: TRL's GRPOTrainer ends up with the "
+                          "model wrapped in DDP, not FSDP2, where finechat turns FSDP on for CPU ranks (TRL: "
+                          "\"'DistributedDataParallel' object has no attribute 'is_gradient_checkpointing'\"); use "
+                          "ddp, zero2 or zero3 (on GPUs accelerate's own FSDP2 path is used)")
     if dist.strategy == "fsdp2" and cfg.quantization_bit == 8:
         raise ConfigError("distributed.strategy fsdp2 cannot shard an 8-bit bitsandbytes base: FSDP2 turns its Int8Params "
                           "into plain parameters (bitsandbytes: \"'Parameter' object has no attribute 'CB'\"); use "
