@@ -2,8 +2,10 @@
 
 Per-step losses equal to 1e-5 relative over 10 steps and final weights equal to 1e-5 (largest difference over the
 largest weight, per tensor) for DDP (2 "nodes" through torchrun's c10d rendezvous), FSDP2 full fine-tuning,
-FSDP2 LoRA, DPO under FSDP2 and DeepSpeed ZeRO-2/3; a kill -9 of one rank stops the run, and ``resume: auto``
-continues to the same losses. Bad launch input fails before any process starts.
+FSDP2 LoRA, DPO under FSDP2, FSDP2 with cpu_offload (started by ``accelerate launch``) and DeepSpeed ZeRO-2/3
+(exported with ``finechat export --checkpoint`` and chatted with); a kill -9 of one rank stops the run, and
+``resume: auto`` continues to the same losses; an exception on one rank stops every rank, its error shown once.
+Bad launch input fails before any process starts.
 
 Each distributed run is ``finechat train ... --nproc-per-node 2`` in a subprocess (torchrun); the one-process
 references run in this process. A run takes tens of seconds (interpreter and library start-up dominate).
