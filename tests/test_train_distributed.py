@@ -361,3 +361,14 @@ def test_estimate_per_rank_follows_the_strategy(setup, capsys):
                 "distributed.strategy=fsdp2"]) == 0
     out = capsys.readouterr().out
     assert "| per rank of" in out and "2 processes, fsdp2" in out and "peak per process (+ runtime)" in out
+
+
+def test_a_left_over_deepspeed_build_lock_is_named_before_launch(tmp_path, monkeypatch):
+    """A ZeRO run killed while compiling DeepSpeed's op leaves torch's build lock; later ranks would wait forever."""
+    from finechat.train.distributed import stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert stale_build_locks() == []
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "deepspeed_shm_comm" / "lock").write_text("")
+    assert [str(tmp_path / "deepspeed_shm_comm" / "lock") in lock for lock in stale_build_locks()] == [True]
