@@ -48,7 +48,8 @@ def loads(text: str) -> Any:
     into them)."""
     try:
         value = json.loads(text)
-        deep = _too_deep(value)
+        # fewer brackets than levels allowed cannot nest too deep: most records skip the walk
+        deep = text.count("[") + text.count("{") > MAX_DEPTH and _too_deep(value)
     except RecursionError:
         deep = True
     if deep:

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+from array import array
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -117,12 +118,13 @@ class _CacheWriter:
         self.offsets.write(np.asarray(values, dtype=np.int64).tobytes())
 
     def add(self, examples: list[dict]) -> None:
-        import numpy as np
 
         ends = []
         for name, fh in self.files.items():
-            flat = [t for e in examples for t in e[name]]
-            fh.write(np.asarray(flat, dtype=np.int32).tobytes())
+            flat = array("i")  # C int32: extending it from each row's list runs in C
+            for e in examples:
+                flat.extend(e[name])
+            fh.write(flat.tobytes())
         for e in examples:
             self.end += len(e["input_ids"])
             ends.append(self.end)
