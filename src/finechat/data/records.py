@@ -26,7 +26,7 @@ from finechat.data.sources import (
     open_binary,
     table_records,
 )
-from finechat.errors import DataError
+from finechat.errors import DataError, DataFileError
 
 MAX_DEPTH = 64  # lists / objects inside each other; a conversation needs about 5
 
@@ -72,7 +72,7 @@ def object_records(path: str) -> Iterator[tuple[int, Any, RecordError | None]]:
         yield from table_records(path)
         return
     if not Path(path).is_file():
-        raise DataError(f"{path}: no such data file")
+        raise DataFileError(f"{path}: no such data file")
     for line, rec, error in iter_json_records(path):
         if error:
             yield line, None, RecordError("(encoding)" if error.startswith("not UTF-8") else "(json)", error)
@@ -181,7 +181,7 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any, str | None]]
             yield from _jsonl_lines(rest())
     except (EOFError, OSError) as e:
         if Path(path).suffix.lower() not in COMPRESSED_SUFFIXES or isinstance(e, FileNotFoundError):
-            raise DataError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+            raise DataFileError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
         raise compression_error(path, number + 1, e) from None
     except Exception as e:
         if type(e).__name__ == "ZstdError":  # zstandard's own error class (an optional package)

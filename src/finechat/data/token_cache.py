@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import sys
-from array import array
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,8 @@ from finechat.data.conversation import Conversation
 from finechat.data.formats import ReadResult, expand_paths, iter_conversations
 from finechat.data.mixing import MixSettings, SourceCounter, interleave
 from finechat.data.sources import is_datasets_folder, is_hub_name, source_files
-from finechat.data.tokenize import TokenizeSettings, TokenizeStats, pack_examples, tokenize_chunks
-from finechat.errors import DataError
+from finechat.data.tokenize import RowBlock, TokenizeSettings, TokenizeStats, pack_examples, tokenize_chunks
+from finechat.errors import DataFileError
 from finechat.files import staged_folder, write_json_atomic
 
 CACHE_VERSION = 3  # 3: memory-mapped folders; 2: tool-use conversations rendered by data.tool_prompt
@@ -117,18 +116,13 @@ class _CacheWriter:
 
         self.offsets.write(np.asarray(values, dtype=np.int64).tobytes())
 
-    def add(self, examples: list[dict]) -> None:
-
-        ends = []
-        for name, fh in self.files.items():
-            flat = array("i")  # C int32: extending it from each row's list runs in C
-            for e in examples:
-                flat.extend(e[name])
-            fh.write(flat.tobytes())
-        for e in examples:
-            self.end += len(e["input_ids"])
-            ends.append(self.end)
-        self._write_offsets(ends)
+    def add(self, examples: Sequence[dict]) -> None:
+        if not isinstance(examples, RowBlock):
+            examples = RowBlock(examples)
+        self.files["input_ids"].write(examples.input_ids.tobytes())
+        self.files["labels"].write(examples.labels.tobytes())
+        self._write_offsets([self.end + e for e in examples.ends])
+        self.end += examples.ends[-1] if examples.ends else 0
 
     def close(self) -> None:
         for fh in [*self.files.values(), self.offsets]:
@@ -216,7 +210,7 @@ def _check_sources(sources: list) -> list:
     for s in sources:
         if isinstance(s, (str, Path)) and not (is_hub_name(s) or is_datasets_folder(s) or Path(s).is_dir()
                                                or Path(s).is_file()):
-            raise DataError(f"{s}: no such data file")
+            raise DataFileError(f"{s}: no such data file")
     return sources
 
 
