@@ -147,6 +147,7 @@ class TokenizerTemplate:
         self.tokenizer = tokenizer
         self._turn_end: str | None = None  # what follows an answer that ends the conversation (probed)
         self._one_render: bool | None = None  # whether one render gives the prefix renders' segments (probed)
+        self._render: Any = None  # plain messages -> text, add_generation_prompt=False (probed)
 
     def _apply(self, messages: list[Message], add_generation_prompt: bool, tools: list | None = None) -> str:
         kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
@@ -172,6 +173,7 @@ class TokenizerTemplate:
         if self._one_render is None:
             self._one_render = False
             try:
+                self._render = self._pick_renderer()
                 user = [{"role": "user", "content": "Hi"}]
                 answer = "Hello" + _OPEN
                 full = self._apply([*user, {"role": "assistant", "content": answer}], False)
@@ -185,16 +187,45 @@ class TokenizerTemplate:
                 self._one_render = False
         return self._one_render
 
+    def _pick_renderer(self) -> Any:
+        """The compiled template called directly when it renders the probes exactly as apply_chat_template.
+
+        apply_chat_template spends about half its time on normalizing and copying messages of any shape; the
+        messages here are plain ``{"role", "content"}`` text, so the template transformers compiled (its
+        sandboxed environment, filters and special-token variables) is rendered with them as they are.
+        """
+        def apply(messages: list[Message]) -> str:
+            return self._apply(messages, False)
+
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            compiled = _compile_jinja_template(self.tokenizer.get_chat_template())
+            variables = {k: (list(v) if isinstance(v, (list, tuple)) else str(v))
+                         for k, v in self.tokenizer.special_tokens_map.items()}
+
+            def direct(messages: list[Message]) -> str:
+                return compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=False,
+                                       **variables)
+
+            marked = [[{"role": r, "content": _OPEN + c + _CLOSE if r == "assistant" else c} for r, c in probe]
+                      for probe in _PROBES]
+            if all(direct(m) == apply(m) for m in marked):
+                return direct
+        except Exception:  # noqa: BLE001 - another transformers version: its public apply_chat_template
+            pass
+        return apply
+
     def _segments_one_render(self, messages: list[Message]) -> list[tuple[str, bool]] | None:
         """The prefix renders' segments from one render with marked answers; None where that cannot be sure."""
         if self._turn_end is None or any(m["role"] not in ("system", "user", "assistant") or _OPEN in m["content"]
-                                         or _CLOSE in m["content"] for m in messages):
-            return None
+                                         or _CLOSE in m["content"] or len(m) != 2 for m in messages):
+            return None  # tool turns, marker characters, or more than role and content: render by prefixes
         answers = [m["content"] for m in messages if m["role"] == "assistant"]
-        marked = [{**m, "content": _OPEN + m["content"] + _CLOSE} if m["role"] == "assistant" else m
+        marked = [{"role": m["role"], "content": _OPEN + m["content"] + _CLOSE} if m["role"] == "assistant" else m
                   for m in messages]
         try:
-            text = self._apply(marked, False)
+            text = self._render(marked)
         except Exception:  # noqa: BLE001 - the prefix renders then raise (or not) exactly as before
             return None
         if text.count(_OPEN) != len(answers) or text.count(_CLOSE) != len(answers):
