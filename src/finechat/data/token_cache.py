@@ -47,7 +47,18 @@ OFFSETS = "offsets.i64"
 STATS = "stats.json"
 
 
-class TokenRows(Sequence):
+class _Rows(Sequence):
+    """Rows served lazily; equal to any sequence of the same rows."""
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or len(self) != len(other):
+            return False
+        return all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class TokenRows(_Rows):
     """Training rows ``{"input_ids", "labels"}`` served from memory-mapped arrays (a cache folder).
 
     Supports ``len``, indexing, slicing and :meth:`select` (both give views, nothing is copied), and compares
@@ -86,16 +97,11 @@ class TokenRows(Sequence):
         """Tokens in each row (a numpy array; nothing is read from the token arrays)."""
         return (self._offsets[1:] - self._offsets[:-1])[self._rows]
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence) or len(self) != len(other):
-            return False
-        return all(a == b for a, b in zip(self, other))
-
     def __repr__(self) -> str:
         return f"TokenRows({len(self)} rows in {self.folder})"
 
 
-class PackedRows(Sequence):
+class PackedRows(_Rows):
     """The rows of :func:`finechat.data.tokenize.pack_examples` over memory-mapped :class:`TokenRows`, built
     when the Trainer asks for one: only where each packed row starts (8 bytes per packed row) is held.
 
@@ -138,11 +144,6 @@ class PackedRows(Sequence):
         labels[np.cumsum([0, *seq[:-1]])] = IGNORE_INDEX  # no example learns the next one's first token
         return {"input_ids": [t for e in examples for t in e["input_ids"]], "labels": labels.tolist(),
                 "position_ids": [p for n in seq for p in range(n)], "seq_lengths": seq}
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence) or len(self) != len(other):
-            return False
-        return all(a == b for a, b in zip(self, other))
 
     def __repr__(self) -> str:
         return f"PackedRows({len(self)} rows of at most {self.max_length} tokens from {self.rows!r})"
