@@ -225,7 +225,8 @@ def table(results: dict[int, dict[str, dict]], sizes: list[int], steps: list[str
             return "-"
         if r.get("error"):
             return "error"
-        return f"{r['seconds']:.1f} s / {r['peak_rss_mb']} MB"
+        cpu = f" ({r['cpu_seconds']:.1f} CPU-s)" if r.get("cpu_seconds") is not None else ""
+        return f"{r['seconds']:.1f} s{cpu} / {r['peak_rss_mb']} MB"
 
     head = "| step | " + " | ".join(f"{n:,} records" for n in sizes) + " |"
     lines = [head, "|---" * (len(sizes) + 1) + "|"]
@@ -239,7 +240,9 @@ def table(results: dict[int, dict[str, dict]], sizes: list[int], steps: list[str
             two = r.get("finechat tokenize 2p", {}).get("seconds")
             ratios.append(f"{n:,}: tokenize 1p speed vs datasets map 1p {theirs['seconds'] / ours['seconds']:.2f}x"
                           + (f", 2p vs datasets map 1p {theirs['seconds'] / two:.2f}x" if two else "")
-                          + f", peak RSS {ours['peak_rss_mb']} vs {theirs['peak_rss_mb']} MB")
+                          + f", peak RSS {ours['peak_rss_mb']} vs {theirs['peak_rss_mb']} MB"
+                          + (f"; CPU-seconds datasets map 1p / tokenize 1p {theirs['cpu_seconds'] / ours['cpu_seconds']:.2f}x"
+                             if ours.get("cpu_seconds") and theirs.get("cpu_seconds") else ""))
     return "\n".join(lines + [""] + ratios)
 
 
