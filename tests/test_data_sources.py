@@ -114,6 +114,9 @@ def test_damaged_files_and_wrong_columns_give_one_line(tmp_path, capsys):
     code, line = _cli_error(["data", "convert", str(wrong), "--to", "openai", out], capsys)
     assert code == DataFileError.exit_code == 2
     assert "wrong.parquet:1: cannot tell the data format from the keys question_text, label" in line
+    code, line = _cli_error(["data", "convert", str(wrong), "--format", "alpaca", "--to", "openai", out], capsys)
+    assert code == 2 and "wrong.parquet: (parquet): no column 'instruction', which format alpaca needs" in line
+    assert "question_text, label" in line
     assert not Path(out).exists()
     code, line = _cli_error(["data", "convert", str(tmp_path / "absent.parquet"), "--to", "openai", out], capsys)
     assert code == 2 and "absent.parquet: no such data file" in line

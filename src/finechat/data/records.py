@@ -103,6 +103,7 @@ class RecordReader:
                  parse: Callable[[str, dict], Any], on_bad_record: str, skipped: list):
         self.path, self.format, self.detect, self.parse = path, format, detect, parse
         self.on_bad_record, self.skipped = on_bad_record, skipped
+        self._columns: list[str] | None = None  # a Parquet file's column names, read when a field is missing
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         path = self.path
@@ -114,11 +115,29 @@ class RecordReader:
                     self.format = self.detect(path, line, rec)
                 item = self.parse(self.format, rec)
             except RecordError as e:
+                absent = self._absent_column(e)
+                if absent:  # every row lacks it: the file has the wrong columns, not a bad record
+                    raise DataFileError(absent) from None
                 if self.on_bad_record == "error":
                     raise DataError(f"{path}:{line}: {e.field}: {e.reason}") from None
                 self.skipped.append((path, line, e.field, e.reason))
                 continue
             yield line, item
+
+
+    def _absent_column(self, error: RecordError) -> str | None:
+        """The one-line message when a Parquet file has no column for a missing field at all, else None."""
+        if error.reason != "missing field" or data_suffix(self.path) != ".parquet":
+            return None
+        if self._columns is None:
+            import pyarrow.parquet as pq
+
+            self._columns = list(pq.read_schema(self.path).names)
+        column = error.field.split(".")[0]
+        if column in self._columns:
+            return None
+        return (f"{self.path}: (parquet): no column {column!r}, which format {self.format} needs (columns: "
+                f"{', '.join(self._columns)}); pass the format that fits them, or prompt_column / response_column")
 
 
 def _decode_text(data: bytes, path: str) -> str:
