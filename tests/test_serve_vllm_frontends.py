@@ -240,3 +240,15 @@ def test_vllm_dying_mid_stream_ends_the_stream_with_an_error(tiny_folder, use_fa
             live.stop()
         with pytest.raises(FinechatError, match="vLLM server stopped"):  # and one line in the terminal chat
             bot.chat("hi", [])
+
+
+def test_vllm_dying_in_the_terminal_chat_is_one_line(tiny_folder, use_fake, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setenv("FAKE_VLLM_DIE_AFTER", "2")
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\nAnd of Germany?\n"))
+    assert cli(["chat", "--engine", "vllm", "--model", str(tiny_folder), "--greedy"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert err[-1].startswith("finechat chat: error: the vLLM server stopped (exit code 3)")
+    assert "Traceback" not in captured.err and captured.out.startswith(PLAIN[:2])  # what came before it is shown
