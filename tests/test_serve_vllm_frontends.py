@@ -7,18 +7,16 @@ only vLLM's side is scripted. The same front ends on real vLLM: test_serve_vllm_
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from fake_vllm import install
-from serve_helpers import LiveServer, ScriptedChat, healthy, wait_until
+from serve_helpers import CHROMIUM, LiveServer, ScriptedChat, chromium_page, healthy, wait_until
 from test_generate_vllm_engine import gone, records
 
 import finechat
@@ -30,9 +28,6 @@ from finechat.serve.schemas import ServeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DISEASES = ROOT / "data" / "samples" / "medical" / "diseases.csv"
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 TOOLS = [{"type": "function", "function": {"name": "add_numbers", "description": "Add two numbers",
                                            "parameters": {"type": "object", "properties": {
                                                "a": {"type": "number"}, "b": {"type": "number"}}}}}]
@@ -137,26 +132,14 @@ def test_glm_api_with_history_through_serve_engine_vllm(served, torch_served):
 @pytest.mark.browser
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (install Debian's chromium)")
 def test_web_page_answers_on_serve_engine_vllm(served):
-    from playwright.sync_api import sync_playwright
-
     url, _ = served
-    profile = tempfile.mkdtemp(prefix="finechat-chromium-")
-    try:
-        with sync_playwright() as p:
-            context = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=ARGS)
-            try:
-                page = context.new_page()
-                page.goto(url + "/")
-                page.fill("#input", "What is the capital of France?")
-                page.press("#input", "Enter")
-                page.wait_for_function("() => !document.querySelector('#send').disabled && "
-                                       "document.querySelectorAll('.msg.assistant').length === 1", timeout=30000)
-                assert page.locator(".msg.assistant .body").inner_text().strip() == PLAIN
-                assert page.locator(".msg.assistant .error").count() == 0
-            finally:
-                context.close()
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    with chromium_page(url + "/") as page:
+        page.fill("#input", "What is the capital of France?")
+        page.press("#input", "Enter")
+        page.wait_for_function("() => !document.querySelector('#send').disabled && "
+                               "document.querySelectorAll('.msg.assistant').length === 1", timeout=30000)
+        assert page.locator(".msg.assistant .body").inner_text().strip() == PLAIN
+        assert page.locator(".msg.assistant .error").count() == 0
 
 
 def test_medical_retrieval_and_medical_eval_on_engine_vllm(tiny_folder, use_fake, capsys, tmp_path):

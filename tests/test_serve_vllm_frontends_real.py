@@ -9,52 +9,28 @@ test_serve_vllm_frontends.py."""
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from serve_helpers import LiveServer
+from serve_helpers import CHROMIUM, LiveServer, chromium_page
+from vllm_helpers import REAL_VLLM
 
-import finechat
-from finechat.errors import ModelLoadError
 from finechat.generate.engine import ChatModel
 from finechat.generate.vllm_engine import VllmChatModel
-from finechat.generate.vllm_server import find_vllm_python
 from finechat.medical.evaluate import evaluate_kg, load_kg_questions
 from finechat.medical.retrieval import NOTICE, DiseaseTable, attach_medical
 from finechat.serve.api import create_app
 from finechat.serve.schemas import ServeSettings
 
-try:
-    find_vllm_python()
-    VLLM_MISSING = None
-except ModelLoadError as e:
-    VLLM_MISSING = str(e)
-
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(VLLM_MISSING is not None, reason=VLLM_MISSING or "")]
+pytestmark = REAL_VLLM
 
 ROOT = Path(__file__).resolve().parents[1]
 MEDICAL = ROOT / "data" / "samples" / "medical"
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The current weather in a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                           "required": ["city"]}}}]
-
-
-@pytest.fixture(scope="module")
-def torch_bot():
-    return finechat.load("default", dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def vllm_bot():
-    with finechat.load("default", engine="vllm") as bot:
-        yield bot
 
 
 @pytest.fixture(scope="module")
@@ -101,32 +77,20 @@ def test_glm_api_with_history_gives_the_pytorch_engines_reply(servers):
 @pytest.mark.browser
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (install Debian's chromium)")
 def test_web_page_shows_the_greedy_answer(servers):
-    from playwright.sync_api import sync_playwright
-
     question = "What is the capital of France?"
     expected = openai.OpenAI(base_url=servers["torch"] + "/v1", api_key="unused", max_retries=0).chat.completions.create(
         model="default", messages=[{"role": "user", "content": question}], temperature=0, max_tokens=32,
     ).choices[0].message.content
-    profile = tempfile.mkdtemp(prefix="finechat-chromium-")
-    try:
-        with sync_playwright() as p:
-            context = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=ARGS)
-            try:
-                page = context.new_page()
-                page.goto(servers["vllm"] + "/")
-                page.evaluate("() => { document.getElementById('temperature').value = '0';"
-                              " document.getElementById('max_tokens').value = '32'; }")
-                page.fill("#input", question)
-                page.press("#input", "Enter")
-                page.wait_for_function("() => !document.querySelector('#send').disabled && "
-                                       "document.querySelectorAll('.msg.assistant').length === 1", timeout=300000)
-                shown = page.evaluate("() => state.messages[state.messages.length - 1]")
-                assert shown == {"role": "assistant", "content": expected}
-                assert expected and expected.split()[0] in page.locator(".msg.assistant .body").inner_text()
-            finally:
-                context.close()
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    with chromium_page(servers["vllm"] + "/") as page:
+        page.evaluate("() => { document.getElementById('temperature').value = '0';"
+                      " document.getElementById('max_tokens').value = '32'; }")
+        page.fill("#input", question)
+        page.press("#input", "Enter")
+        page.wait_for_function("() => !document.querySelector('#send').disabled && "
+                               "document.querySelectorAll('.msg.assistant').length === 1", timeout=300000)
+        shown = page.evaluate("() => state.messages[state.messages.length - 1]")
+        assert shown == {"role": "assistant", "content": expected}
+        assert expected and expected.split()[0] in page.locator(".msg.assistant .body").inner_text()
 
 
 def test_medical_retrieval_gives_the_pytorch_engines_answers(torch_bot, vllm_bot):
