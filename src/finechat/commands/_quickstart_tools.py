@@ -1,6 +1,6 @@
 """``finechat quickstart --task tools``: teach the default model to call tools, and show the tool loop working.
 
-Generate tool-use conversations with results from the real tools (:mod:`finechat.tools.synthetic`: arithmetic
+Generate tool-use conversations with results from the real tools (:mod:`finechat.tools.demo_data`: arithmetic
 through ``Calculate``, equations through ``Solve``, look-ups through ``Search`` over a few shipped notes), score the
 untuned model on held-out questions through the real tool loop (:mod:`finechat.tools.accuracy`: the share answered
 through a correct call whose exact result is in the final answer), LoRA-tune it on the OpenAI-style layout (the
@@ -21,7 +21,7 @@ from finechat.files import write_jsonl_atomic, write_text_atomic
 from finechat.generate.chat_loader import load as load_chat_model
 from finechat.tools.accuracy import score_tool_use
 from finechat.tools.agent import Agent
-from finechat.tools.synthetic import (
+from finechat.tools.demo_data import (
     DEMO_DOCS,
     DEMO_TOOLS,
     demo_registry,
@@ -31,7 +31,7 @@ from finechat.tools.synthetic import (
 from finechat.train.recipe import run_training
 from finechat.train.train_config import TrainConfig
 
-DEFAULTS = {"output_dir": "output/quickstart-tools", "max_steps": 60, "learning_rate": 2e-3, "train_examples": 600,
+DEFAULTS = {"output_dir": "output/quickstart-tools", "max_steps": 40, "learning_rate": 3e-3, "train_examples": 400,
             "eval_examples": 30, "max_new_tokens": 48, "batch_size": 4}
 ROWS = (("all held-out questions", "accuracy"), ("  arithmetic (Calculate)", "arithmetic"),
         ("  equations (Solve)", "equation"), ("  look-ups (Search)", "lookup"), ("answers with any tool call", "called_a_tool"))
@@ -89,13 +89,13 @@ def run_tools(args: argparse.Namespace, lora_target: list[str]) -> int:
                   f"total {timings['total (s)']:.0f} s")
     shown = _transcripts(before_records, after_records)
     example = out / "openai_tools.py"
-    write_text_atomic(example, OPENAI_EXAMPLE.replace("MODEL_NAME", "finechat"))
+    write_text_atomic(example, OPENAI_EXAMPLE)
     model_flag = "" if args.model == "default" else f"--model {args.model} "
     commands = [
-        "Chat with the result (each call and its result are printed as they run):",
-        f"  finechat chat {model_flag}--adapter {adapter} --tools calculator",
-        f"  finechat chat {model_flag}--adapter {adapter} --tools {DEMO_TOOLS} --docs {docs}",
-        "  (or pipe a question: echo 'What is 1234 * 5678?' | finechat chat ... --tools calculator)",
+        "Chat with the result (each call and its result are printed as they run; a pipe gives one answer a line):",
+        f"  finechat chat {model_flag}--adapter {adapter} --greedy --tools calculator",
+        f"  finechat chat {model_flag}--adapter {adapter} --greedy --tools {DEMO_TOOLS} --docs {docs}",
+        f"  printf 'What is 1234 * 5678?\\n' | finechat chat {model_flag}--adapter {adapter} --greedy --tools calculator",
         "Serve it; the web page at http://127.0.0.1:8000/ shows each call folded above the answer:",
         f"  finechat serve {model_flag}--adapter {adapter} --tools {DEMO_TOOLS} --docs {docs}",
         "A client that passes OpenAI `tools` gets `tool_calls` back and runs them itself (with the server above running):",
@@ -180,7 +180,7 @@ tools = [{"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"expression": {"type": "string", "description": "e.g. 3*(2+5)/7"}},
                    "required": ["expression"]}}}]
 messages = [{"role": "user", "content": "What is 1234 * 5678?"}]
-reply = client.chat.completions.create(model="MODEL_NAME", messages=messages, tools=tools, temperature=0)
+reply = client.chat.completions.create(model="default", messages=messages, tools=tools, temperature=0)
 message = reply.choices[0].message
 print("finish_reason:", reply.choices[0].finish_reason)
 for call in message.tool_calls or []:
@@ -189,6 +189,6 @@ for call in message.tool_calls or []:
     print(f"tool call: {call.function.name}({arguments}) => {result}")
     messages.append({"role": "assistant", "content": None, "tool_calls": [call.model_dump()]})
     messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
-final = client.chat.completions.create(model="MODEL_NAME", messages=messages, tools=tools, temperature=0)
+final = client.chat.completions.create(model="default", messages=messages, tools=tools, temperature=0)
 print("answer:", final.choices[0].message.content)
 '''

@@ -1,6 +1,6 @@
 """Tool-call accuracy: the share of questions a model answers through a correct tool call with the exact result.
 
-Each question of :func:`finechat.tools.synthetic.generate_tool_examples` runs through the real tool loop
+Each question of :func:`finechat.tools.demo_data.generate_tool_examples` runs through the real tool loop
 (:class:`~finechat.tools.agent.Agent`: the model's calls are parsed, run and their results fed back, as in
 ``finechat chat --tools``). An answer counts when
 
@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from finechat.tools.agent import Agent
-from finechat.tools.synthetic import KINDS, ToolExample
+from finechat.tools.demo_data import KINDS, ToolExample
 
 REASONS = ("correct", "no tool call", "wrong tool", "the call failed", "wrong result", "answer lacks the result")
 
@@ -29,7 +29,7 @@ def holds_exactly(text: str, value: str) -> bool:
     """Whether ``value`` appears in ``text`` as a whole: not inside a longer word or number."""
     if not value:
         return False
-    pattern = r"(?<![\w.])" + re.escape(value) + r"(?![\w]|[.,]\d)"
+    pattern = r"(?<![\w.])(?<!\d,)" + re.escape(value) + r"(?![\w]|[.,]\d)"
     return re.search(pattern, text) is not None
 
 
