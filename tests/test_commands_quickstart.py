@@ -75,3 +75,11 @@ def test_quickstart_tools_runs_and_reports(tmp_path, capsys):
     assert len((out / "data" / "tools_heldout.jsonl").read_text().splitlines()) == 3
     assert sorted(p.name for p in (out / "docs").iterdir()) == ["places.md", "town.md", "transport.md"]
     py_compile.compile(str(out / "openai_tools.py"), doraise=True)
+    # the client example offers Calculate exactly as the model was trained to see it
+    import ast
+
+    from finechat.tools.toolbox import build_registry
+
+    module = ast.parse((out / "openai_tools.py").read_text())
+    tools = next(node.value for node in module.body if isinstance(node, ast.Assign) and node.targets[0].id == "tools")
+    assert ast.literal_eval(tools) == build_registry("calculator").openai_schemas()

@@ -88,7 +88,8 @@ def spans(tokenizer, example):
 @pytest.mark.parametrize("layout,template", [("openai", "tokenizer"), ("moss", "moss")])
 def test_layouts_train_what_the_tool_loop_shows(tmp_path, registry, examples, layout, template):
     tokenizer = make_tokenizer()
-    chosen = [next(e for e in examples if e.kind == kind) for kind in ("arithmetic", "equation", "lookup")]
+    chosen = [next(e for e in examples if e.kind == kind and not e.history) for kind in ("arithmetic", "equation",
+                                                                                          "lookup")]
     path = tmp_path / f"{layout}.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in tool_records(chosen, layout, registry)),
                     encoding="utf-8")
@@ -115,3 +116,15 @@ def test_layouts_train_what_the_tool_loop_shows(tmp_path, registry, examples, la
         assert bot.prompts == [call_prompt, answer_prompt]
         assert record["correct"], record
         assert [c["name"] for c in record["calls"]] == [example.tool] and record["calls"][0]["result"] == example.result
+
+
+@pytest.mark.parametrize("layout", ["openai", "moss"])
+def test_an_earlier_exchange_comes_first(tmp_path, registry, examples, layout):
+    later = [e for e in examples if e.history]
+    assert later and len(later) < len(examples)  # some training questions follow an earlier exchange
+    path = tmp_path / f"{layout}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in tool_records(later, layout, registry)), encoding="utf-8")
+    for example, conversation in zip(later, read_conversations(path).conversations):
+        (question, answer), = example.history
+        assert [t.content for t in conversation.turns[:3]] == [question, answer, example.question]
+        assert conversation.turns[-1].content == example.answer

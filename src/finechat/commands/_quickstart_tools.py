@@ -31,7 +31,7 @@ from finechat.tools.demo_data import (
 from finechat.train.recipe import run_training
 from finechat.train.train_config import TrainConfig
 
-DEFAULTS = {"output_dir": "output/quickstart-tools", "max_steps": 40, "learning_rate": 3e-3, "train_examples": 400,
+DEFAULTS = {"output_dir": "output/quickstart-tools", "max_steps": 50, "learning_rate": 3e-3, "train_examples": 400,
             "eval_examples": 30, "max_new_tokens": 48, "batch_size": 4}
 ROWS = (("all held-out questions", "accuracy"), ("  arithmetic (Calculate)", "arithmetic"),
         ("  equations (Solve)", "equation"), ("  look-ups (Search)", "lookup"), ("answers with any tool call", "called_a_tool"))
@@ -63,16 +63,8 @@ def run_tools(args: argparse.Namespace, lora_target: list[str]) -> int:
     lora_dir = out / "lora"
     if (lora_dir / "finechat_run.json").is_file():  # our own earlier quickstart run: start afresh
         shutil.rmtree(lora_dir)
-    cfg = TrainConfig(
-        model=args.model, method="lora", data=[str(train_file)], format="openai", datasets=["tools-synthetic"],
-        output_dir=str(lora_dir), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_ratio=0.1, lora_rank=8,
-        lora_target=lora_target, lora_alpha=16, lora_dropout=0.0, cutoff_len=512,
-        logging_steps=max(1, args.max_steps // 8), save_steps=args.max_steps, seed=args.seed, report_to=["none"],
-        group_by_length=True,
-    )
     t0 = time.time()
-    result = run_training(cfg)
+    result = run_training(train_config(args, train_file, lora_dir, lora_target))
     timings["training (s)"] = time.time() - t0
     adapter = result.final_checkpoint or str(lora_dir)
 
@@ -118,6 +110,18 @@ def run_tools(args: argparse.Namespace, lora_target: list[str]) -> int:
     print()
     print("\n".join(commands))
     return 0
+
+
+def train_config(args: argparse.Namespace, train_file: Path, lora_dir: Path, lora_target: list[str]) -> TrainConfig:
+    """The LoRA run of the demo: every linear layer of the default model, rank 8, cosine schedule."""
+    return TrainConfig(
+        model=args.model, method="lora", data=[str(train_file)], format="openai", datasets=["tools-synthetic"],
+        output_dir=str(lora_dir), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_ratio=0.1, lora_rank=8,
+        lora_target=lora_target, lora_alpha=16, lora_dropout=0.0, cutoff_len=512,
+        logging_steps=max(1, args.max_steps // 8), save_steps=args.max_steps, seed=args.seed, report_to=["none"],
+        group_by_length=True,
+    )
 
 
 def _score(model: str, adapter: str | None, registry, examples, gen: dict, name: str) -> tuple[dict, list[dict]]:
@@ -168,18 +172,21 @@ OPENAI_EXAMPLE = '''"""The tuned model through the OpenAI API with `tools`: it a
 sends the result back, the model answers. Start the server first (finechat quickstart --task tools prints how)."""
 
 import json
+import sys
 
 from openai import OpenAI
 
 from finechat.tools.calculator import calculate  # the same exact arithmetic the model was trained with
 
-client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+base_url = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8000/v1"  # another port: pass its /v1 URL
+question = sys.argv[2] if len(sys.argv) > 2 else "What is 1234 * 5678?"
+client = OpenAI(base_url=base_url, api_key="unused")
 tools = [{"type": "function", "function": {
     "name": "Calculate",
     "description": "Exact arithmetic: + - * / // % ** (or ^), sqrt, log, sin, factorial, ...",
     "parameters": {"type": "object", "properties": {"expression": {"type": "string", "description": "e.g. 3*(2+5)/7"}},
                    "required": ["expression"]}}}]
-messages = [{"role": "user", "content": "What is 1234 * 5678?"}]
+messages = [{"role": "user", "content": question}]
 reply = client.chat.completions.create(model="default", messages=messages, tools=tools, temperature=0)
 message = reply.choices[0].message
 print("finish_reason:", reply.choices[0].finish_reason)

@@ -59,7 +59,9 @@ def score_example(agent: Agent, example: ToolExample, **gen: Any) -> dict:
     """Answer one question through the tool loop; the record holds the calls, the answer and the verdict."""
     calls: dict[str, dict] = {}
     answer = ""
-    for event in agent.run([{"role": "user", "content": example.question}], **gen):
+    messages = [{"role": role, "content": text} for pair in example.history
+                for role, text in zip(("user", "assistant"), pair)]
+    for event in agent.run(messages + [{"role": "user", "content": example.question}], **gen):
         if event.kind == "tool_call":
             calls[event.call_id] = {"name": event.name, "call": event.text, "arguments": event.arguments,
                                     "result": "", "ok": False}

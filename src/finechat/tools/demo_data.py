@@ -128,6 +128,7 @@ class ToolExample:
     result: str  # what the tool returned
     answer: str  # the final answer (holds ``expected``)
     expected: str  # the exact value a right answer holds ("" for chat)
+    history: list = dataclasses.field(default_factory=list)  # earlier (question, answer) pairs of the chat
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -238,11 +239,15 @@ def _equation(rng: random.Random) -> tuple[str, str, list[str]]:
 
 
 # -- examples -------------------------------------------------------------------------------------------------
-def _offered(rng: random.Random, needed: str | None) -> list[str]:
-    """The tools offered with one example: the one it needs plus a random choice of the others (so a model
-    trained on them works with ``--tools calculator`` as with all three)."""
-    chosen = {name for name in API_NAMES if name == needed or rng.random() < 0.5}
-    return [name for name in API_NAMES if name in chosen] or [rng.choice(API_NAMES)]
+def _offered(rng: random.Random, needed: str | None, question: str, shuffle: bool) -> list[str]:
+    """The tools offered with one example: the one it needs plus, most often, the others (so a model trained on
+    them works with ``--tools calculator`` as with all three). In training the list comes in varied orders: a
+    model shown one order picks a tool by its place in the list (measured: arithmetic went to Search, listed
+    last) instead of by the question."""
+    chosen = [name for name in API_NAMES if name == needed or rng.random() < 0.75] or [rng.choice(API_NAMES)]
+    if shuffle:  # its own generator: the held-out questions stay the same whatever the training order
+        random.Random(question).shuffle(chosen)
+    return chosen
 
 
 def _run(registry: ToolRegistry, name: str, arguments: dict) -> str:
@@ -266,18 +271,19 @@ class _Lookups:
         return self.deck.pop()
 
 
-def _example(kind: str, rng: random.Random, registry: ToolRegistry, lookups: _Lookups, seen: set[str]) -> ToolExample:
+def _example(kind: str, rng: random.Random, registry: ToolRegistry, lookups: _Lookups, seen: set[str],
+             shuffle: bool) -> ToolExample:
     if kind == "chat":
         question, answer = rng.choice(CHAT)
-        return ToolExample("chat", question, _offered(rng, None), None, {}, "", answer, "")
+        return ToolExample("chat", question, _offered(rng, None, question, shuffle), None, {}, "", answer, "")
     if kind == "lookup":
         fact, question = lookups.draw()
         _, query, answer, value = FACTS[fact]
         result = _run(registry, "Search", {"query": query})
         if value not in result.split("\n", 1)[0]:  # the first hit must hold it: the notes or BM25 changed
             raise ConfigError(f"Search({query!r}) no longer finds {value!r} first: {result}")
-        return ToolExample("lookup", question, _offered(rng, "Search"), "Search", {"query": query}, result, answer,
-                           value)
+        return ToolExample("lookup", question, _offered(rng, "Search", question, shuffle), "Search", {"query": query},
+                           result, answer, value)
     for _ in range(100):  # a result that is not a short exact number (100/7, a huge power) or a repeat: again
         question, expression, answers = (_arithmetic if kind == "arithmetic" else _equation)(rng)
         if question in seen:
@@ -287,7 +293,8 @@ def _example(kind: str, rng: random.Random, registry: ToolRegistry, lookups: _Lo
         if "/" not in result and "≈" not in result and len(result) <= 24:
             seen.add(question)
             answer = rng.choice(answers).replace("{e}", expression).replace("{r}", result)
-            return ToolExample(kind, question, _offered(rng, tool), tool, {key: expression}, result, answer, result)
+            return ToolExample(kind, question, _offered(rng, tool, question, shuffle), tool, {key: expression}, result,
+                               answer, result)
     raise ConfigError(f"no {kind} question with a short exact result in 100 tries")  # pragma: no cover
 
 
@@ -315,14 +322,23 @@ def generate_tool_examples(n: int, seed: int = 0, split: str = "train",
     kinds = [k for k, c in counts.items() for _ in range(c)]
     rng.shuffle(kinds)
     lookups, seen = _Lookups(rng, facts), set()
-    return [_example(kind, rng, registry, lookups, seen) for kind in kinds]
+    examples = [_example(kind, rng, registry, lookups, seen, split == "train") for kind in kinds]
+    if split == "train":  # a quarter follow an earlier exchange, as the second question of a chat does
+        earlier = random.Random(f"history:{seed}")
+        for example in examples:
+            if len(examples) > 1 and earlier.random() < 0.25:
+                other = earlier.choice([e for e in examples if e is not example])
+                example.history = [(other.question, other.answer)]
+    return examples
 
 
 # -- layouts --------------------------------------------------------------------------------------------------
 def openai_record(example: ToolExample, registry: ToolRegistry, index: int = 0) -> dict:
     """The OpenAI chat layout finechat reads (``format: openai``): ``messages`` with ``tool_calls`` + ``tools``."""
     tools = [registry.get(name).openai_schema() for name in example.tools]
-    messages: list[dict] = [{"role": "user", "content": example.question}]
+    messages: list[dict] = [{"role": role, "content": text} for pair in example.history
+                            for role, text in zip(("user", "assistant"), pair)]
+    messages.append({"role": "user", "content": example.question})
     if example.tool is not None:
         call_id = f"call_{index}"
         messages += [
@@ -339,14 +355,19 @@ def moss_call(example: ToolExample) -> str:
     return f"{example.tool}({json.dumps(next(iter(example.arguments.values())), ensure_ascii=False)})"
 
 
+_MOSS_NONE = {"Inner Thoughts": "<|Inner Thoughts|>: None<eot>\n", "Commands": "<|Commands|>: None<eoc>\n",
+              "Tool Responses": "<|Results|>: None<eor>\n"}
+
+
 def moss_record(example: ToolExample, registry: ToolRegistry, index: int = 0) -> dict:
     """A MOSS-003 plugin record (``format: moss``) whose meta instruction lists the offered tools as the tool
     runtime does (:func:`finechat.tools.agent.moss_system_prompt`)."""
     offered = ToolRegistry(registry.get(name) for name in example.tools)
+    turns = [{"Human": f"<|Human|>: {question}<eoh>\n", **_MOSS_NONE, "MOSS": f"<|MOSS|>: {answer}<eom>\n"}
+             for question, answer in example.history]
     turn = {"Human": f"<|Human|>: {example.question}<eoh>\n"}
     if example.tool is None:
-        turn |= {"Inner Thoughts": "<|Inner Thoughts|>: None<eot>\n", "Commands": "<|Commands|>: None<eoc>\n",
-                 "Tool Responses": "<|Results|>: None<eor>\n"}
+        turn |= _MOSS_NONE
     else:
         call = moss_call(example)
         thought = THOUGHTS[example.tool].format(arg=next(iter(example.arguments.values())))
@@ -355,7 +376,7 @@ def moss_record(example: ToolExample, registry: ToolRegistry, index: int = 0) ->
                  "Tool Responses": f"<|Results|>:\n{call} =>\n{example.result}\n<eor>\n"}
     turn["MOSS"] = f"<|MOSS|>: {example.answer}<eom>\n"
     return {"conversation_id": index + 1, "meta_instruction": moss_system_prompt(offered), "category": example.kind,
-            "chat": {"turn_1": turn}}
+            "chat": {f"turn_{i + 1}": t for i, t in enumerate(turns + [turn])}}
 
 
 LAYOUTS = {"openai": openai_record, "moss": moss_record}
