@@ -38,7 +38,7 @@ class ScriptedChat(ChatModel):
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids + [self.tokenizer.eos_token_id] if self.eos else ids
 
-    def generate_ids(self, input_ids, settings):
+    def generate_ids(self, input_ids, settings, cancelled=None):
         self.running += 1
         prompt = self.tokenizer.decode(input_ids)
         self.prompts.append(prompt if self.prompts_as == "text" else list(input_ids))
@@ -47,6 +47,8 @@ class ScriptedChat(ChatModel):
         step = 32 if len(ids) >= 200 and not self.delay else 1  # long scripts in bigger steps: decoding is O(length)
         try:
             for i in range(0, len(ids), step):
+                if cancelled is not None and cancelled():
+                    return
                 if self.delay:
                     time.sleep(self.delay)
                 self.emitted += len(ids[i:i + step])

@@ -77,7 +77,7 @@ def test_the_runtime_prompt_matches_the_training_layout(tokenizer):
     class Echo(ChatModel):
         prompts = []
 
-        def generate_ids(self, input_ids, settings):
+        def generate_ids(self, input_ids, settings, cancelled=None):
             prompt = self.tokenizer.decode(input_ids)
             self.prompts.append(prompt)
             text = " The mascot is Momo.<eom>" if prompt.endswith("<|MOSS|>:") else \

@@ -101,9 +101,12 @@ def main(args: argparse.Namespace) -> int:
     if args.estimate:
         _print_estimate(cfg, processes=args.nproc_per_node * args.nnodes)
         return 0
-    from finechat.train.preflight import check_before_loading
+    from finechat.train.preflight import check_before_loading, check_records
 
     check_before_loading(cfg, args.config)  # output folder and the recipe's columns, before the model loads
+    from finechat.train.stage_table import get_stage  # (imports torch: after the quick checks above)
+
+    check_records(cfg, get_stage(cfg.stage).records)  # every record of the data files, before the model loads
     launch = Launch(args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr, args.master_port)
     if launch.wanted():
         return _relaunch(cfg, launch, args)

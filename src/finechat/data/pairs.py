@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -281,15 +281,21 @@ def read_preferences(path: str | Path | Iterable[str | Path], format: str = "aut
     Pairs given to ``kind="labelled"`` become two labelled answers each (chosen: true, rejected: false), as
     KTO's authors use paired data.
     """
+    result = PreferenceReadResult([])
+    result.records.extend(iter_preferences(path, result, format, on_bad_record, kind))
+    return result
+
+
+def iter_preferences(path: str | Path | Iterable[str | Path], result: PreferenceReadResult, format: str = "auto",
+                     on_bad_record: str = "error", kind: str = "pairs") -> Iterator[PreferencePair | LabelledAnswer]:
+    """:func:`read_preferences` one record at a time (skipped records and the format go to ``result``)."""
     if on_bad_record not in ("error", "skip"):
         raise DataError(f"on_bad_record must be 'error' or 'skip', not {on_bad_record!r}")
     format = (format or "auto").strip().lower()
     if format != "auto" and format not in PREFERENCE_FORMATS:
         raise DataError(f"unknown preference format {format!r}; choose from: auto, {', '.join(PREFERENCE_FORMATS)}")
-    result = PreferenceReadResult([])
     for p in expand_paths([path] if isinstance(path, (str, Path)) else list(path)):
-        _read_one(str(p), format, on_bad_record, kind, result)
-    return result
+        yield from _read_one(str(p), format, on_bad_record, kind, result)
 
 
 def _not_preference(path: str, line: int, rec: dict, kind: str) -> DataError:
@@ -301,7 +307,8 @@ def _not_preference(path: str, line: int, rec: dict, kind: str) -> DataError:
                      f"(keys here: {', '.join(map(str, rec))}); see data/samples/preference_*.json*")
 
 
-def _read_one(path: str, format: str, on_bad_record: str, kind: str, result: PreferenceReadResult) -> None:
+def _read_one(path: str, format: str, on_bad_record: str, kind: str, result: PreferenceReadResult
+              ) -> Iterator[PreferencePair | LabelledAnswer]:
     def detect(path: str, line: int, rec: dict) -> str:
         fmt = detect_preference_format(rec)
         if fmt is None:
@@ -318,10 +325,10 @@ def _read_one(path: str, format: str, on_bad_record: str, kind: str, result: Pre
     for line, item in reader:
         item.prompt.source, item.prompt.line = path, line
         if kind == "labelled" and isinstance(item, PreferencePair):
-            result.records += [LabelledAnswer(item.prompt, item.chosen, True),
-                               LabelledAnswer(item.prompt, item.rejected, False)]
+            yield LabelledAnswer(item.prompt, item.chosen, True)
+            yield LabelledAnswer(item.prompt, item.rejected, False)
         else:
-            result.records.append(item)
+            yield item
     result.format = result.format or (reader.format or "")
 
 

@@ -28,7 +28,7 @@ request whose stream is closed is dropped before the next step. The waiting queu
 Models that cannot share a padded cache (no ``nn.Module``, prefix-tuning adapters that inject their own
 past key values, cache layers other than plain ``DynamicLayer`` such as sliding windows, or custom
 architectures like native ChatGLM-6B) run one request at a time through ``ChatModel.generate_ids``, still
-behind the bounded queue.
+behind the bounded queue; a client that leaves stops that one inside its prefill too (``cancelled``).
 """
 
 from __future__ import annotations
@@ -240,7 +240,9 @@ class BatchScheduler:
                     self._serial_running -= 1
 
         def work() -> None:
-            ids = self.chat.generate_ids(seq.prompt_ids, dataclasses.replace(seq.settings, max_new_tokens=seq.max_new))
+            # a client leaving stops the engine inside its prefill too, not only between tokens
+            ids = self.chat.generate_ids(seq.prompt_ids, dataclasses.replace(seq.settings, max_new_tokens=seq.max_new),
+                                         cancelled=seq.cancelled.is_set)
             try:
                 for step in ids:
                     if seq.cancelled.is_set():

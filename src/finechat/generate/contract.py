@@ -79,8 +79,11 @@ class ChatEngine(Protocol):
         """The template's clean-up of an answer's text."""
 
     # -- generation ------------------------------------------------------------------------------------
-    def generate_ids(self, input_ids: list[int], settings: GenerationSettings) -> Iterator[list[int]]:
-        """Yield new token ids as they come; closing the iterator cancels the generation."""
+    def generate_ids(self, input_ids: list[int], settings: GenerationSettings,
+                     cancelled: Callable[[], bool] | None = None) -> Iterator[list[int]]:
+        """Yield new token ids as they come; closing the iterator cancels the generation. ``cancelled()``, when
+        given, is asked during the work (the prompt's prefill included, where the engine can stop inside it): once
+        it says True the generation ends without more tokens (a server's client left)."""
 
     def stream_text(self, messages: list[Message], tools: list | None = None, generate: Any = None,
                     stats: dict | None = None, prompt_ids: list[int] | None = None,

@@ -15,9 +15,10 @@ answers (the medical demo's retrieval) without a wrapper.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from finechat.data.templates import Message, get_template, history_to_messages
@@ -48,16 +49,48 @@ class _IdStreamer:
         self.queue.put(None)
 
 
-def _stop_on_cancel(cancel: threading.Event):
+def _stop_on_cancel(cancel: threading.Event, cancelled: Callable[[], bool] | None = None):
     from transformers import StoppingCriteria
 
     class StopOnCancel(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001
             import torch
 
-            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+            stop = cancel.is_set() or (cancelled is not None and cancelled())
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
     return StopOnCancel()
+
+
+class _Cancelled(Exception):
+    """Raised inside ``generate``'s forward pass when its request was cancelled (caught in the worker)."""
+
+
+@contextlib.contextmanager
+def _stop_between_layers(model: Any, cancelled: Callable[[], bool] | None) -> Iterator[None]:
+    """Within the block, a forward pass of ``model`` stops before its next decoder layer once ``cancelled()``.
+
+    ``generate`` prefills a prompt in one forward pass, with no place to stop between tokens; a hook before each
+    decoder layer (transformers' ``GradientCheckpointingLayer``, as native ChatGLM-6B's blocks are too) gives a
+    long prompt as many chances to stop as the model has layers, whatever the architecture or adapter.
+    """
+    if cancelled is None:
+        yield
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    me = threading.get_ident()
+
+    def check(module: Any, args: Any) -> None:
+        if threading.get_ident() == me and cancelled():  # this request's forward passes only (scoring may run beside)
+            raise _Cancelled
+
+    handles = [m.register_forward_pre_hook(check) for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class ChatModel:
@@ -135,19 +168,22 @@ class ChatModel:
         return score_batch(self.model, sequences, starts, pad_id=pad_id)
 
     # -- token generation ----------------------------------------------------------------------------
-    def generate_ids(self, input_ids: list[int], settings: GenerationSettings) -> Iterator[list[int]]:
+    def generate_ids(self, input_ids: list[int], settings: GenerationSettings,
+                     cancelled: Callable[[], bool] | None = None) -> Iterator[list[int]]:
         """Yield new token ids as they are generated; closing the iterator cancels generation.
 
         Models with a fast decoder (Llama/Qwen2, ChatGLM-6B) use it (``finechat.generate.fast``: same greedy
         tokens, less overhead per token); others, and models with a prefix adapter, use transformers'
-        ``generate`` in a worker thread.
+        ``generate`` in a worker thread. ``cancelled()`` (the server's client left) is asked while the prompt is
+        prefilled (between chunks of positions on the Llama fast decoder, between layers on ChatGLM-6B's and in
+        ``generate``) and before each new token: once True, generation ends with no more tokens.
         """
         import torch
 
         fast = fast_decoder_for(self)
         if fast is not None:
             with self.lock:  # one generation at a time on a shared model (and its KV cache)
-                tokens = generate_tokens(fast, input_ids, settings, self.stop_token_ids())
+                tokens = generate_tokens(fast, input_ids, settings, self.stop_token_ids(), cancelled=cancelled)
                 try:
                     for token in tokens:
                         yield [token]
@@ -160,13 +196,16 @@ class ChatModel:
         ids = torch.tensor([input_ids], device=device)
         kwargs = generate_kwargs(settings, len(input_ids), self.stop_token_ids(), self.tokenizer.pad_token_id)
         kwargs.update(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                      stopping_criteria=[_stop_on_cancel(cancel)])
+                      stopping_criteria=[_stop_on_cancel(cancel, cancelled)])
         error: list[BaseException] = []
 
         def work() -> None:
             try:
-                with torch.inference_mode(), seeded_global_rng(settings.seed, device):
+                with torch.inference_mode(), seeded_global_rng(settings.seed, device), \
+                        _stop_between_layers(self.model, cancelled):
                     self.model.generate(**kwargs)
+            except _Cancelled:
+                streamer.end()  # stopped inside a forward pass: no more tokens, no error
             except BaseException as e:  # noqa: BLE001  handed to the consumer
                 error.append(e)
                 streamer.end()

@@ -28,7 +28,8 @@ def generate_tokens(decoder: StaticCacheDecoder, input_ids: list[int], settings:
 
     Closing the iterator stops decoding at once. ``generator`` drives sampling; by default one seeded with
     ``settings.seed`` (fresh entropy when None), so the global RNG is never touched. ``cancelled()``, when
-    given, is asked between chunks of the prompt's prefill: a long prompt stops there, nothing is yielded.
+    given, is asked between chunks of the prompt's prefill (between layers for ChatGLM-6B, whose prompt is
+    bidirectional) and before each decoding step: a long prompt stops there, nothing more is yielded.
     """
     if not input_ids:
         raise ValueError("the prompt is empty")
@@ -51,7 +52,7 @@ def generate_tokens(decoder: StaticCacheDecoder, input_ids: list[int], settings:
         seen[:, length] = token[:, 0]
         token_id = int(token)
         yield token_id
-        if token_id in stops or step == max_new_tokens - 1:
+        if token_id in stops or step == max_new_tokens - 1 or (cancelled is not None and cancelled()):
             return
         logits = decoder.decode_one_token(token, length)
 

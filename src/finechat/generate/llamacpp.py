@@ -23,7 +23,7 @@ import os
 import random
 import types
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +113,10 @@ class LlamaCppChatModel(ChatModel):
                 self._said.add(key)
                 log(f"llama.cpp engine: {text}.")
 
-    def generate_ids(self, input_ids: list[int], settings: GenerationSettings) -> Iterator[list[int]]:
-        """Yield new token ids from llama.cpp; closing the iterator stops it at the next token."""
+    def generate_ids(self, input_ids: list[int], settings: GenerationSettings,
+                     cancelled: Callable[[], bool] | None = None) -> Iterator[list[int]]:
+        """Yield new token ids from llama.cpp; closing the iterator, or ``cancelled()`` saying True, stops it at
+        the next token (llama.cpp evaluates the prompt in one call of its own, which cannot be stopped)."""
         llm = self.model.llm
         max_new = settings.max_new_tokens
         if settings.max_length is not None:
@@ -137,7 +139,7 @@ class LlamaCppChatModel(ChatModel):
             try:
                 for count, token in enumerate(tokens, 1):
                     yield [int(token)]
-                    if count >= max_new or token in stop_ids:
+                    if count >= max_new or token in stop_ids or (cancelled is not None and cancelled()):
                         break
             finally:
                 tokens.close()

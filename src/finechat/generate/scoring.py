@@ -15,13 +15,20 @@ adapter, quantized, native ChatGLM-6B).
 Long sequences are scored in chunks over a KV cache, each chunk reduced to its scores before the next runs, so
 that at most ``chunk`` x vocabulary logits are held at once (never ``[n, vocab]``); a prompt whose own scores are
 not wanted goes through :meth:`Scorer.add_context`, which keeps only the last position's logits. Models that cannot
-take a transformers cache (native ChatGLM-6B, prompt-learning adapters) are scored in one forward pass.
+take a transformers cache (native ChatGLM-6B, whose prompt is bidirectional up to ``<sop>``, and prompt-learning
+adapters, whose virtual tokens live in the cache) run one forward pass over the sequence, but their output head
+is held to the last position by a forward pre-hook; the final hidden states [n, hidden] it saw are then put
+through the head ``chunk`` rows at a time, so these too never hold [n, vocab]. A model whose forward changes the
+head's output afterwards (logit soft-capping, scaling: the last row then differs from the head's own) is scored
+from its whole logits instead, the one case left unbounded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 # positions scored per forward pass over a cache: a [128, vocab] float32 block at a time (25 MB for a 49k
@@ -64,11 +71,15 @@ class Scorer:
         scores: list[TokenScore] = []
         with torch.inference_mode():
             if self._cache_name is None:
-                logprobs = self._full(self.ids + new_ids)[-len(new_ids) - 1:]  # [new + 1, vocab] (first may be absent)
+                every = self.ids + new_ids
                 if not self.ids:
-                    logprobs = torch.cat([logprobs[:1] * float("nan"), logprobs])
-                scores = token_scores(logprobs[:-1], new_ids, self.top_n)
-                self._last = logprobs[-1]
+                    scores.append(TokenScore(new_ids[0], None, [], True))
+                for start, logprobs in self._uncached_rows(every, max(len(self.ids) - 1, 0)):
+                    targets = every[start + 1:start + 1 + logprobs.shape[0]]  # row r scores token r + 1
+                    scores.extend(token_scores(logprobs[:len(targets)], targets, self.top_n))
+                    if start + logprobs.shape[0] == len(every):
+                        self._last = logprobs[-1].clone()
+                    del logprobs
             else:
                 for start in range(0, len(new_ids), self.chunk):
                     part = new_ids[start:start + self.chunk]
@@ -114,13 +125,42 @@ class Scorer:
                          **keep, **{self._cache_name: self._cache})
         return out.logits[0].float().log_softmax(-1)  # [len(ids), vocab] ([1, vocab] with last_only)
 
-    def _full(self, ids: list[int]) -> Any:
+    def _uncached_rows(self, ids: list[int], first: int) -> Iterator[tuple[int, Any]]:
+        """Log-probabilities of positions ``first..len(ids)-1`` of a model without a cache, as (start, [rows, vocab])
+        blocks of at most ``chunk`` rows: one forward pass with the head held to the last position, then the head
+        over the final hidden states a chunk at a time."""
         import torch
 
         device = model_device(self.model)
         x = torch.tensor([ids], device=device)
-        out = self.model(input_ids=x, attention_mask=torch.ones_like(x))
-        return out.logits[0].float().log_softmax(-1)  # [len(ids), vocab]
+        head = output_head(self.model)
+        seen: list[Any] = []
+        me = threading.get_ident()
+
+        def last_position_only(module: Any, args: tuple) -> tuple | None:
+            if threading.get_ident() != me:
+                return None  # another request's forward pass on the shared model runs untouched
+            seen.append(args[0])  # [batch, positions, hidden]: the final hidden states
+            return (args[0][:, -1:], *args[1:])
+
+        handle = head.register_forward_pre_hook(last_position_only) if head is not None else None
+        try:
+            out = self.model(input_ids=x, attention_mask=torch.ones_like(x))
+        finally:
+            if handle is not None:
+                handle.remove()
+        hidden = seen[-1][0, -len(ids):] if len(seen) == 1 and seen[0].shape[1] >= len(ids) else None  # [n, hidden]
+        if hidden is None or not torch.allclose(head(hidden[-1:]).float()[0], out.logits[0, -1].float(),
+                                                rtol=1e-3, atol=1e-3):
+            # the forward does more to the logits than its head (or calls it oddly): score from the whole logits
+            out = self.model(input_ids=x, attention_mask=torch.ones_like(x))
+            logprobs = out.logits[0, -len(ids):].float().log_softmax(-1)  # [len(ids), vocab]
+            for start in range(first, len(ids), self.chunk):
+                yield start, logprobs[start:start + self.chunk]
+            return
+        del out
+        for start in range(first, len(ids), self.chunk):
+            yield start, head(hidden[start:start + self.chunk]).float().log_softmax(-1)  # [chunk, vocab]
 
 
 def score_sequence(model: Any, ids: list[int], start: int = 1, top_n: int = 0) -> list[TokenScore]:
@@ -191,6 +231,15 @@ def cache_argument(model: Any) -> str | None:
         if name in parameters:
             return name
     return None
+
+
+def output_head(model: Any) -> Any:
+    """The module that turns final hidden states into logits (under a peft wrapper too), or None."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    return head if isinstance(head, torch.nn.Module) else None
 
 
 def model_device(model: Any) -> Any:

@@ -33,7 +33,7 @@ import subprocess
 import tempfile
 import types
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -221,13 +221,17 @@ class VllmChatModel(ChatModel):
             body["seed"] = settings.seed
         return body
 
-    def generate_ids(self, input_ids: list[int], settings: GenerationSettings) -> Iterator[list[int]]:
-        """Yield new token ids streamed from vLLM; closing the iterator closes the stream (vLLM aborts it)."""
+    def generate_ids(self, input_ids: list[int], settings: GenerationSettings,
+                     cancelled: Callable[[], bool] | None = None) -> Iterator[list[int]]:
+        """Yield new token ids streamed from vLLM; closing the iterator, or ``cancelled()`` saying True at the
+        next event, closes the stream (vLLM aborts the request, its prefill included)."""
         events = self.model.stream(self.request_body(list(input_ids), settings))
         stop_ids = set(self.stop_token_ids())
         sent_stop = False
         try:
             for event in events:
+                if cancelled is not None and cancelled():
+                    return
                 for choice in event.get("choices", []):
                     ids = [int(t) for t in choice.get("token_ids") or []]
                     if ids:

@@ -54,6 +54,9 @@ class Stage:
     samples: str = "data/samples/"  # where sample data for it lives (the no-data error points there)
     eval_in_training: bool = True  # held-out rows evaluated during training (grpo: in the pipeline instead)
     policy: bool = True  # trains the chat model (rm: a scorer beside it; a pipeline goes on from before it)
+    # what its data files hold, for the full pass before the model loads (finechat.train.preflight):
+    # "conversations", "pairs", "labelled" (KTO) or "documents" (plain text: no such pass)
+    records: str = "conversations"
 
 
 PAIR_METRICS = {"rewards/accuracies": "preference accuracy", "rewards/margins": "reward margin"}
@@ -65,37 +68,38 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("sft", "conversations with labels on answers", sft.read_sft, align.same_rows, align.prepare_policy,
           sft.sft_trainer, uses=()),
     Stage("pretrain", "plain text, every token is a target", pretrain.read_pretrain, align.same_rows,
-          align.prepare_policy, pretrain.pretrain_trainer, uses=("objective", "blank_infilling", "document_per")),
+          align.prepare_policy, pretrain.pretrain_trainer, uses=("objective", "blank_infilling", "document_per"),
+          records="documents"),
     Stage("dpo", "preference pairs, TRL's DPOTrainer", align.read_pairs, align.same_rows, align.prepare_policy,
           align.trl_trainer(align.dpo_classes, align.dpo_rows_trainer), uses=("beta", "loss", "sft_weight"),
           settings=align.dpo_settings, check=align.check_dpo, trl=align.dpo_classes, metrics=PAIR_METRICS,
           sequences=align.two_sequences, estimate_length=align.longest_answer_row, answer_share=align.answer_share,
-          with_reference=align.always_reference, samples="data/samples/preference_*"),
+          with_reference=align.always_reference, samples="data/samples/preference_*", records="pairs"),
     Stage("orpo", "preference pairs, TRL's ORPOTrainer", align.read_pairs, align.pair_rows, align.prepare_policy,
           align.trl_trainer(align.orpo_classes, align.pair_rows_trainer), uses=("beta",),
           settings=align.orpo_settings, check=align.check_trl, trl=align.orpo_classes, metrics=PAIR_METRICS,
           sequences=align.two_sequences, estimate_length=align.longest_answer_row, answer_share=align.answer_share,
-          samples="data/samples/preference_*"),
+          samples="data/samples/preference_*", records="pairs"),
     Stage("simpo", "preference pairs, TRL's CPOTrainer with loss simpo", align.read_pairs, align.pair_rows,
           align.prepare_policy, align.trl_trainer(align.simpo_classes, align.pair_rows_trainer),
           uses=("beta", "simpo_gamma"), settings=align.simpo_settings, check=align.check_trl,
           trl=align.simpo_classes, metrics=PAIR_METRICS, sequences=align.two_sequences,
           estimate_length=align.longest_answer_row, answer_share=align.answer_share,
-          samples="data/samples/preference_*"),
+          samples="data/samples/preference_*", records="pairs"),
     Stage("kto", "answers labelled good or bad, TRL's KTOTrainer", align.read_labelled, align.same_rows,
           align.prepare_policy, align.trl_trainer(align.kto_classes, align.kto_rows_trainer), uses=("beta",),
           settings=align.kto_settings, check=align.check_trl, trl=align.kto_classes,
           metrics={"rewards/chosen_sum": "desirable reward sum", "rewards/rejected_sum": "undesirable reward sum",
                    "kl": "kl"},
           estimate_length=align.longest_answer_row, with_reference=align.always_reference, fused_head=True,
-          samples="data/samples/preference_*"),
+          samples="data/samples/preference_*", records="labelled"),
     Stage("rm", "a reward model on pairs, TRL's RewardTrainer", align.read_pairs, align.sequence_rows,
           align.prepare_reward_model, align.trl_trainer(align.rm_classes, align.same_trainer), uses=(),
           settings=align.rm_settings, check=align.check_trl, trl=align.rm_classes,
           metrics={"accuracy": "pairwise accuracy", "margin": "reward margin"}, sequences=align.two_sequences,
           estimate_length=align.longest_answer_row,
           unsupported={"chatglm": "transformers has no sequence-classification class for it"},
-          samples="data/samples/preference_*", policy=False),
+          samples="data/samples/preference_*", policy=False, records="pairs"),
     Stage("grpo", "online RL with reward functions, TRL's GRPOTrainer", align.read_prompts, align.same_rows,
           align.prepare_policy, align.trl_trainer(align.grpo_classes, align.grpo_rows_trainer, align.grpo_rewards),
           uses=("beta", "rewards", "reward_model", "num_generations", "max_completion_length", "temperature"),

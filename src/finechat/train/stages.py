@@ -47,6 +47,7 @@ from finechat.generate.contract import ChatEngine
 from finechat.generate.settings import GenerationSettings
 from finechat.train.alignment_eval import AlignmentEvalConfig, AlignmentScorer
 from finechat.train.export import EXPORT_FILE, export_model
+from finechat.train.preflight import check_records
 from finechat.train.recipe import run_training
 from finechat.train.stage_table import STAGES
 from finechat.train.train_config import TrainConfig
@@ -242,6 +243,8 @@ def run_stages(cfg: StagesConfig) -> dict:
     """Train the stages in order (skipping finished ones); return and write the summary."""
 
     stages = parse_stages(cfg)
+    for _, stage_cfg in stage_train_configs(cfg):  # every record of every stage's data files, before any model loads
+        check_records(stage_cfg, STAGES[stage_cfg.stage].records)
     gcfg = resolve_config(GeneralEvalConfig, base=cfg.eval_general) if cfg.eval_general else None
     if gcfg is not None and gcfg.tasks:
         # a task without its data (or with task code not allowed) fails before training

@@ -5,6 +5,11 @@ cache; here the prompt is prefilled once with GLM's mask (bidirectional up to ``
 gets the 2D position (the [gMASK] index, block position counted from ``<sop>``) that ``generate`` would
 compute. The blocks are called as ``generate`` calls them, so greedy tokens are the same. The sampling
 loop is ``finechat.generate.fast``'s (``finechat.models.fast_decoder`` has the shared base).
+
+A prefill that may be cancelled (:meth:`ChatGLMFastDecoder.prefill_until`) asks between layers, not between
+chunks of positions as the Llama decoder does: the prompt up to ``<sop>`` attends both ways, so an early chunk's
+keys depend on later tokens and a chunked prefill would not be the model's arithmetic. ChatGLM-6B has 28
+layers: a 7,000-token prompt gets 28 chances to stop, as many as 250-position chunks would give.
 """
 
 from __future__ import annotations
@@ -71,14 +76,17 @@ class ChatGLMFastDecoder(StaticCacheDecoder):
         self.final_norm = self.transformer.final_layernorm
 
     def _run(self, input_ids: torch.Tensor, start: int, mask: torch.Tensor | None,
-             position_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [b, len] at ``start``; position_ids [b, 2, len] -> float32 logits of the last position."""
+             position_ids: torch.Tensor, stop: Any = None) -> torch.Tensor | None:
+        """input_ids [b, len] at ``start``; position_ids [b, 2, len] -> float32 logits of the last position (None
+        when ``stop()``, asked before each layer, said stop)."""
         hidden = self.transformer.word_embeddings(input_ids)
         rot_dim = self.head_dim // 2
         rotary = (rotary_cos_sin(position_ids[:, 0], rot_dim, hidden.dtype),
                   rotary_cos_sin(position_ids[:, 1], rot_dim, hidden.dtype))
         self._cache.start = start
         for layer in self.layers:
+            if stop is not None and stop():
+                return None
             hidden = layer(hidden, rotary, mask, self._cache, None)
         hidden = self.final_norm(hidden[:, -1:])
         logits = self.causal_lm.lm_head(hidden)[:, -1].float()
@@ -86,6 +94,12 @@ class ChatGLMFastDecoder(StaticCacheDecoder):
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.prefill_until(input_ids, None)
+
+    @torch.inference_mode()
+    def prefill_until(self, input_ids: torch.Tensor, stop: Any, chunk: int = 0) -> torch.Tensor | None:
+        """:meth:`prefill`, asking ``stop()`` (when given) before each layer: None when it said stop. ``chunk`` is
+        not used: the prompt runs whole, as its two-way attention needs (see the module's docstring)."""
         self._check_prompt(input_ids)
         if input_ids.shape[0] != 1:
             raise ValueError("the ChatGLM fast path decodes one sequence at a time")
@@ -97,7 +111,7 @@ class ChatGLMFastDecoder(StaticCacheDecoder):
             if token_id in ids:
                 self._mask_position = ids.index(token_id)
                 break
-        return self._run(input_ids, 0, mask if mask.any() else None, position_ids)
+        return self._run(input_ids, 0, mask if mask.any() else None, position_ids, stop)
 
     @torch.inference_mode()
     def decode_one_token(self, token: torch.Tensor, position: int) -> torch.Tensor:
