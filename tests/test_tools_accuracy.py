@@ -54,7 +54,7 @@ def test_a_call_counts_only_when_right(tokenizer, registry, call, answer, reason
     assert record["correct"] == (reason == "correct")
     assert record["answer"] == answer
     if call is not None:
-        assert len(record["calls"]) == 1 and record["calls"][0]["call"].startswith("{")
+        assert len(record["calls"]) == 1 and json.loads(record["calls"][0]["call"]) == call  # readable, as written
 
 
 def test_a_search_counts_when_the_fact_comes_back_and_is_answered(tokenizer, registry):
