@@ -24,7 +24,11 @@ tokenizer (the default model's, SmolLM2) and its chat template; finechat also co
 the labels (trained spans) and the baseline does not. Training uses a tiny Llama (2 layers, hidden 64, the
 tokenizer's vocabulary) so that the numbers show the data path, not the model.
 
-    python benchmarks/data_scale.py [--sizes 10000,100000,1000000] [--cache-dir DIR] [--steps stats,...]
+    python benchmarks/data_scale.py [--sizes 10000,100000,1000000] [--cache-dir DIR] [--steps stats,...] [--repeat 3]
+
+On a shared machine, ``--repeat 3`` runs the steps three times interleaved and reports each step's median
+(tokenizing steps start from an empty cache every time), so that the side-by-side ratios do not depend on
+which step happened to run while the machine was busiest.
 """
 
 from __future__ import annotations
@@ -105,9 +109,16 @@ def _tiny_model(folder: Path, tokenizer) -> Path:
     return folder
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads) and its finished worker processes."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def child(step: str, jsonl: Path, parquet: Path, work: Path) -> dict:
     """Run one step in this (fresh) process; returns its wall time and what it produced."""
     t0 = time.perf_counter()
+    cpu0 = _cpu_seconds()
     out: dict = {}
     if step.startswith("finechat read"):
         from finechat.data.formats import ReadResult, iter_conversations
@@ -132,7 +143,7 @@ def child(step: str, jsonl: Path, parquet: Path, work: Path) -> dict:
 
         tok = _tokenizer()
         out["tokenizer_seconds"] = round(time.perf_counter() - t0, 2)  # loading the tokenizer, not the data
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
         two = step.endswith("2p")
         rows, stats = build_dataset(str(parquet if two else jsonl), tok, get_template("tokenizer", tok),
                                     TokenizeSettings(cutoff_len=CUTOFF), cache_dir=work / ("cache2" if two else "cache"),
@@ -143,7 +154,7 @@ def child(step: str, jsonl: Path, parquet: Path, work: Path) -> dict:
         from finechat.train.train_config import TrainConfig
 
         model = _tiny_model(work / "tiny", _tokenizer())
-        t0 = time.perf_counter()  # the tiny model is written once; not part of the step
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()  # the tiny model is written once; not part of the step
         cfg = TrainConfig(model=str(model), data=[str(jsonl)], output_dir=str(work / "run"), max_steps=1,
                           save_steps=1, logging_steps=1, per_device_train_batch_size=4, report_to=["none"],
                           cutoff_len=CUTOFF, overwrite_output_dir=True, do_eval=False, lora_rank=4, template="tokenizer")
@@ -155,7 +166,7 @@ def child(step: str, jsonl: Path, parquet: Path, work: Path) -> dict:
 
         tok = _tokenizer()
         out["tokenizer_seconds"] = round(time.perf_counter() - t0, 2)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
         datasets.disable_progress_bars()
         procs = 2 if step.endswith("2p") else 1
         cache = work / ("hf_cache2" if procs == 2 else "hf_cache")
@@ -170,7 +181,8 @@ def child(step: str, jsonl: Path, parquet: Path, work: Path) -> dict:
         out["examples"] = len(ds)
     else:
         raise SystemExit(f"unknown step {step!r}")
-    return {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(_peak_mb()), **out}
+    return {"seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(_cpu_seconds() - cpu0, 2),
+            "peak_rss_mb": round(_peak_mb()), **out}
 
 
 def run_step(step: str, jsonl: Path, parquet: Path, work: Path) -> dict:
@@ -185,13 +197,36 @@ def run_step(step: str, jsonl: Path, parquet: Path, work: Path) -> dict:
     return result
 
 
+def _fresh_cache(work: Path, step: str) -> None:
+    """Remove what an earlier repeat of this step cached, so that each repeat tokenizes again."""
+    import shutil
+
+    name = {"finechat tokenize 1p": "cache", "finechat tokenize 2p": "cache2", "datasets map 1p": "hf_cache",
+            "datasets map 2p": "hf_cache2"}[step]
+    shutil.rmtree(work / name, ignore_errors=True)
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median time (an error wins), with the highest peak RSS of all repeats."""
+    bad = [r for r in runs if r.get("error")]
+    if bad:
+        return bad[0]
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    out = dict(ordered[(len(ordered) - 1) // 2])
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    if len(runs) > 1:
+        out["all_seconds"] = [r["seconds"] for r in runs]
+    return out
+
+
 def table(results: dict[int, dict[str, dict]], sizes: list[int], steps: list[str]) -> str:
     def cell(r: dict | None) -> str:
         if not r:
             return "-"
         if r.get("error"):
             return "error"
-        return f"{r['seconds']:.1f} s / {r['peak_rss_mb']} MB"
+        cpu = f" ({r['cpu_seconds']:.1f} CPU-s)" if r.get("cpu_seconds") is not None else ""
+        return f"{r['seconds']:.1f} s{cpu} / {r['peak_rss_mb']} MB"
 
     head = "| step | " + " | ".join(f"{n:,} records" for n in sizes) + " |"
     lines = [head, "|---" * (len(sizes) + 1) + "|"]
@@ -205,7 +240,9 @@ def table(results: dict[int, dict[str, dict]], sizes: list[int], steps: list[str
             two = r.get("finechat tokenize 2p", {}).get("seconds")
             ratios.append(f"{n:,}: tokenize 1p speed vs datasets map 1p {theirs['seconds'] / ours['seconds']:.2f}x"
                           + (f", 2p vs datasets map 1p {theirs['seconds'] / two:.2f}x" if two else "")
-                          + f", peak RSS {ours['peak_rss_mb']} vs {theirs['peak_rss_mb']} MB")
+                          + f", peak RSS {ours['peak_rss_mb']} vs {theirs['peak_rss_mb']} MB"
+                          + (f"; CPU-seconds datasets map 1p / tokenize 1p {theirs['cpu_seconds'] / ours['cpu_seconds']:.2f}x"
+                             if ours.get("cpu_seconds") and theirs.get("cpu_seconds") else ""))
     return "\n".join(lines + [""] + ratios)
 
 
@@ -215,6 +252,8 @@ def main() -> int:
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "finechat_data_scale"),
                         help="where generated data sets are kept between runs")
     parser.add_argument("--steps", default=",".join(STEPS), help="which steps to run, comma-separated")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the steps this many times, interleaved; report each step's median time")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--jsonl", help=argparse.SUPPRESS)
@@ -236,12 +275,19 @@ def main() -> int:
         print(f"\n{n:,} records: {jsonl} ({jsonl.stat().st_size / 2**20:.0f} MiB), {parquet} "
               f"({parquet.stat().st_size / 2**20:.0f} MiB), ready in {time.perf_counter() - t0:.0f} s", flush=True)
         with tempfile.TemporaryDirectory(dir=args.cache_dir) as work:
-            results[n] = {}
-            for step in steps:
-                if step in ("finechat train start", "finechat cache reuse") and "finechat tokenize 1p" not in results[n]:
-                    run_step("finechat tokenize 1p", jsonl, parquet, Path(work))  # warm the cache first
-                results[n][step] = r = run_step(step, jsonl, parquet, Path(work))
-                print(f"  {step:<22} {json.dumps(r)}", flush=True)
+            runs: dict[str, list[dict]] = {step: [] for step in steps}
+            warm = False
+            for rep in range(args.repeat):  # steps interleaved, so that a change of machine load hits every step
+                for step in steps:
+                    if step in ("finechat train start", "finechat cache reuse") and not warm:
+                        run_step("finechat tokenize 1p", jsonl, parquet, Path(work))  # warm the cache first
+                    if step.startswith(("finechat tokenize", "datasets map")) and step != "datasets map again":
+                        _fresh_cache(Path(work), step)
+                    runs[step].append(r := run_step(step, jsonl, parquet, Path(work)))
+                    warm = warm or (step == "finechat tokenize 1p" and not r.get("error"))
+                    print(f"  {step:<22} {json.dumps(r)}" + (f" (run {rep + 1})" if args.repeat > 1 else ""),
+                          flush=True)
+            results[n] = {step: _median_run(r) for step, r in runs.items()}
         if args.json:
             Path(args.json).write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
     print("\n" + table(results, sizes, steps))

@@ -2,10 +2,13 @@
 
     python benchmarks/vllm.py                               # the default model on a CPU, 1 and 16 clients
     python benchmarks/vllm.py --device cuda --dtype bfloat16 --clients 1,16,64   # the same script on a GPU
+    finechat export --to gguf --model default --outtype f32 --out default-f32.gguf
+    python benchmarks/vllm.py --gguf default,default-f32.gguf  # llama.cpp on the shipped Q4_1 and on float32 weights
 
 Each engine runs behind ``finechat serve`` in a subprocess on 127.0.0.1 (``--engine torch``: finechat's batching
-engine; ``--engine vllm``: vLLM's server as finechat's child, spoken to over HTTP; ``--engine llama.cpp``: the
-default model's GGUF through llama-cpp-python, skipped with the reason shown where it is not installed), and the
+engine; ``--engine vllm``: vLLM's server as finechat's child, spoken to over HTTP; ``--engine llama.cpp``: each
+GGUF of ``--gguf``, by default the default model's shipped Q4_1 file, through llama-cpp-python, skipped with the
+reason shown where it is not installed), and the
 bare vLLM server that finechat started is measured too (its own ``/v1/chat/completions``), so the cost of
 finechat's front is its own row. N concurrent clients stream ``/v1/chat/completions`` (greedy, ``max_tokens``
 each; every client sends its next request when its answer ends). Prints one table: engine, clients, output
@@ -42,13 +45,20 @@ def cpu_name() -> str:
     return f"{name}, {len(os.sched_getaffinity(0))} cores, {' '.join(simd) or 'no AVX2'}"
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (the CPU is often shared: say how busy it was)."""
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
 class Served:
     """``finechat serve --engine ENGINE`` in a subprocess; for vLLM also the URL of the child it started."""
 
-    def __init__(self, args: argparse.Namespace, engine: str, levels: list[int]):
+    def __init__(self, args: argparse.Namespace, engine: str, levels: list[int], model: str):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        model = args.model
         command = [sys.executable, "-m", "finechat", "serve", "--model", model, "--port", str(self.port),
                    "--engine", engine, "--max-batch-size", str(max(levels)), "--model-name", "default",
                    "--max-queue", str(max(levels) * 4)]
@@ -92,6 +102,22 @@ def llama_cpp_missing() -> str | None:
     return None
 
 
+def gguf_label(path: str) -> str:
+    """The weight type of a GGUF file for the table ("Q4_1", "F32"), read from its header with the gguf package."""
+    from gguf import GGUFReader
+
+    from finechat.models.resolve import default_gguf_path
+
+    file = default_gguf_path() if path == "default" else Path(path)
+    try:
+        field = GGUFReader(str(file)).fields.get("general.file_type")
+        import gguf
+
+        return gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except Exception:  # noqa: BLE001  the label only: the file name does
+        return file.name
+
+
 def measure(base: str, model: str, levels: list[int], args: argparse.Namespace, label: str) -> list[dict]:
     asyncio.run(drive(base, 1, 1, 8, model=model))  # warm up
     rows = []
@@ -113,9 +139,12 @@ def main() -> int:
     parser.add_argument("--dtype", default="auto", help="auto (float32 on a CPU, bfloat16 / the model's on CUDA), "
                                                          "float32, bfloat16, float16")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the servers")
+    parser.add_argument("--gguf", default="default", help="comma-separated GGUF files for the llama.cpp rows ('default': "
+                                                          "the default model's shipped Q4_1 file)")
     parser.add_argument("--start-timeout", type=float, default=1200, help="seconds to wait for each server")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
+    load_before = load_average()
     rows: list[dict] = []
     skipped: dict[str, str] = {}
     for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
@@ -124,21 +153,25 @@ def main() -> int:
         if engine == "llama.cpp" and llama_cpp_missing():
             skipped[engine] = llama_cpp_missing()
             continue
-        print(f"starting finechat serve --engine {engine} ...", file=sys.stderr, flush=True)
-        served = Served(args, engine, levels)
-        try:
-            served.wait(args.start_timeout)
-            rows += measure(served.base, "default", levels, args, f"finechat serve --engine {engine}")
-            if engine == "vllm" and served.child_url:
-                rows += measure(served.child_url, "finechat", levels, args, "bare vLLM server (same child)")
-        except SystemExit as e:
-            skipped[engine] = str(e).splitlines()[0]
-        finally:
-            served.stop()
+        models = [g.strip() for g in args.gguf.split(",") if g.strip()] if engine == "llama.cpp" else [args.model]
+        for model in models:
+            label = f"finechat serve --engine {engine}" + (f" ({gguf_label(model)})" if engine == "llama.cpp" else "")
+            print(f"starting {label} ...", file=sys.stderr, flush=True)
+            served = Served(args, engine, levels, model)
+            try:
+                served.wait(args.start_timeout)
+                rows += measure(served.base, "default", levels, args, label)
+                if engine == "vllm" and served.child_url:
+                    rows += measure(served.child_url, "finechat", levels, args, "bare vLLM server (same child)")
+            except SystemExit as e:
+                skipped[label] = str(e).splitlines()[0]
+            finally:
+                served.stop()
 
     reference = {r["clients"]: r["tps"] for r in rows if r["engine"] == "finechat serve --engine torch"}
     print(f"\nmodel={args.model}, device={args.device}, dtype={args.dtype}, greedy, streaming, max_tokens="
-          f"{args.max_tokens}, {args.requests} requests per level\nCPU: {cpu_name()}\n")
+          f"{args.max_tokens}, {args.requests} requests per level\nCPU: {cpu_name()}; load average before / after: "
+          f"{load_before} / {load_average()}\n")
     print("| engine | clients | requests | output tokens | output tok/s | TTFT p50 (s) | TTFT p99 (s) | ms/token p50 | "
           "x finechat torch |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -29,6 +29,23 @@ def tiny_bot(tiny_model_dir):
     return finechat.load(str(tiny_model_dir))
 
 
+@pytest.fixture(scope="module")
+def torch_bot():
+    """finechat's PyTorch engine on the default model in float32: the reference of the real-vLLM tests."""
+    import finechat
+
+    return finechat.load("default", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def vllm_bot():
+    """The default model on vLLM (float32 on a CPU): one child server per module, stopped after it."""
+    import finechat
+
+    with finechat.load("default", engine="vllm") as bot:
+        yield bot
+
+
 def pytest_collection_modifyitems(config, items):
     # CI=true runs everything; FINECHAT_FAST_TESTS=1 skips the slow real-model tests locally.
     if os.environ.get("FINECHAT_FAST_TESTS") == "1":

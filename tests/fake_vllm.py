@@ -5,7 +5,17 @@ python fake_vllm.py --port P [--tokens 5,6,7] [--stop-token 3] [--record FILE] [
 
 Answers GET /health, GET /v1/models and POST /v1/completions (streamed: one scripted token id per event, as vLLM's
 ``return_token_ids``; not streamed: ``prompt_logprobs`` of -1.0 per token, rank 1). ``--record`` appends one JSON
-line per event (its pid and its grandchild's at start, each request body, "cancelled" when a client went away).
+line per event (its pid and its grandchild's at start, or its pid and command line when told to exit at start, each
+request body, "cancelled" when a client went away).
+
+:func:`install` makes it answer where finechat looks for vLLM (``$FINECHAT_VLLM_PYTHON`` running
+``python -m vllm.entrypoints.openai.api_server --model FOLDER ...``), so ``finechat serve --engine vllm`` and
+``finechat.load(..., engine="vllm")`` run their real start-up path against it. vLLM's own flags are accepted and
+ignored; the script comes from ``FAKE_VLLM_*`` environment variables there (the child inherits finechat's
+environment): ``FAKE_VLLM_ANSWERS`` (JSON ``{"word in the prompt": "answer text", "": "default answer"}``, encoded
+with the model folder's tokenizer and ended by its end-of-text token), ``FAKE_VLLM_RECORD``,
+``FAKE_VLLM_DIE_AFTER``, ``FAKE_VLLM_EXIT_AT_START``, ``FAKE_VLLM_DELAY``, ``FAKE_VLLM_MAX_LEN`` (the context it
+reports, 64 by default).
 """
 
 import argparse
@@ -15,6 +25,23 @@ import subprocess
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+SHIM = "import runpy, sys\nsys.argv[0] = {fake!r}\nrunpy.run_path({fake!r}, run_name='__main__')\n"
+
+
+def install(folder: Path) -> str:
+    """A ``python`` in ``folder`` whose ``-m vllm.entrypoints.openai.api_server`` is this fake; returns its path (for
+    ``$FINECHAT_VLLM_PYTHON``)."""
+    package = folder / "fakevllm" / "vllm" / "entrypoints" / "openai"
+    package.mkdir(parents=True, exist_ok=True)
+    for level in (package, package.parent, package.parent.parent):
+        (level / "__init__.py").touch()
+    (package / "api_server.py").write_text(SHIM.format(fake=str(Path(__file__).resolve())))
+    python = folder / "python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH="{folder / "fakevllm"}" exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    return str(python)
 
 
 def main() -> None:
@@ -27,8 +54,22 @@ def main() -> None:
     parser.add_argument("--exit-at-start", default=None)
     parser.add_argument("--never-healthy", action="store_true")
     parser.add_argument("--grandchild", action="store_true", help="start a long sleep child (vLLM's engine core)")
-    parser.add_argument("--delay", type=float, default=0.05)
-    args = parser.parse_args()
+    parser.add_argument("--delay", type=float, default=float(os.environ.get("FAKE_VLLM_DELAY", 0.05)))
+    parser.add_argument("--model", default=None, help="vLLM's: the folder whose tokenizer encodes FAKE_VLLM_ANSWERS")
+    args, _vllm_flags = parser.parse_known_args()  # vLLM's other flags (--dtype, --lora-modules, ...) are ignored
+    env = os.environ.get
+    args.record = args.record or env("FAKE_VLLM_RECORD")
+    args.exit_at_start = args.exit_at_start or env("FAKE_VLLM_EXIT_AT_START")
+    if args.die_after is None and env("FAKE_VLLM_DIE_AFTER"):
+        args.die_after = int(env("FAKE_VLLM_DIE_AFTER"))
+    answers = json.loads(env("FAKE_VLLM_ANSWERS", "{}"))
+    max_len = int(env("FAKE_VLLM_MAX_LEN", "64"))
+    tokenizer = None
+    if answers:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        args.stop_token = tokenizer.eos_token_id
 
     def record(**event) -> None:
         if args.record:
@@ -36,12 +77,21 @@ def main() -> None:
                 fh.write(json.dumps(event) + "\n")
 
     if args.exit_at_start:
+        record(pid=os.getpid(), argv=sys.argv[1:], exited=True)
         print("INFO starting fake vLLM", flush=True)
         print(args.exit_at_start, flush=True)
         sys.exit(1)
     grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) if args.grandchild else None
     record(pid=os.getpid(), grandchild=grandchild.pid if grandchild else None)
     tokens = [int(t) for t in args.tokens.split(",") if t]
+
+    def scripted(prompt: list[int]) -> list[int]:
+        """The answer's token ids: the first answer whose key is in the prompt (FAKE_VLLM_ANSWERS), else --tokens."""
+        if tokenizer is None:
+            return tokens
+        text = tokenizer.decode(prompt)
+        answer = next((a for key, a in answers.items() if key and key in text), answers.get("", ""))
+        return tokenizer.encode(answer, add_special_tokens=False)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
@@ -64,7 +114,7 @@ def main() -> None:
                 else:
                     self.reply(200, {})
             elif self.path == "/v1/models":
-                self.reply(200, {"data": [{"id": "finechat", "max_model_len": 64}]})
+                self.reply(200, {"data": [{"id": "finechat", "max_model_len": max_len}]})
             else:
                 self.reply(404, {"error": {"message": "not found"}})
 
@@ -72,8 +122,8 @@ def main() -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             record(request=body)
             prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
-            if len(prompts[0]) > 60:
-                self.reply(400, {"error": {"message": "This model's maximum context length is 64 tokens.",
+            if len(prompts[0]) > max_len - 4:
+                self.reply(400, {"error": {"message": f"This model's maximum context length is {max_len} tokens.",
                                            "type": "BadRequestError", "code": 400}})
                 return
             if not body.get("stream"):
@@ -85,13 +135,15 @@ def main() -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
-            out = tokens[:body["max_tokens"]]
+            full = scripted(prompts[0])
+            out = full[:body["max_tokens"]]
+            ends = "stop" if args.stop_token is not None and len(out) == len(full) else "length"
             try:
                 for n, token in enumerate(out, 1):
                     if args.die_after is not None and n > args.die_after:
                         os._exit(3)
                     last = n == len(out)
-                    finish = ("stop" if args.stop_token is not None else "length") if last else None
+                    finish = ends if last else None
                     choice = {"index": 0, "text": "", "token_ids": [token], "finish_reason": finish,
                               "stop_reason": args.stop_token if finish == "stop" else None}
                     self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())

@@ -43,3 +43,43 @@ def test_quickstart_runs_and_reports(tmp_path, capsys):
     bot = finechat.load(str(tiny_model_dir), adapter=adapter)
     answer, _ = bot.chat("类型#裤*颜色#白色", [], greedy=True, max_new_tokens=8)
     assert answer and answer == greedy_by_generate(bot, "类型#裤*颜色#白色", 8)
+
+
+def test_quickstart_tools_runs_and_reports(tmp_path, capsys):
+    import py_compile
+
+    from finechat.data.formats import read_conversations
+
+    tiny_model_dir = save_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "qs-tools"
+    code = cli(["quickstart", "--task", "tools", "--model", str(tiny_model_dir), "--output-dir", str(out),
+                "--max-steps", "1", "--batch-size", "2", "--train-examples", "6", "--eval-examples", "3",
+                "--max-new-tokens", "4"])
+    assert code == 0
+    shown = capsys.readouterr().out
+    assert "| all held-out questions" in shown and "| after LoRA (1 steps)" in shown and "look-ups (Search)" in shown
+    assert "--- example 1" in shown and "expected " in shown
+    report = json.loads((out / "quickstart.json").read_text())
+    adapter = report["adapter"]
+    assert (out / "lora").exists() and adapter.startswith(str(out / "lora"))
+    assert f"finechat chat --model {tiny_model_dir} --adapter {adapter} --greedy --tools calculator\n" in shown
+    assert f"finechat serve --model {tiny_model_dir} --adapter {adapter} --tools calculator,solver,search " \
+           f"--docs {out / 'docs'}" in shown
+    for stage in ("before", "after"):
+        assert report[stage]["n"] == 3 and 0 <= report[stage]["accuracy"] <= 1
+        rows = [json.loads(line) for line in (out / stage / "answers.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 and all("reason" in row for row in rows)
+    # what it trained on reads back with finechat's readers; the held-out questions are written beside it
+    assert len(read_conversations(out / "data" / "tools_train.jsonl").conversations) == 6
+    assert read_conversations(out / "data" / "tools_train_moss.jsonl").format == "moss"
+    assert len((out / "data" / "tools_heldout.jsonl").read_text().splitlines()) == 3
+    assert sorted(p.name for p in (out / "docs").iterdir()) == ["places.md", "town.md", "transport.md"]
+    py_compile.compile(str(out / "openai_tools.py"), doraise=True)
+    # the client example offers Calculate exactly as the model was trained to see it
+    import ast
+
+    from finechat.tools.toolbox import build_registry
+
+    module = ast.parse((out / "openai_tools.py").read_text())
+    tools = next(node.value for node in module.body if isinstance(node, ast.Assign) and node.targets[0].id == "tools")
+    assert ast.literal_eval(tools) == build_registry("calculator").openai_schemas()

@@ -100,3 +100,19 @@ def test_published_preference_data_in_parquet_trains_with_every_record(tiny_mode
     data = json.loads((Path(result.final_checkpoint) / "finechat_run.json").read_text())["data"]
     assert result.global_step == 2
     assert (data["records"], data["train_rows"], data["skipped_records"], data["no_room"]) == (total, total, 0, 0)
+
+
+def test_packed_run_trains_from_the_memory_mapped_cache(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from finechat.data.token_cache import PackedRows
+    from finechat.train.sft import read_sft
+
+    data = write_parquet(adgen_rows(24, "黑色"), tmp_path / "p.parquet")
+    cfg = _cfg(tiny_model_dir, tmp_path, data=[str(data)], packing=True, val_size=0, cutoff_len=256)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    train, _, info = read_sft(cfg, tok, get_template("chatml"), cache_dir=str(tmp_path / "cache"))
+    assert isinstance(train, PackedRows) and info["train_rows"] == len(train) < 24
+    assert all(len(r["input_ids"]) <= 256 for r in train) and sum(len(r["seq_lengths"]) for r in train) == 24
+    result = run_training(cfg, cache_dir=str(tmp_path / "cache"))
+    assert result.global_step == 2 and result.final_checkpoint

@@ -14,7 +14,7 @@ from finechat.cli import main as cli
 from finechat.data.formats import ReadResult, iter_conversations, read_conversations
 from finechat.data.mixing import MixSettings, SourceCounter, interleave
 from finechat.data.records import iter_json_records
-from finechat.errors import ConfigError, DataError
+from finechat.errors import ConfigError, DataError, DataFileError
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -104,17 +104,27 @@ def test_damaged_files_and_wrong_columns_give_one_line(tmp_path, capsys):
         cut[name].write_bytes(data[: len(data) // 2])
     out = str(tmp_path / "out.jsonl")
     code, line = _cli_error(["data", "convert", str(cut["gz"]), "--to", "openai", out], capsys)
-    assert code == DataError.exit_code and "cut_dolly.jsonl.gz:" in line and "(gzip): damaged compressed file" in line
+    assert code == DataFileError.exit_code == 2 and "cut_dolly.jsonl.gz:" in line and "(gzip): damaged compressed file" in line
     code, line = _cli_error(["data", "convert", str(cut["zst"]), "--to", "openai", out], capsys)
-    assert code == DataError.exit_code and "cut_dolly.jsonl.zst:" in line and "truncated" in line
+    assert code == DataFileError.exit_code == 2 and "cut_dolly.jsonl.zst:" in line and "truncated" in line
     code, line = _cli_error(["data", "convert", str(cut["parquet"]), "--to", "openai", out], capsys)
-    assert code == DataError.exit_code and "cut_dolly.parquet: (parquet): not a readable Parquet file" in line
+    assert code == DataFileError.exit_code == 2 and "cut_dolly.parquet: (parquet): not a readable Parquet file" in line
     wrong = tmp_path / "wrong.parquet"
     pq.write_table(pa.table({"question_text": ["a"], "label": [1]}), wrong)
     code, line = _cli_error(["data", "convert", str(wrong), "--to", "openai", out], capsys)
-    assert code == DataError.exit_code
+    assert code == DataFileError.exit_code == 2
     assert "wrong.parquet:1: cannot tell the data format from the keys question_text, label" in line
+    code, line = _cli_error(["data", "convert", str(wrong), "--format", "alpaca", "--to", "openai", out], capsys)
+    assert code == 2 and "wrong.parquet: (parquet): no column 'instruction', which format alpaca needs" in line
+    assert "question_text, label" in line
     assert not Path(out).exists()
+    code, line = _cli_error(["data", "convert", str(tmp_path / "absent.parquet"), "--to", "openai", out], capsys)
+    assert code == 2 and "absent.parquet: no such data file" in line
+    # a bad record inside a readable file stays exit 3 (DataError), not a damaged file
+    bad = tmp_path / "bad_row.parquet"
+    pq.write_table(pa.table({"instruction": ["a", "b"], "input": ["", ""], "output": ["ok", " "]}), bad)
+    code, line = _cli_error(["data", "convert", str(bad), "--to", "openai", out], capsys)
+    assert code == DataError.exit_code == 3 and "bad_row.parquet:2: " in line
 
 
 def _fake_hub_cache(cache: Path, records: list[dict]) -> None:

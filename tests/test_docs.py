@@ -159,7 +159,9 @@ def output_folder(argv: list[str]) -> str | None:
             return str(dict(o.split("=", 1) for o in overrides).get("output_dir") or load_yaml(args.config)["output_dir"])
         return config_from_args(TrainConfig, args).output_dir
     if command == "quickstart":
-        return args.output_dir
+        from finechat.commands.quickstart import TASKS
+
+        return args.output_dir or TASKS[args.task]["output_dir"]  # each task has its own default folder
     if command in ("export", "quantize"):
         out = Path(args.out)
         return str(out.parent if out.suffix == ".gguf" else out)

@@ -57,6 +57,21 @@ def test_bad_engine_inputs_are_clear_errors(exported, tmp_path):
         finechat.load(str(cut), engine="llama.cpp")
 
 
+def test_threads_follow_the_busy_cpu_rule(monkeypatch):
+    import os
+
+    from finechat.generate.llamacpp import llama_threads
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert llama_threads() == 1  # the user's choice wins
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 5.0, 0.0, 0.0))
+    assert llama_threads() == (1 if cores > 1 else cores)  # a busy CPU: one thread
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert llama_threads() == cores  # an idle one: every core
+
+
 @pytest.mark.skipif(HAVE_LLAMA_CPP, reason="llama-cpp-python is installed")
 def test_missing_llama_cpp_names_the_extra(exported):
     with pytest.raises(ModelLoadError, match=r"finechat\[llamacpp\]"):

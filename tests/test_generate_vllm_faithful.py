@@ -9,19 +9,12 @@ the reason shown, where vLLM is not installed (CI does not build it)."""
 from pathlib import Path
 
 import pytest
+from vllm_helpers import REAL_VLLM
 
 import finechat
-from finechat.errors import ModelLoadError
 from finechat.generate.settings import GenerationSettings
-from finechat.generate.vllm_server import find_vllm_python
 
-try:
-    find_vllm_python()
-    VLLM_MISSING = None
-except ModelLoadError as e:
-    VLLM_MISSING = str(e)
-
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(VLLM_MISSING is not None, reason=VLLM_MISSING or "")]
+pytestmark = REAL_VLLM
 
 TOKENS = 32
 QUESTIONS = ["Write a long story about a dragon who learns to bake bread.",
@@ -35,17 +28,6 @@ TASKS = ROOT / "data" / "tasks" / "finechat_mc"
 def greedy_tokens(bot, question: str) -> list[int]:
     ids = bot.encode_prompt(bot.build_prompt([{"role": "user", "content": question}]))
     return [t for step in bot.generate_ids(ids, GenerationSettings(max_new_tokens=TOKENS, greedy=True)) for t in step]
-
-
-@pytest.fixture(scope="module")
-def torch_bot():
-    return finechat.load("default", dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def vllm_bot():
-    with finechat.load("default", engine="vllm") as bot:
-        yield bot
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ Actions:
   finechat data preview FILE [-n 3] [--model M] [--template T]
   finechat data licenses [--kind dataset|model]
   finechat data generate adgen|arithmetic --n N --seed S --out FILE [--exclude HELDOUT_FILE]
+  finechat data generate tools --n N --seed S --out FILE [--layout openai|moss] [--split train|heldout]
   finechat data pairs SFT_FILE --rule auto|numbers|operands|mixed|swap|truncate --out FILE   (pairs by a rule)
   finechat data from-kg GRAPH.json --out FILE --seed N
 """
@@ -38,8 +39,10 @@ from finechat.data.synthetic import write_adgen
 from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, encode_conversation
 from finechat.data.tool_prompt import where_tools_go
 from finechat.errors import ConfigError
-from finechat.files import atomic_file, check_output_path
+from finechat.files import atomic_file, check_output_path, write_jsonl_atomic
 from finechat.medical.kg import RELATIONS, KGSettings, from_kg
+from finechat.tools.demo_data import LAYOUTS as TOOL_LAYOUTS
+from finechat.tools.demo_data import demo_registry, generate_tool_examples, tool_records
 
 DEFAULT_LENGTHS = "128,256,512,1024,2048"
 STATS_FOLDER = "output/data-stats"  # the default histogram goes here, not into the current folder
@@ -111,13 +114,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("generate", help="write synthetic sample data (deterministic by seed)")
-    p.add_argument("kind", choices=["adgen", "arithmetic"],
-                   help="adgen: attribute strings -> Chinese advertising copy; arithmetic: small sums with answers")
+    p.add_argument("kind", choices=["adgen", "arithmetic", "tools"],
+                   help="adgen: attribute strings -> Chinese advertising copy; arithmetic: small sums with answers; "
+                        "tools: tool-use conversations (Calculate, Solve, Search over the shipped demo notes)")
     p.add_argument("--n", type=int, default=1000, help="number of records")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", required=True, help="output JSONL file")
     p.add_argument("--exclude", action="append", default=[], metavar="FILE",
                    help="arithmetic: never ask a question that a prompt of FILE asks (a held-out set; repeatable)")
+    p.add_argument("--layout", choices=list(TOOL_LAYOUTS), default="openai",
+                   help="tools: OpenAI messages with tool_calls (the default model's protocol) or MOSS plugin turns")
+    p.add_argument("--split", choices=["train", "heldout"], default="train",
+                   help="tools: training questions, or held-out ones (look-ups about facts never trained on)")
 
     p = sub.add_parser("pairs", help="build preference pairs from SFT data by a rule (known right side)")
     p.add_argument("input", help="SFT data file (any supported format)")
@@ -354,6 +362,12 @@ def generate(args: argparse.Namespace) -> int:
         return 0
     if args.exclude:
         raise ConfigError("--exclude works with arithmetic only")
+    if args.kind == "tools":
+        registry = demo_registry()
+        examples = generate_tool_examples(args.n, seed=args.seed, split=args.split, registry=registry)
+        n = write_jsonl_atomic(args.out, tool_records(examples, args.layout, registry))
+        print(f"wrote {n} {args.split} tool-use conversations ({args.layout} layout, seed {args.seed}) to {args.out}")
+        return 0
     n = write_adgen(args.out, args.n, args.seed)
     print(f"wrote {n} ADGEN-like records (seed {args.seed}) to {args.out}")
     return 0

@@ -75,7 +75,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(MedicalEvalConfig, args)
     questions = medical.load_kg_questions(cfg.questions, cfg.max_questions)
     bot = load(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, device=cfg.device, template=cfg.template,
-               quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code, compile=cfg.compile)
+               quantization_bit=cfg.quantization_bit, trust_remote_code=cfg.trust_remote_code, compile=cfg.compile,
+               engine=cfg.engine)
     metrics, records = medical.evaluate_kg(bot, questions, cfg.batch_size, cfg.max_new_tokens)
     if cfg.output_dir:
         medical.write_records(Path(cfg.output_dir), records, metrics)

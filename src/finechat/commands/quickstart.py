@@ -1,4 +1,6 @@
-"""Fine-tune the default model with LoRA on ADGEN-like data in minutes on a CPU, and show before / after.
+"""Fine-tune the default model with LoRA in minutes on a CPU, and show before / after.
+
+``--task tools`` teaches it to call tools instead (finechat.commands._quickstart_tools); the default task is:
 
 The whole finechat loop in one command: generate ADGEN-like training and held-out data (attribute strings ->
 Chinese advertising copy, finechat.data.synthetic), score the untuned model on the held-out set (BLEU-4,
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from finechat.commands._quickstart_tools import DEFAULTS as TOOLS_DEFAULTS
+from finechat.commands._quickstart_tools import run_tools
 from finechat.console import log
 from finechat.data.synthetic import write_adgen
 from finechat.errors import ConfigError
@@ -27,22 +31,41 @@ RUNS_MODEL = True  # runs under models.device.cpu_threads (see finechat.cli)
 DEFAULT_MODEL_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+ADGEN_DEFAULTS = {"output_dir": "output/quickstart", "max_steps": 40, "learning_rate": 5e-3, "train_examples": 400,
+                  "eval_examples": 8, "max_new_tokens": 80, "batch_size": 4}
+TASKS = {"adgen": ADGEN_DEFAULTS, "tools": TOOLS_DEFAULTS}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    def default(key: str) -> str:
+        return f"(adgen: {ADGEN_DEFAULTS[key]}, tools: {TOOLS_DEFAULTS[key]})"
+
+    parser.add_argument("--task", choices=list(TASKS), default="adgen",
+                        help="adgen: ADGEN-like advertising copy, scored by BLEU / Rouge; tools: calling Calculate, "
+                             "Solve and Search, scored by the share of held-out questions answered through a correct "
+                             "tool call with the exact result")
     parser.add_argument("--model", default="default", help="base model ('default': SmolLM2-135M-Instruct)")
-    parser.add_argument("--output-dir", default="output/quickstart", help="where data, adapter and reports go")
-    parser.add_argument("--max-steps", type=int, default=40, help="LoRA optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=4, help="training examples per step")
-    parser.add_argument("--learning-rate", type=float, default=5e-3, help="LoRA learning rate")
-    parser.add_argument("--train-examples", type=int, default=400, help="generated training examples")
-    parser.add_argument("--eval-examples", type=int, default=8, help="held-out examples scored before and after")
-    parser.add_argument("--max-new-tokens", type=int, default=80, help="answer length limit when scoring")
+    parser.add_argument("--output-dir", help=f"where data, adapter and reports go {default('output_dir')}")
+    parser.add_argument("--max-steps", type=int, help=f"LoRA optimizer steps {default('max_steps')}")
+    parser.add_argument("--batch-size", type=int, help=f"training examples per step {default('batch_size')}")
+    parser.add_argument("--learning-rate", type=float, help=f"LoRA learning rate {default('learning_rate')}")
+    parser.add_argument("--train-examples", type=int, help=f"generated training examples {default('train_examples')}")
+    parser.add_argument("--eval-examples", type=int,
+                        help=f"held-out examples scored before and after {default('eval_examples')}")
+    parser.add_argument("--max-new-tokens", type=int,
+                        help=f"answer length limit when scoring (tools: per round) {default('max_new_tokens')}")
     parser.add_argument("--seed", type=int, default=42, help="random seed (data, adapter init, data order)")
 
 
 def main(args: argparse.Namespace) -> int:
+    for key, value in TASKS[args.task].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     if args.max_steps < 1 or args.eval_examples < 1 or args.train_examples < args.batch_size:
         raise ConfigError("--max-steps and --eval-examples must be >= 1 and --train-examples >= --batch-size")
     with cpu_threads():  # restored afterwards: the caller's thread count is its own
+        if args.task == "tools":
+            return run_tools(args, DEFAULT_MODEL_LORA_TARGETS if args.model == "default" else [])
         return _run(args)
 
 

@@ -133,6 +133,9 @@ DATASETS: dict[str, Entry] = {e.name: e for e in [
     _d("arithmetic-synthetic", "alpaca / pref-prompt", "Apache-2.0", True,
        "generated: finechat data generate arithmetic / finechat data pairs", "instruction, output, answer; "
        "prompt, chosen, rejected", "small sums with exact answers and corrupted ones, written for finechat"),
+    _d("tools-synthetic", "openai / moss", "Apache-2.0", True,
+       "generated: finechat data generate tools --n N --seed S --out FILE (finechat.tools.demo_data)", "messages with tool_calls, tools; "
+       "MOSS plugin turns", "tool-use conversations with results from finechat's own tools, written for finechat"),
     _d("medical-kg-synthetic", "huatuo", "Apache-2.0", True,
        "generated: finechat data from-kg GRAPH.json --out FILE", "instruction, input, output",
        "from a small knowledge graph written for finechat"),

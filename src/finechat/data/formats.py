@@ -36,7 +36,7 @@ from typing import Any
 from finechat.data.conversation import Conversation, Turn
 from finechat.data.records import RecordError, RecordReader, loads
 from finechat.data.sources import TABLE_SUFFIXES, data_suffix, is_datasets_folder, is_hub_name
-from finechat.errors import DataError
+from finechat.errors import DataError, DataFileError
 from finechat.files import atomic_file
 
 FORMATS = ["alpaca", "chatglm-tuning", "prompt-response", "dolly", "sharegpt", "openai", "moss", "chatdoctor",
@@ -399,7 +399,7 @@ def expand_paths(paths: Iterable[str | Path]) -> list[str]:
         elif Path(p).is_dir():
             found = sorted(f for f in Path(p).rglob("*") if f.is_file() and data_suffix(f) in READ_SUFFIXES)
             if not found:
-                raise DataError(f"{p}: no data files ({', '.join(READ_SUFFIXES)}, also .gz/.zst) in this folder")
+                raise DataFileError(f"{p}: no data files ({', '.join(READ_SUFFIXES)}, also .gz/.zst) in this folder")
             out += [str(f) for f in found]
         else:
             out.append(str(p))
@@ -440,7 +440,7 @@ def _read_one(path: str, format: str, on_bad_record: str, result: ReadResult, **
     def detect(path: str, line: int, rec: dict) -> str:
         fmt = detect_format(rec, columns.get("prompt_column"))
         if fmt is None:
-            raise DataError(f"{path}:{line}: cannot tell the data format from the keys "
+            raise DataFileError(f"{path}:{line}: cannot tell the data format from the keys "
                             f"{', '.join(map(str, rec))}; pass format: one of {', '.join(FORMATS)}")
         return fmt
 

@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
-from finechat.errors import ConfigError, DataError
+from finechat.errors import ConfigError, DataFileError
 
 STOPS = ("first_exhausted", "all_exhausted")
 
@@ -77,7 +77,7 @@ def interleave(streams: list[Callable[[], Iterator[Any]]], mix: MixSettings, cou
             iters[i] = streams[i]()  # oversample: this source starts again
             item = next(iters[i], _END)
             if item is _END:
-                raise DataError(f"{counter.names[i]}: this data source has no records to mix")
+                raise DataFileError(f"{counter.names[i]}: this data source has no records to mix")
         counter.count(i)
         yield item
 

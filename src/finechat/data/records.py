@@ -26,7 +26,7 @@ from finechat.data.sources import (
     open_binary,
     table_records,
 )
-from finechat.errors import DataError
+from finechat.errors import DataError, DataFileError
 
 MAX_DEPTH = 64  # lists / objects inside each other; a conversation needs about 5
 
@@ -48,7 +48,8 @@ def loads(text: str) -> Any:
     into them)."""
     try:
         value = json.loads(text)
-        deep = _too_deep(value)
+        # fewer brackets than levels allowed cannot nest too deep: most records skip the walk
+        deep = text.count("[") + text.count("{") > MAX_DEPTH and _too_deep(value)
     except RecursionError:
         deep = True
     if deep:
@@ -71,7 +72,7 @@ def object_records(path: str) -> Iterator[tuple[int, Any, RecordError | None]]:
         yield from table_records(path)
         return
     if not Path(path).is_file():
-        raise DataError(f"{path}: no such data file")
+        raise DataFileError(f"{path}: no such data file")
     for line, rec, error in iter_json_records(path):
         if error:
             yield line, None, RecordError("(encoding)" if error.startswith("not UTF-8") else "(json)", error)
@@ -102,6 +103,7 @@ class RecordReader:
                  parse: Callable[[str, dict], Any], on_bad_record: str, skipped: list):
         self.path, self.format, self.detect, self.parse = path, format, detect, parse
         self.on_bad_record, self.skipped = on_bad_record, skipped
+        self._columns: list[str] | None = None  # a Parquet file's column names, read when a field is missing
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         path = self.path
@@ -113,11 +115,29 @@ class RecordReader:
                     self.format = self.detect(path, line, rec)
                 item = self.parse(self.format, rec)
             except RecordError as e:
+                absent = self._absent_column(e)
+                if absent:  # every row lacks it: the file has the wrong columns, not a bad record
+                    raise DataFileError(absent) from None
                 if self.on_bad_record == "error":
                     raise DataError(f"{path}:{line}: {e.field}: {e.reason}") from None
                 self.skipped.append((path, line, e.field, e.reason))
                 continue
             yield line, item
+
+
+    def _absent_column(self, error: RecordError) -> str | None:
+        """The one-line message when a Parquet file has no column for a missing field at all, else None."""
+        if error.reason != "missing field" or data_suffix(self.path) != ".parquet":
+            return None
+        if self._columns is None:
+            import pyarrow.parquet as pq
+
+            self._columns = list(pq.read_schema(self.path).names)
+        column = error.field.split(".")[0]
+        if column in self._columns:
+            return None
+        return (f"{self.path}: (parquet): no column {column!r}, which format {self.format} needs (columns: "
+                f"{', '.join(self._columns)}); pass the format that fits them, or prompt_column / response_column")
 
 
 def _decode_text(data: bytes, path: str) -> str:
@@ -180,7 +200,7 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any, str | None]]
             yield from _jsonl_lines(rest())
     except (EOFError, OSError) as e:
         if Path(path).suffix.lower() not in COMPRESSED_SUFFIXES or isinstance(e, FileNotFoundError):
-            raise DataError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+            raise DataFileError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
         raise compression_error(path, number + 1, e) from None
     except Exception as e:
         if type(e).__name__ == "ZstdError":  # zstandard's own error class (an optional package)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from finechat.errors import ConfigError, DataError
+from finechat.errors import ConfigError, DataFileError
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
 COMPRESSED_SUFFIXES = (".gz", ".zst")
@@ -72,7 +72,7 @@ def open_binary(path: str) -> IO[bytes]:
             return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 16)
         return open(path, "rb")
     except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise DataFileError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
 class _ZstdReader(io.RawIOBase):
@@ -118,12 +118,12 @@ class _ZstdReader(io.RawIOBase):
         super().close()
 
 
-def compression_error(path: str, line: int, error: Exception) -> DataError:
+def compression_error(path: str, line: int, error: Exception) -> DataFileError:
     """One line for a compressed file that ends early or is damaged (the records before it were read)."""
     kind = "gzip" if path.lower().endswith(".gz") else "zstd"
     reason = "truncated (the file ends before its end marker)" if isinstance(error, EOFError) else \
         (str(error) or type(error).__name__)
-    return DataError(f"{path}:{line}: ({kind}): damaged compressed file: {reason}; re-download or re-compress it")
+    return DataFileError(f"{path}:{line}: ({kind}): damaged compressed file: {reason}; re-download or re-compress it")
 
 
 def _drop_nulls(value: Any) -> Any:
@@ -153,7 +153,7 @@ def _batches(source: str) -> Iterator[Any]:
 
     suffix = Path(source).suffix.lower()
     if not Path(source).is_file():
-        raise DataError(f"{source}: no such data file")
+        raise DataFileError(f"{source}: no such data file")
     try:
         if suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -172,7 +172,7 @@ def _batches(source: str) -> Iterator[Any]:
                     yield batch.slice(start, BATCH_ROWS)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
         kind = "Parquet" if suffix == ".parquet" else "Arrow"
-        raise DataError(f"{source}: ({kind.lower()}): not a readable {kind} file (truncated or damaged?): "
+        raise DataFileError(f"{source}: ({kind.lower()}): not a readable {kind} file (truncated or damaged?): "
                         f"{str(e).splitlines()[0]}") from None
 
 
@@ -202,10 +202,10 @@ def load_table_dataset(source: str) -> Any:
     try:
         dataset = datasets.load_from_disk(source)
     except (FileNotFoundError, ValueError, OSError) as e:
-        raise DataError(f"{source}: not a readable datasets folder: {str(e).splitlines()[0]}") from None
+        raise DataFileError(f"{source}: not a readable datasets folder: {str(e).splitlines()[0]}") from None
     if isinstance(dataset, datasets.DatasetDict):
         if "train" not in dataset:
-            raise DataError(f"{source}: a DatasetDict without a train split (splits: {', '.join(dataset)}); "
+            raise DataFileError(f"{source}: a DatasetDict without a train split (splits: {', '.join(dataset)}); "
                             f"point data: at one of {', '.join(str(Path(source) / s) for s in dataset)}")
         dataset = dataset["train"]
     return dataset

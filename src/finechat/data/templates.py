@@ -8,7 +8,13 @@ stop strings), the data pipeline (labels) and ``finechat data preview``.
 Two kinds exist:
 - :class:`Template`, a built-in format described by a few format strings (``chatglm``, ``alpaca``, ...);
 - :class:`TokenizerTemplate`, the tokenizer's own Jinja ``chat_template`` (``apply_chat_template``), whose
-  trainable spans are found by rendering growing prefixes of the conversation and taking the differences.
+  trainable spans are defined by rendering growing prefixes of the conversation and taking the differences.
+  That costs two renders per assistant turn plus one; for training, the same spans are found from ONE render
+  of the whole conversation with each assistant content wrapped in two private-use marker characters, once
+  the template has been checked (on first use, against the prefix renders, on a set of probe conversations)
+  to write conversations as growing prefixes with a fixed end-of-turn text. A template that fails the probe,
+  a conversation with tool turns or marker characters, or a render that does not look as expected, goes
+  the prefix way, so the spans (and token labels) are the same either way.
 """
 
 from __future__ import annotations
@@ -22,6 +28,17 @@ from finechat.text import clean_chatglm_response
 Message = dict[str, Any]
 
 EOS = "{eos}"  # placeholder in format strings, replaced by the tokenizer's end-of-sequence token text
+# Private-use characters that mark where each assistant content starts and ends in a one-render segmentation.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+# Conversations on which a tokenizer template's one-render segmentation must equal the prefix renders'.
+_PROBES: tuple[tuple[tuple[str, str], ...], ...] = (
+    (("user", "Hi"), ("assistant", "Hello there.")),
+    (("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello.")),
+    (("user", "一"), ("assistant", "二\n"), ("user", " three "), ("assistant", " four "), ("user", "5"),
+     ("assistant", "six\n\n")),
+    (("system", "系统"), ("user", "问"), ("assistant", ""), ("user", "again"), ("assistant", "答：好")),
+    (("user", "a\n"), ("assistant", "\nb"), ("user", "c")),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +145,9 @@ class TokenizerTemplate:
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("the tokenizer has no chat_template; pass --template NAME")
         self.tokenizer = tokenizer
+        self._turn_end: str | None = None  # what follows an answer that ends the conversation (probed)
+        self._one_render: bool | None = None  # whether one render gives the prefix renders' segments (probed)
+        self._render: Any = None  # plain messages -> text, add_generation_prompt=False (probed)
 
     def _apply(self, messages: list[Message], add_generation_prompt: bool, tools: list | None = None) -> str:
         kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
@@ -142,6 +162,96 @@ class TokenizerTemplate:
     def segments(self, messages: list[Message], eos_token: str = "", add_generation_prompt: bool = False,
                  tools: list | None = None) -> list[tuple[str, bool]]:
         messages = validate_messages(messages)
+        if not add_generation_prompt and not tools and self._probe():
+            out = self._segments_one_render(messages)
+            if out is not None:
+                return out
+        return self._segments_by_prefixes(messages, add_generation_prompt, tools)
+
+    def _probe(self) -> bool:
+        """Whether :meth:`_segments_one_render` equals :meth:`_segments_by_prefixes` on every probe (once)."""
+        if self._one_render is None:
+            self._one_render = False
+            try:
+                self._render = self._pick_renderer()
+                user = [{"role": "user", "content": "Hi"}]
+                answer = "Hello" + _OPEN
+                full = self._apply([*user, {"role": "assistant", "content": answer}], False)
+                prompt = self._apply(user, True)
+                if full.startswith(prompt + answer):
+                    self._turn_end = full[len(prompt) + len(answer):]
+                    self._one_render = all(
+                        self._segments_one_render(msgs) == self._segments_by_prefixes(msgs, False, None)
+                        for msgs in ([{"role": r, "content": c} for r, c in probe] for probe in _PROBES))
+            except Exception:  # noqa: BLE001 - any failure of the probe means: render by prefixes
+                self._one_render = False
+        return self._one_render
+
+    def _pick_renderer(self) -> Any:
+        """The compiled template called directly when it renders the probes exactly as apply_chat_template.
+
+        apply_chat_template spends about half its time on normalizing and copying messages of any shape; the
+        messages here are plain ``{"role", "content"}`` text, so the template transformers compiled (its
+        sandboxed environment, filters and special-token variables) is rendered with them as they are.
+        """
+        def apply(messages: list[Message]) -> str:
+            return self._apply(messages, False)
+
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            compiled = _compile_jinja_template(self.tokenizer.get_chat_template())
+            variables = {k: (list(v) if isinstance(v, (list, tuple)) else str(v))
+                         for k, v in self.tokenizer.special_tokens_map.items()}
+
+            def direct(messages: list[Message]) -> str:
+                return compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=False,
+                                       **variables)
+
+            marked = [[{"role": r, "content": _OPEN + c + _CLOSE if r == "assistant" else c} for r, c in probe]
+                      for probe in _PROBES]
+            if all(direct(m) == apply(m) for m in marked):
+                return direct
+        except Exception:  # noqa: BLE001 - another transformers version: its public apply_chat_template
+            pass
+        return apply
+
+    def _segments_one_render(self, messages: list[Message]) -> list[tuple[str, bool]] | None:
+        """The prefix renders' segments from one render with marked answers; None where that cannot be sure."""
+        if self._turn_end is None or any(m["role"] not in ("system", "user", "assistant") or _OPEN in m["content"]
+                                         or _CLOSE in m["content"] or len(m) != 2 for m in messages):
+            return None  # tool turns, marker characters, or more than role and content: render by prefixes
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        marked = [{"role": m["role"], "content": _OPEN + m["content"] + _CLOSE} if m["role"] == "assistant" else m
+                  for m in messages]
+        try:
+            text = self._render(marked)
+        except Exception:  # noqa: BLE001 - the prefix renders then raise (or not) exactly as before
+            return None
+        if text.count(_OPEN) != len(answers) or text.count(_CLOSE) != len(answers):
+            return None
+        clean = text.replace(_OPEN, "").replace(_CLOSE, "")
+        out: list[tuple[str, bool]] = []
+        done, cursor = 0, 0
+        for i, content in enumerate(answers):
+            a = text.index(_OPEN, cursor)
+            b = text.index(_CLOSE, a)
+            cursor = b + 1
+            start = a - 2 * i  # where the answer starts in the clean text (two marks per earlier answer)
+            if text[a + 1:b] != content or start < done:
+                return None
+            trained = (content + self._turn_end).rstrip("\n")
+            if not clean.startswith(trained, start):
+                return None
+            out.append((clean[done:start], False))
+            out.append((trained, True))
+            done = start + len(trained)
+        if len(clean) > done:
+            out.append((clean[done:], False))
+        return [(t, lab) for t, lab in out if t]
+
+    def _segments_by_prefixes(self, messages: list[Message], add_generation_prompt: bool, tools: list | None
+                              ) -> list[tuple[str, bool]]:
         out: list[tuple[str, bool]] = []
         done = ""
         for i, m in enumerate(messages):

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+from array import array
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,15 @@ from finechat.data.conversation import Conversation
 from finechat.data.formats import ReadResult, expand_paths, iter_conversations
 from finechat.data.mixing import MixSettings, SourceCounter, interleave
 from finechat.data.sources import is_datasets_folder, is_hub_name, source_files
-from finechat.data.tokenize import TokenizeSettings, TokenizeStats, pack_examples, tokenize_chunks
-from finechat.errors import DataError
+from finechat.data.tokenize import (
+    IGNORE_INDEX,
+    RowBlock,
+    TokenizeSettings,
+    TokenizeStats,
+    pack_examples,
+    tokenize_chunks,
+)
+from finechat.errors import DataError, DataFileError
 from finechat.files import staged_folder, write_json_atomic
 
 CACHE_VERSION = 3  # 3: memory-mapped folders; 2: tool-use conversations rendered by data.tool_prompt
@@ -39,7 +47,18 @@ OFFSETS = "offsets.i64"
 STATS = "stats.json"
 
 
-class TokenRows(Sequence):
+class _Rows(Sequence):
+    """Rows served lazily; equal to any sequence of the same rows."""
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or len(self) != len(other):
+            return False
+        return all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class TokenRows(_Rows):
     """Training rows ``{"input_ids", "labels"}`` served from memory-mapped arrays (a cache folder).
 
     Supports ``len``, indexing, slicing and :meth:`select` (both give views, nothing is copied), and compares
@@ -78,13 +97,72 @@ class TokenRows(Sequence):
         """Tokens in each row (a numpy array; nothing is read from the token arrays)."""
         return (self._offsets[1:] - self._offsets[:-1])[self._rows]
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence) or len(self) != len(other):
-            return False
-        return all(a == b for a, b in zip(self, other))
-
     def __repr__(self) -> str:
         return f"TokenRows({len(self)} rows in {self.folder})"
+
+
+class PackedRows(_Rows):
+    """The rows of :func:`finechat.data.tokenize.pack_examples` over memory-mapped :class:`TokenRows`, built
+    when the Trainer asks for one: only where each packed row starts (8 bytes per packed row) is held.
+
+    Packs the rows in their order (a view's order too) into rows of at most ``max_length`` tokens, exactly as
+    ``pack_examples`` does: ``position_ids`` restart at 0 for each example, ``seq_lengths`` lists them, and each
+    example's first label is -100.
+    """
+
+    def __init__(self, rows: TokenRows, max_length: int):
+        import numpy as np
+
+        self.rows, self.max_length = rows, max_length
+        self._starts = array("q", [0])  # row index where each packed row starts, then the end
+        used = 0
+        lengths = rows.lengths()
+        for base in range(0, len(lengths), 1 << 20):  # a million rows' lengths as Python ints at a time
+            for j, n in enumerate(lengths[base:base + (1 << 20)].tolist(), start=base):
+                if n > max_length:  # build_dataset keeps rows within cutoff_len; never cut silently here
+                    raise DataError(f"an example of {n} tokens does not fit a packed row of {max_length}; "
+                                    "tokenize with cutoff_len <= the packing length")
+                if used and used + n > max_length:
+                    self._starts.append(j)
+                    used = 0
+                used += n
+        if len(lengths):
+            self._starts.append(len(lengths))
+        self._np = np
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]
+        np = self._np
+        examples = [self.rows[k] for k in range(self._starts[i], self._starts[i + 1])]
+        seq = [len(e["input_ids"]) for e in examples]
+        labels = np.concatenate([np.asarray(e["labels"], dtype=np.int64) for e in examples])
+        labels[np.cumsum([0, *seq[:-1]])] = IGNORE_INDEX  # no example learns the next one's first token
+        return {"input_ids": [t for e in examples for t in e["input_ids"]], "labels": labels.tolist(),
+                "position_ids": [p for n in seq for p in range(n)], "seq_lengths": seq}
+
+    def __repr__(self) -> str:
+        return f"PackedRows({len(self)} rows of at most {self.max_length} tokens from {self.rows!r})"
+
+
+def pack_rows(rows: Sequence[dict], max_length: int) -> Sequence[dict]:
+    """Packed rows: lazily over memory-mapped cached rows (:class:`PackedRows`), else ``pack_examples``."""
+    return PackedRows(rows, max_length) if isinstance(rows, TokenRows) else pack_examples(rows, max_length)
+
+
+def longest_packed(rows: Any) -> int | None:
+    """Tokens in the longest packed row, from row lengths alone; None when ``rows`` is not PackedRows."""
+    if not isinstance(rows, PackedRows) or not len(rows):
+        return None
+    import numpy as np
+
+    ends = np.cumsum(np.concatenate([[0], rows.rows.lengths()]))
+    starts = np.frombuffer(rows._starts, dtype=np.int64)
+    return int((ends[starts[1:]] - ends[starts[:-1]]).max())
 
 
 def _memmap(path: Path, dtype: str) -> Any:
@@ -96,7 +174,10 @@ def _memmap(path: Path, dtype: str) -> Any:
 
 
 def longest_row(rows: Sequence[dict]) -> int:
-    """Tokens in the longest row (from the offsets alone for cached rows)."""
+    """Tokens in the longest row (from the offsets alone for cached rows, packed or not)."""
+    packed = longest_packed(rows)
+    if packed is not None:
+        return packed
     if isinstance(rows, TokenRows):
         return int(rows.lengths().max()) if len(rows) else 0
     return max((len(r["input_ids"]) for r in rows), default=0)
@@ -116,17 +197,13 @@ class _CacheWriter:
 
         self.offsets.write(np.asarray(values, dtype=np.int64).tobytes())
 
-    def add(self, examples: list[dict]) -> None:
-        import numpy as np
-
-        ends = []
-        for name, fh in self.files.items():
-            flat = [t for e in examples for t in e[name]]
-            fh.write(np.asarray(flat, dtype=np.int32).tobytes())
-        for e in examples:
-            self.end += len(e["input_ids"])
-            ends.append(self.end)
-        self._write_offsets(ends)
+    def add(self, examples: Sequence[dict]) -> None:
+        if not isinstance(examples, RowBlock):
+            examples = RowBlock(examples)
+        self.files["input_ids"].write(examples.input_ids.tobytes())
+        self.files["labels"].write(examples.labels.tobytes())
+        self._write_offsets([self.end + e for e in examples.ends])
+        self.end += examples.ends[-1] if examples.ends else 0
 
     def close(self) -> None:
         for fh in [*self.files.values(), self.offsets]:
@@ -214,7 +291,7 @@ def _check_sources(sources: list) -> list:
     for s in sources:
         if isinstance(s, (str, Path)) and not (is_hub_name(s) or is_datasets_folder(s) or Path(s).is_dir()
                                                or Path(s).is_file()):
-            raise DataError(f"{s}: no such data file")
+            raise DataFileError(f"{s}: no such data file")
     return sources
 
 
@@ -268,7 +345,7 @@ def build_dataset(paths_or_convs: Any, tokenizer: Any, template: Any, settings: 
         loaded = load_cache(cache_path) if cache_path.is_dir() else None
         if loaded is not None:
             rows, stats = loaded
-            return (pack_examples(rows, settings.cutoff_len) if settings.packing else rows), stats
+            return (pack_rows(rows, settings.cutoff_len) if settings.packing else rows), stats
     result = ReadResult([])
     counter = SourceCounter([str(s) if isinstance(s, (str, Path)) else "(given)" for s in sources])
     convs = conversation_stream(sources, result, counter, mix, format, on_bad_record, **read_options)
@@ -305,7 +382,7 @@ def build_dataset(paths_or_convs: Any, tokenizer: Any, template: Any, settings: 
             write_json_atomic(staged / STATS, meta)
         rows = TokenRows(cache_path)
         stats.cache_file = str(cache_path)
-    return (pack_examples(rows, settings.cutoff_len) if settings.packing else rows), stats
+    return (pack_rows(rows, settings.cutoff_len) if settings.packing else rows), stats
 
 
 def stream_examples(paths: list, tokenizer: Any, template: Any, settings: TokenizeSettings,

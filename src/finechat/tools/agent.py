@@ -375,9 +375,7 @@ class Agent:
             if rounds > self.max_rounds:  # it was told the limit and still calls: stop here
                 break
             rounds += 1
-            parsed = [ToolCall(c["function"]["name"], c["function"]["arguments"],
-                               json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
-                                          ensure_ascii=False), c["id"]) for c in calls]
+            parsed = [ToolCall(c["function"]["name"], c["function"]["arguments"], _call_text(c), c["id"]) for c in calls]
             convo.append({"role": "assistant", "content": content, "tool_calls": calls})
             for call, result, event in self.call_tools(parsed, rounds):
                 yield event
@@ -386,6 +384,17 @@ class Agent:
                                   "name": call.name})
         convo.append({"role": "assistant", "content": answer})
         yield AgentEvent("done", answer, messages=convo, rounds=rounds)
+
+
+def _call_text(call: dict) -> str:
+    """A parsed call as the model wrote it, for people: ``{"name": "Solve", "arguments": {"equation": "x=1"}}``
+    (the arguments as an object again, not the JSON string OpenAI's ``tool_calls`` carry)."""
+    arguments = call["function"]["arguments"]
+    try:
+        arguments = json.loads(arguments)
+    except (TypeError, ValueError, RecursionError):
+        pass
+    return json.dumps({"name": call["function"]["name"], "arguments": arguments}, ensure_ascii=False)
 
 
 def _add_stats(total: dict | None, part: dict) -> None:

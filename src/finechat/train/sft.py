@@ -11,9 +11,9 @@ from typing import Any
 
 from finechat.data.catalog import LICENCE_FILE
 from finechat.data.mixing import MixSettings
-from finechat.data.token_cache import build_dataset, stream_examples
+from finechat.data.token_cache import build_dataset, pack_rows, stream_examples
 from finechat.data.token_cache import longest_row as longest_cached_row
-from finechat.data.tokenize import TokenizeSettings, data_collator, pack_examples
+from finechat.data.tokenize import TokenizeSettings, data_collator
 from finechat.errors import ConfigError
 from finechat.train import checkpoints
 from finechat.train.train_config import TrainConfig
@@ -45,7 +45,7 @@ def read_sft(cfg: TrainConfig, tokenizer: Any, template: Any, cache_dir: str | N
     if not train:
         raise ConfigError(f"no training examples left from {', '.join(cfg.data)}: {stats.summary()}")
     if cfg.packing:
-        train = pack_examples(train, cfg.cutoff_len)
+        train = pack_rows(train, cfg.cutoff_len)  # lazily over the memory-mapped cache
     info = {"stage": "sft", **dataclasses.asdict(stats), "summary": stats.summary(), "train_rows": len(train),
             "eval_rows": len(evals)}
     return train, evals, info
