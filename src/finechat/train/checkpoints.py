@@ -22,7 +22,7 @@ from typing import Any
 
 from finechat.errors import ModelLoadError
 from finechat.files import publish_folder, write_json_atomic
-from finechat.train.distributed import enable_fsdp_on_cpu
+from finechat.train.distributed import enable_fsdp_on_cpu, keep_fsdp_on_cpu
 from finechat.train.shard_files import describe_shards
 
 RUN_FILE = "finechat_run.json"
@@ -149,6 +149,10 @@ def make_trainer_class(base: Any = None):
         def create_accelerator_and_postprocess(self) -> None:
             super().create_accelerator_and_postprocess()
             enable_fsdp_on_cpu(self)  # FSDP2 on CPU ranks (accelerate drops the plugin there; see its docstring)
+
+        def _prepare_for_training(self, *args: Any, **kwargs: Any) -> Any:
+            keep_fsdp_on_cpu(self)  # an AcceleratorState() built since (TRL GRPO's set_seed) undid it; see there
+            return super()._prepare_for_training(*args, **kwargs)
 
         def _get_output_dir(self, trial: Any) -> str:
             out = super()._get_output_dir(trial)

@@ -139,11 +139,6 @@ def check_strategy(cfg: Any, model_type: str | None = None) -> None:
         raise ConfigError("distributed.strategy fsdp2 cannot shard method ptuning: peft calls the prefix encoder "
                           "outside FSDP's wrapped layers, so its sharded embedding meets plain tensors (torch: "
                           "\"aten.embedding.default got mixed torch.Tensor and DTensor\"); use ddp, zero2 or zero3")
-    if dist.strategy == "fsdp2" and cfg.stage == "grpo" and not _has_cuda():
-        raise ConfigError("distributed.strategy fsdp2 with stage grpo on CPU ranks: TRL's GRPOTrainer ends up with the "
-                          "model wrapped in DDP, not FSDP2, where finechat turns FSDP on for CPU ranks (TRL: "
-                          "\"'DistributedDataParallel' object has no attribute 'is_gradient_checkpointing'\"); use "
-                          "ddp, zero2 or zero3 (on GPUs accelerate's own FSDP2 path is used)")
     if dist.strategy == "fsdp2" and cfg.quantization_bit == 8:
         raise ConfigError("distributed.strategy fsdp2 cannot shard an 8-bit bitsandbytes base: FSDP2 turns its Int8Params "
                           "into plain parameters (bitsandbytes: \"'Parameter' object has no attribute 'CB'\"); use "
@@ -242,6 +237,27 @@ def enable_fsdp_on_cpu(trainer: Any) -> None:
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
     trainer.is_fsdp_enabled = True
+
+
+def keep_fsdp_on_cpu(trainer: Any) -> None:
+    """Set ``DistributedType.FSDP`` again, just before the Trainer prepares its model, where it was undone.
+
+    accelerate keeps the distributed type twice, in ``PartialState``'s shared state and in ``AcceleratorState``'s,
+    and every ``AcceleratorState()`` built later copies the first over the second. ``enable_fsdp_on_cpu`` writes
+    only the second: ``PartialState`` stays MULTI_CPU, so that its barriers and RNG synchronisation keep their
+    gloo/CPU form. Anything that builds an ``AcceleratorState()`` between the Trainer's ``__init__`` and its
+    ``accelerator.prepare`` therefore turns the type back to MULTI_CPU while the plugin (and ``is_fsdp_enabled``)
+    stays: TRL's ``GRPOTrainer.__init__`` does, through ``accelerate.utils.set_seed(seed, device_specific=True)``.
+    ``prepare`` then wraps the model in DDP and transformers, seeing FSDP enabled, makes that wrapper
+    ``trainer.model`` (TRL: "'DistributedDataParallel' object has no attribute 'is_gradient_checkpointing'").
+    Called from the Trainer's ``_prepare_for_training``; a no-op unless ``enable_fsdp_on_cpu`` turned FSDP on.
+    """
+    from accelerate.utils import DistributedType
+
+    state = trainer.accelerator.state
+    if (getattr(trainer, "is_fsdp_enabled", False) and getattr(state, "fsdp_plugin", None) is not None
+            and state.distributed_type == DistributedType.MULTI_CPU):
+        state.distributed_type = DistributedType.FSDP
 
 
 def _local_bytes(t: Any) -> int:
