@@ -78,8 +78,13 @@ def test_quickstart_tools_runs_and_reports(tmp_path, capsys):
     # the client example offers Calculate exactly as the model was trained to see it
     import ast
 
-    from finechat.tools.toolbox import build_registry
 
     module = ast.parse((out / "openai_tools.py").read_text())
     tools = next(node.value for node in module.body if isinstance(node, ast.Assign) and node.targets[0].id == "tools")
-    assert ast.literal_eval(tools) == build_registry("calculator").openai_schemas()
+    # the client offers every tool the model was trained with (not only Calculate) and runs them with finechat's own
+    assert ast.unparse(tools) == "registry.openai_schemas()"
+    from finechat.tools.demo_data import demo_registry
+
+    offered = [t["function"]["name"] for t in demo_registry(out / "docs").openai_schemas()]
+    assert offered == ["Calculate", "Solve", "Search"]
+    assert "registry.call(call.function.name" in (out / "openai_tools.py").read_text()

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from finechat.cli import main as cli
+from finechat.errors import ConfigError
 from finechat.train.recipe import run_training
 from finechat.train.shard_files import full_state_dict, shard_engine
 from finechat.train.train_config import TrainConfig
@@ -344,6 +345,25 @@ def test_distributed_recipes_resolve_and_pass_the_strategy_check(recipe):
     check_strategy(cfg)
     root = recipe.parent.parent.parent
     assert cfg.model == "default" and all((root / path).is_file() for path in cfg.data)
+
+
+def test_zero3_refuses_a_separate_reference_model_by_name(tmp_path):
+    """DPO / KTO without an adapter build a separate reference copy; under ZeRO-3 it gave infinite
+    log-probabilities (loss 0 on every step), so it is refused before start; with LoRA or zero2 it runs."""
+    from finechat.train.distributed import DistributedConfig, check_strategy
+    from finechat.train.stage_table import get_stage
+
+    pytest.importorskip("deepspeed")
+    for stage in ("dpo", "kto"):
+        cfg = TrainConfig(stage=stage, method="full", data=["x.jsonl"], distributed=DistributedConfig(strategy="zero3"))
+        with pytest.raises(ConfigError, match=f"zero3 with stage {stage} and method full"):
+            check_strategy(cfg, None, get_stage(stage).with_reference(cfg))
+    check_strategy(TrainConfig(stage="dpo", method="lora", data=["x.jsonl"], distributed=DistributedConfig(strategy="zero3")),
+                   None, True)
+    check_strategy(TrainConfig(stage="dpo", method="full", data=["x.jsonl"], distributed=DistributedConfig(strategy="zero2")),
+                   None, True)
+    check_strategy(TrainConfig(stage="sft", method="full", data=["x.jsonl"], distributed=DistributedConfig(strategy="zero3")),
+                   None, get_stage("sft").with_reference(TrainConfig(stage="sft", data=["x.jsonl"])))
 
 
 def test_estimate_per_rank_follows_the_strategy(setup, capsys):

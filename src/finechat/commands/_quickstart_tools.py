@@ -168,34 +168,35 @@ def _write_json(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-OPENAI_EXAMPLE = '''"""The tuned model through the OpenAI API with `tools`: it answers with a tool call, this script runs it and
-sends the result back, the model answers. Start the server first (finechat quickstart --task tools prints how)."""
+OPENAI_EXAMPLE = '''"""The tuned model through the OpenAI API with `tools`: it answers with a tool call, this script runs it with
+finechat's own tools and sends the result back, the model answers. Start the server first (finechat quickstart --task
+tools prints how). Usage: python openai_tools.py [BASE_URL] [QUESTION]"""
 
 import json
 import sys
+from pathlib import Path
 
 from openai import OpenAI
 
-from finechat.tools.calculator import calculate  # the same exact arithmetic the model was trained with
+from finechat.tools.demo_data import demo_registry  # Calculate, Solve and Search: the tools the model was trained with
 
 base_url = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8000/v1"  # another port: pass its /v1 URL
 question = sys.argv[2] if len(sys.argv) > 2 else "What is 1234 * 5678?"
+registry = demo_registry(Path(__file__).resolve().parent / "docs")  # Search looks through the notes copied beside this
 client = OpenAI(base_url=base_url, api_key="unused")
-tools = [{"type": "function", "function": {
-    "name": "Calculate",
-    "description": "Exact arithmetic: + - * / // % ** (or ^), sqrt, log, sin, factorial, ...",
-    "parameters": {"type": "object", "properties": {"expression": {"type": "string", "description": "e.g. 3*(2+5)/7"}},
-                   "required": ["expression"]}}}]
+tools = registry.openai_schemas()
 messages = [{"role": "user", "content": question}]
 reply = client.chat.completions.create(model="default", messages=messages, tools=tools, temperature=0)
 message = reply.choices[0].message
 print("finish_reason:", reply.choices[0].finish_reason)
-for call in message.tool_calls or []:
-    arguments = json.loads(call.function.arguments)
-    result = calculate(**arguments)
-    print(f"tool call: {call.function.name}({arguments}) => {result}")
-    messages.append({"role": "assistant", "content": None, "tool_calls": [call.model_dump()]})
-    messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+if not message.tool_calls:
+    print("answer:", message.content)
+    sys.exit(0)
+messages.append({"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in message.tool_calls]})
+for call in message.tool_calls:
+    result = registry.call(call.function.name, json.loads(call.function.arguments))
+    print(f"tool call: {call.function.name}({call.function.arguments}) => {result.content}")
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": result.content})
 final = client.chat.completions.create(model="default", messages=messages, tools=tools, temperature=0)
 print("answer:", final.choices[0].message.content)
 '''
