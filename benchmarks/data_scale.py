@@ -17,6 +17,10 @@ finechat train start     ``run_training`` (``max_steps=1``) on the JSONL with th
 datasets map 1p / 2p     ``load_dataset("json")`` + ``.map(batched=True)`` rendering the tokenizer's chat
                          template and encoding, into a fresh ``datasets`` cache (``num_proc`` 1 / 2)
 datasets map again       the same again, served from the ``datasets`` cache
+... 1t                   a tokenizing step with the Rust tokenizer on one thread (``TOKENIZERS_PARALLELISM=false``):
+                         "datasets map 1p" alone spreads its batch encoding over every core (~1.4 of 2 cores
+                         here), so "datasets map 1p 1t" is the one-core baseline that two processes are measured
+                         against (finechat's worker processes encode on one thread each)
 =======================  =========================================================================================
 
 Loading the tokenizer is timed apart (``tokenizer_seconds``), not in ``seconds``. Both sides use the same
@@ -44,7 +48,8 @@ import time
 from pathlib import Path
 
 STEPS = ["finechat read jsonl", "finechat read parquet", "finechat stats", "finechat tokenize 1p", "finechat tokenize 2p", "finechat cache reuse", "finechat train start",
-         "datasets map 1p", "datasets map 2p", "datasets map again"]
+         "datasets map 1p", "datasets map 2p", "datasets map again", "finechat tokenize 1p 1t", "datasets map 1p 1t"]
+ONE_THREAD = " 1t"
 CUTOFF = 1024
 
 
@@ -120,6 +125,10 @@ def child(step: str, jsonl: Path, parquet: Path, work: Path) -> dict:
     t0 = time.perf_counter()
     cpu0 = _cpu_seconds()
     out: dict = {}
+    one_thread = step.endswith(ONE_THREAD)
+    step = step.removesuffix(ONE_THREAD)
+    if one_thread:
+        work = work / "one_thread"  # its own caches
     if step.startswith("finechat read"):
         from finechat.data.formats import ReadResult, iter_conversations
 
@@ -188,8 +197,9 @@ def child(step: str, jsonl: Path, parquet: Path, work: Path) -> dict:
 def run_step(step: str, jsonl: Path, parquet: Path, work: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", step, "--jsonl", str(jsonl), "--parquet", str(parquet),
            "--work", str(work)]
+    env = dict(os.environ, **({"TOKENIZERS_PARALLELISM": "false"} if step.endswith(ONE_THREAD) else {}))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "seconds": None, "peak_rss_mb": None}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -202,8 +212,8 @@ def _fresh_cache(work: Path, step: str) -> None:
     import shutil
 
     name = {"finechat tokenize 1p": "cache", "finechat tokenize 2p": "cache2", "datasets map 1p": "hf_cache",
-            "datasets map 2p": "hf_cache2"}[step]
-    shutil.rmtree(work / name, ignore_errors=True)
+            "datasets map 2p": "hf_cache2"}[step.removesuffix(ONE_THREAD)]
+    shutil.rmtree((work / "one_thread" if step.endswith(ONE_THREAD) else work) / name, ignore_errors=True)
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -235,6 +245,13 @@ def table(results: dict[int, dict[str, dict]], sizes: list[int], steps: list[str
     ratios = []
     for n in sizes:
         r = results.get(n, {})
+        two, one_thread = r.get("finechat tokenize 2p"), r.get("datasets map 1p 1t")
+        if two and one_thread and two.get("seconds") and one_thread.get("seconds"):
+            ours_1t = r.get("finechat tokenize 1p 1t") or {}
+            ratios.append(f"{n:,}: tokenize 2p speed vs datasets map 1p on one thread "
+                          f"{one_thread['seconds'] / two['seconds']:.2f}x"
+                          + (f", vs finechat 1p on one thread {ours_1t['seconds'] / two['seconds']:.2f}x"
+                             if ours_1t.get("seconds") else ""))
         ours, theirs = r.get("finechat tokenize 1p"), r.get("datasets map 1p")
         if ours and theirs and ours.get("seconds") and theirs.get("seconds"):
             two = r.get("finechat tokenize 2p", {}).get("seconds")

@@ -249,12 +249,15 @@ def test_exact_special_token_ids(tok):
     assert alpaca["labels"][-1] == 0  # alpaca ends answers with EOS
 
 
-def test_several_processes_give_the_same_rows(tok):
-    convs = read_conversations(SAMPLES / "adgen.json").conversations * 4
+@pytest.mark.parametrize("sample", ["adgen.json", "sharegpt_tools.json", "moss_plugin.jsonl", "sharegpt.json"])
+def test_several_processes_give_the_same_rows(tok, sample):
+    # workers get plain (role, text) tuples and the tools, not the Conversations: system texts, tool
+    # definitions and tool turns must arrive as they were
+    convs = read_conversations(SAMPLES / sample).conversations * 4
     t = get_template("chatml")
     one, s1 = build_dataset(convs, tok, t, num_proc=1, use_cache=False, progress=False)
     two, s2 = build_dataset(convs, tok, t, num_proc=2, use_cache=False, progress=False)
-    assert one == two and s1.tokens == s2.tokens
+    assert one == two and s1.tokens == s2.tokens and s1.examples == len(one) > 0
 
 
 def test_packing_keeps_attention_per_example(tok):
