@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from finechat.data.template_shapes import shape_renderer
 from finechat.errors import ConfigError, DataError
 from finechat.text import clean_chatglm_response
 
@@ -211,7 +212,9 @@ class TokenizerTemplate:
             marked = [[{"role": r, "content": _OPEN + c + _CLOSE if r == "assistant" else c} for r, c in probe]
                       for probe in _PROBES]
             if all(direct(m) == apply(m) for m in marked):
-                return direct
+                # Rendered once per sequence of roles where the template only pastes texts (template_shapes).
+                fast = shape_renderer(compiled.environment, self.tokenizer.get_chat_template(), direct)
+                return direct if fast is None or not all(fast(m) == direct(m) for m in marked) else fast
         except Exception:  # noqa: BLE001 - another transformers version: its public apply_chat_template
             pass
         return apply
