@@ -37,10 +37,14 @@ CASES = {  # name: (data, overrides)
     "rm-full": (PAIRS, ["stage=rm", "method=full", "template=null"]),
     "dpo-lora": (PAIRS, ["stage=dpo", "method=lora", "template=null"]),
     "dpo-full": (PAIRS, ["stage=dpo", "method=full", "template=null"]),
+    "dpo-freeze": (PAIRS, ["stage=dpo", "method=freeze", "template=null"]),
     "orpo-lora": (PAIRS, ["stage=orpo", "method=lora", "template=null"]),
     "simpo-lora": (PAIRS, ["stage=simpo", "method=lora", "template=null"]),
     "kto-lora": ("kto", ["stage=kto", "method=lora", "template=null"]),
+    "kto-full": ("kto", ["stage=kto", "method=full", "template=null"]),
     "grpo-lora": ("prompts", ["stage=grpo", "method=lora", "template=null", "num_generations=2",
+                              "max_completion_length=4", "rewards=[format]"]),
+    "grpo-full": ("prompts", ["stage=grpo", "method=full", "template=null", "num_generations=2",
                               "max_completion_length=4", "rewards=[format]"]),
 }
 

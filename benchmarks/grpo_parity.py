@@ -15,6 +15,10 @@ its completions, and from step 1 on its losses, differ: the third column shows t
 sampling, not sharding. 2 processes x 1 thread, gloo. Usage:
 
     python benchmarks/grpo_parity.py [--steps 6]
+
+``--zero-full``: instead, ``method: full`` (TRL then builds a separate reference model for the KL term, beta 0.1)
+under ``zero2`` and ``zero3``, 2 ranks x 2 rows each: per-step loss and KL side by side (ZeRO-3 once refused a
+separate reference; docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -65,9 +69,27 @@ def _rel(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
 
 
+def _zero_full(work: Path, grpo: list[str], steps: int) -> int:
+    logs = {}
+    for strategy in ("zero2", "zero3"):
+        print(f"training grpo, method full: {strategy} ...", flush=True)
+        _train([*grpo, "method=full", "learning_rate=0.001", f"output_dir={work / strategy}",
+                f"distributed.strategy={strategy}", "per_device_train_batch_size=2"], 2)
+        logs[strategy] = [r for r in map(json.loads, (work / strategy / "train_log.jsonl").read_text().splitlines())
+                          if "loss" in r]
+    print("| step | loss zero2 | loss zero3 | kl zero2 | kl zero3 |\n|---|---|---|---|---|")
+    for a, b in zip(logs["zero2"], logs["zero3"], strict=True):
+        print(f"| {a['step']} | {a['loss']:.6g} | {b['loss']:.6g} | {a['kl']:.6g} | {b['kl']:.6g} |")
+    loss, kl = ([[r[key] for r in logs[s]] for s in ("zero3", "zero2")] for key in ("loss", "kl"))
+    print(f"\nzero3 vs zero2 over {len(loss[0])} steps: largest per-step loss difference {_rel(*loss):.2e} "
+          f"relative, KL {_rel(*kl):.2e} (KL at the last step {kl[0][-1]:.3g})")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--zero-full", action="store_true", help="method full under zero2 vs zero3 (see above)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny import save_tiny_model
@@ -81,6 +103,8 @@ def main() -> int:
         grpo = [f"model={model}", "stage=grpo", f"data=[{PROMPTS}]", f"max_steps={args.steps}",
                 f"save_steps={args.steps}", "learning_rate=0.01", "num_generations=2", "max_completion_length=8",
                 "rewards=[reward_model]", f"reward_model={rm}/checkpoint-4", "beta=0.1"]
+        if args.zero_full:
+            return _zero_full(work, grpo, args.steps)
         runs = {"fsdp2": (["distributed.strategy=fsdp2", "per_device_train_batch_size=2"], 2),
                 "ddp": (["distributed.strategy=ddp", "per_device_train_batch_size=2"], 2),
                 "1 process": (["per_device_train_batch_size=4"], 1)}

@@ -116,6 +116,28 @@ def test_reward_model_learns_to_rank_pairs_and_loads_for_scoring(tiny_model_dir,
         _load_policy(tiny_model_dir, result.final_checkpoint)
 
 
+def test_reward_model_loads_whole_inside_a_zero3_run(tiny_model_dir, pairs_file, tmp_path):
+    """GRPO's reward_model reward is loaded after the Trainer's arguments made DeepSpeed ZeRO-3 the process's setting;
+    it must load whole (it is only called, on every rank), not partitioned by zero.Init (then: "size mismatch ...
+    torch.Size([0])" at start), and the setting must be there again afterwards."""
+    pytest.importorskip("deepspeed")
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    result = run_training(_cfg(tiny_model_dir, tmp_path / "rm", "rm", pairs_file, max_steps=2, save_steps=2))
+    plain = load_reward_model(result.final_checkpoint, device="cpu").model.state_dict()
+    setting = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        inside = load_reward_model(result.final_checkpoint, device="cpu").model.state_dict()
+        assert is_deepspeed_zero3_enabled() and setting.is_zero3()
+    finally:
+        unset_hf_deepspeed_config()
+    assert set(inside) == set(plain)
+    for key, tensor in plain.items():
+        assert inside[key].shape == tensor.shape and bool((inside[key] == tensor).all()), key
+
+
 @pytest.mark.parametrize("stage", ["kto", "orpo", "simpo"])
 def test_other_preference_stages_train_and_checkpoint(stage, tiny_model_dir, pairs_file, tmp_path):
     result = run_training(_cfg(tiny_model_dir, tmp_path / stage, stage, pairs_file, max_steps=2, save_steps=2))

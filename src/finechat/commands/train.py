@@ -167,10 +167,7 @@ def _relaunch(cfg: TrainConfig, launch: Launch, args: argparse.Namespace) -> int
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--nproc-per-node / --nnodes given inside a launched run (WORLD_SIZE is set): start "
                           "finechat train either with these flags or under torchrun / accelerate launch, not both")
-    from finechat.train.stage_table import get_stage
-
-    # refused here, before any process starts
-    check_strategy(cfg, model_type_of(cfg.model), get_stage(cfg.stage).with_reference(cfg))
+    check_strategy(cfg, model_type_of(cfg.model))  # refused here, before any process starts
     launch = check_launch(launch, wait_for_master=cfg.distributed.master_wait)
     if cfg.distributed.strategy in ("zero2", "zero3"):
         for lock in stale_build_locks():

@@ -20,7 +20,7 @@ from finechat.data.tokenize import TokenizeSettings, encode_conversation, specia
 from finechat.errors import ModelLoadError
 from finechat.files import read_json, write_json_atomic
 from finechat.models.resolve import load_adapter, load_model_and_tokenizer
-from finechat.models.reward_head import reward_model_from
+from finechat.models.reward_head import reward_model_from, zero3_off
 
 RUN_FILE = "finechat_run.json"
 
@@ -75,16 +75,18 @@ def load_reward_model(folder: str | Path, device: str = "auto") -> RewardModel:
         raise ModelLoadError(f"{folder}: a stage-{info.get('stage')} checkpoint, not a reward model (stage rm)")
     config = info.get("config") or {}
     base = config.get("model") or (info.get("base_model") or {}).get("path") or "default"
-    causal, tokenizer, _ = load_model_and_tokenizer(base, dtype="float32", device=device)
-    if (folder / "adapter_config.json").is_file():
-        model = load_adapter(reward_model_from(causal, tokenizer.pad_token_id), str(folder))
-        if model.active_peft_config.peft_type == "LORA":
-            model = model.merge_and_unload()  # scoring only: the same scores, ~15% less time than the side branches
-    else:
-        from transformers import AutoModelForSequenceClassification
+    # whole weights on every rank, even inside a ZeRO-3 run (GRPO's reward_model reward): see zero3_off
+    with zero3_off():
+        causal, tokenizer, _ = load_model_and_tokenizer(base, dtype="float32", device=device)
+        if (folder / "adapter_config.json").is_file():
+            model = load_adapter(reward_model_from(causal, tokenizer.pad_token_id), str(folder))
+            if model.active_peft_config.peft_type == "LORA":
+                model = model.merge_and_unload()  # scoring only: the same scores, ~15% less time than the side branches
+        else:
+            from transformers import AutoModelForSequenceClassification
 
-        log(f"Loading the reward model {folder} ...")
-        model = AutoModelForSequenceClassification.from_pretrained(folder).to(next(causal.parameters()).device)
+            log(f"Loading the reward model {folder} ...")
+            model = AutoModelForSequenceClassification.from_pretrained(folder).to(next(causal.parameters()).device)
     del causal
     template = get_template(info.get("template") if info.get("template") not in (None, "tokenizer") else None,
                             tokenizer, getattr(model.config, "model_type", None))

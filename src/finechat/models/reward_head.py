@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 from finechat.errors import ConfigError
@@ -38,6 +39,28 @@ def _no_zero3_init() -> Any:
     except ImportError:  # a transformers without it builds no zero.Init here
         return contextlib.nullcontext()
     return set_zero3_state()
+
+
+@contextlib.contextmanager
+def zero3_off() -> Iterator[None]:
+    """Load whole weights while the Trainer's arguments have made DeepSpeed ZeRO-3 the process's setting.
+
+    transformers keeps that setting in one module global (a weak reference to the Trainer's ``HfDeepSpeedConfig``)
+    and, while it is set, ``from_pretrained`` builds every model inside ``zero.Init`` (each weight partitioned to an
+    empty tensor). A model that is only called, never trained or wrapped by DeepSpeed (GRPO's reward model, scored
+    on every rank), must be whole: the setting is lifted for the load and put back after it.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # a transformers without it builds no zero.Init
+        yield
+        return
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def reward_model_from(causal_lm: Any, pad_token_id: int | None) -> Any:

@@ -389,7 +389,12 @@ def dpo_rows_trainer(base: type) -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            for m in (policy, self.ref_model):
+            # TRL has wrapped a separate reference (method full / freeze) in DeepSpeed's engine by now: the head goes on
+            # the model inside. On the engine it replaced the engine's forward and ran the backbone without the root
+            # module's ZeRO-3 hooks; under ZeRO-3 the head weight it read was then an empty partition (numel 0,
+            # NOT_AVAILABLE): every reference log-probability -inf, DPO loss 0 and grad norm inf on every step
+            reference = None if self.ref_model is None else self.accelerator.unwrap_model(self.ref_model)
+            for m in (policy, reference):
                 if m is not None:
                     compact_log_prob_head(m)
 

@@ -46,7 +46,7 @@ def compact_log_prob_head(model: Any) -> bool:
     Returns False, leaving TRL's head as it is, for heads TRL scales and for MoE models.
     """
     from trl.kernels import ChunkedLogProbFunction
-    from trl.trainer.utils import FusedCausalLMOutput
+    from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if any(getattr(config, name, None) is not None for name in SCALED_HEAD_FIELDS) \
@@ -68,8 +68,12 @@ def compact_log_prob_head(model: Any) -> bool:
         mask = targets != -100  # answer positions: the only ones any DPO loss reads
         head = model.get_output_embeddings()
         rows = hidden[mask]  # [answer tokens, hidden]
-        per_token = ChunkedLogProbFunction.apply(rows, head.weight, head.bias, targets[mask], 1.0,
-                                                 vocab_tile(len(rows)), None, 1.0, OUTPUTS)
+        # The head's weight is read here, outside the head's own forward: under DeepSpeed ZeRO-3 such a read can
+        # meet a partitioned, empty weight (numel 0: no vocabulary, every log-probability -inf), so it is gathered
+        # for the read as TRL's own head does (the kernel's backward gathers again); a no-op where it is whole.
+        with maybe_gather_lm_head_ctx(head.weight, head.bias):
+            per_token = ChunkedLogProbFunction.apply(rows, head.weight, head.bias, targets[mask], 1.0,
+                                                     vocab_tile(len(rows)), None, 1.0, OUTPUTS)
         # back to [batch, seq - 1], zero where there is no label (what TRL's head returns)
         log_probs, entropy, log_sum_sq, mean_logits, is_top1 = (x.new_zeros(mask.shape).masked_scatter(mask, x)
                                                                 for x in per_token)

@@ -127,10 +127,9 @@ def is_main_process() -> bool:
 # strategy -> TrainingArguments
 # ------------------------------------------------------------------------------------------------------------
 
-def check_strategy(cfg: Any, model_type: str | None = None, with_reference: bool = False) -> None:
+def check_strategy(cfg: Any, model_type: str | None = None) -> None:
     """Refuse what the strategy cannot carry (before any model loads); ``cfg`` is a TrainConfig. ``model_type``
-    is kept for refusals that depend on the model (none today: the native ChatGLM-6B shards per GLMBlock);
-    ``with_reference``: the stage runs a reference forward pass (the stage table's ``with_reference``)."""
+    is kept for refusals that depend on the model (none today: the native ChatGLM-6B shards per GLMBlock)."""
     dist: DistributedConfig = cfg.distributed
     sharded = dist.strategy in ("fsdp2", "zero2", "zero3")
     if sharded and (cfg.fsdp or cfg.fsdp_config or cfg.deepspeed):
@@ -144,13 +143,6 @@ def check_strategy(cfg: Any, model_type: str | None = None, with_reference: bool
         raise ConfigError("distributed.strategy fsdp2 cannot shard an 8-bit bitsandbytes base: FSDP2 turns its Int8Params "
                           "into plain parameters (bitsandbytes: \"'Parameter' object has no attribute 'CB'\"); use "
                           "quantization_bit 4 (FSDP + QLoRA), or ddp / zero2")
-    if dist.strategy == "zero3" and with_reference and cfg.adapter_method in ("full", "freeze"):
-        # found by benchmarks/distributed_matrix.py (dpo-full): the separate reference copy TRL builds for a model
-        # without an adapter gives infinite log-probabilities under ZeRO-3 here (rewards -inf, loss 0, grad norm
-        # inf), so the run would train on nothing; with an adapter the reference is the base with it switched off
-        raise ConfigError(f"distributed.strategy zero3 with stage {cfg.stage} and method {cfg.method}: the separate "
-                          "reference model is not carried correctly under ZeRO-3 yet (its log-probabilities come out "
-                          "infinite); use method lora, or strategy zero2 / fsdp2")
     if dist.strategy == "zero3" and cfg.quantization_bit:
         raise ConfigError(f"distributed.strategy zero3 cannot partition a {cfg.quantization_bit}-bit bitsandbytes "
                           "base; use ddp, zero2 or fsdp2 (4-bit) for qlora")

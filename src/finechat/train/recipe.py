@@ -51,7 +51,7 @@ def run_training(cfg: TrainConfig, cache_dir: str | None = None) -> TrainResult:
     args_class = stage.trl()[1] if stage.trl else None  # a missing TRL is said before anything loads
     rank, _, world_size = world()
     is_main = rank == 0
-    out, resume, licence, model, tokenizer, device = start_run(cfg, stage.with_reference(cfg))
+    out, resume, licence, model, tokenizer, device = start_run(cfg)
     check_supported(stage, cfg, model)
     template = get_template(cfg.template, tokenizer, getattr(model.config, "model_type", None))
 

@@ -299,16 +299,15 @@ def run_predict(cfg: TrainConfig, model: Any, tokenizer: Any, template: Any) -> 
     return predict_after_training(model, tokenizer, template, path, cfg.output_dir, cfg)
 
 
-def start_run(cfg: TrainConfig, with_reference: bool = False) -> tuple[Path, str | None, dict, Any, Any, str]:
-    """(output folder, checkpoint to resume from, licence summary, base model, tokenizer, device) of a run;
-    ``with_reference``: the stage runs a reference forward pass (for the strategy's checks)."""
+def start_run(cfg: TrainConfig) -> tuple[Path, str | None, dict, Any, Any, str]:
+    """(output folder, checkpoint to resume from, licence summary, base model, tokenizer, device) of a run."""
     import transformers
 
     out = Path(cfg.output_dir)
     is_main = world()[0] == 0
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-    distributed.check_strategy(cfg, _model_type(cfg.model), with_reference)
+    distributed.check_strategy(cfg, _model_type(cfg.model))
     resume = resolve_resume(cfg, out, is_main)
     licence = licences(cfg)
     transformers.set_seed(cfg.seed)
