@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import weakref
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from finechat.data.conversation import Conversation
+from finechat.data.segment_encoder import SegmentEncoder
 from finechat.data.tool_prompt import conversation_messages, tool_prompt
 from finechat.errors import ConfigError, DataError
 
@@ -154,10 +156,24 @@ def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     if backend is not None and backend.truncation is None and backend.padding is None:
         # The Rust tokenizer itself: what tokenizer(texts) returns, without converting every Encoding to a
         # Python BatchEncoding (that conversion took ~40% of tokenizing time, measured in benchmarks/data_scale);
-        # encode_batch_fast skips the character offsets, which nothing here reads (same ids).
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        return [e.ids for e in encode(texts, add_special_tokens=False)]
+        # encode_batch_fast skips the character offsets, which nothing here reads (same ids). Pieces between
+        # added tokens that repeat (a template's system prompt and headers) are encoded once (segment_encoder).
+        return _segment_encoder(tokenizer, backend).encode(texts)
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+_ENCODERS: dict[int, tuple[Any, Any, int, SegmentEncoder]] = {}  # id(tokenizer) -> (weak ref, backend, ...)
+
+
+def _segment_encoder(tokenizer: Any, backend: Any) -> SegmentEncoder:
+    """The piece-caching encoder of this tokenizer, made again when its added tokens change."""
+    n_added = len(backend.get_added_tokens_decoder())
+    held = _ENCODERS.get(id(tokenizer))
+    if held is None or held[0]() is not tokenizer or held[1] is not backend or held[2] != n_added:
+        for key in [k for k, v in _ENCODERS.items() if v[0]() is None]:
+            del _ENCODERS[key]  # tokenizers gone
+        held = _ENCODERS[id(tokenizer)] = (weakref.ref(tokenizer), backend, n_added, SegmentEncoder(backend))
+    return held[3]
 
 
 Plan = tuple  # (texts, trained flags, index of the last trained text) or None: what one example will hold
