@@ -135,10 +135,6 @@ def check_strategy(cfg: Any, model_type: str | None = None) -> None:
     if sharded and (cfg.fsdp or cfg.fsdp_config or cfg.deepspeed):
         raise ConfigError(f"distributed.strategy {dist.strategy} writes the Trainer's fsdp / deepspeed settings "
                           "itself; leave fsdp, fsdp_config and deepspeed unset (or use strategy ddp with your own)")
-    if dist.strategy == "fsdp2" and cfg.adapter_method == "ptuning":
-        raise ConfigError("distributed.strategy fsdp2 cannot shard method ptuning: peft calls the prefix encoder "
-                          "outside FSDP's wrapped layers, so its sharded embedding meets plain tensors (torch: "
-                          "\"aten.embedding.default got mixed torch.Tensor and DTensor\"); use ddp, zero2 or zero3")
     if dist.strategy == "fsdp2" and cfg.quantization_bit == 8:
         raise ConfigError("distributed.strategy fsdp2 cannot shard an 8-bit bitsandbytes base: FSDP2 turns its Int8Params "
                           "into plain parameters (bitsandbytes: \"'Parameter' object has no attribute 'CB'\"); use "

@@ -134,7 +134,13 @@ def apply_ptuning(model: Any, cfg: TrainConfig) -> Any:
         task_type="CAUSAL_LM", num_virtual_tokens=cfg.pre_seq_len, prefix_projection=cfg.prefix_projection,
         encoder_hidden_size=model.config.hidden_size,
     )
-    return fix_prefix_generation(get_peft_model(model, prefix))  # do_predict generates with this model
+    peft_model = fix_prefix_generation(get_peft_model(model, prefix))  # do_predict generates with this model
+    # FSDP2 shards per class named in _no_split_modules (accelerate's transformer wrap policy reads it from the
+    # model it prepares); peft calls the prefix encoder from PeftModel.forward, outside the decoder layers, so it
+    # gets a unit of its own whose pre-forward hook gathers its embedding (in the root unit it met plain tensors:
+    # "aten.embedding.default got mixed torch.Tensor and DTensor")
+    peft_model._no_split_modules = [*(getattr(model, "_no_split_modules", None) or []), "PrefixEncoder"]
+    return peft_model
 
 
 def prepare_model(model: Any, cfg: TrainConfig) -> Any:

@@ -101,7 +101,10 @@ def _load(model: Any, state: dict) -> tuple[list[str], list[str]]:
         if not any(tag in key for key in state for tag in adapter_names):  # peft's own names
             wanted = set(get_peft_model_state_dict(model))
             result = set_peft_model_state_dict(model, state)
-            return sorted(wanted - set(state)), [k for k in result.unexpected_keys if k in state]
+            # prompt learning (P-Tuning v2): peft loads "prompt_embeddings" into the prompt encoder itself, after
+            # the model's load_state_dict has named it unexpected
+            loaded = wanted if model.active_peft_config.is_prompt_learning else set()
+            return sorted(wanted - set(state)), [k for k in result.unexpected_keys if k in state and k not in loaded]
     result = model.load_state_dict(state, strict=False)
     tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - \
         {name for name, p in model.named_parameters()}
