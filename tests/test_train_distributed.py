@@ -4,7 +4,7 @@ Per-step losses equal to 1e-5 relative over 10 steps and final weights equal to 
 largest weight, per tensor) for DDP (2 "nodes" through torchrun's c10d rendezvous), FSDP2 full fine-tuning,
 FSDP2 LoRA, FSDP2 P-Tuning v2 (exported and chatted with), DPO under FSDP2, FSDP2 with cpu_offload (started by ``accelerate launch``) and DeepSpeed ZeRO-2/3
 (exported with ``finechat export --checkpoint`` and chatted with); DPO full (its separate reference model) under
-ZeRO-3 gives one process's losses and rewards over 3 steps; GRPO under FSDP2 trains and saves shards (its parity:
+ZeRO-3 gives one process's losses and rewards over 3 steps; QLoRA (4-bit base) under ZeRO-3; GRPO under FSDP2 trains and saves shards (its parity:
 benchmarks/grpo_parity.py); a kill -9 of one rank stops the run, and ``resume: auto`` continues to the same losses; an exception on one rank stops every rank, its error shown once.
 Bad launch input fails before any process starts.
 
@@ -259,6 +259,18 @@ def test_deepspeed_zero_matches_one_process(setup, strategy):
 
     bot = finechat.load(str(plain), device="cpu", max_new_tokens=4, do_sample=False)
     assert isinstance(bot.chat("Count to 3.")[0], str)
+
+
+def test_qlora_under_zero3_matches_one_process(setup):
+    """peft's DeepSpeed ZeRO-3 + QLoRA recipe (the 4-bit base loaded with bnb_4bit_quant_storage = the compute
+    dtype): ZeRO-3 partitions the 4-bit base and the adapter trains as on one process."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'finechat[dist]')")
+    pytest.importorskip("bitsandbytes")
+    qlora = ["method=qlora", "quantization_bit=4"]
+    ref = _reference(setup, "qlora", qlora)
+    run = _run(setup, "zero3-qlora", "distributed.strategy=zero3", *qlora)
+    _assert_same(run, ref)
+    assert shard_engine(run / f"checkpoint-{STEPS}") == "zero"
 
 
 def test_kill_9_of_one_rank_stops_the_run_and_resume_reaches_the_same_losses(setup):

@@ -138,10 +138,7 @@ def check_strategy(cfg: Any, model_type: str | None = None) -> None:
     if dist.strategy == "fsdp2" and cfg.quantization_bit == 8:
         raise ConfigError("distributed.strategy fsdp2 cannot shard an 8-bit bitsandbytes base: FSDP2 turns its Int8Params "
                           "into plain parameters (bitsandbytes: \"'Parameter' object has no attribute 'CB'\"); use "
-                          "quantization_bit 4 (FSDP + QLoRA), or ddp / zero2")
-    if dist.strategy == "zero3" and cfg.quantization_bit:
-        raise ConfigError(f"distributed.strategy zero3 cannot partition a {cfg.quantization_bit}-bit bitsandbytes "
-                          "base; use ddp, zero2 or fsdp2 (4-bit) for qlora")
+                          "quantization_bit 4 (FSDP + QLoRA), or ddp / zero2 / zero3")
     if dist.strategy in ("zero2", "zero3"):
         try:
             import importlib.util

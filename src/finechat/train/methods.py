@@ -52,8 +52,9 @@ def quantization_config(cfg: TrainConfig, compute_dtype: Any) -> Any:
 
     if cfg.quantization_bit == 4:
         # FSDP2 shards a 4-bit weight only when its packed bytes are stored in a float dtype (peft's FSDP + QLoRA
-        # recipe: bnb_4bit_quant_storage = the model's dtype); accelerate keeps uint8-stored ones whole on every rank
-        sharded = cfg.distributed.strategy == "fsdp2" and world()[2] > 1
+        # recipe: bnb_4bit_quant_storage = the model's dtype); accelerate keeps uint8-stored ones whole on every rank.
+        # ZeRO-3 partitions either (measured on CPU ranks); it gets peft's DeepSpeed ZeRO-3 + QLoRA recipe all the same
+        sharded = cfg.distributed.strategy in ("fsdp2", "zero3") and world()[2] > 1
         return BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype, **({"bnb_4bit_quant_storage": compute_dtype} if sharded else {}),
