@@ -31,6 +31,7 @@ CASES = {  # name: (data, overrides)
     "sft-freeze": ("sft", ["method=freeze"]),
     "sft-ptuning": ("sft", ["method=ptuning", "pre_seq_len=4"]),
     "sft-qlora": ("sft", ["method=qlora", "quantization_bit=4"]),
+    "sft-qlora8": ("sft", ["method=qlora", "quantization_bit=8"]),
     "sft-lora-packing": ("sft", ["method=lora", "packing=true"]),
     "pretrain-full": ("text", ["stage=pretrain", "method=full"]),
     "rm-lora": (PAIRS, ["stage=rm", "method=lora", "template=null"]),

@@ -379,6 +379,15 @@ def test_bad_launch_input_fails_before_anything_starts(setup, capsys):
         setup, capsys, "--nproc-per-node", "2", "distributed.strategy=fsdp2", "method=qlora", "quantization_bit=8")
     assert "cpu_offload needs strategy fsdp2, zero2 or zero3" in _fails(
         setup, capsys, "--nproc-per-node", "2", "distributed.cpu_offload=true")
+    # P-Tuning v2 on the native ChatGLM-6B's own INT4 layers: FSDP2 trains it but cannot save the packed weight
+    from finechat.errors import ConfigError
+    from finechat.train.distributed import DistributedConfig, check_strategy
+
+    glm_int4 = TrainConfig(**{**setup["cfg"], "method": "ptuning", "quantization_bit": 4,
+                              "distributed": DistributedConfig(strategy="fsdp2")})
+    with pytest.raises(ConfigError, match="native ChatGLM-6B's INT4/INT8 layers"):
+        check_strategy(glm_int4, "chatglm")
+    check_strategy(glm_int4, "llama")  # peft's prefix on a bitsandbytes 4-bit base: carried
 
 
 @pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parent.parent / "recipes" / "distributed").glob(

@@ -129,12 +129,16 @@ def is_main_process() -> bool:
 
 def check_strategy(cfg: Any, model_type: str | None = None) -> None:
     """Refuse what the strategy cannot carry (before any model loads); ``cfg`` is a TrainConfig. ``model_type``
-    is kept for refusals that depend on the model (none today: the native ChatGLM-6B shards per GLMBlock)."""
+    (config.json's) names the native ChatGLM-6B, whose own INT4/INT8 layers FSDP2 cannot save."""
     dist: DistributedConfig = cfg.distributed
     sharded = dist.strategy in ("fsdp2", "zero2", "zero3")
     if sharded and (cfg.fsdp or cfg.fsdp_config or cfg.deepspeed):
         raise ConfigError(f"distributed.strategy {dist.strategy} writes the Trainer's fsdp / deepspeed settings "
                           "itself; leave fsdp, fsdp_config and deepspeed unset (or use strategy ddp with your own)")
+    if dist.strategy == "fsdp2" and cfg.adapter_method == "ptuning" and cfg.quantization_bit and model_type == "chatglm":
+        raise ConfigError("distributed.strategy fsdp2 cannot shard the native ChatGLM-6B's INT4/INT8 layers (P-Tuning v2 "
+                          "on a quantized ChatGLM): saving a checkpoint fails on the sharded packed weight (torch: "
+                          "\"Cannot unflatten unevenly sharded tensor\"); use ddp")
     if dist.strategy == "fsdp2" and cfg.quantization_bit == 8:
         raise ConfigError("distributed.strategy fsdp2 cannot shard an 8-bit bitsandbytes base: FSDP2 turns its Int8Params "
                           "into plain parameters (bitsandbytes: \"'Parameter' object has no attribute 'CB'\"); use "
