@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from eval_helpers import make_adapter
 from serve_helpers import LiveServer
+from side_by_side import beside
 
 from finechat.cli import main as cli
 from finechat.errors import ConfigError
@@ -90,20 +91,15 @@ def test_finechat_eval_equals_lm_eval_cli_on_base_and_on_the_merged_adapter(tiny
     # lm-eval's own command line on the merged export, from the repository root (where the task files point);
     # it runs beside finechat eval below (two cores: the two do not wait for each other)
     lm_out = tmp_path / "lm"
-    lm_eval_cli = subprocess.Popen(
-        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={merged},dtype=float32",
-         "--include_path", str(TASKS), "--tasks", "finechat_mc_en,finechat_mc_zh", "--limit", str(LIMIT),
-         "--output_path", str(lm_out), "--device", "cpu"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    lm_eval_argv = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                    f"pretrained={merged},dtype=float32", "--include_path", str(TASKS), "--tasks",
+                    "finechat_mc_en,finechat_mc_zh", "--limit", str(LIMIT), "--output_path", str(lm_out),
+                    "--device", "cpu"]
+    with beside(lm_eval_argv, cwd=ROOT) as (lm_eval_cli,):
         out = tmp_path / "cmp"
         assert cli(["eval", "--tasks", MC, "--model", str(tiny_model_dir), "--compare", "base", str(adapter),
                     "--limit", str(LIMIT), "--batch-size", "4", "--output-dir", str(out)]) == 0
         _, stderr = lm_eval_cli.communicate(timeout=900)
-    finally:
-        if lm_eval_cli.poll() is None:
-            lm_eval_cli.kill()
-            lm_eval_cli.wait()
     ours_base = json.loads((out / "base" / "lm_eval_results.json").read_text())
     ours_lora = json.loads((out / "lora" / "lm_eval_results.json").read_text())
     assert "finechat_mc_en acc" in (out / "lm_eval_compare.md").read_text()
