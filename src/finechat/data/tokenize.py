@@ -170,9 +170,8 @@ def _segment_encoder(tokenizer: Any, backend: Any) -> SegmentEncoder:
     n_added = len(backend.get_added_tokens_decoder())
     held = _ENCODERS.get(id(tokenizer))
     if held is None or held[0]() is not tokenizer or held[1] is not backend or held[2] != n_added:
-        for key in [k for k, v in _ENCODERS.items() if v[0]() is None]:
-            del _ENCODERS[key]  # tokenizers gone
         held = _ENCODERS[id(tokenizer)] = (weakref.ref(tokenizer), backend, n_added, SegmentEncoder(backend))
+        weakref.finalize(tokenizer, _ENCODERS.pop, id(tokenizer), None)  # nothing kept once the tokenizer is gone
     return held[3]
 
 
