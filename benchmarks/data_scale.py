@@ -7,9 +7,12 @@ under ``--cache-dir`` (reused by later runs). Each step runs in its own fresh pr
 =======================  =========================================================================================
 finechat read jsonl      ``iter_conversations`` over the JSONL: every record read and made a Conversation
 finechat read parquet    the same over the Parquet file (pyarrow record batches)
-finechat stats           ``finechat data stats FILE.jsonl --json --png none`` (reads, tokenizes, counts)
+finechat stats           ``finechat data stats FILE.jsonl --json --png none --num-proc 1`` (reads, tokenizes, counts)
+finechat stats 2p        the same with ``--num-proc 2``
 finechat tokenize 1p     ``build_dataset`` of the JSONL into a fresh memory-mapped cache, one process
 finechat tokenize 2p     the same from the Parquet file, ``num_proc=2``
+finechat tokenize 2p jsonl  the same from the JSONL, ``num_proc=2``, into the cache "train start" reads (so that
+                         at 10M records the training start does not wait for a one-process pass)
 finechat cache reuse     ``build_dataset`` of the JSONL again in a new process: the key (a hash of the file) and the
                          memory-mapped cache of "tokenize 1p", ready to train from
 finechat train start     ``run_training`` (``max_steps=1``) on the JSONL with the cache of "tokenize 1p" warm:
@@ -47,7 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
-STEPS = ["finechat read jsonl", "finechat read parquet", "finechat stats", "finechat tokenize 1p", "finechat tokenize 2p", "finechat cache reuse", "finechat train start",
+STEPS = ["finechat read jsonl", "finechat read parquet", "finechat stats", "finechat stats 2p", "finechat tokenize 1p", "finechat tokenize 2p", "finechat tokenize 2p jsonl", "finechat cache reuse", "finechat train start",
          "datasets map 1p", "datasets map 2p", "datasets map again", "finechat tokenize 1p 1t", "datasets map 1p 1t"]
 ONE_THREAD = " 1t"
 CUTOFF = 1024
@@ -135,7 +138,7 @@ def child(step: str, jsonl: Path, parquet: Path, work: Path) -> dict:
         result = ReadResult([])
         n = sum(1 for _ in iter_conversations(str(parquet if step.endswith("parquet") else jsonl), result))
         out = {"examples": n, "skipped": len(result.skipped)}
-    elif step == "finechat stats":
+    elif step.startswith("finechat stats"):
         import contextlib
         import io
 
@@ -143,7 +146,8 @@ def child(step: str, jsonl: Path, parquet: Path, work: Path) -> dict:
 
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            code = cli(["data", "stats", str(jsonl), "--json", "--png", "none", "--num-proc", "1"])
+            code = cli(["data", "stats", str(jsonl), "--json", "--png", "none", "--num-proc",
+                        "2" if step.endswith("2p") else "1"])
         out = {"rc": code, "examples": json.loads(buf.getvalue())["examples"]}
     elif step.startswith("finechat tokenize") or step == "finechat cache reuse":
         from finechat.data.templates import get_template
@@ -153,10 +157,11 @@ def child(step: str, jsonl: Path, parquet: Path, work: Path) -> dict:
         tok = _tokenizer()
         out["tokenizer_seconds"] = round(time.perf_counter() - t0, 2)  # loading the tokenizer, not the data
         t0, cpu0 = time.perf_counter(), _cpu_seconds()
-        two = step.endswith("2p")
+        two = step.endswith("2p")  # from the Parquet file
+        procs = 2 if "2p" in step else 1
         rows, stats = build_dataset(str(parquet if two else jsonl), tok, get_template("tokenizer", tok),
                                     TokenizeSettings(cutoff_len=CUTOFF), cache_dir=work / ("cache2" if two else "cache"),
-                                    num_proc=2 if two else 1, progress=False)
+                                    num_proc=procs, progress=False)
         out.update(examples=len(rows), tokens=stats.tokens, from_cache=stats.from_cache)
     elif step == "finechat train start":
         from finechat.train.recipe import run_training
@@ -211,7 +216,8 @@ def _fresh_cache(work: Path, step: str) -> None:
     """Remove what an earlier repeat of this step cached, so that each repeat tokenizes again."""
     import shutil
 
-    name = {"finechat tokenize 1p": "cache", "finechat tokenize 2p": "cache2", "datasets map 1p": "hf_cache",
+    name = {"finechat tokenize 1p": "cache", "finechat tokenize 2p": "cache2", "finechat tokenize 2p jsonl": "cache",
+            "datasets map 1p": "hf_cache",
             "datasets map 2p": "hf_cache2"}[step.removesuffix(ONE_THREAD)]
     shutil.rmtree((work / "one_thread" if step.endswith(ONE_THREAD) else work) / name, ignore_errors=True)
 
@@ -301,7 +307,7 @@ def main() -> int:
                     if step.startswith(("finechat tokenize", "datasets map")) and step != "datasets map again":
                         _fresh_cache(Path(work), step)
                     runs[step].append(r := run_step(step, jsonl, parquet, Path(work)))
-                    warm = warm or (step == "finechat tokenize 1p" and not r.get("error"))
+                    warm = warm or (step in ("finechat tokenize 1p", "finechat tokenize 2p jsonl") and not r.get("error"))
                     print(f"  {step:<22} {json.dumps(r)}" + (f" (run {rep + 1})" if args.repeat > 1 else ""),
                           flush=True)
             results[n] = {step: _median_run(r) for step, r in runs.items()}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -25,17 +26,57 @@ def listed_commands() -> list[str]:
     return re.findall(r"^    (\S+)", block, re.M)
 
 
+HEAVY = ("torch", "transformers", "peft", "trl", "accelerate", "datasets")
+# One process imports the heavy third-party libraries once and then forks a child per command, all side by side:
+# each child runs `finechat NAME --help` with none of finechat's modules imported yet, as a fresh `finechat NAME
+# --help` would, without paying the libraries' import (seconds, the same for every command) once per command.
+FORKED_HELP = """
+import importlib, json, os, sys, tempfile
+for module in {heavy!r}:
+    importlib.import_module(module)
+assert not [m for m in sys.modules if m.split(".")[0] == "finechat"], "finechat imported before the fork"
+folder = tempfile.mkdtemp()
+children = {{}}
+for name in {names!r}:
+    paths = (os.path.join(folder, name + ".out"), os.path.join(folder, name + ".err"))
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for fd, path in zip((1, 2), paths):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            from finechat.cli import main
+            code = main([name, "--help"])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code or 0)
+    children[name] = (pid, paths)
+results = {{}}
+for name, (pid, paths) in children.items():
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    results[name] = [code, *(open(path, encoding="utf-8", errors="replace").read() for path in paths)]
+print("RESULTS", json.dumps(results))
+"""
+
+
 def test_every_listed_command_answers_help():
     names = listed_commands()
     assert names == list(cli._command_names()) and "train" in names and "chat" in names
-    # one process per command, side by side: each really starts `finechat NAME --help` from scratch
-    procs = {name: subprocess.Popen([sys.executable, "-m", "finechat", name, "--help"], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for name in names}
+    run = subprocess.run([sys.executable, "-c", FORKED_HELP.format(heavy=HEAVY, names=names)], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.rpartition("RESULTS ")[2])
+    assert sorted(results) == sorted(names)
     failed = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=600)
-        if proc.returncode != 0 or f"usage: finechat {name}" not in out:
-            failed[name] = (proc.returncode, err.strip().splitlines()[-1:] if err.strip() else "")
+    for name, (code, out, err) in results.items():
+        if code != 0 or f"usage: finechat {name}" not in out:
+            failed[name] = (code, err.strip().splitlines()[-1:] if err.strip() else "")
     assert not failed, failed
 
 
@@ -45,7 +86,6 @@ def test_a_helper_module_is_not_a_command():
     assert result.returncode == 2 and "unknown command 'options'" in result.stderr
 
 
-HEAVY = ("torch", "transformers", "peft", "trl", "accelerate", "datasets")
 PROBE = (
     "import sys\nfrom finechat.cli import main\n"
     "try:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"

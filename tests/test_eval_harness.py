@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from eval_helpers import make_adapter
 from serve_helpers import LiveServer
+from side_by_side import beside
 
 from finechat.cli import main as cli
 from finechat.errors import ConfigError
@@ -37,11 +38,26 @@ def loglikelihoods(results: dict) -> list[float]:
             for resp in sample["resps"]]
 
 
+def configs_only():
+    """A task manager for task configs (what resolve_tasks gives): without lm-eval's own index of its thousands of
+    task files, which simple_evaluate would otherwise build on every call (seconds each)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=False)
+
+
 def hf_results(folder, tasks, limit=LIMIT) -> dict:
     from lm_eval import simple_evaluate
 
     return simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", device="cpu", tasks=tasks,
-                           limit=limit, log_samples=True, bootstrap_iters=0)
+                           limit=limit, log_samples=True, bootstrap_iters=0, task_manager=configs_only())
+
+
+@pytest.fixture(scope="module")
+def hf_mc(tiny_model_dir) -> dict:
+    """lm-eval's transformers backend on the tiny model and the two multiple-choice tasks: the reference that
+    several tests compare with, computed once (the tests only read it)."""
+    return hf_results(tiny_model_dir, harness.resolve_tasks(MC))
 
 
 def test_task_files_resolve_and_bad_ones_fail_with_one_line(tmp_path):
@@ -68,42 +84,46 @@ def test_a_task_without_its_data_offline_fails_with_one_line_naming_the_dataset(
     assert "Traceback" not in run.stderr
 
 
-def test_finechat_eval_equals_lm_eval_cli_on_base_and_on_the_merged_adapter(tiny_model_dir, tmp_path):
+def test_finechat_eval_equals_lm_eval_cli_on_base_and_on_the_merged_adapter(tiny_model_dir, hf_mc, tmp_path):
     adapter = make_adapter(tiny_model_dir, tmp_path / "lora")
     merged = tmp_path / "merged"
     assert cli(["export", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--out", str(merged)]) == 0
-    out = tmp_path / "cmp"
-    assert cli(["eval", "--tasks", MC, "--model", str(tiny_model_dir), "--compare", "base", str(adapter),
-                "--limit", str(LIMIT), "--batch-size", "4", "--output-dir", str(out)]) == 0
+    # lm-eval's own command line on the merged export, from the repository root (where the task files point);
+    # it runs beside finechat eval below (two cores: the two do not wait for each other)
+    lm_out = tmp_path / "lm"
+    lm_eval_argv = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                    f"pretrained={merged},dtype=float32", "--include_path", str(TASKS), "--tasks",
+                    "finechat_mc_en,finechat_mc_zh", "--limit", str(LIMIT), "--output_path", str(lm_out),
+                    "--device", "cpu"]
+    with beside(lm_eval_argv, cwd=ROOT) as (lm_eval_cli,):
+        out = tmp_path / "cmp"
+        assert cli(["eval", "--tasks", MC, "--model", str(tiny_model_dir), "--compare", "base", str(adapter),
+                    "--limit", str(LIMIT), "--batch-size", "4", "--output-dir", str(out)]) == 0
+        _, stderr = lm_eval_cli.communicate(timeout=900)
     ours_base = json.loads((out / "base" / "lm_eval_results.json").read_text())
     ours_lora = json.loads((out / "lora" / "lm_eval_results.json").read_text())
     assert "finechat_mc_en acc" in (out / "lm_eval_compare.md").read_text()
 
-    # lm-eval's own command line on the merged export, from the repository root (where the task files point)
-    lm_out = tmp_path / "lm"
-    run = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                          f"pretrained={merged},dtype=float32", "--include_path", str(TASKS), "--tasks",
-                          "finechat_mc_en,finechat_mc_zh", "--limit", str(LIMIT), "--output_path", str(lm_out),
-                          "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert lm_eval_cli.returncode == 0, stderr[-3000:]
     theirs_lora = json.loads(next(lm_out.rglob("results_*.json")).read_text())
     assert accuracies(ours_lora) == accuracies(theirs_lora)
-    theirs_base = hf_results(tiny_model_dir, [c for c in harness.resolve_tasks(MC)])
-    assert accuracies(ours_base) == accuracies(theirs_base)
+    assert accuracies(ours_base) == accuracies(hf_mc)
     assert accuracies(ours_base) != accuracies(ours_lora)  # the (seeded) adapter changes the answers
 
 
-def test_harness_equals_hf_backend_on_loglikelihoods_and_generations(tiny_bot, tiny_model_dir):
+def test_harness_equals_hf_backend_on_loglikelihoods_and_generations(tiny_bot, tiny_model_dir, hf_mc):
     from lm_eval import simple_evaluate
 
     tasks = harness.resolve_tasks(MC)
     model = harness.harness_model(tiny_bot, batch_size=3)
-    ours = simple_evaluate(model=model, tasks=tasks, limit=LIMIT, log_samples=True, bootstrap_iters=0)
-    theirs = hf_results(tiny_model_dir, tasks)
+    ours = simple_evaluate(model=model, tasks=tasks, limit=LIMIT, log_samples=True, bootstrap_iters=0,
+                           task_manager=configs_only())
+    theirs = hf_mc
     assert loglikelihoods(ours) == pytest.approx(loglikelihoods(theirs), abs=2e-4)
     assert accuracies(ours) == accuracies(theirs)
     qa = harness.resolve_tasks(str(TASKS / "finechat_qa_en.yaml"))
-    ours_qa = simple_evaluate(model=model, tasks=qa, limit=3, log_samples=True, bootstrap_iters=0)
+    ours_qa = simple_evaluate(model=model, tasks=qa, limit=3, log_samples=True, bootstrap_iters=0,
+                              task_manager=configs_only())
     theirs_qa = hf_results(tiny_model_dir, qa, limit=3)
     texts = [[s["resps"] for s in r["samples"]["finechat_qa_en"]] for r in (ours_qa, theirs_qa)]
     assert texts[0] == texts[1] and any(t[0][0] for t in texts[0])  # same greedy answers, not all empty
@@ -130,7 +150,7 @@ def test_native_chatglm_scores_the_answer_after_sop(tmp_path):
     assert 0 <= results["results"]["finechat_mc_zh"]["acc,none"] <= 1
 
 
-def test_lm_eval_against_finechat_serve_matches_the_hf_backend(tiny_bot, tiny_model_dir):
+def test_lm_eval_against_finechat_serve_matches_the_hf_backend(tiny_bot, tiny_model_dir, hf_mc):
     """local-completions (log-likelihoods, echo) and local-chat-completions (generation) on a live server."""
     from lm_eval import simple_evaluate
 
@@ -139,15 +159,17 @@ def test_lm_eval_against_finechat_serve_matches_the_hf_backend(tiny_bot, tiny_mo
     try:
         served = simple_evaluate(
             model="local-completions", tasks=tasks, limit=LIMIT, log_samples=True, bootstrap_iters=0,
+            task_manager=configs_only(),
             model_args=f"model=tiny,base_url={srv.url}/v1/completions,tokenizer_backend=huggingface,"
                        f"tokenizer={tiny_model_dir},num_concurrent=2,max_retries=1")
         qa = harness.resolve_tasks(str(TASKS / "finechat_qa_en.yaml"))
         chat = simple_evaluate(
             model="local-chat-completions", tasks=qa, limit=3, apply_chat_template=True, bootstrap_iters=0,
+            task_manager=configs_only(),
             model_args=f"model=tiny,base_url={srv.url}/v1/chat/completions,num_concurrent=1,max_retries=1")
     finally:
         srv.stop()
-    theirs = hf_results(tiny_model_dir, tasks)
+    theirs = hf_mc
     ours, reference = loglikelihoods(served), loglikelihoods(theirs)
     assert len(ours) == len(reference) == 2 * LIMIT * 4
     assert ours == pytest.approx(reference, abs=2e-3)
@@ -169,6 +191,7 @@ def test_default_model_served_loglikelihoods_equal_hf_backend():
     try:
         served = simple_evaluate(
             model="local-completions", tasks=tasks, limit=4, log_samples=True, bootstrap_iters=0,
+            task_manager=configs_only(),
             model_args=f"model=default,base_url={srv.url}/v1/completions,tokenizer_backend=huggingface,"
                        f"tokenizer={folder},num_concurrent=2,max_retries=1")
     finally:

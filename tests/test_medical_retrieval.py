@@ -1,11 +1,11 @@
 """Disease-table retrieval (ChatDoctor's autonomous mode), cited sources and the not-medical-advice notice."""
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from scripted import ScriptedChat
+from side_by_side import beside
 
 from finechat.errors import DataError
 from finechat.generate.contract import ChatEngine, TurnHook
@@ -109,12 +109,13 @@ def test_medical_demo_is_a_hook_on_the_engine_not_a_proxy(tiny_bot, table):
 def test_chat_command_medical_with_knowledge(tiny_model_dir):
     cmd = [sys.executable, "-m", "finechat.cli", "chat", "--model", str(tiny_model_dir), "--greedy",
            "--max-new-tokens", "4", "--knowledge", str(SAMPLES / "diseases.csv")]
-    result = subprocess.run(cmd, input="最近尿频尿急尿痛\n", capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr
-    assert "尿路感染 (diseases.csv row" in result.stdout and result.stdout.count(NOTICE) == 1
-    bad = subprocess.run(cmd[:-1] + [str(SAMPLES / "nope.csv")], input="x\n", capture_output=True, text=True,
-                         timeout=180)
-    assert bad.returncode != 0 and "nope.csv" in bad.stderr and "Traceback" not in bad.stderr
+    # the good and the bad command run side by side (two cores)
+    with beside(cmd, cmd[:-1] + [str(SAMPLES / "nope.csv")], stdin=True) as runs:
+        (out, err), (_, bad_err) = (proc.communicate(text, timeout=180)
+                                    for proc, text in zip(runs, ("最近尿频尿急尿痛\n", "x\n")))
+    assert runs[0].returncode == 0, err
+    assert "尿路感染 (diseases.csv row" in out and out.count(NOTICE) == 1
+    assert runs[1].returncode != 0 and "nope.csv" in bad_err and "Traceback" not in bad_err
 
 
 def test_server_answers_carry_sources_and_notice(tiny_bot, table):

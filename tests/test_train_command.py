@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from side_by_side import beside
 
 from finechat.cli import main as cli
 from finechat.train.recipe import run_training
@@ -142,14 +143,12 @@ def test_pretrain_stage_on_plain_text(tiny_model_dir, tmp_path):
 def test_two_processes_match_one_process_with_double_accumulation(config_file, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    two = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "finechat", "train", str(config_file),
-                          f"output_dir={tmp_path / 'ddp'}", "ddp_backend=gloo", "report_to=[tensorboard]"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "finechat", "train", str(config_file),
-                          f"output_dir={tmp_path / 'one'}", "gradient_accumulation_steps=2"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
+    with beside([torchrun, "--nproc_per_node", "2", "-m", "finechat", "train", str(config_file),
+                 f"output_dir={tmp_path / 'ddp'}", "ddp_backend=gloo", "report_to=[tensorboard]"], env=env) as (two,):
+        # the one-process run, the same command in this process, goes on while the two ranks start and train
+        assert cli(["train", str(config_file), f"output_dir={tmp_path / 'one'}", "gradient_accumulation_steps=2"]) == 0
+        _, two_err = two.communicate(timeout=600)
+    assert two.returncode == 0, two_err[-3000:]
 
     def curve(out: Path) -> list[float]:
         state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
