@@ -149,6 +149,20 @@ def test_a_wrong_adapter_path_lists_the_checkpoints_before_loading_the_model(tmp
     assert not loaded  # the model was never loaded
 
 
+def test_a_finechat_run_folder_as_adapter_means_its_newest_checkpoint(tmp_path):
+    from finechat.models.resolve import check_adapter_folder
+
+    run = tmp_path / "adgen-lora"  # what `finechat train` leaves: run files at the top, checkpoints inside
+    for step in (2, 10, 4):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / "adapter_config.json").write_text("{}")
+    (run / "checkpoint-12").mkdir()  # not a checkpoint that was written whole
+    (run / "finechat_run.json").write_text("{}")
+    assert check_adapter_folder(str(run)) == run / "checkpoint-10"
+    (run / "checkpoint-10" / "adapter_config.json").unlink()
+    assert check_adapter_folder(str(run)) == run / "checkpoint-4"
+
+
 def _contract_members() -> set[str]:
     from finechat.generate.contract import ChatEngine
 

@@ -331,6 +331,15 @@ def _checkpoints(folder: Path) -> list[Path]:
 def check_adapter_folder(adapter: str) -> Path:
     """The adapter folder, checked before any model is loaded; a wrong path lists the checkpoints that exist."""
     path = Path(adapter).expanduser()
+    if path.is_dir() and (path / "finechat_run.json").is_file() and not (path / "adapter_config.json").is_file() \
+            and not (path / "config.json").is_file() and not is_ptuning_checkpoint(path):
+        # a finechat training run's output folder (`--adapter output/adgen-lora`): its newest checkpoint is
+        # where the run ended (checkpoints are written whole or not at all)
+        done = [p for p in _checkpoints(path) if (p / "adapter_config.json").is_file()
+                or (p / "finechat_run.json").is_file() or is_ptuning_checkpoint(p)]
+        if done:
+            log(f"{adapter} is a training run folder: using its newest checkpoint {done[-1]}")
+            return done[-1]
     if path.is_dir() and ((path / "adapter_config.json").is_file() or (path / "finechat_run.json").is_file()
                           or is_ptuning_checkpoint(path)):
         return path
