@@ -153,8 +153,6 @@ def _pasted(value: Any, parents: list, nodes: Any) -> bool:
     while depth > 0 and isinstance(parents[depth - 1], (nodes.Add, nodes.Concat)):
         depth -= 1
         node = parents[depth]
-    if depth == 0 or not isinstance(parents[depth - 1], nodes.Output) \
-            or not any(n is node for n in parents[depth - 1].nodes):
-        return False
-    return not any(isinstance(p, (nodes.Macro, nodes.CallBlock, nodes.FilterBlock, nodes.AssignBlock))
-                   for p in parents[:depth])
+    # (an Output inside a macro or block is already refused in _pastes_texts_only)
+    return depth > 0 and isinstance(parents[depth - 1], nodes.Output) \
+        and any(n is node for n in parents[depth - 1].nodes)

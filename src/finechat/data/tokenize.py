@@ -442,20 +442,20 @@ def _chunks_pipelined(chunks: Iterator[list], tokenizer: Any, template: Any, set
     and renders the next chunk and builds the rows of the one before (~40% of the time is Python)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    def finish(n: int, plans: list, future: Any) -> tuple[list[dict], TokenizeStats]:
+        bar.update(n)
+        return _chunk_examples(n, plans, tokenizer, settings, layout, future.result())
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finechat-encode") as pool:
         pending = None
         for c in chunks:
             plans = _chunk_plans([_messages(conv) for conv in c], tokenizer, template, settings, layout)
             submitted = (len(c), plans, pool.submit(_encode_batch, tokenizer, _plan_texts(plans)))
             if pending is not None:
-                n, done_plans, future = pending
-                bar.update(n)
-                yield _chunk_examples(n, done_plans, tokenizer, settings, layout, future.result())
+                yield finish(*pending)
             pending = submitted
         if pending is not None:
-            n, done_plans, future = pending
-            bar.update(n)
-            yield _chunk_examples(n, done_plans, tokenizer, settings, layout, future.result())
+            yield finish(*pending)
 
 
 def _chunked(items: Iterable[Any], size: int) -> Iterator[list]:
