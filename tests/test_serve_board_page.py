@@ -145,7 +145,9 @@ def test_board_from_upload_to_export(board_page, tmp_path):
     frame = page.frame_locator("#chat-frame")
     frame.locator("#input").fill("What is 2 plus 2?")
     frame.locator("#input").press("Enter")
-    frame.locator(".msg.assistant .body").first.wait_for(timeout=120_000)
+    # (fill waits for the page's script: the input is disabled until it runs)
+    frame.locator(".msg.assistant:not(.streaming), .msg.error").first.wait_for(timeout=120_000)
+    assert frame.locator(".msg.error").count() == 0, frame.locator(".msg.error").first.inner_text()
     page.wait_for_function("() => { const f = document.querySelector('#chat-frame').contentDocument;"
                            " return f && !f.querySelector('#send').disabled &&"
                            " f.querySelector('.msg.assistant .body').textContent.length > 0; }", timeout=120_000)

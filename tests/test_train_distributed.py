@@ -346,6 +346,29 @@ def test_an_exception_on_one_rank_stops_every_rank_and_is_shown_once(setup, kind
     assert last.startswith("finechat train: rank 1 failed first (exit code"), last
 
 
+def test_the_launcher_names_the_failing_rank_not_the_one_that_lost_it(tmp_path, capsys):
+    """torchrun's failures carry whole-second timestamps and, on a tie, it names the lowest rank: often rank 0,
+    which only lost its peer. The launcher passes over a rank that exited with PEER_LOST_EXIT (CI saw rank 0
+    named with exit code 1 where rank 1 had failed with bad data, exit code 3)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from finechat.train import launcher
+    from finechat.train.distributed import PEER_LOST_EXIT
+
+    def failures(**codes):
+        return {int(rank[1:]): ProcessFailure(local_rank=int(rank[1:]), pid=100 + int(rank[1:]), exitcode=code,
+                                              error_file=str(tmp_path / "none.json")) for rank, code in codes.items()}
+
+    both = failures(r0=PEER_LOST_EXIT, r1=3)
+    for failure in both.values():
+        failure.timestamp = 1_000  # the same second
+    assert launcher._first_failure(ChildFailedError("train", both))[0] == 1
+    killed = failures(r0=PEER_LOST_EXIT, r1=-9)
+    assert launcher._first_failure(ChildFailedError("train", killed)) == (1, killed[1])
+    alone = failures(r0=PEER_LOST_EXIT)  # the rank that left ran on another node
+    assert launcher._first_failure(ChildFailedError("train", alone))[0] == 0
+
+
 # ------------------------------------------------------------------------------------------------------------
 # bad input: one line, exit 2, before any process starts or any model loads
 # ------------------------------------------------------------------------------------------------------------

@@ -81,6 +81,7 @@ def leave_process_group() -> None:
         torch_dist.destroy_process_group()
 
 
+PEER_LOST_EXIT = 75  # a rank that only lost a peer (EX_TEMPFAIL); finechat.train.launcher never names it first
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket closed",
              "NCCL communicator was aborted")
 
@@ -89,9 +90,13 @@ def report_rank_failure(error: BaseException, command: str = "train") -> int:
     """What a rank of a run on several processes says when an exception ends it; returns the exit code (1).
 
     A rank that lost another one in a collective (gloo: "Connection closed by peer") is not where the error is:
-    it says so in one line, so that the failing rank's error is the only traceback the user reads. Any other
-    exception is that rank's own: its traceback, under a line naming the rank. torchrun then stops every rank
-    and finechat.train.launcher names the one that failed first.
+    it says so in one line, so that the failing rank's error is the only traceback the user reads, and it ends
+    at once with :data:`PEER_LOST_EXIT`. At once (``os._exit``): its process group is broken, and a normal exit
+    with gloo's threads still running aborts (SIGABRT, "terminate called without an active exception"), which
+    torchrun would report as the first failure. Any other exception is that rank's own: its traceback, under a
+    line naming the rank. torchrun then stops every rank and finechat.train.launcher names the one that failed
+    first, passing over the ranks that only lost a peer (torchrun's timestamps are whole seconds: both ranks
+    often fail in the same one).
     """
     import traceback
 
@@ -101,6 +106,9 @@ def report_rank_failure(error: BaseException, command: str = "train") -> int:
         first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's "[.../pair.cc:553] " source location
         print(f"finechat {command} (rank {rank}): stopped: a collective failed, another rank has probably left the "
               f"run ({first[:160]})", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(PEER_LOST_EXIT)
     else:
         print(f"finechat {command} (rank {rank}) failed:", file=sys.stderr)
         traceback.print_exception(error, file=sys.stderr)

@@ -271,6 +271,8 @@ function init() {
     panel.hidden = !panel.hidden;
     $("toggle-settings").setAttribute("aria-expanded", String(!panel.hidden));
   });
+  $("input").disabled = false;  // (the page ships them disabled: see index.html)
+  $("send").disabled = false;
   fetch("v1/models", { headers: headers() })
     .then((r) => (r.ok ? r.json() : null))
     .then((data) => { if (data && data.data && data.data[0]) $("model-name").textContent = data.data[0].id; })
