@@ -75,3 +75,19 @@ def test_generate_adgen_is_deterministic_and_varied(tmp_path, capsys):
         assert r["content"].startswith("类型#")
         for pair in r["content"].split("*")[1:]:
             assert pair.split("#")[1] in r["summary"]
+
+
+def test_stats_on_two_processes_equal_one(tiny_model_dir, tmp_path, capsys):
+    """Two worker processes send their rows back as flat arrays, counted there without a list per row: every
+    number equals one process's, down to each row's length (the histogram's percentiles) and trained tokens."""
+    data = tmp_path / "adgen.jsonl"
+    assert cli_main(["data", "generate", "adgen", "--n", "2500", "--seed", "3", "--out", str(data)]) == 0
+    capsys.readouterr()
+    numbers = []
+    for procs in ("1", "2"):
+        assert cli_main(["data", "stats", str(data), "--model", str(tiny_model_dir), "--png", "none", "--json",
+                         "--lengths", "100,200,400", "--num-proc", procs]) == 0
+        numbers.append(json.loads(capsys.readouterr().out))
+    assert numbers[0] == numbers[1]
+    assert numbers[0]["examples"] == 2500 and 0 < numbers[0]["over"]["200"] < 2500
+    assert 0 < numbers[0]["trained_tokens"]["p50"] < numbers[0]["tokens"]["p50"]

@@ -13,8 +13,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from finechat.data.heap import quiet_collector
 from finechat.data.templates import get_template
-from finechat.data.tokenize import IGNORE_INDEX, TokenizeSettings, tokenize_chunks
+from finechat.data.tokenize import IGNORE_INDEX, RowBlock, TokenizeSettings, tokenize_chunks
 from finechat.errors import ConfigError
 
 
@@ -81,12 +82,19 @@ def length_stats(convs: Iterable[Any], tokenizer: Any, template: Any, lengths: l
             tools += sum(t.role == "tool" for t in c.turns)
             yield c
 
-    for examples, st in tokenize_chunks(counted(), tokenizer, template, TokenizeSettings(cutoff_len=10 ** 9),
-                                        num_proc=num_proc):
-        skipped_no_label += st.skipped_no_label
-        for e in examples:
-            sizes.append(len(e["input_ids"]))
-            trained.append(sum(1 for x in e["labels"] if x != IGNORE_INDEX))
+    with quiet_collector():  # (see finechat.data.heap)
+        for examples, st in tokenize_chunks(counted(), tokenizer, template, TokenizeSettings(cutoff_len=10 ** 9),
+                                            num_proc=num_proc):
+            skipped_no_label += st.skipped_no_label
+            if isinstance(examples, RowBlock):  # from a worker process: count on its flat arrays
+                block_sizes, block_trained = _block_lengths(examples)
+                sizes.frombytes(block_sizes.tobytes())
+                trained.frombytes(block_trained.tobytes())
+                continue
+            for e in examples:
+                labels = e["labels"]
+                sizes.append(len(e["input_ids"]))
+                trained.append(len(labels) - labels.count(IGNORE_INDEX))
     by_size = np.sort(np.frombuffer(sizes, dtype=np.int32)) if sizes else np.zeros(0, dtype=np.int32)
     by_trained = np.sort(np.frombuffer(trained, dtype=np.int32)) if trained else np.zeros(0, dtype=np.int32)
     sorted_sizes = array("i", by_size.tobytes())
@@ -102,6 +110,18 @@ def length_stats(convs: Iterable[Any], tokenizer: Any, template: Any, lengths: l
         "skipped_no_label": skipped_no_label,
         "_sizes": sorted_sizes,
     }
+
+
+def _block_lengths(block: RowBlock) -> tuple[Any, Any]:
+    """Each row's length and trained-token count in a RowBlock, as int32 arrays (no Python list per row)."""
+    import numpy as np
+
+    ends = np.asarray(block.ends, dtype=np.int64)
+    if not len(ends):
+        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32)
+    starts = np.concatenate(([0], ends[:-1]))
+    trained = np.concatenate(([0], np.cumsum(np.frombuffer(block.labels, dtype=np.int32) != IGNORE_INDEX)))
+    return (ends - starts).astype(np.int32), (trained[ends] - trained[starts]).astype(np.int32)
 
 
 def marked_spans(tokenizer: Any, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:

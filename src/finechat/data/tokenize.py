@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from finechat.data.conversation import Conversation
+from finechat.data.heap import quiet_worker
 from finechat.data.segment_encoder import SegmentEncoder
 from finechat.data.tool_prompt import conversation_messages, tool_prompt
 from finechat.errors import ConfigError, DataError
@@ -384,6 +385,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer: Any, template: Any, settings: TokenizeSettings, layout: tuple) -> None:
+    quiet_worker()
     _WORKER["args"] = (tokenizer, template, settings, layout)
 
 
