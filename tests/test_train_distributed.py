@@ -365,6 +365,10 @@ def test_the_launcher_names_the_failing_rank_not_the_one_that_lost_it(tmp_path, 
     assert launcher._first_failure(ChildFailedError("train", both))[0] == 1
     killed = failures(r0=PEER_LOST_EXIT, r1=-9)
     assert launcher._first_failure(ChildFailedError("train", killed)) == (1, killed[1])
+    stopped = failures(r0=-signal.SIGTERM, r1=-9)  # torchrun stopped rank 0 once rank 1 was gone
+    for failure in stopped.values():
+        failure.timestamp = 1_000
+    assert launcher._first_failure(ChildFailedError("train", stopped))[0] == 1
     alone = failures(r0=PEER_LOST_EXIT)  # the rank that left ran on another node
     assert launcher._first_failure(ChildFailedError("train", alone))[0] == 0
 

@@ -14,6 +14,7 @@ peer (exit code :data:`finechat.train.distributed.PEER_LOST_EXIT`) is named only
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from finechat.train.distributed import PEER_LOST_EXIT
@@ -42,13 +43,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _first_failure(error):
-    """The failure to name: torchrun's first one, passing over ranks that only lost a peer. torchrun orders its
-    failures by whole-second timestamps and, on a tie, takes the lowest rank: often the one that lost a peer."""
-    own = {rank: failure for rank, failure in error.failures.items() if failure.exitcode != PEER_LOST_EXIT}
-    if not own:
-        return error.get_first_failure()
-    rank = min(own, key=lambda r: (own[r].timestamp, r))
-    return rank, own[rank]
+    """The failure to name: torchrun's first one, passing over the ranks that only lost a peer and those that
+    torchrun itself stopped (SIGTERM) once another had failed. torchrun orders its failures by whole-second
+    timestamps and, on a tie, takes the lowest rank: often one of those (rank 0, where rank 1 had failed)."""
+    failures = error.failures
+    for passed_over in ({PEER_LOST_EXIT, -signal.SIGTERM}, {PEER_LOST_EXIT}):
+        own = {rank: f for rank, f in failures.items() if f.exitcode not in passed_over}
+        if own:
+            rank = min(own, key=lambda r: (own[r].timestamp, r))
+            return rank, own[rank]
+    return error.get_first_failure()
 
 
 if __name__ == "__main__":
