@@ -2,10 +2,11 @@
 
 Reading and tokenizing allocate a few dicts, lists and tuples per record, and every 700 container allocations
 CPython's collector runs; its older generations then walk every object alive in the process, and a process that
-has imported torch and transformers and loaded a tokenizer holds millions of them. Measured on 100,000 ADGEN-like
+has imported torch and transformers and loaded a tokenizer tracks ~375,000 of them. Measured on 100,000 ADGEN-like
 records (``benchmarks/data_scale.py``, one process): 10.9 s with the collector as it is, 6.4 s with the objects
 alive at the start frozen (``gc.freeze``, they are never garbage of this pass) and young collections 70x rarer.
-The records themselves hold no cycles, so nothing is kept longer that would have been freed.
+Reference counting frees the records as before; cyclic garbage made during the pass is still collected, only less
+often, and what was frozen is collected normally again once the block ends.
 
 The standard library has the two calls; what this module adds is giving them back: the caller's thresholds
 and its own frozen objects are as they were afterwards (a command must not leave process-wide state changed).

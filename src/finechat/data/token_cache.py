@@ -355,7 +355,7 @@ def build_dataset(paths_or_convs: Any, tokenizer: Any, template: Any, settings: 
     stats = TokenizeStats()
 
     def tokenize_into(sink: Any) -> None:
-        with quiet_collector():  # (a third of the time went to the garbage collector: see finechat.data.heap)
+        with quiet_collector():  # (~40% of the time went to the garbage collector: see finechat.data.heap)
             for ex, st in tokenize_chunks(convs, tokenizer, template, settings, num_proc, progress, total=total):
                 stats.add(st)
                 sink(ex)
