@@ -24,11 +24,7 @@ YOUNG_THRESHOLD = 50_000  # container allocations between young collections (CPy
 @contextmanager
 def quiet_collector() -> Iterator[None]:
     """Freeze what is alive now and collect young objects rarely, for the block; then undo both."""
-    thresholds = gc.get_threshold()
-    froze = gc.get_freeze_count() == 0  # a caller that froze its own objects keeps them frozen
-    if froze:
-        gc.freeze()
-    gc.set_threshold(max(thresholds[0], YOUNG_THRESHOLD), *thresholds[1:])
+    thresholds, froze = _quiet()
     try:
         yield
     finally:
@@ -39,6 +35,15 @@ def quiet_collector() -> Iterator[None]:
 
 def quiet_worker() -> None:
     """The same for a worker process of ours for its whole life (nothing to give back: it ends with the pass)."""
-    if gc.get_freeze_count() == 0:
+    _quiet()
+
+
+def _quiet() -> tuple[tuple[int, ...], bool]:
+    """Freeze (unless the caller has frozen its own objects: they stay frozen) and raise the young threshold;
+    returns the thresholds before and whether this froze."""
+    thresholds = gc.get_threshold()
+    froze = gc.get_freeze_count() == 0
+    if froze:
         gc.freeze()
-    gc.set_threshold(max(gc.get_threshold()[0], YOUNG_THRESHOLD), *gc.get_threshold()[1:])
+    gc.set_threshold(max(thresholds[0], YOUNG_THRESHOLD), *thresholds[1:])
+    return thresholds, froze
