@@ -211,6 +211,29 @@ def test_cache_serves_second_run_and_keys_on_content(tok, tmp_path):
     assert not st5.from_cache and len(more) == 4
 
 
+def test_a_cache_hit_from_copied_files_names_the_paths_of_this_run(tok, tmp_path):
+    # The cache is found by content: the same bad file copied elsewhere (and into a folder) is served from the
+    # entry the first path wrote, but the report must name the paths this run was given.
+    first = tmp_path / "a" / "bad.jsonl"
+    first.parent.mkdir()
+    first.write_bytes((SAMPLES / "bad" / "missing_field.jsonl").read_bytes())
+    moved = tmp_path / "b" / "bad.jsonl"
+    moved.parent.mkdir()
+    moved.write_bytes(first.read_bytes())
+    runs = [build_dataset(str(p), tok, get_template("chatml"), on_bad_record="skip", cache_dir=tmp_path / "c",
+                          progress=False)[1] for p in (first, moved)]
+    assert not runs[0].from_cache and runs[1].from_cache
+    assert [s["source"] for s in runs[1].sources] == [str(moved)]
+    assert runs[1].bad_records == [[str(moved), 2, "output", "missing field"]]
+    # A folder given as one mixed source: its files are renamed under the new folder.
+    from finechat.data.mixing import MixSettings
+
+    mixed = [build_dataset([str(p.parent)], tok, get_template("chatml"), mix=MixSettings(ratios=[1.0]),
+                           on_bad_record="skip", cache_dir=tmp_path / "c", progress=False)[1] for p in (first, moved)]
+    assert mixed[1].from_cache and [s["source"] for s in mixed[1].sources] == [str(moved.parent)]
+    assert mixed[1].bad_records == [[str(moved), 2, "output", "missing field"]]
+
+
 def test_missing_file_and_folder_input(tok, tmp_path):
     from finechat.errors import DataError
 

@@ -215,6 +215,29 @@ def _append(path: Path) -> Any:
     return open(path, "ab")  # inside a staged_folder, which finechat.files publishes atomically when complete
 
 
+def _name_sources_as_given(stats: TokenizeStats, names: list[str]) -> None:
+    """A cache entry is found by its content, so it may have been written from the same files at other paths
+    (a copied folder, an earlier run's temporary copy): report the sources, and the bad records in them, by the
+    paths this run was given, not the ones stored with the entry."""
+    stored = [entry.get("source") for entry in stats.sources]
+    if len(stored) != len(names):
+        return
+    renamed = {old: new for old, new in zip(stored, names) if old is not None and old != new}
+    if not renamed:
+        return
+    stats.sources = [{**entry, "source": names[i]} for i, entry in enumerate(stats.sources)]
+
+    def rename(path: str) -> str:
+        if path in renamed:
+            return renamed[path]
+        for old, new in renamed.items():  # a file inside a folder given as one source
+            if path.startswith(old.rstrip("/") + "/"):
+                return new.rstrip("/") + path[len(old.rstrip("/")):]
+        return path
+
+    stats.bad_records = [[rename(str(rec[0])), *rec[1:]] for rec in stats.bad_records]
+
+
 def load_cache(folder: Path) -> tuple[TokenRows, TokenizeStats] | None:
     """The rows and stats of a cache entry, or None when it is missing or damaged (it is then rebuilt)."""
     try:
@@ -346,6 +369,7 @@ def build_dataset(paths_or_convs: Any, tokenizer: Any, template: Any, settings: 
         loaded = load_cache(cache_path) if cache_path.is_dir() else None
         if loaded is not None:
             rows, stats = loaded
+            _name_sources_as_given(stats, [str(s) if isinstance(s, (str, Path)) else "(given)" for s in sources])
             return (pack_rows(rows, settings.cutoff_len) if settings.packing else rows), stats
     result = ReadResult([])
     counter = SourceCounter([str(s) if isinstance(s, (str, Path)) else "(given)" for s in sources])
