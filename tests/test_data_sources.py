@@ -152,7 +152,21 @@ def test_hub_names_read_from_the_local_cache_and_say_how_to_get_a_local_copy(tmp
                              str(tmp_path / "o.jsonl")], capsys)
     assert code == ConfigError.exit_code
     assert "hub:org/missing_set:zh@test: data set org/missing_set (subset zh), split test, is not in the local " \
-           "datasets cache" in line and "offline" in line and "save_to_disk" in line
+           "datasets cache" in line and "HF_HUB_OFFLINE is set" in line and "save_to_disk" in line
+    # Online but with no route to the hub: one quick connection attempt, no retries, and the line says so.
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as closed:  # a local port that nothing listens on: the connection is refused at once
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    code, line = _cli_error(["data", "convert", "hub:org/missing_set", "--to", "openai", str(tmp_path / "o.jsonl")],
+                            capsys)
+    assert code == ConfigError.exit_code
+    assert f"the hub ({endpoint}) cannot be reached from this machine" in line and "save_to_disk" in line
     with pytest.raises(ConfigError, match="expected hub:ORG/NAME"):
         read_conversations("hub:a/b/c")
 

@@ -211,6 +211,26 @@ def load_table_dataset(source: str) -> Any:
     return dataset
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's endpoint (``HF_ENDPOINT``) takes a TCP connection within ``timeout`` seconds.
+
+    Without this, a machine with no route to the hub spends about 30 s in huggingface_hub's five retries (each
+    printed) before the one-line error; a machine that can reach it pays one connection.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _hub_dataset(source: str) -> Any:
     """A hub data set from the local ``datasets`` cache; downloaded by ``datasets`` only when it is online."""
     import datasets
@@ -223,7 +243,13 @@ def _hub_dataset(source: str) -> Any:
         return builder.as_dataset(split=split)
     except (ValueError, FileNotFoundError, KeyError) as e:
         cached_error = str(e).splitlines()[0]
-    offline = datasets.config.HF_HUB_OFFLINE
+    from huggingface_hub import constants
+
+    offline = ""
+    if datasets.config.HF_HUB_OFFLINE:
+        offline = " and HF_HUB_OFFLINE is set"
+    elif not _hub_reachable():
+        offline = f" and the hub ({constants.ENDPOINT}) cannot be reached from this machine"
     if not offline:
         try:
             return datasets.load_dataset(name, subset, split=split)
@@ -233,7 +259,7 @@ def _hub_dataset(source: str) -> Any:
     subset_arg = f", {subset!r}" if subset else ""
     raise ConfigError(
         f"{source}: data set {name}{f' (subset {subset})' if subset else ''}, split {split}, is not in the local "
-        f"datasets cache ({where}){' and this machine is offline' if offline else ''} ({cached_error}); "
+        f"datasets cache ({where}){offline} ({cached_error}); "
         f"point data: at a local copy instead: a Parquet/JSONL file or a folder written by "
         f"datasets.load_dataset({name!r}{subset_arg}, split={split!r}).save_to_disk(DIR)")
 
