@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -402,6 +403,42 @@ def test_bad_launch_input_fails_before_anything_starts(setup, capsys):
     assert "no rendezvous answers there" in _fails(
         setup, capsys, "--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1", "--master-port",
         str(closed), "distributed.master_wait=1")
+    # Something else answers on the master's port (another service, or a proxy that accepts every connection):
+    # torch's own store handshake fails, one line instead of torchrun's minute of retries and a traceback.
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+
+        def answer_like_a_web_server() -> None:
+            while True:
+                try:
+                    conn, _ = other.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.recv(64)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        threading.Thread(target=answer_like_a_web_server, daemon=True).start()
+        assert "something answers there, but not torch's rendezvous" in _fails(
+            setup, capsys, "--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1", "--master-port",
+            str(port), "distributed.master_wait=1")
+    # An output folder that already holds a run's checkpoint, and a resume path that is none: refused here,
+    # not by every rank after torchrun started them; nothing in the folder changes.
+    from finechat.train.checkpoints import RUN_FILE, STATE_FILE
+
+    done = setup["folder"] / "done"
+    (done / "checkpoint-5").mkdir(parents=True, exist_ok=True)
+    (done / "checkpoint-5" / RUN_FILE).write_text("{}")
+    (done / "checkpoint-5" / STATE_FILE).write_text(json.dumps({"global_step": 5}))
+    before = sorted(str(p) for p in done.rglob("*"))
+    assert cli(["train", str(setup["config"]), f"output_dir={done}", "--nproc-per-node", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"output_dir {done} already has checkpoints (checkpoint-5)" in err, err
+    assert sorted(str(p) for p in done.rglob("*")) == before
+    assert "resume_from_checkpoint: /nonexistent is not a complete finechat checkpoint" in _fails(
+        setup, capsys, "--nproc-per-node", "2", "resume_from_checkpoint=/nonexistent")
     assert "cannot shard an 8-bit bitsandbytes base" in _fails(
         setup, capsys, "--nproc-per-node", "2", "distributed.strategy=fsdp2", "method=qlora", "quantization_bit=8")
     assert "cpu_offload needs strategy fsdp2, zero2 or zero3" in _fails(

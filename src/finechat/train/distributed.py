@@ -22,6 +22,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -359,6 +360,27 @@ def _reachable(host: str, port: int, wait: float) -> bool:
             time.sleep(0.5)
 
 
+STORE_PROBE = ("import datetime, sys, torch.distributed as d; d.TCPStore(sys.argv[1], int(sys.argv[2]), is_master=False, "
+               "wait_for_workers=False, timeout=datetime.timedelta(seconds=float(sys.argv[3])))")
+
+
+def _is_rendezvous_store(host: str, port: int, handshake: float = 5.0, limit: float = 45.0) -> bool:
+    """Whether what answers at host:port is torch's c10d store (node 0's rendezvous), by torch's own handshake.
+
+    A TCP connection alone is not enough: another service on that port (or a proxy that accepts every
+    connection) would let torchrun start, print a C++ stack for each of its retries and end a minute later
+    in a traceback; against a server that waits for the client to speak first it may never end. So a child
+    process, killed after ``limit`` seconds, opens a store client as torchrun would.
+    """
+    env = {**os.environ, "TORCH_CPP_LOG_LEVEL": "ERROR"}
+    try:
+        done = subprocess.run([sys.executable, "-c", STORE_PROBE, host, str(port), str(handshake)], env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0
+
+
 def check_launch(launch: Launch, wait_for_master: float = 30.0) -> Launch:
     """Bad launch input as one ConfigError, before any process starts; returns the launch with a port chosen."""
     if launch.nproc_per_node < 1 or launch.nnodes < 1:
@@ -386,6 +408,10 @@ def check_launch(launch: Launch, wait_for_master: float = 30.0) -> Launch:
     if not _reachable(host, launch.master_port, wait_for_master):
         raise ConfigError(f"--master-addr {host}:{launch.master_port}: no rendezvous answers there after "
                           f"{wait_for_master:.0f} s; start node 0 first and check the address and firewall")
+    if not _is_rendezvous_store(host, launch.master_port):
+        raise ConfigError(f"--master-addr {host}:{launch.master_port}: something answers there, but not torch's "
+                          "rendezvous (node 0's c10d store); check that --master-port is the one node 0 was started "
+                          "with")
     return launch
 
 

@@ -32,14 +32,37 @@ _RECORD_FILES = (".json", ".jsonl", ".csv", ".tsv")
 
 
 def check_before_loading(cfg: TrainConfig, config: str | None = None) -> None:
-    """Raise a one-line error for an output folder that cannot be written or a column setting the data lacks."""
+    """Raise a one-line error for an output folder that cannot be written or holds checkpoints the run would train
+    over, or a column setting the data lacks."""
     out = Path(cfg.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} is a file; give a folder to write checkpoints into")
     existing = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir {out}: cannot write in {existing} (permission denied); choose another folder")
+    check_resume(cfg, out)
     check_columns(cfg, config)
+
+
+def check_resume(cfg: TrainConfig, output_dir: Path) -> None:
+    """A ``resume_from_checkpoint`` path that is no complete checkpoint, or an ``output_dir`` that already holds
+    checkpoints a new run would train over (neither resume nor ``overwrite_output_dir`` set): one line. Checked
+    here, before a launch, and again by each run (``trainer_setup.resolve_resume``)."""
+    from finechat.train import checkpoints
+
+    if cfg.resume_from_checkpoint == "auto":
+        return
+    if cfg.resume_from_checkpoint:
+        path = Path(cfg.resume_from_checkpoint)
+        if not path.is_dir() or not checkpoints.is_complete(path):
+            raise ConfigError(f"resume_from_checkpoint: {path} is not a complete finechat checkpoint")
+        return
+    existing = checkpoints.list_checkpoints(output_dir)
+    if existing and not cfg.overwrite_output_dir:
+        raise ConfigError(
+            f"output_dir {output_dir} already has checkpoints ({existing[-1].name}); set "
+            "resume_from_checkpoint=auto to continue, overwrite_output_dir=true to start over, or another output_dir"
+        )
 
 
 def check_columns(cfg: TrainConfig, config: str | None = None) -> None:

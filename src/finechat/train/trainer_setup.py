@@ -26,6 +26,7 @@ from finechat.train import checkpoints, distributed
 from finechat.train.distributed import world
 from finechat.train.methods import base_dtype, quantization_config
 from finechat.train.plots import LOSS_PNG, plot_loss
+from finechat.train.preflight import check_resume
 from finechat.train.train_config import TrainConfig
 
 SUMMARY_FILE = "train_results.json"
@@ -64,18 +65,8 @@ def resolve_resume(cfg: TrainConfig, output_dir: Path, is_main: bool) -> str | N
             return None
         log(f"resuming from {found} (step {checkpoints.checkpoint_step(found)})")
         return str(found)
-    if cfg.resume_from_checkpoint:
-        path = Path(cfg.resume_from_checkpoint)
-        if not path.is_dir() or not checkpoints.is_complete(path):
-            raise ConfigError(f"resume_from_checkpoint: {path} is not a complete finechat checkpoint")
-        return str(path)
-    existing = checkpoints.list_checkpoints(output_dir)
-    if existing and not cfg.overwrite_output_dir:
-        raise ConfigError(
-            f"output_dir {output_dir} already has checkpoints ({existing[-1].name}); set "
-            "resume_from_checkpoint=auto to continue, overwrite_output_dir=true to start over, or another output_dir"
-        )
-    return None
+    check_resume(cfg, output_dir)
+    return str(Path(cfg.resume_from_checkpoint)) if cfg.resume_from_checkpoint else None
 
 
 def licences(cfg: TrainConfig) -> dict:
