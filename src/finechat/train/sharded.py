@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from finechat.config import resolve_config
-from finechat.console import log
 from finechat.errors import FinechatError
 from finechat.files import check_output_folder, read_json, staged_folder
 from finechat.models.resolve import load_model_and_tokenizer
@@ -82,7 +81,6 @@ def consolidate(folder: str | Path, out: str | Path, force: bool = False) -> dic
         for name in COPIED:
             if (folder / name).is_file():
                 shutil.copy2(folder / name, tmp / name)
-    log(f"wrote the {'peft adapter' if adapter else 'model'} of {folder} ({kind} shards) to {out}")
     return {"kind": kind, "adapter": adapter, "reward_model": cfg.stage == "rm", "out": str(out),
             "tensors": len(state)}
 
