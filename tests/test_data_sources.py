@@ -163,6 +163,8 @@ def test_hub_names_read_from_the_local_cache_and_say_how_to_get_a_local_copy(tmp
         endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)  # (behind a proxy the probe leaves the decision to datasets)
     code, line = _cli_error(["data", "convert", "hub:org/missing_set", "--to", "openai", str(tmp_path / "o.jsonl")],
                             capsys)
     assert code == ConfigError.exit_code

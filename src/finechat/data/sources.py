@@ -215,14 +215,20 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the hub's endpoint (``HF_ENDPOINT``) takes a TCP connection within ``timeout`` seconds.
 
     Without this, a machine with no route to the hub spends about 30 s in huggingface_hub's five retries (each
-    printed) before the one-line error; a machine that can reach it pays one connection.
+    printed) before the one-line error; a machine that can reach it pays one connection. Behind an HTTP(S)
+    proxy (``HTTPS_PROXY`` and the like, which huggingface_hub honours) a direct connection says nothing, so
+    the hub then counts as reachable and ``datasets`` decides.
     """
     import socket
     from urllib.parse import urlparse
+    from urllib.request import getproxies, proxy_bypass
 
     from huggingface_hub import constants
 
     url = urlparse(constants.ENDPOINT)
+    proxies = getproxies()
+    if (proxies.get(url.scheme) or proxies.get("all")) and not proxy_bypass(url.hostname or ""):
+        return True
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname or "", port), timeout=timeout):
