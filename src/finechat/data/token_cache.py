@@ -362,6 +362,7 @@ def build_dataset(paths_or_convs: Any, tokenizer: Any, template: Any, settings: 
         mix.check(len(sources))
     read_opts = {"format": format, "on_bad_record": on_bad_record, **read_options,
                  **({"mix": dataclasses.asdict(mix)} if mix is not None else {})}
+    names = [str(s) if isinstance(s, (str, Path)) else "(given)" for s in sources]  # as the run reports them
     cache_path = None
     if use_cache:
         cache_path = Path(cache_dir or default_cache_dir()) / cache_key(sources, tokenizer, template, settings,
@@ -369,10 +370,10 @@ def build_dataset(paths_or_convs: Any, tokenizer: Any, template: Any, settings: 
         loaded = load_cache(cache_path) if cache_path.is_dir() else None
         if loaded is not None:
             rows, stats = loaded
-            _name_sources_as_given(stats, [str(s) if isinstance(s, (str, Path)) else "(given)" for s in sources])
+            _name_sources_as_given(stats, names)
             return (pack_rows(rows, settings.cutoff_len) if settings.packing else rows), stats
     result = ReadResult([])
-    counter = SourceCounter([str(s) if isinstance(s, (str, Path)) else "(given)" for s in sources])
+    counter = SourceCounter(names)
     convs = conversation_stream(sources, result, counter, mix, format, on_bad_record, **read_options)
     total = None if any(isinstance(s, (str, Path)) for s in sources) else len(sources)
     examples: list[dict] = []
